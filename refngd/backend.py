@@ -1,0 +1,205 @@
+"""Array-module selection, dtype policy, input checks and linear-algebra shims.
+
+Every compute function in refngd derives its array module from its inputs,
+``xp = namespace(theta, X)``, and never imports :mod:`numpy` for computation.  This is
+the one module allowed to know about both NumPy and CuPy.
+
+Dtype policy
+------------
+float64 is the default; float32 is allowed for the model.  Gram matrices and every
+factorisation are formed in float64 regardless (DESIGN.md §2), because the Woodbury
+route subtracts two nearly equal vectors when the damping is small.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Array = Any  #: a NumPy or CuPy array
+FLOAT_DTYPES = (np.float32, np.float64)
+
+try:  # CuPy is an optional extra (``pip install refngd[gpu]``).
+    import cupy as _cupy  # type: ignore
+except Exception:  # pragma: no cover - depends on the machine
+    _cupy = None
+
+
+class SingularSystemError(np.linalg.LinAlgError):
+    """Raised when an undamped system is singular; pass ``damping > 0``."""
+
+
+def namespace(*arrays: Any):
+    """Return the array module (``numpy`` or ``cupy``) of the given arrays.
+
+    Non-array arguments (scalars, ``None``) are ignored.  Mixing NumPy and CuPy arrays is
+    an error rather than a silent device transfer.
+    """
+    found = None
+    for a in arrays:
+        if a is None or np.isscalar(a):
+            continue
+        mod = _cupy if (_cupy is not None and isinstance(a, _cupy.ndarray)) else np
+        if found is not None and mod is not found:
+            raise TypeError(
+                "refngd got a mix of NumPy and CuPy arrays; move all inputs to one device "
+                "first (refngd.backend.to_device / to_numpy)."
+            )
+        found = mod
+    return np if found is None else found
+
+
+def is_cupy(a: Any) -> bool:
+    """True when ``a`` is a CuPy array."""
+    return _cupy is not None and isinstance(a, _cupy.ndarray)
+
+
+def get_backend(name: str):
+    """Array module by name: ``"numpy"`` or ``"cupy"``."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        if _cupy is None:
+            raise ImportError("backend='cupy' needs CuPy: pip install 'refngd[gpu]'.")
+        return _cupy
+    raise ValueError(f"unknown backend {name!r}; use 'numpy' or 'cupy'.")
+
+
+def to_device(a: Any, like: Any = None, backend: str | None = None):
+    """Move ``a`` to the device of ``like`` (or to ``backend``); no copy when already there."""
+    xp = get_backend(backend) if backend is not None else namespace(like)
+    if xp is np:
+        return to_numpy(a)
+    return xp.asarray(a)
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Return ``a`` as a NumPy array (copies from the GPU when needed)."""
+    if is_cupy(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_float(a: Any) -> float:
+    """A 0-d array (NumPy or CuPy) as a Python float."""
+    return float(to_numpy(a))
+
+
+# --------------------------------------------------------------------------- checks
+def check_float_array(name: str, a: Any, ndim: int | None = None, finite: bool = True):
+    """Validate a floating-point array and return it unchanged.
+
+    Raises ``TypeError`` for a non-float dtype, ``ValueError`` for a wrong ``ndim`` or
+    for NaN/Inf entries (when ``finite``).
+    """
+    xp = namespace(a)
+    if not hasattr(a, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}.")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {a.dtype}; refngd works in float64 (default) or float32. "
+            f"Convert with {name}.astype(float)."
+        )
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}.")
+    if finite and not bool(xp.all(xp.isfinite(a))):
+        raise ValueError(f"{name} contains NaN or Inf; refngd refuses to propagate them.")
+    return a
+
+
+def check_damping(damping: float, allow_zero: bool = True) -> float:
+    """Validate a damping / regularisation constant and return it as a float."""
+    try:
+        lam = float(damping)
+    except (TypeError, ValueError):
+        raise TypeError(f"damping must be a real number, got {damping!r}.") from None
+    if not np.isfinite(lam) or lam < 0:
+        raise ValueError(f"damping must be finite and >= 0, got {damping!r}.")
+    if lam == 0 and not allow_zero:
+        raise ValueError("damping must be > 0 here.")
+    return lam
+
+
+# --------------------------------------------------------------------- linear algebra
+def _solve_triangular(xp, L, b, lower: bool, trans: int = 0):
+    if xp is np:
+        import scipy.linalg
+
+        return scipy.linalg.solve_triangular(L, b, lower=lower, trans=trans, check_finite=False)
+    import cupyx.scipy.linalg  # type: ignore
+
+    return cupyx.scipy.linalg.solve_triangular(L, b, lower=lower, trans=trans)
+
+
+def cholesky(A: Array):
+    """Lower Cholesky factor of a symmetric positive-definite matrix, or ``None``.
+
+    Returns ``None`` (instead of raising, or of CuPy's silent NaNs) when ``A`` is not
+    numerically positive definite, so that callers can fall back to :func:`eigh_psd`.
+    """
+    xp = namespace(A)
+    try:
+        L = xp.linalg.cholesky(A)
+    except np.linalg.LinAlgError:
+        return None
+    if xp is not np and not bool(xp.all(xp.isfinite(L))):
+        return None
+    # Cholesky "succeeds" on matrices singular to working precision; reject pivots that
+    # are tiny relative to the largest so that the eigh fallback handles them.
+    d = xp.abs(xp.diagonal(L))
+    if float(d.min()) <= 1e-7 * float(d.max()) if d.size else False:
+        return None
+    return L
+
+
+def eigh_psd(A: Array):
+    """Eigendecomposition of a symmetric PSD matrix with eigenvalues clipped at 0."""
+    xp = namespace(A)
+    w, V = xp.linalg.eigh(A)
+    return xp.maximum(w, 0.0), V
+
+
+def psd_solve(A: Array, B: Array, shift: float = 0.0, rtol: float | None = None) -> Array:
+    """Solve ``(A + shift·I) X = B`` for symmetric positive (semi-)definite ``A``.
+
+    Forms the system in float64, tries Cholesky first and falls back to ``eigh`` with
+    clipped eigenvalues.  When the shifted matrix is singular (an eigenvalue below
+    ``rtol·max(eigenvalue)``, default ``P·eps``) a :class:`SingularSystemError` is
+    raised: refngd never returns the NaNs or the huge numbers of a singular solve.
+
+    Parameters
+    ----------
+    A : (R, R) array
+    B : (R,) or (R, k) array
+    shift : float, added to the diagonal (``>= 0``).
+    """
+    xp = namespace(A, B)
+    A = xp.asarray(A, dtype=xp.float64)
+    B = xp.asarray(B, dtype=xp.float64)
+    n = A.shape[0]
+    M = A + shift * xp.eye(n, dtype=xp.float64) if shift else A
+    L = cholesky(M)
+    if L is not None:
+        y = _solve_triangular(xp, L, B, lower=True)
+        return _solve_triangular(xp, L, y, lower=True, trans=1)
+    w, V = eigh_psd(A)
+    w = w + shift
+    tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(w.max() if n else 1)
+    if n and float(w.min()) <= tol:
+        raise SingularSystemError(
+            f"the {n}x{n} system is singular (smallest eigenvalue {float(w.min()):.3g}, "
+            f"largest {float(w.max()):.3g}); pass damping > 0."
+        )
+    Vt_B = V.T @ B
+    return V @ (Vt_B / (w[:, None] if B.ndim == 2 else w))
+
+
+def erf(x: Array) -> Array:
+    """The error function on NumPy (SciPy) or CuPy (cupyx) arrays."""
+    if namespace(x) is np:
+        import scipy.special
+
+        return scipy.special.erf(x)
+    import cupyx.scipy.special  # type: ignore
+
+    return cupyx.scipy.special.erf(x)

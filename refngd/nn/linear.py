@@ -1,0 +1,102 @@
+"""Fully connected layer z = a Wᵀ + b, with its row primitives (DESIGN.md §4)."""
+from __future__ import annotations
+
+import math
+
+from ..backend import Array, namespace
+from .base import ParametricLayer
+
+
+class Linear(ParametricLayer):
+    """``Linear(in_features, out_features, bias=True)``, as :class:`torch.nn.Linear`.
+
+    Parameters are ``W`` of shape (out_features, in_features) then ``b`` (out_features,),
+    flattened row-major: exactly ``parameters_to_vector(torch_linear.parameters())``.
+    Inputs are (N, in_features).  Initialisation follows PyTorch: W, b ~ U(−k, k) with
+    k = 1/√in_features (``kaiming_uniform_(a=√5)``).
+
+    Row primitives, for inputs ā_n = [a_n; 1] (the 1 only with bias) and rows b_r of
+    sample n(r), where row r's gradient is b_r ā_{n(r)}ᵀ:
+
+    * Gram:   K[r, r'] = ⟨b_r, b_r'⟩ · ⟨ā_n(r), ā_n(r')⟩  (two GEMMs and a Hadamard product)
+    * U v:    r ↦ ⟨b_r, V ā_n(r)⟩                        (V Āᵀ once, then row-wise dots)
+    * Uᵀ w:   Σ_n (Σ_k w_nk b_nk) ā_nᵀ                     (sum a sample's rows first)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        if int(in_features) < 1 or int(out_features) < 1:
+            raise ValueError("Linear needs in_features >= 1 and out_features >= 1.")
+        self.in_features, self.out_features, self.bias = int(in_features), int(out_features), bool(bias)
+        shapes = [(self.out_features, self.in_features)]
+        if self.bias:
+            shapes.append((self.out_features,))
+        self.param_shapes = tuple(shapes)
+
+    def __repr__(self) -> str:
+        return f"Linear({self.in_features}, {self.out_features}, bias={self.bias})"
+
+    def out_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(
+                f"{self!r} expects per-sample input shape ({self.in_features},), got "
+                f"{tuple(in_shape)}; add a Flatten() before it or fix in_features."
+            )
+        return (self.out_features,)
+
+    def init_params(self, rng):
+        bound = 1.0 / math.sqrt(self.in_features)
+        return [rng.uniform(-bound, bound, size=s) for s in self.param_shapes]
+
+    # ----------------------------------------------------------------- forward/backward
+    def forward(self, params, x):
+        z = x @ params[0].T
+        if self.bias:
+            z = z + params[1]
+        return z, x
+
+    def backward(self, params, cache, B):
+        return B @ params[0]
+
+    # ------------------------------------------------------------------ row primitives
+    def _input_gram(self, a):
+        """⟨ā_n, ā_m⟩ for all sample pairs, in float64."""
+        xp = namespace(a)
+        a64 = a.astype(xp.float64, copy=False)
+        G = a64 @ a64.T
+        return G + 1.0 if self.bias else G
+
+    def row_gram(self, cache, B):
+        xp = namespace(B)
+        N, K, d = B.shape
+        Bf = B.reshape(N * K, d).astype(xp.float64, copy=False)
+        G = Bf @ Bf.T  # NumPy dispatches X @ X.T to the symmetric rank-k update (syrk)
+        G4 = G.reshape(N, K, N, K)
+        G4 *= self._input_gram(cache)[:, None, :, None]
+        return G
+
+    def row_dot(self, cache, B, V):
+        M = cache @ V[0].T  # (N, d_out): V ā_n for every sample, formed once
+        if self.bias:
+            M = M + V[1]
+        return (B @ M[:, :, None])[..., 0]
+
+    def row_sum(self, cache, B, w):
+        v = (w[:, None, :] @ B)[:, 0, :]  # (N, d_out): Σ_k w_nk b_nk per sample
+        blocks = [v.T @ cache]
+        if self.bias:
+            blocks.append(v.sum(axis=0))
+        return blocks
+
+    def row_grads(self, cache, B):
+        xp = namespace(B)
+        N, K, d = B.shape
+        gW = (B[:, :, :, None] * cache[:, None, None, :]).reshape(N, K, -1)
+        return xp.concatenate([gW, B], axis=2) if self.bias else gW
+
+    def row_sq_sum(self, cache, B):
+        xp = namespace(B)
+        B2 = (B * B).sum(axis=1)  # (N, d_out): Σ_k b_nk²
+        out = [(B2.T @ (cache * cache)).reshape(-1)]
+        if self.bias:
+            out.append(B2.sum(axis=0))
+        return xp.concatenate(out)

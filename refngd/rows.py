@@ -1,0 +1,135 @@
+"""Row cotangents and the implicit row matrix U — the central abstraction (DESIGN.md §2).
+
+Every curvature matrix in refngd is ``c · UᵀU`` for a row matrix U (R × P) whose row
+``(n, k)`` is ``J_nᵀ s_nk`` for an output-space cotangent ``s_nk`` tied to sample n:
+
+============================  =====================================  ==========
+curvature                      cotangent rows s_nk                    K per sample
+============================  =====================================  ==========
+Fisher / GGN (type-2)          columns of S_n, S_n S_nᵀ = H_n         C
+sampled Fisher (MC)            ∂ℓ(z_n, ŷ_nk)/∂z_n / √K, ŷ ~ p(y|z_n)   K
+empirical Fisher               e_n                                    1
+improved empirical Fisher      e_n / ‖e_n‖                            1
+============================  =====================================  ==========
+
+A :class:`RowSet` holds the result of *one* backward pass of these R = N·K rows and
+offers every contraction of U without forming it: the Gram matrix U Uᵀ, U v, Uᵀ w, the
+diagonal of UᵀU, and (for small models) U itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import Array, namespace
+
+
+@dataclass
+class LayerRows:
+    """One parametric layer's share of a backward pass.
+
+    ``B`` (N, K, *out_shape) are the rows arriving at the layer's output, ``cache`` its
+    forward cache (its inputs), ``params`` its parameter blocks and ``start:stop`` its
+    slice of θ.
+    """
+
+    layer: Any
+    params: list
+    cache: Any
+    B: Array
+    start: int
+    stop: int
+
+    def blocks(self, v: Array) -> list[Array]:
+        """Split this layer's slice of a parameter vector into its parameter blocks."""
+        out, i = [], self.start
+        for shape in self.layer.param_shapes:
+            size = 1
+            for s in shape:
+                size *= s
+            out.append(v[i:i + size].reshape(shape))
+            i += size
+        return out
+
+
+class RowSet:
+    """The implicit row matrix U (R × P), R = N·K, of one backward pass through layers.
+
+    Parameters
+    ----------
+    layers : list of LayerRows, in θ order.
+    N, K, P : sizes; rows are ordered sample-major, r = n·K + k.
+    dtype : the model's dtype (results of ``matvec``/``rmatvec``/``dense``).
+    """
+
+    def __init__(self, layers: list[LayerRows], N: int, K: int, P: int, dtype):
+        self.layers, self.N, self.K, self.P, self.dtype = layers, N, K, P, dtype
+
+    @property
+    def R(self) -> int:
+        return self.N * self.K
+
+    def _xp(self):
+        return namespace(self.layers[0].B)
+
+    def gram(self) -> Array:
+        """K = U Uᵀ, (R, R) float64, summed over layers without forming U (DESIGN.md §4)."""
+        G = None
+        for e in self.layers:
+            Gl = e.layer.row_gram(e.cache, e.B)
+            G = Gl if G is None else G.__iadd__(Gl)
+        return G
+
+    def matvec(self, v: Array) -> Array:
+        """U v for a parameter vector v (P,); returns (N, K)."""
+        out = None
+        for e in self.layers:
+            o = e.layer.row_dot(e.cache, e.B, e.blocks(v))
+            out = o if out is None else out + o
+        return out
+
+    def rmatvec(self, w: Array) -> Array:
+        """Uᵀ w for row weights w (N, K); returns (P,)."""
+        xp = self._xp()
+        parts = [b.reshape(-1) for e in self.layers for b in e.layer.row_sum(e.cache, e.B, w)]
+        return xp.concatenate(parts)
+
+    def dense(self) -> Array:
+        """U itself as (N, K, P): per-row gradients.  Memory N·K·P — small models only."""
+        xp = self._xp()
+        return xp.concatenate([e.layer.row_grads(e.cache, e.B) for e in self.layers], axis=2)
+
+    def sq_sum(self) -> Array:
+        """diag(UᵀU) = Σ_r u_r ⊙ u_r, (P,)."""
+        xp = self._xp()
+        return xp.concatenate([e.layer.row_sq_sum(e.cache, e.B) for e in self.layers])
+
+
+class DenseRowSet(RowSet):
+    """A :class:`RowSet` backed by an explicit U (N, K, P), e.g. from HIPS autograd."""
+
+    def __init__(self, U: Array):
+        self.U = U
+        self.layers = []
+        self.N, self.K, self.P = U.shape
+        self.dtype = U.dtype
+
+    def _xp(self):
+        return namespace(self.U)
+
+    def gram(self):
+        xp = self._xp()
+        Uf = self.U.reshape(self.R, self.P).astype(xp.float64, copy=False)
+        return Uf @ Uf.T
+
+    def matvec(self, v):
+        return self.U @ v
+
+    def rmatvec(self, w):
+        return w.reshape(-1) @ self.U.reshape(self.R, self.P)
+
+    def dense(self):
+        return self.U
+
+    def sq_sum(self):
+        return (self.U * self.U).sum(axis=(0, 1))
