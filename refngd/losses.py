@@ -1,0 +1,369 @@
+"""Per-sample losses with their output gradients, Hessians, Hessian factors and sampling.
+
+Notation follows DESIGN.md §2: ``Z`` is the (N, C) matrix of model outputs z_n, l_n is
+the per-sample loss (never reduced), and the batch loss is L = c Σ_n l_n.
+
+=================  ===============================  ===================  ====================
+loss               l_n                              e_n = ∂l_n/∂z_n      H_n = ∂²l_n/∂z_n²
+=================  ===============================  ===================  ====================
+``CrossEntropy``   logsumexp(z_n) − z_n[y_n]        p_n − onehot(y_n)    diag(p_n) − p_n p_nᵀ
+``MSELoss``        Σ_c (z_nc − y_nc)²               2 (z_n − y_n)        2 I
+``BCEWithLogits``  Σ_c softplus(z_nc) − y_nc z_nc   σ(z_n) − y_n         diag(σ(z_n)(1 − σ(z_n)))
+=================  ===============================  ===================  ====================
+
+with p_n = softmax(z_n) and σ the logistic function.  The factors S_n with
+S_n S_nᵀ = H_n are diag(√p_n) − p_n √p_nᵀ, √2·I and diag(√(σ(1 − σ))).
+
+The constant c
+--------------
+``reduction="sum"`` gives c = 1.  ``reduction="mean"`` gives c = 1/N for ``CrossEntropy``
+and c = 1/(N·C) for ``MSELoss`` and ``BCEWithLogits``, because PyTorch averages those two
+over *all* N·C elements.  With these c, ``loss(Z, y)`` equals ``torch.nn.CrossEntropyLoss``,
+``torch.nn.MSELoss`` and ``torch.nn.BCEWithLogitsLoss`` (same ``reduction``) exactly; c
+multiplies the loss, the gradient and every curvature matrix alike.
+
+The factor 2 of the MSE
+-----------------------
+PyTorch's ``MSELoss`` has no ½, so e_n = 2(z_n − y_n) and H_n = 2I.  This l_n is, up to an
+additive constant, the negative log-likelihood of a Gaussian N(z_n, ½·I); that is the
+distribution ``MSELoss.sample_targets`` draws from, so the Fisher equals the GGN.
+
+Fisher = GGN
+------------
+All three losses are negative log-likelihoods of exponential families in their natural
+parameters z_n (categorical, Gaussian with fixed variance ½, independent Bernoulli).  For
+such losses E_{ŷ ~ p(y|z_n)}[e_n(ŷ) e_n(ŷ)ᵀ] = H_n, so the Fisher equals the generalised
+Gauss-Newton matrix (Martens, 2020, "New insights and perspectives on the natural gradient
+method", JMLR 21(146)).  ``sampled_output_gradients`` draws the ŷ whose output
+gradients give the Monte-Carlo (sampled) Fisher.
+
+All arrays returned have the array module (NumPy or CuPy) and the float dtype of ``Z``;
+random numbers come from a host ``numpy.random.Generator`` and are moved to ``Z``'s device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .backend import Array, check_float_array, namespace, to_device
+
+__all__ = ["CrossEntropy", "MSELoss", "BCEWithLogits"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class _Loss:
+    """Shared validation and public API.
+
+    Subclasses define the formulas on validated inputs: ``_check_y``, ``_per_sample``,
+    ``_gradient`` (which must broadcast over rows, as ``sampled_output_gradients`` calls
+    it on N·K rows), ``_hessian``, ``_sqrt`` and ``_sample``.
+    """
+
+    name: str = ""
+    _per_element_mean: bool = False  # True: `mean` divides by N·C, else by N
+
+    def __init__(self, reduction: str = "mean") -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+        self.reduction = reduction
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reduction={self.reduction!r})"
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_Z(Z: Array) -> Array:
+        check_float_array("Z", Z, ndim=2)
+        N, C = Z.shape
+        if N < 1 or C < 1:
+            raise ValueError(f"Z must have shape (N, C) with N >= 1 and C >= 1, got {Z.shape}.")
+        return Z
+
+    def check_targets(self, Z: Array, y: Any) -> Array:
+        """Validate ``Z`` and the targets ``y``; return ``y`` on ``Z``'s device.
+
+        Raises
+        ------
+        TypeError
+            ``Z`` not a float array, or ``y`` of the wrong dtype.
+        ValueError
+            ``Z`` not 2-D or not finite, batch size or shape mismatch, targets out of range.
+        """
+        self._check_Z(Z)
+        y = to_device(y, like=Z)
+        if y.ndim < 1 or y.shape[0] != Z.shape[0]:
+            raise ValueError(
+                f"batch size mismatch: Z has N = {Z.shape[0]} rows but y has shape "
+                f"{tuple(y.shape)}; pass one target per row of Z."
+            )
+        return self._check_y(Z, y)
+
+    @staticmethod
+    def _check_float_targets(Z: Array, y: Array) -> Array:
+        """Shared check of (N, C) float targets (MSE, BCE); casts to ``Z.dtype``."""
+        N, C = Z.shape
+        if tuple(y.shape) != (N, C):
+            hint = f" Use y.reshape({N}, {C})." if y.size == N * C else ""
+            raise ValueError(
+                f"targets y must have the same shape as Z, {(N, C)}, got {tuple(y.shape)}.{hint}"
+            )
+        if y.dtype.kind != "f":
+            raise TypeError(f"targets y must be floats, got dtype {y.dtype}; use y.astype(float).")
+        xp = namespace(Z)
+        if not bool(xp.all(xp.isfinite(y))):
+            raise ValueError("targets y contain NaN or Inf; refngd refuses to propagate them.")
+        return y.astype(Z.dtype, copy=False)
+
+    @staticmethod
+    def _check_rng(rng: Any, mc_samples: int) -> int:
+        if not (hasattr(rng, "random") and hasattr(rng, "standard_normal")):
+            raise TypeError(
+                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
+                f"got {type(rng).__name__}."
+            )
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
+        return mc_samples
+
+    # ---------------------------------------------------------------- public API
+    def scale(self, Z: Array) -> float:
+        """The constant c of L = c Σ_n l_n for this batch (1, 1/N or 1/(N·C))."""
+        N, C = self._check_Z(Z).shape
+        if self.reduction == "sum":
+            return 1.0
+        return 1.0 / (N * C) if self._per_element_mean else 1.0 / N
+
+    def per_sample(self, Z: Array, y: Any) -> Array:
+        """Per-sample losses l_n, shape (N,), never reduced."""
+        y = self.check_targets(Z, y)
+        return self._per_sample(Z, y)
+
+    def __call__(self, Z: Array, y: Any) -> Array:
+        """Batch loss L = c Σ_n l_n as a 0-d array (equals the PyTorch loss)."""
+        xp = namespace(Z)
+        total = xp.sum(self.per_sample(Z, y))
+        return xp.asarray(self.scale(Z) * total, dtype=Z.dtype)
+
+    def output_gradient(self, Z: Array, y: Any) -> Array:
+        """Output gradients e_n = ∂l_n/∂z_n of the *unreduced* l_n, shape (N, C)."""
+        y = self.check_targets(Z, y)
+        return self._gradient(Z, y)
+
+    def output_hessian(self, Z: Array) -> Array:
+        """Output Hessians H_n = ∂²l_n/∂z_n², shape (N, C, C); independent of y."""
+        return self._hessian(self._check_Z(Z))
+
+    def hessian_sqrt(self, Z: Array) -> Array:
+        """Factors S_n with S_n S_nᵀ = H_n, shape (N, C, C).
+
+        Column k of S_n is the k-th output-space row cotangent of the Fisher (DESIGN.md
+        §2): Σ_k S_n[:, k] S_n[:, k]ᵀ = H_n, so back-propagating the C columns through the
+        network gives rows J_nᵀ S_n[:, k] whose outer products sum to J_nᵀ H_n J_n.
+        """
+        return self._sqrt(self._check_Z(Z))
+
+    def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
+        """Draw K = ``mc_samples`` targets per sample from the model's p(y | z_n).
+
+        Returns targets with leading shape (N, K): ``(N, K)`` int64 class labels for
+        ``CrossEntropy``, ``(N, K, C)`` floats for ``MSELoss`` and ``BCEWithLogits``.
+        """
+        K = self._check_rng(rng, mc_samples)
+        return self._sample(self._check_Z(Z), rng, K)
+
+    def sampled_output_gradients(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
+        """Output gradients at sampled targets, shape (N, K, C).
+
+        E_ŷ[e eᵀ] = H_n (Martens, 2020), so these K rows per sample are the row cotangents
+        of the sampled Fisher.  They are *not* divided by √K: the sampled Fisher is
+        c Σ_n (1/K) Σ_k J_nᵀ e_nk e_nkᵀ J_n.
+        """
+        Yhat = self.sample_targets(Z, rng, mc_samples)
+        N, K = Yhat.shape[:2]
+        C = Z.shape[1]
+        xp = namespace(Z)
+        Zrep = xp.repeat(Z, K, axis=0)  # row n·K + k is z_n
+        E = self._gradient(Zrep, Yhat.reshape((N * K,) + tuple(Yhat.shape[2:])))
+        return E.reshape(N, K, C)
+
+
+def _log_softmax(Z: Array) -> Array:
+    xp = namespace(Z)
+    shifted = Z - xp.max(Z, axis=1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+
+
+def _sigmoid(Z: Array) -> Array:
+    """Logistic function without overflow: exp(−|z|) ≤ 1 on both branches."""
+    xp = namespace(Z)
+    e = xp.exp(-xp.abs(Z))
+    return xp.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+class CrossEntropy(_Loss):
+    """Softmax cross-entropy with integer labels, equal to ``torch.nn.CrossEntropyLoss``.
+
+    l_n = logsumexp(z_n) − z_n[y_n] (computed through a stable log-softmax),
+    e_n = p_n − onehot(y_n), H_n = diag(p_n) − p_n p_nᵀ, S_n = diag(√p_n) − p_n √p_nᵀ,
+    c = 1/N (``mean``) or 1 (``sum``).  Sampling ŷ ~ Categorical(p_n); since this is the
+    NLL of a categorical distribution in its logits, Fisher = GGN (Martens, 2020).
+    C = 1 is allowed and degenerate: p = 1, l_n = 0, e_n = 0, H_n = 0.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}
+    """
+
+    name = "cross_entropy"
+    _per_element_mean = False
+
+    def _check_y(self, Z: Array, y: Array) -> Array:
+        N, C = Z.shape
+        if y.ndim != 1:
+            raise ValueError(
+                f"labels y must have shape (N,) = ({N},) of class indices, got "
+                f"{tuple(y.shape)}; for one-hot targets pass y.argmax(axis=1)."
+            )
+        if y.dtype.kind not in "iu":
+            raise TypeError(
+                f"labels must be integers, e.g. y.astype(int); got dtype {y.dtype}."
+            )
+        xp = namespace(Z)
+        if not bool(xp.all((y >= 0) & (y < C))):
+            raise ValueError(
+                f"labels must lie in [0, C) = [0, {C}); got min {int(y.min())}, "
+                f"max {int(y.max())}."
+            )
+        return y.astype(xp.int64, copy=False)
+
+    def _per_sample(self, Z: Array, y: Array) -> Array:
+        xp = namespace(Z)
+        logp = _log_softmax(Z)
+        return -xp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
+
+    def _gradient(self, Z: Array, y: Array) -> Array:
+        xp = namespace(Z)
+        P = xp.exp(_log_softmax(Z))
+        onehot = (y[:, None] == xp.arange(Z.shape[1])[None, :]).astype(Z.dtype)
+        return P - onehot
+
+    def _sqrt(self, Z: Array) -> Array:
+        xp = namespace(Z)
+        P = xp.exp(_log_softmax(Z))
+        q = xp.sqrt(P)
+        # S Sᵀ = diag(p) − 2 p pᵀ + p (qᵀq) pᵀ = diag(p) − p pᵀ, as qᵀq = Σ_c p_c = 1.
+        return q[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype) - P[:, :, None] * q[:, None, :]
+
+    def _hessian(self, Z: Array) -> Array:
+        xp = namespace(Z)
+        P = xp.exp(_log_softmax(Z))
+        eye = xp.eye(Z.shape[1], dtype=Z.dtype)
+        return P[:, :, None] * eye - P[:, :, None] * P[:, None, :]
+
+    def _sample(self, Z: Array, rng: Any, K: int) -> Array:
+        # Inverse-CDF sampling on Z's device: ŷ = #{k : cdf_k ≤ u}, u ~ U[0, 1) from host.
+        xp = namespace(Z)
+        N, C = Z.shape
+        cdf = xp.cumsum(xp.exp(_log_softmax(Z)), axis=1)  # (N, C)
+        u = to_device(rng.random((N, K)), like=Z)
+        yhat = xp.sum(cdf[:, None, :] <= u[:, :, None], axis=2)
+        return xp.minimum(yhat, C - 1).astype(xp.int64)  # cdf[-1] may round below 1
+
+
+class MSELoss(_Loss):
+    """Squared error summed over outputs, equal to ``torch.nn.MSELoss``.
+
+    l_n = Σ_c (z_nc − y_nc)², e_n = 2(z_n − y_n), H_n = 2I, S_n = √2·I,
+    c = 1/(N·C) (``mean``, PyTorch averages over all elements) or 1 (``sum``).
+    Sampling ŷ = z_n + ε, ε ~ N(0, ½·I): l_n is that Gaussian's NLL up to a constant, so
+    E[e eᵀ] = 4·½·I = H_n and Fisher = GGN (Martens, 2020).
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}
+    """
+
+    name = "mse"
+    _per_element_mean = True
+
+    def _check_y(self, Z: Array, y: Array) -> Array:
+        return self._check_float_targets(Z, y)
+
+    def _per_sample(self, Z: Array, y: Array) -> Array:
+        xp = namespace(Z)
+        return xp.sum((Z - y) ** 2, axis=1)
+
+    def _gradient(self, Z: Array, y: Array) -> Array:
+        return 2.0 * (Z - y)
+
+    @staticmethod
+    def _scaled_identities(Z: Array, value: float) -> Array:
+        xp = namespace(Z)
+        N, C = Z.shape
+        return xp.zeros((N, C, C), dtype=Z.dtype) + value * xp.eye(C, dtype=Z.dtype)
+
+    def _sqrt(self, Z: Array) -> Array:
+        return self._scaled_identities(Z, math.sqrt(2.0))
+
+    def _hessian(self, Z: Array) -> Array:
+        return self._scaled_identities(Z, 2.0)
+
+    def _sample(self, Z: Array, rng: Any, K: int) -> Array:
+        N, C = Z.shape
+        eps = to_device(rng.standard_normal((N, K, C)), like=Z).astype(Z.dtype, copy=False)
+        return Z[:, None, :] + math.sqrt(0.5) * eps
+
+
+class BCEWithLogits(_Loss):
+    """Independent binary cross-entropies on logits, equal to ``torch.nn.BCEWithLogitsLoss``.
+
+    l_n = Σ_c softplus(z_nc) − y_nc z_nc, computed stably as
+    max(z, 0) − z·y + log1p(exp(−|z|)); e_n = σ(z_n) − y_n, H_n = diag(σ(1 − σ)),
+    S_n = diag(√(σ(1 − σ))), c = 1/(N·C) (``mean``) or 1 (``sum``).  Targets may be soft
+    (any float in [0, 1]).  Sampling ŷ_nc ~ Bernoulli(σ(z_nc)); this is the NLL of a
+    Bernoulli in its natural parameter, so Fisher = GGN (Martens, 2020).
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}
+    """
+
+    name = "bce_with_logits"
+    _per_element_mean = True
+
+    def _check_y(self, Z: Array, y: Array) -> Array:
+        y = self._check_float_targets(Z, y)
+        xp = namespace(Z)
+        if not bool(xp.all((y >= 0) & (y <= 1))):
+            raise ValueError(
+                f"BCEWithLogits targets must lie in [0, 1], got values in "
+                f"[{float(y.min())}, {float(y.max())}]."
+            )
+        return y
+
+    def _per_sample(self, Z: Array, y: Array) -> Array:
+        xp = namespace(Z)
+        elem = xp.maximum(Z, 0) - Z * y + xp.log1p(xp.exp(-xp.abs(Z)))
+        return xp.sum(elem, axis=1)
+
+    def _gradient(self, Z: Array, y: Array) -> Array:
+        return _sigmoid(Z) - y
+
+    @staticmethod
+    def _variance(Z: Array) -> Array:
+        """σ(z)(1 − σ(z)) as σ(z)σ(−z), avoiding the cancellation in 1 − σ for z ≫ 0."""
+        return _sigmoid(Z) * _sigmoid(-Z)
+
+    def _sqrt(self, Z: Array) -> Array:
+        xp = namespace(Z)
+        return xp.sqrt(self._variance(Z))[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype)
+
+    def _hessian(self, Z: Array) -> Array:
+        xp = namespace(Z)
+        return self._variance(Z)[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype)
+
+    def _sample(self, Z: Array, rng: Any, K: int) -> Array:
+        N, C = Z.shape
+        u = to_device(rng.random((N, K, C)), like=Z)
+        return (u < _sigmoid(Z)[:, None, :]).astype(Z.dtype)
