@@ -80,6 +80,22 @@ def to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def as_generator(rng: Any) -> np.random.Generator:
+    """A NumPy ``Generator`` from a Generator or an integer seed (``None`` is refused).
+
+    refngd never draws from hidden global state: Monte-Carlo quantities need an explicit
+    ``rng`` so that results are reproducible.
+    """
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise TypeError(
+        f"rng must be a numpy.random.Generator or an int seed, got {rng!r}; "
+        "e.g. rng=numpy.random.default_rng(0)."
+    )
+
+
 def to_float(a: Any) -> float:
     """A 0-d array (NumPy or CuPy) as a Python float."""
     return float(to_numpy(a))
@@ -147,7 +163,7 @@ def cholesky(A: Array):
     # Cholesky "succeeds" on matrices singular to working precision; reject pivots that
     # are tiny relative to the largest so that the eigh fallback handles them.
     d = xp.abs(xp.diagonal(L))
-    if float(d.min()) <= 1e-7 * float(d.max()) if d.size else False:
+    if d.size and float(d.min()) <= 1e-7 * float(d.max()):
         return None
     return L
 
@@ -159,13 +175,45 @@ def eigh_psd(A: Array):
     return xp.maximum(w, 0.0), V
 
 
-def psd_solve(A: Array, B: Array, shift: float = 0.0, rtol: float | None = None) -> Array:
-    """Solve ``(A + shift·I) X = B`` for symmetric positive (semi-)definite ``A``.
+class PSDFactor:
+    """A factorisation of ``A + shift·I`` for symmetric positive (semi-)definite ``A``.
 
-    Forms the system in float64, tries Cholesky first and falls back to ``eigh`` with
-    clipped eigenvalues.  When the shifted matrix is singular (an eigenvalue below
-    ``rtol·max(eigenvalue)``, default ``P·eps``) a :class:`SingularSystemError` is
-    raised: refngd never returns the NaNs or the huge numbers of a singular solve.
+    Formed in float64.  Cholesky first; when it fails (the shifted matrix is singular or
+    indefinite to working precision) ``eigh`` with eigenvalues clipped at 0.  A singular
+    shifted matrix (smallest eigenvalue ≤ ``rtol`` × largest, default ``n·eps``) raises
+    :class:`SingularSystemError` — refngd never returns the NaNs or huge numbers of a
+    singular solve.  Factor once, then call :meth:`solve` as often as needed.
+    """
+
+    def __init__(self, A: Array, shift: float = 0.0, rtol: float | None = None):
+        xp = namespace(A)
+        A = xp.asarray(A, dtype=xp.float64)
+        n = A.shape[0]
+        self.xp, self.n, self.L = xp, n, None
+        M = A + shift * xp.eye(n, dtype=xp.float64) if shift else A
+        self.L = cholesky(M)
+        if self.L is None:
+            w, self.V = eigh_psd(A)
+            self.w = w + shift
+            tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(self.w.max() if n else 1)
+            if n and float(self.w.min()) <= tol:
+                raise SingularSystemError(
+                    f"the {n}x{n} system is singular (smallest eigenvalue {float(self.w.min()):.3g}, "
+                    f"largest {float(self.w.max()):.3g}); pass damping > 0."
+                )
+
+    def solve(self, B: Array) -> Array:
+        """``(A + shift·I)⁻¹ B`` for B of shape (n,) or (n, k), in float64."""
+        B = self.xp.asarray(B, dtype=self.xp.float64)
+        if self.L is not None:
+            y = _solve_triangular(self.xp, self.L, B, lower=True)
+            return _solve_triangular(self.xp, self.L, y, lower=True, trans=1)
+        w = self.w[:, None] if B.ndim == 2 else self.w
+        return self.V @ ((self.V.T @ B) / w)
+
+
+def psd_solve(A: Array, B: Array, shift: float = 0.0, rtol: float | None = None) -> Array:
+    """Solve ``(A + shift·I) X = B`` for symmetric PSD ``A``: see :class:`PSDFactor`.
 
     Parameters
     ----------
@@ -173,25 +221,7 @@ def psd_solve(A: Array, B: Array, shift: float = 0.0, rtol: float | None = None)
     B : (R,) or (R, k) array
     shift : float, added to the diagonal (``>= 0``).
     """
-    xp = namespace(A, B)
-    A = xp.asarray(A, dtype=xp.float64)
-    B = xp.asarray(B, dtype=xp.float64)
-    n = A.shape[0]
-    M = A + shift * xp.eye(n, dtype=xp.float64) if shift else A
-    L = cholesky(M)
-    if L is not None:
-        y = _solve_triangular(xp, L, B, lower=True)
-        return _solve_triangular(xp, L, y, lower=True, trans=1)
-    w, V = eigh_psd(A)
-    w = w + shift
-    tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(w.max() if n else 1)
-    if n and float(w.min()) <= tol:
-        raise SingularSystemError(
-            f"the {n}x{n} system is singular (smallest eigenvalue {float(w.min()):.3g}, "
-            f"largest {float(w.max()):.3g}); pass damping > 0."
-        )
-    Vt_B = V.T @ B
-    return V @ (Vt_B / (w[:, None] if B.ndim == 2 else w))
+    return PSDFactor(A, shift, rtol).solve(B)
 
 
 def erf(x: Array) -> Array:

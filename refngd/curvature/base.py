@@ -1,0 +1,166 @@
+"""The shared curvature-operator interface and the row-Gram curvature c·UᵀU.
+
+Every curvature in refngd is a symmetric P × P operator with the same interface
+(``dense()``, ``@``/``matvec``, ``to_linear_operator()``, ``solve(g, damping)``,
+``trace()``, ``diagonal()``).  The exact family (Fisher, sampled Fisher, empirical and
+improved empirical Fisher) is ``c · UᵀU`` for a row matrix U (DESIGN.md §2), which
+:class:`RowCurvature` implements once through a :class:`refngd.rows.RowSet`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from ..backend import Array, PSDFactor, check_damping, check_float_array, namespace
+
+
+class CurvatureOperator(ABC):
+    """A symmetric positive semi-definite P × P curvature matrix, never formed unless asked."""
+
+    num_params: int
+    dtype: object
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    @abstractmethod
+    def matvec(self, v: Array) -> Array:
+        """F v for a parameter vector v (P,)."""
+
+    @abstractmethod
+    def dense(self) -> Array:
+        """F as a dense (P, P) array in θ's (PyTorch) order — small models only."""
+
+    @abstractmethod
+    def solve(self, g: Array, damping: float) -> Array:
+        """(F + damping·I)⁻¹ g."""
+
+    def __matmul__(self, v: Array) -> Array:
+        if v.ndim == 2:
+            xp = namespace(v)
+            return xp.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], axis=1)
+        return self.matvec(v)
+
+    def to_linear_operator(self):
+        """This curvature as a :class:`scipy.sparse.linalg.LinearOperator` (NumPy only)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(self.shape, matvec=self.matvec, rmatvec=self.matvec, dtype=self.dtype)
+
+    def _check_vector(self, name: str, v: Array) -> Array:
+        check_float_array(name, v, ndim=1)
+        if v.shape[0] != self.num_params:
+            raise ValueError(f"{name} must have length P = {self.num_params}, got {v.shape[0]}.")
+        return v
+
+
+class RowCurvature(CurvatureOperator):
+    """F = c · UᵀU for R = N·K row cotangents back-propagated once (DESIGN.md §2).
+
+    Subclasses define :meth:`cotangents`, the (N, K, C) output-space rows.  Construction
+    runs one forward pass (or reuses ``linearization``) and one backward pass of the rows.
+
+    Parameters
+    ----------
+    model : refngd.nn.Sequential or refngd.FunctionModel
+    theta : (P,) parameters
+    loss : a refngd loss; its reduction fixes c (DESIGN.md §2)
+    X, y : the batch
+    linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
+    """
+
+    def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None):
+        self.model, self.theta, self.loss, self.y = model, theta, loss, y
+        self.lin = linearization if linearization is not None else model.linearize(theta, X)
+        self.outputs = self.lin.outputs
+        self.c = float(loss.scale(self.outputs))
+        self.num_params = int(theta.shape[0])
+        self.dtype = theta.dtype
+        self.rows = self.lin.backprop(self.cotangents())
+        self._gram = None
+
+    @abstractmethod
+    def cotangents(self) -> Array:
+        """The output-space rows s_nk, shape (N, K, C)."""
+
+    # ---------------------------------------------------------------- basic operations
+    def gram(self) -> Array:
+        """The R × R Gram matrix U Uᵀ of the rows (float64; *without* the constant c)."""
+        if self._gram is None:
+            self._gram = self.rows.gram()
+        return self._gram
+
+    def row_matrix(self) -> Array:
+        """U as a dense (R, P) array (rows r = n·K + k) — small models only."""
+        return self.rows.dense().reshape(self.rows.R, self.num_params)
+
+    def dense(self) -> Array:
+        U = self.row_matrix()
+        return self.c * (U.T @ U)
+
+    def matvec(self, v: Array) -> Array:
+        """F v = c Uᵀ(U v): one pass down and one up the rows, no P × P matrix."""
+        self._check_vector("v", v)
+        v = v.astype(self.dtype, copy=False)
+        return self.c * self.rows.rmatvec(self.rows.matvec(v))
+
+    def quadratic_form(self, v: Array) -> float:
+        """vᵀ F v = c ‖U v‖²."""
+        self._check_vector("v", v)
+        u = self.rows.matvec(v.astype(self.dtype, copy=False))
+        return self.c * float((u * u).sum())
+
+    def trace(self) -> float:
+        """tr F = c Σ_r ‖u_r‖² (the trace of the Gram matrix)."""
+        xp = namespace(self.outputs)
+        G = self._gram
+        return self.c * float(xp.trace(G) if G is not None else self.rows.sq_sum().sum())
+
+    def diagonal(self) -> Array:
+        """diag F = c Σ_r u_r ⊙ u_r, (P,)."""
+        return self.c * self.rows.sq_sum()
+
+    # ---------------------------------------------------------------- solves
+    def solve(self, g: Array, damping: float) -> Array:
+        """(F + λI)⁻¹ g through Woodbury on the Gram matrix, never a P × P solve.
+
+        With F = c UᵀU and K = U Uᵀ (R × R),
+
+            (c UᵀU + λI)⁻¹ g = (1/λ) (g − Uᵀ (λ/c · I + K)⁻¹ U g)        (λ > 0),
+
+        the push-through identity (Woodbury; see e.g. Ren & Goldfarb 2019, eq. 8).  For
+        λ = 0 the result is the minimum-norm solution F⁺ g = (1/c) Uᵀ K⁻¹ K⁻¹ U g, exact
+        when g lies in the row space of U; it needs a non-singular K and raises
+        :class:`refngd.backend.SingularSystemError` otherwise.
+
+        Cost: the Gram matrix (cached), one R × R Cholesky, one U·g and one Uᵀ·w.
+        """
+        lam = check_damping(damping)
+        self._check_vector("g", g)
+        xp = namespace(g)
+        Ug = self.rows.matvec(g.astype(self.dtype, copy=False)).reshape(-1)
+        if lam == 0:
+            fac = PSDFactor(self.gram())
+            w = fac.solve(fac.solve(Ug)) / self.c
+            return self.rows.rmatvec(w.reshape(self.rows.N, self.rows.K).astype(self.dtype))
+        w = PSDFactor(self.gram(), shift=lam / self.c).solve(Ug)
+        Uw = self.rows.rmatvec(w.reshape(self.rows.N, self.rows.K).astype(self.dtype, copy=False))
+        return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
+
+    def solve_sweep(self, g: Array, dampings) -> list[Array]:
+        """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
+
+        With K = V diag(w) Vᵀ: (F + λI)⁻¹ g = (1/λ)(g − Uᵀ V diag(1/(λ/c + w)) Vᵀ U g).
+        """
+        lams = [check_damping(lam, allow_zero=False) for lam in dampings]
+        self._check_vector("g", g)
+        xp = namespace(g)
+        w, V = xp.linalg.eigh(self.gram())
+        w = xp.maximum(w, 0.0)
+        VtUg = V.T @ self.rows.matvec(g.astype(self.dtype, copy=False)).reshape(-1).astype(xp.float64)
+        out = []
+        for lam in lams:
+            coef = (V @ (VtUg / (lam / self.c + w))).reshape(self.rows.N, self.rows.K)
+            Uw = self.rows.rmatvec(coef.astype(self.dtype, copy=False))
+            out.append(((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False))
+        return out

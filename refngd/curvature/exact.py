@@ -1,0 +1,88 @@
+"""The exact natural-gradient family as row curvatures c·UᵀU (DESIGN.md §2).
+
+=================================  =====================================  ==============
+class                               rows s_nk (output space)                rows / sample
+=================================  =====================================  ==============
+:class:`Fisher`                     columns of S_n, S_n S_nᵀ = H_n          C
+:class:`SampledFisher`              ∂ℓ(z_n, ŷ_nk)/∂z_n / √K                 K
+:class:`EmpiricalFisher`            e_n = ∂l_n/∂z_n                         1
+:class:`ImprovedEmpiricalFisher`    e_n / ‖e_n‖                             1
+=================================  =====================================  ==============
+
+Each row becomes u_nk = J_nᵀ s_nk, so F = c Σ_nk u_nk u_nkᵀ = c UᵀU.
+"""
+from __future__ import annotations
+
+from ..backend import Array, as_generator, namespace
+from .base import RowCurvature
+
+
+class Fisher(RowCurvature):
+    """The exact Fisher / generalised Gauss–Newton matrix (type-2 Fisher).
+
+    F = c Σ_n J_nᵀ H_n J_n with H_n = ∂²l_n/∂z_n², realised with the C rows
+    s_nk = S_n[:, k] of a factor S_n S_nᵀ = H_n, so that Σ_k s_nk s_nkᵀ = H_n.  For the
+    softmax cross-entropy and the MSE (the negative log-likelihoods of a categorical and
+    of a Gaussian with variance ½), and for the Bernoulli BCE, the Fisher of the model's
+    predictive distribution equals this GGN (Martens 2020, "New insights and perspectives
+    on the natural gradient method", §9.2).  The labels ``y`` are not used.
+    """
+
+    def __init__(self, model, theta, loss, X, y=None, linearization=None):
+        super().__init__(model, theta, loss, X, y, linearization)
+
+    def cotangents(self) -> Array:
+        return self.loss.hessian_sqrt(self.outputs).transpose(0, 2, 1)
+
+
+class SampledFisher(RowCurvature):
+    """The Monte-Carlo (sampled) Fisher with K label samples per input.
+
+    F̂ = c Σ_n (1/K) Σ_k ĝ_nk ĝ_nkᵀ, ĝ_nk = J_nᵀ ∂ℓ(z_n, ŷ_nk)/∂z_n, ŷ_nk ~ p(y | z_n)
+    (Martens 2020, eq. 13; Kunstner et al. 2019, §3).  Unbiased for the Fisher:
+    E[F̂] = F, with entrywise standard error O(1/√(N K)).  Rows are scaled by 1/√K so
+    that F̂ = c UᵀU exactly.  ``rng`` (a NumPy Generator or an int seed) is required.
+    """
+
+    def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
+                 linearization=None):
+        if int(mc_samples) != mc_samples or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        self.mc_samples = int(mc_samples)
+        self.rng = as_generator(rng)
+        super().__init__(model, theta, loss, X, y, linearization)
+
+    def cotangents(self) -> Array:
+        E = self.loss.sampled_output_gradients(self.outputs, self.rng, self.mc_samples)
+        return E / self.mc_samples ** 0.5
+
+
+class EmpiricalFisher(RowCurvature):
+    """The empirical Fisher F̃ = c Σ_n g_n g_nᵀ, g_n = J_nᵀ e_n (one row per sample).
+
+    Not a Fisher: it uses the observed labels instead of the model's (Kunstner et al.
+    2019, "Limitations of the empirical Fisher approximation", eq. 5).
+    """
+
+    def cotangents(self) -> Array:
+        return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
+
+
+class ImprovedEmpiricalFisher(RowCurvature):
+    """The improved empirical Fisher F̃* = c Σ_n g_n g_nᵀ / ‖e_n‖² (Wu et al. 2024, eq. 7).
+
+    One row per sample, s_n = e_n / ‖e_n‖.  A perfectly learnt sample (e_n = 0, so
+    g_n = 0) contributes nothing: its row is set to 0 rather than 0/0.
+    """
+
+    def cotangents(self) -> Array:
+        xp = namespace(self.outputs)
+        e = self.loss.output_gradient(self.outputs, self.y)
+        norm = xp.sqrt((e * e).sum(axis=1, keepdims=True))
+        safe = xp.where(norm > 0, norm, 1)
+        return (xp.where(norm > 0, e / safe, 0))[:, None, :]
+
+    def output_grad_sq_norms(self) -> Array:
+        """s_n = ‖e_n‖² (N,), the right-hand side of the iEF update (Wu et al. 2024, eq. 8)."""
+        e = self.loss.output_gradient(self.outputs, self.y)
+        return (e * e).sum(axis=1)

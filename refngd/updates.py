@@ -1,0 +1,106 @@
+"""Update directions of the natural-gradient family, one paper equation each.
+
+Every function is called as ``f(model, theta, loss, X, y, ...)`` and returns a (P,)
+direction d with the sign of the gradient, approximating F⁻¹ g: a step is θ − lr·d.
+Pass ``linearization=model.linearize(theta, X)`` to several of them to share one forward
+pass.
+
+Two dampings for EF and iEF (``form=``)
+---------------------------------------
+With G = [g_1 … g_N]ᵀ the per-sample gradients of the *unreduced* losses, F̃ = c GᵀG and
+g = c Gᵀ1:
+
+* ``"tikhonov"``: (F̃ + λI)⁻¹ g — damping added to the P × P matrix.
+* ``"gram"``: the paper's form (Wu et al. 2024, eq. 4 and 8) Gᵀ(GGᵀ + λI)⁻¹ 1 for EF,
+  Gᵀ(GGᵀ + λI)⁻¹ s with s_n = ‖e_n‖² for iEF — damping added to the N × N Gram matrix.
+
+By the push-through identity (cGᵀG + λI)⁻¹ cGᵀ = Gᵀ(GGᵀ + (λ/c) I)⁻¹, so for EF the two
+forms coincide when λ_gram = λ_tikhonov / c.  For iEF the Tikhonov form equals
+Gᵀ(GGᵀ + (λ/c)·diag(s))⁻¹ s: the paper's form damps every sample equally, the Tikhonov
+form in proportion to ‖e_n‖².  Undamped (λ → 0) both give the minimum-norm solutions
+G Δ = 1 (EF) and G Δ = s (iEF): every sample's loss changes by 1, resp. ‖e_n‖², to first
+order.  docs/empirical_fisher.md derives this.
+"""
+from __future__ import annotations
+
+from .backend import Array, PSDFactor, check_damping, namespace
+from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
+from .derivatives import gradient_from
+
+_FORMS = ("tikhonov", "gram")
+
+
+def _lin(model, theta, X, linearization):
+    return linearization if linearization is not None else model.linearize(theta, X)
+
+
+def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None) -> Array:
+    """The plain gradient g = c Σ_n J_nᵀ e_n (the baseline every method is compared with)."""
+    return gradient_from(_lin(model, theta, X, linearization), loss, y)
+
+
+def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None) -> Array:
+    """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
+
+    F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`), solved through the
+    Woodbury identity on its NC × NC Gram matrix.
+    """
+    lin = _lin(model, theta, X, linearization)
+    return Fisher(model, theta, loss, X, y, linearization=lin).solve(gradient_from(lin, loss, y), damping)
+
+
+def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
+       rng=None, linearization=None) -> Array:
+    """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
+
+    F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
+    """
+    lin = _lin(model, theta, X, linearization)
+    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin)
+    return F.solve(gradient_from(lin, loss, y), damping)
+
+
+def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
+    """Gᵀ (G Gᵀ + λI)⁻¹ rhs for the EF rows G (Wu et al. 2024, eq. 4 / eq. 8)."""
+    lam = check_damping(damping)
+    w = PSDFactor(F.gram(), shift=lam).solve(rhs)
+    return F.rows.rmatvec(w.reshape(-1, 1).astype(F.dtype, copy=False))
+
+
+def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
+       linearization=None) -> Array:
+    """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4).
+
+    ``form="tikhonov"``: (F̃ + λI)⁻¹ g.  ``form="gram"``: Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
+    See the module docstring for the relation between the two.
+    """
+    _check_form(form)
+    lin = _lin(model, theta, X, linearization)
+    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    if form == "gram":
+        xp = namespace(lin.outputs)
+        return _gram_form(F, xp.ones(lin.outputs.shape[0], dtype=xp.float64), damping)
+    return F.solve(gradient_from(lin, loss, y), damping)
+
+
+def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
+        linearization=None) -> Array:
+    """Improved-empirical-Fisher update (Wu et al. 2024, eq. 7–8).
+
+    ``form="tikhonov"``: (F̃* + λI)⁻¹ g with F̃* = c Σ g_n g_nᵀ/‖e_n‖².
+    ``form="gram"``: Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².
+    See the module docstring for the relation between the two.
+    """
+    _check_form(form)
+    lin = _lin(model, theta, X, linearization)
+    if form == "gram":
+        F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+        e = loss.output_gradient(lin.outputs, y)
+        return _gram_form(F, (e * e).sum(axis=1), damping)
+    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    return F.solve(gradient_from(lin, loss, y), damping)
+
+
+def _check_form(form: str) -> None:
+    if form not in _FORMS:
+        raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
