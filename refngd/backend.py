@@ -126,6 +126,8 @@ def check_float_array(name: str, a: Any, ndim: int | None = None, finite: bool =
 def check_damping(damping: float, allow_zero: bool = True) -> float:
     """Validate a damping / regularisation constant and return it as a float."""
     try:
+        if isinstance(damping, (str, bytes, bool)):  # float("0.1") and float(True) would pass
+            raise TypeError
         lam = float(damping)
     except (TypeError, ValueError):
         raise TypeError(f"damping must be a real number, got {damping!r}.") from None
@@ -155,7 +157,12 @@ def cholesky(A: Array):
     """
     xp = namespace(A)
     try:
-        L = xp.linalg.cholesky(A)
+        if xp is np:  # SciPy's LAPACK potrf wrapper is faster than numpy.linalg.cholesky
+            import scipy.linalg
+
+            L = scipy.linalg.cholesky(A, lower=True, check_finite=False)
+        else:
+            L = xp.linalg.cholesky(A)
     except np.linalg.LinAlgError:
         return None
     if xp is not np and not bool(xp.all(xp.isfinite(L))):
