@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..backend import Array, PSDFactor, check_damping, check_float_array, namespace
+from ..backend import Array, PSDFactor, check_damping, check_float_array, eigh_psd, namespace
 
 
 class CurvatureOperator(ABC):
@@ -45,7 +45,13 @@ class CurvatureOperator(ABC):
         """This curvature as a :class:`scipy.sparse.linalg.LinearOperator` (NumPy only)."""
         from scipy.sparse.linalg import LinearOperator
 
-        return LinearOperator(self.shape, matvec=self.matvec, rmatvec=self.matvec, dtype=self.dtype)
+        # SciPy hands matvec a (P,) or a (P, 1) column (its default matmat does the latter);
+        # flatten so that ``op @ M`` and ``op.matvec(column)`` work, SciPy restores the shape.
+        def mv(v):
+            return self.matvec(v.reshape(-1))
+
+        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=self.__matmul__,
+                              dtype=self.dtype)
 
     def _check_vector(self, name: str, v: Array) -> Array:
         check_float_array(name, v, ndim=1)
@@ -78,6 +84,7 @@ class RowCurvature(CurvatureOperator):
         self.dtype = theta.dtype
         self.rows = self.lin.backprop(self.cotangents())
         self._gram = None
+        self._F64 = None
 
     @abstractmethod
     def cotangents(self) -> Array:
@@ -121,10 +128,23 @@ class RowCurvature(CurvatureOperator):
         return self.c * self.rows.sq_sum()
 
     # ---------------------------------------------------------------- solves
-    def solve(self, g: Array, damping: float) -> Array:
-        """(F + λI)⁻¹ g through Woodbury on the Gram matrix, never a P × P solve.
+    def _uses_gram(self) -> bool:
+        """Solve through the R × R Gram matrix (R < P) or the P × P matrix (P ≤ R)?"""
+        return self.rows.R < self.num_params
 
-        With F = c UᵀU and K = U Uᵀ (R × R),
+    def _dense64(self) -> Array:
+        """F = c UᵀU in float64 for the P ≤ R route (cached; U has R·P ≤ R² entries)."""
+        if self._F64 is None:
+            xp = namespace(self.outputs)
+            U = self.row_matrix().astype(xp.float64, copy=False)
+            self._F64 = self.c * (U.T @ U)
+        return self._F64
+
+    def solve(self, g: Array, damping: float) -> Array:
+        """(F + λI)⁻¹ g, through whichever of the R × R and P × P systems is smaller.
+
+        R < P (the usual case): Woodbury on the Gram matrix, never a P × P solve.  With
+        F = c UᵀU and K = U Uᵀ (R × R),
 
             (c UᵀU + λI)⁻¹ g = (1/λ) (g − Uᵀ (λ/c · I + K)⁻¹ U g)        (λ > 0),
 
@@ -133,11 +153,22 @@ class RowCurvature(CurvatureOperator):
         when g lies in the row space of U; it needs a non-singular K and raises
         :class:`refngd.backend.SingularSystemError` otherwise.
 
-        Cost: the Gram matrix (cached), one R × R Cholesky, one U·g and one Uᵀ·w.
+        P ≤ R: F itself (P × P, float64) is factored.  It is the smaller system, and the
+        Woodbury route would lose accuracy here: K then has rank ≤ P < R, so
+        λ/c·I + K has condition number ~ c‖K‖/λ and the error of the Woodbury result
+        grows like ε·‖F‖/λ, while that of the P × P solve is ε·cond(F + λI).  For λ = 0
+        this returns F⁻¹ g when F is non-singular and raises ``SingularSystemError``
+        otherwise.
+
+        Cost: the Gram matrix (cached), one R × R Cholesky, one U·g and one Uᵀ·w; or, for
+        P ≤ R, U (R × P), UᵀU (cached) and one P × P Cholesky.
         """
         lam = check_damping(damping)
         self._check_vector("g", g)
         xp = namespace(g)
+        if not self._uses_gram():
+            d = PSDFactor(self._dense64(), shift=lam).solve(g.astype(xp.float64))
+            return d.astype(self.dtype, copy=False)
         Ug = self.rows.matvec(g.astype(self.dtype, copy=False)).reshape(-1)
         if lam == 0:
             fac = PSDFactor(self.gram())
@@ -151,10 +182,15 @@ class RowCurvature(CurvatureOperator):
         """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
 
         With K = V diag(w) Vᵀ: (F + λI)⁻¹ g = (1/λ)(g − Uᵀ V diag(1/(λ/c + w)) Vᵀ U g).
+        For P ≤ R one ``eigh`` of F = V diag(w) Vᵀ instead: V diag(1/(w + λ)) Vᵀ g.
         """
         lams = [check_damping(lam, allow_zero=False) for lam in dampings]
         self._check_vector("g", g)
         xp = namespace(g)
+        if not self._uses_gram():
+            w, V = eigh_psd(self._dense64())
+            Vtg = V.T @ g.astype(xp.float64)
+            return [(V @ (Vtg / (w + lam))).astype(self.dtype, copy=False) for lam in lams]
         w, V = xp.linalg.eigh(self.gram())
         w = xp.maximum(w, 0.0)
         VtUg = V.T @ self.rows.matvec(g.astype(self.dtype, copy=False)).reshape(-1).astype(xp.float64)
