@@ -9,6 +9,23 @@ from __future__ import annotations
 from .backend import Array, check_float_array, namespace
 
 
+def _check_model(model) -> None:
+    if not hasattr(model, "linearize"):
+        raise TypeError(
+            f"model must be a refngd.nn.Sequential or a refngd.FunctionModel, got {type(model).__name__}."
+        )
+
+
+def _check_loss(loss) -> None:
+    if isinstance(loss, type):
+        raise TypeError(f"pass a loss instance, e.g. {loss.__name__}(), not the class {loss.__name__}.")
+    if not (hasattr(loss, "output_gradient") and hasattr(loss, "scale")):
+        raise TypeError(
+            "loss must be a refngd.losses loss (CrossEntropy(), MSELoss(), BCEWithLogits()), "
+            f"got {loss!r}."
+        )
+
+
 def _identity_rows(Z: Array) -> Array:
     xp = namespace(Z)
     N, C = Z.shape
@@ -20,12 +37,14 @@ def jacobian(model, theta: Array, X: Array) -> Array:
 
     Memory N·C·P: meant for small models and for validating other code.
     """
+    _check_model(model)
     lin = model.linearize(theta, X)
     return lin.backprop(_identity_rows(lin.outputs)).dense()
 
 
 def jvp(model, theta: Array, X: Array, v: Array) -> Array:
     """Matrix-free J·v: returns (N, C) with rows J_n v, for a parameter vector v (P,)."""
+    _check_model(model)
     lin = model.linearize(theta, X)
     _check_param_vector(v, theta)
     return lin.backprop(_identity_rows(lin.outputs)).matvec(v.astype(theta.dtype, copy=False))
@@ -33,6 +52,7 @@ def jvp(model, theta: Array, X: Array, v: Array) -> Array:
 
 def vjp(model, theta: Array, X: Array, w: Array) -> Array:
     """Matrix-free Jᵀ·w = Σ_n J_nᵀ w_n for output-space weights w (N, C); returns (P,)."""
+    _check_model(model)
     lin = model.linearize(theta, X)
     check_float_array("w", w, ndim=2)
     if w.shape != lin.outputs.shape:
@@ -46,6 +66,8 @@ def per_sample_gradients(model, theta: Array, loss, X: Array, y: Array) -> Array
 
     No reduction constant: the batch gradient is ``loss.scale(Z) * g.sum(0)``.
     """
+    _check_model(model)
+    _check_loss(loss)
     lin = model.linearize(theta, X)
     e = loss.output_gradient(lin.outputs, y)
     return lin.backprop(e[:, None, :]).dense()[:, 0, :]
@@ -53,12 +75,15 @@ def per_sample_gradients(model, theta: Array, loss, X: Array, y: Array) -> Array
 
 def gradient(model, theta: Array, loss, X: Array, y: Array) -> Array:
     """Gradient g = c Σ_n J_nᵀ e_n of the reduced loss L = c Σ_n l_n, shape (P,)."""
+    _check_model(model)
+    _check_loss(loss)
     lin = model.linearize(theta, X)
     return gradient_from(lin, loss, y)
 
 
 def gradient_from(lin, loss, y: Array) -> Array:
     """Batch gradient from an existing linearisation (reuses its forward pass)."""
+    _check_loss(loss)
     Z = lin.outputs
     xp = namespace(Z)
     e = loss.output_gradient(Z, y) * loss.scale(Z)
@@ -67,6 +92,8 @@ def gradient_from(lin, loss, y: Array) -> Array:
 
 def loss_value(model, theta: Array, loss, X: Array, y: Array) -> float:
     """The reduced loss L = c Σ_n l_n at θ, as a Python float."""
+    _check_model(model)
+    _check_loss(loss)
     return float(loss(model.forward(theta, X), y))
 
 

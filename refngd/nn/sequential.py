@@ -41,6 +41,13 @@ class Sequential:
     def init(self, rng, dtype="float64", backend: str = "numpy") -> Array:
         """θ drawn with PyTorch's default initialisation, using NumPy Generator ``rng``."""
         xp = get_backend(backend)
+        if not hasattr(rng, "uniform"):
+            raise TypeError(
+                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
+                f"got {type(rng).__name__}."
+            )
+        if xp.dtype(dtype) not in (xp.float32, xp.float64):
+            raise TypeError(f"dtype must be float64 (default) or float32, got {dtype!r}.")
         parts = [xp.asarray(p, dtype=dtype).reshape(-1) for layer in self.layers
                  for p in layer.init_params(rng)]
         return xp.concatenate(parts) if parts else xp.zeros(0, dtype=dtype)
@@ -104,6 +111,12 @@ class Sequential:
         for layer, p, (start, stop) in zip(self.layers, params, self.slices):
             x, cache = layer.forward(p, x)
             steps.append((layer, p, cache, start, stop))
+        xp = namespace(x)
+        if not bool(xp.all(xp.isfinite(x))):
+            raise ValueError(
+                f"the model outputs contain NaN or Inf (overflow in {x.dtype}); check the "
+                "scale of theta and X."
+            )
         return Linearization(self, theta, x, steps)
 
 
@@ -125,6 +138,7 @@ class Linearization:
         contracts the implicit U (R × P) without forming it.
         """
         N, C = self.outputs.shape
+        check_float_array("cotangents", cotangents)
         if cotangents.ndim != 3 or cotangents.shape[0] != N or cotangents.shape[2] != C:
             raise ValueError(
                 f"cotangents must have shape (N, K, C) = ({N}, K, {C}), got {tuple(cotangents.shape)}."
