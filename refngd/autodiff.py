@@ -84,6 +84,7 @@ class FunctionLinearization:
 
     def backprop(self, cotangents: Array) -> DenseRowSet:
         """Rows u_nk = J_nᵀ cotangents[n, k] as an explicit :class:`DenseRowSet`."""
+        check_float_array("cotangents", cotangents)
         N, C = self.outputs.shape
         if cotangents.ndim != 3 or cotangents.shape[0] != N or cotangents.shape[2] != C:
             raise ValueError(

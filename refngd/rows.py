@@ -80,8 +80,18 @@ class RowSet:
             G = Gl if G is None else G.__iadd__(Gl)
         return G
 
+    def _check_v(self, v: Array) -> None:
+        if getattr(v, "shape", None) != (self.P,):
+            raise ValueError(f"v must be a parameter vector of shape ({self.P},), got {getattr(v, 'shape', v)}.")
+
+    def _check_w(self, w: Array) -> None:
+        if getattr(w, "shape", None) != (self.N, self.K):
+            raise ValueError(f"w must hold one weight per row, shape ({self.N}, {self.K}), "
+                             f"got {getattr(w, 'shape', w)}.")
+
     def matvec(self, v: Array) -> Array:
         """U v for a parameter vector v (P,); returns (N, K)."""
+        self._check_v(v)
         out = None
         for e in self.layers:
             o = e.layer.row_dot(e.cache, e.B, e.blocks(v))
@@ -90,6 +100,7 @@ class RowSet:
 
     def rmatvec(self, w: Array) -> Array:
         """Uᵀ w for row weights w (N, K); returns (P,)."""
+        self._check_w(w)
         xp = self._xp()
         parts = [b.reshape(-1) for e in self.layers for b in e.layer.row_sum(e.cache, e.B, w)]
         return xp.concatenate(parts)
@@ -97,7 +108,12 @@ class RowSet:
     def dense(self) -> Array:
         """U itself as (N, K, P): per-row gradients.  Memory N·K·P — small models only."""
         xp = self._xp()
-        return xp.concatenate([e.layer.row_grads(e.cache, e.B) for e in self.layers], axis=2)
+        # One preallocated (N, K, P) array: concatenating per-layer blocks would copy U,
+        # which is the whole point of the memory cost here, a second time.
+        U = xp.empty((self.N, self.K, self.P), dtype=self.layers[0].B.dtype)
+        for e in self.layers:
+            U[:, :, e.start:e.stop] = e.layer.row_grads(e.cache, e.B)
+        return U
 
     def sq_sum(self) -> Array:
         """diag(UᵀU) = Σ_r u_r ⊙ u_r, (P,)."""
@@ -123,9 +139,11 @@ class DenseRowSet(RowSet):
         return Uf @ Uf.T
 
     def matvec(self, v):
+        self._check_v(v)
         return self.U @ v
 
     def rmatvec(self, w):
+        self._check_w(w)
         return w.reshape(-1) @ self.U.reshape(self.R, self.P)
 
     def dense(self):

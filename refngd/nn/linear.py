@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 from ..backend import Array, namespace
 from .base import ParametricLayer
@@ -24,9 +25,15 @@ class Linear(ParametricLayer):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        if int(in_features) < 1 or int(out_features) < 1:
+        sizes = []
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not hasattr(v, "__index__"):
+                raise TypeError(f"Linear {name} must be an integer, got {v!r}.")
+            sizes.append(operator.index(v))
+        if min(sizes) < 1:
             raise ValueError("Linear needs in_features >= 1 and out_features >= 1.")
-        self.in_features, self.out_features, self.bias = int(in_features), int(out_features), bool(bias)
+        self.in_features, self.out_features = sizes
+        self.bias = bool(bias)
         shapes = [(self.out_features, self.in_features)]
         if self.bias:
             shapes.append((self.out_features,))
