@@ -163,6 +163,14 @@ class _Loss:
         """
         return self._sqrt(self._check_Z(Z))
 
+    def hessian_factor(self, Z: Array) -> Array:
+        """A factor of H_n with the fewest columns: (N, C, M), M = rank H_n, F_n F_nᵀ = H_n.
+
+        These are the Fisher's row cotangents (refngd.curvature.Fisher).  For MSE and BCE
+        M = C and the factor is :meth:`hessian_sqrt`; ``CrossEntropy`` overrides it.
+        """
+        return self.hessian_sqrt(Z)
+
     def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
         """Draw K = ``mc_samples`` targets per sample from the model's p(y | z_n).
 
@@ -254,6 +262,33 @@ class CrossEntropy(_Loss):
         q = xp.sqrt(P)
         # S Sᵀ = diag(p) − 2 p pᵀ + p (qᵀq) pᵀ = diag(p) − p pᵀ, as qᵀq = Σ_c p_c = 1.
         return q[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype) - P[:, :, None] * q[:, None, :]
+
+    def hessian_factor(self, Z: Array) -> Array:
+        """An exact C × (C−1) factor of H_n = diag(p) − p pᵀ, shape (N, C, C−1).
+
+        H_n has rank C − 1 (its null vector is 1), so C − 1 rows per sample suffice for the
+        Fisher: fewer rows, and a Gram matrix that is not singular by construction.  With
+        q = √p (a unit vector) and Q_n the first C − 1 columns of the Householder
+        reflection I − 2 v vᵀ/(vᵀv), v = q + e_C, which maps q to −e_C, the columns of Q_n
+        are an orthonormal basis of q⊥, so Q_n Q_nᵀ = I − q qᵀ and
+
+            (diag(q) Q_n)(diag(q) Q_n)ᵀ = diag(q)(I − q qᵀ)diag(q) = diag(p) − p pᵀ.
+
+        (S_n Q_n = diag(q) Q_n for the factor S_n of :meth:`hessian_sqrt`, as qᵀQ_n = 0.)
+        vᵀv = 2 + 2 q_C ≥ 2, so the reflection is well conditioned for every p.  For C = 1
+        (H = 0) the single zero column of :meth:`hessian_sqrt` is returned.
+        """
+        Z = self._check_Z(Z)
+        C = Z.shape[1]
+        if C == 1:
+            return self._sqrt(Z)
+        xp = namespace(Z)
+        q = xp.sqrt(xp.exp(_log_softmax(Z)))
+        v = q.copy()
+        v[:, -1] += 1
+        vv = (v * v).sum(axis=1)
+        Q = xp.eye(C, C - 1, dtype=Z.dtype) - (2 / vv)[:, None, None] * v[:, :, None] * v[:, None, :-1]
+        return q[:, :, None] * Q
 
     def _hessian(self, Z: Array) -> Array:
         xp = namespace(Z)

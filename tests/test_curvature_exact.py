@@ -279,7 +279,8 @@ def test_operator_interface(kind, cls, name, reduction):
     D = F.dense()
     P = theta.shape[0]
     N, C = model.forward(theta, X).shape
-    R = N * {Fisher: C, SampledFisher: SF_K, EmpiricalFisher: 1, ImprovedEmpiricalFisher: 1}[cls]
+    fisher_rows = C - 1 if (name == "cross_entropy" and C > 1) else C  # rank of H_n
+    R = N * {Fisher: fisher_rows, SampledFisher: SF_K, EmpiricalFisher: 1, ImprovedEmpiricalFisher: 1}[cls]
     rng = np.random.default_rng(7)
     v, M = rng.standard_normal(P), rng.standard_normal((P, 3))
     assert F.shape == (P, P) and D.dtype == np.float64
@@ -361,12 +362,15 @@ def test_undamped_solve_singular_raises():
             F.solve(g, 0.0)
         D = F.dense()
         assert_close(F.solve(g, 1e-3), np.linalg.solve(D + 1e-3 * np.eye(len(g)), g), tol=1e-9)
-    # (b) CE Fisher: H_n 1 = 0, each sample's C rows are linearly dependent
+    # (b) CE Fisher: H_n 1 = 0 has rank C − 1, and Fisher uses exactly C − 1 rows per
+    # sample, so its Gram matrix is non-singular and the undamped solve is F⁺ g.
     model, _, theta, X, y, loss = problem("mlp", "cross_entropy", "mean")
     F = Fisher(model, theta, loss, X, y)
-    assert np.linalg.matrix_rank(F.gram()) == X.shape[0] * (F.gram().shape[0] // X.shape[0] - 1)
-    with pytest.raises(SingularSystemError):
-        F.solve(refngd.gradient(model, theta, loss, X, y), 0.0)
+    N, C = model.forward(theta, X).shape
+    assert F.gram().shape == (N * (C - 1),) * 2
+    assert np.linalg.matrix_rank(F.gram()) == N * (C - 1)
+    g = refngd.gradient(model, theta, loss, X, y)
+    assert_close(F.solve(g, 0.0), np.linalg.pinv(F.dense()) @ g, tol=1e-8)
     # (c) P ≤ R: the P × P matrix is factored; the CE Fisher is singular there too (its
     # output-bias direction 1 is in the null space of every H_n) and is refused.
     model, theta, X, y, loss = small_overdetermined("cross_entropy")

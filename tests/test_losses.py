@@ -388,3 +388,30 @@ def test_bce_targets_outside_unit_interval(method, bad):
 def test_mse_accepts_targets_outside_unit_interval():
     Z = np.zeros((2, 2))
     assert float(MSELoss("sum")(Z, np.full((2, 2), 3.0))) == pytest.approx(36.0)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 10])
+def test_cross_entropy_hessian_factor_is_minimal_and_exact(C):
+    """hessian_factor: F_n F_nᵀ = H_n with C − 1 columns, also for saturated softmax."""
+    from refngd.losses import CrossEntropy
+
+    rng = np.random.default_rng(C)
+    Z = rng.standard_normal((6, C)) * 3
+    Z[0, -1] = 60.0  # p ≈ e_C: the Householder vector q + e_C must stay well defined
+    Z[1, 0] = 60.0   # p ≈ e_1
+    loss = CrossEntropy()
+    Fn = loss.hessian_factor(Z)
+    H = loss.output_hessian(Z)
+    assert Fn.shape == (6, C, max(C - 1, 1))
+    np.testing.assert_allclose(Fn @ Fn.transpose(0, 2, 1), H, rtol=0, atol=1e-14)
+    if C > 1:  # the columns are orthogonal to the null vector 1 of H_n
+        np.testing.assert_allclose(Fn.sum(axis=1), 0, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", ["MSELoss", "BCEWithLogits"])
+def test_hessian_factor_is_the_square_root_for_full_rank_losses(cls):
+    import refngd.losses as L
+
+    Z = np.random.default_rng(0).standard_normal((4, 3))
+    loss = getattr(L, cls)()
+    np.testing.assert_array_equal(loss.hessian_factor(Z), loss.hessian_sqrt(Z))

@@ -20,8 +20,12 @@ from .base import RowCurvature
 class Fisher(RowCurvature):
     """The exact Fisher / generalised Gauss–Newton matrix (type-2 Fisher).
 
-    F = c Σ_n J_nᵀ H_n J_n with H_n = ∂²l_n/∂z_n², realised with the C rows
-    s_nk = S_n[:, k] of a factor S_n S_nᵀ = H_n, so that Σ_k s_nk s_nkᵀ = H_n.  For the
+    F = c Σ_n J_nᵀ H_n J_n with H_n = ∂²l_n/∂z_n², realised with the M rows
+    s_nk = F_n[:, k] of a factor F_n F_nᵀ = H_n, so that Σ_k s_nk s_nkᵀ = H_n
+    (``loss.hessian_factor``).  M = C for MSE and BCE; for the cross-entropy M = C − 1,
+    since H_n = diag(p) − p pᵀ has rank C − 1: 10 % fewer rows for C = 10, and a Gram
+    matrix that is non-singular for generic data with N(C − 1) ≤ P, so that even the
+    undamped natural gradient F⁺g exists on the Gram route.  For the
     softmax cross-entropy and the MSE (the negative log-likelihoods of a categorical and
     of a Gaussian with variance ½), and for the Bernoulli BCE, the Fisher of the model's
     predictive distribution equals this GGN (Martens 2020, "New insights and perspectives
@@ -32,7 +36,7 @@ class Fisher(RowCurvature):
         super().__init__(model, theta, loss, X, y, linearization)
 
     def cotangents(self) -> Array:
-        return self.loss.hessian_sqrt(self.outputs).transpose(0, 2, 1)
+        return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
 
 
 class SampledFisher(RowCurvature):
