@@ -157,12 +157,10 @@ def cholesky(A: Array):
     """
     xp = namespace(A)
     try:
-        if xp is np:  # SciPy's LAPACK potrf wrapper is faster than numpy.linalg.cholesky
-            import scipy.linalg
-
-            L = scipy.linalg.cholesky(A, lower=True, check_finite=False)
-        else:
-            L = xp.linalg.cholesky(A)
+        # numpy.linalg.cholesky, not SciPy's: NumPy and SciPy wheels each bundle their own
+        # OpenBLAS, and SciPy's thread pool starting right after NumPy's GEMMs (whose
+        # threads still spin) was measured 30–100× slower on 2 cores.
+        L = xp.linalg.cholesky(A)
     except np.linalg.LinAlgError:
         return None
     if xp is not np and not bool(xp.all(xp.isfinite(L))):

@@ -102,8 +102,13 @@ class RowSet:
         """Uᵀ w for row weights w (N, K); returns (P,)."""
         self._check_w(w)
         xp = self._xp()
-        parts = [b.reshape(-1) for e in self.layers for b in e.layer.row_sum(e.cache, e.B, w)]
-        return xp.concatenate(parts)
+        out = xp.empty(self.P, dtype=xp.result_type(self.layers[0].B.dtype, w.dtype))
+        for e in self.layers:
+            i = e.start
+            for b in e.layer.row_sum(e.cache, e.B, w):
+                out[i:i + b.size] = b.reshape(-1)
+                i += b.size
+        return out
 
     def dense(self) -> Array:
         """U itself as (N, K, P): per-row gradients.  Memory N·K·P — small models only."""

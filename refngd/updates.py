@@ -61,10 +61,17 @@ def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples
 
 
 def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
-    """Gᵀ (G Gᵀ + λI)⁻¹ rhs for the EF rows G (Wu et al. 2024, eq. 4 / eq. 8)."""
+    """Gᵀ (G Gᵀ + λI)⁻¹ rhs for the EF rows G (Wu et al. 2024, eq. 4 / eq. 8).
+
+    Always the N × N system, whatever P: it is the paper's definition.
+    """
     lam = check_damping(damping)
     w = PSDFactor(F.gram(), shift=lam).solve(rhs)
     return F.rows.rmatvec(w.reshape(-1, 1).astype(F.dtype, copy=False))
+
+
+def _sq_norms(e: Array) -> Array:
+    return (e * e).sum(axis=1)
 
 
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
@@ -77,10 +84,12 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     _check_form(form)
     lin = _lin(model, theta, X, linearization)
     F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    xp = namespace(lin.outputs)
+    ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
     if form == "gram":
-        xp = namespace(lin.outputs)
-        return _gram_form(F, xp.ones(lin.outputs.shape[0], dtype=xp.float64), damping)
-    return F.solve(gradient_from(lin, loss, y), damping)
+        return _gram_form(F, ones[:, 0], damping)
+    # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
+    return F.solve_row_space(F.c * ones, damping)
 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
@@ -93,14 +102,49 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
     """
     _check_form(form)
     lin = _lin(model, theta, X, linearization)
+    e = loss.output_gradient(lin.outputs, y)
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
-        e = loss.output_gradient(lin.outputs, y)
-        return _gram_form(F, (e * e).sum(axis=1), damping)
+        return _gram_form(F, _sq_norms(e), damping)
     F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping)
+    # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
+    xp = namespace(e)
+    return F.solve_row_space(F.c * xp.sqrt(_sq_norms(e))[:, None], damping)
 
 
 def _check_form(form: str) -> None:
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+
+
+# --------------------------------------------------------------------------- K-FAC family
+from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions that use it)
+
+
+def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
+         mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
+         damping_mode: str = "tikhonov", linearization=None) -> Array:
+    """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
+
+    F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
+    ``damping_mode="tikhonov"`` damps every block exactly, (G ⊗ A + λI)⁻¹;
+    ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹.
+    """
+    lin = _lin(model, theta, X, linearization)
+    F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
+             kfac_approx=kfac_approx, bias=bias, linearization=lin)
+    return F.solve(gradient_from(lin, loss, y), damping, damping_mode=damping_mode)
+
+
+def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
+          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
+          linearization=None) -> Array:
+    """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
+
+    Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
+    gradients in it (:class:`refngd.curvature.EKFAC`).
+    """
+    lin = _lin(model, theta, X, linearization)
+    F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
+              kfac_approx=kfac_approx, bias=bias, linearization=lin)
+    return F.solve(gradient_from(lin, loss, y), damping)

@@ -585,3 +585,20 @@ def test_float32_model(cls, name):
     assert d32.dtype == np.float32
     assert_close(d32, F64.solve(g, lam), tol=1e-4)
     assert_close(F32 @ g.astype(np.float32), D64 @ g, tol=1e-5)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("lam", [1e-3, 0.5, 0.0])
+def test_solve_row_space_equals_dense_solve(cls, lam):
+    """(F + λI)⁻¹ Uᵀw0 through the push-through identity equals the dense solve."""
+    model, _, theta, X, y, loss = problem("mlp", "mse", "mean")
+    F = build(cls, model, theta, loss, X, y)
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal((F.rows.N, F.rows.K))
+    U = F.row_matrix()
+    g = U.T @ w0.reshape(-1)
+    D = F.dense()
+    expected = np.linalg.pinv(D) @ g if lam == 0 else np.linalg.solve(D + lam * np.eye(len(g)), g)
+    assert_close(F.solve_row_space(w0, lam), expected, tol=1e-8 if lam == 0 else 1e-10)
+    with pytest.raises(ValueError, match="w0 must have shape"):
+        F.solve_row_space(w0[:, :0], lam)

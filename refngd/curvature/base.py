@@ -178,6 +178,30 @@ class RowCurvature(CurvatureOperator):
         Uw = self.rows.rmatvec(w.reshape(self.rows.N, self.rows.K).astype(self.dtype, copy=False))
         return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
 
+    def solve_row_space(self, w0: Array, damping: float) -> Array:
+        """(F + λI)⁻¹ Uᵀ w0 for a right-hand side given by row weights w0 (N, K).
+
+        When the right-hand side is a combination g = Uᵀ w0 of the rows themselves, the
+        push-through identity (c UᵀU + λI) Uᵀ = Uᵀ (c K + λI) gives
+
+            (F + λI)⁻¹ Uᵀ w0 = Uᵀ (c K + λI)⁻¹ w0,
+
+        one R × R solve and one Uᵀ·w: no U·g, no second backward pass and no cancellation
+        in g − Uᵀw.  The empirical Fisher's gradient is g = Uᵀ(c·1) and the improved
+        empirical Fisher's is g = Uᵀ(c‖e_n‖) (refngd.updates.ef / ief).  For λ = 0 the
+        result Uᵀ (cK)⁻¹ w0 is the minimum-norm solution F⁺g; a singular K raises
+        :class:`refngd.backend.SingularSystemError`.  For P ≤ R this falls back to
+        :meth:`solve` on the smaller P × P system.
+        """
+        lam = check_damping(damping)
+        N, K = self.rows.N, self.rows.K
+        if getattr(w0, "shape", None) != (N, K):
+            raise ValueError(f"w0 must have shape ({N}, {K}), got {getattr(w0, 'shape', w0)}.")
+        if not self._uses_gram():
+            return self.solve(self.rows.rmatvec(w0.astype(self.dtype, copy=False)), lam)
+        a = PSDFactor(self.gram(), shift=lam / self.c).solve(w0.reshape(-1)) / self.c
+        return self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
+
     def solve_sweep(self, g: Array, dampings) -> list[Array]:
         """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
 

@@ -88,10 +88,13 @@ class Linear(ParametricLayer):
         M = cache @ V[0].T  # (N, d_out): V ā_n for every sample, formed once
         if self.bias:
             M = M + V[1]
+        if B.shape[1] == 1:  # one row per sample: a plain row-wise dot, no batched GEMV
+            return (B[:, 0, :] * M).sum(axis=1)[:, None]
         return (B @ M[:, :, None])[..., 0]
 
     def row_sum(self, cache, B, w):
-        v = (w[:, None, :] @ B)[:, 0, :]  # (N, d_out): Σ_k w_nk b_nk per sample
+        # (N, d_out): Σ_k w_nk b_nk per sample, before touching the inputs
+        v = B[:, 0, :] * w if B.shape[1] == 1 else (w[:, None, :] @ B)[:, 0, :]
         blocks = [v.T @ cache]
         if self.bias:
             blocks.append(v.sum(axis=0))
