@@ -598,7 +598,11 @@ def test_solve_row_space_equals_dense_solve(cls, lam):
     U = F.row_matrix()
     g = U.T @ w0.reshape(-1)
     D = F.dense()
-    expected = np.linalg.pinv(D) @ g if lam == 0 else np.linalg.solve(D + lam * np.eye(len(g)), g)
-    assert_close(F.solve_row_space(w0, lam), expected, tol=1e-8 if lam == 0 else 1e-10)
+    d = F.solve_row_space(w0, lam)
+    if lam == 0:  # minimum-norm solution: F d = g with d in the row space of U
+        assert_close(D @ d, g, tol=1e-8)
+        assert_close(U.T @ np.linalg.lstsq(U.T, d, rcond=None)[0], d, tol=1e-8)
+    else:
+        assert_close(d, np.linalg.solve(D + lam * np.eye(len(g)), g))
     with pytest.raises(ValueError, match="w0 must have shape"):
         F.solve_row_space(w0[:, :0], lam)
