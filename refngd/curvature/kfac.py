@@ -1,0 +1,278 @@
+"""K-FAC: Kronecker-factored approximate curvature (docs/kfac.md, DESIGN.md §3).
+
+Martens & Grosse (2015), "Optimizing neural networks with Kronecker-factored approximate
+curvature", §3–4: the Fisher block of a layer with inputs ā and back-propagated output
+rows b is E[(b bᵀ) ⊗ (ā āᵀ)] ≈ E[b bᵀ] ⊗ E[ā āᵀ].  refngd's factors, for a Linear layer
+with inputs ā_n (N × d_A) and R = N·K rows b_nk (the Fisher type's rows, DESIGN.md §2):
+
+    A = (1/N) Σ_n ā_n ā_nᵀ                  (input factor, no c)
+    G = c Σ_n Σ_k b_nk b_nkᵀ                (output-gradient factor, carries c)
+    F_W ≈ G ⊗ A   in row-major vec(W)        (vec(b āᵀ) = b ⊗ ā).
+
+Conv2d (Grosse & Martens 2016; Eschenhagen et al. 2023, "Kronecker-factored approximate
+curvature for modern neural network architectures", §3) on im2col patches ā_nt:
+
+    expand: A = 1/(N·T) Σ_{n,t} ā_nt ā_ntᵀ,       G = c Σ_{n,k,t} b_nkt b_nktᵀ
+    reduce: A = (1/N) Σ_n ā_n ā_nᵀ, ā_n = (1/T) Σ_t ā_nt,   G = c Σ_{n,k} b_nk b_nkᵀ, b_nk = Σ_t b_nkt
+
+Every factor is ``scale · MᵀM`` for a row matrix M (one GEMM); all factors of one
+Fisher type come from one backward pass, and A (which depends only on the forward pass)
+is shared between K-FAC objects built on the same ``linearization``.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+from ..backend import Array, as_generator, check_damping, namespace
+from ..nn.conv import Conv2d
+from ..nn.linear import Linear
+from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
+
+FISHER_TYPES = ("type-2", "mc", "empirical")
+KFAC_APPROX = ("expand", "reduce")
+BIAS_MODES = ("separate", "joint")
+DAMPING_MODES = ("tikhonov", "factored")
+
+#: input factors per forward pass: {linearization: {(layer index, approx, bias): KronFactor}}
+_INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------- factor rows
+def input_rows(layer, cache, approx: str, joint: bool):
+    """Rows M and scale of the input factor A = scale · MᵀM, in float64."""
+    if isinstance(layer, Linear):
+        a, scale = cache, 1.0 / cache.shape[0]
+    else:
+        cols = cache[0]  # (N, D, T) im2col columns
+        N, D, T = cols.shape
+        if approx == "expand":
+            a, scale = cols.transpose(0, 2, 1).reshape(N * T, D), 1.0 / (N * T)
+        else:
+            a, scale = cols.mean(axis=2), 1.0 / N
+    xp = namespace(a)
+    a = a.astype(xp.float64, copy=False)
+    if joint:
+        a = xp.concatenate([a, xp.ones((a.shape[0], 1), dtype=xp.float64)], axis=1)
+    return xp.ascontiguousarray(a), scale
+
+
+def output_rows(layer, B: Array, approx: str) -> Array:
+    """Rows of the output factor G = c · MᵀM: b_nk (Linear), b_nkt (expand), Σ_t b_nkt (reduce)."""
+    xp = namespace(B)
+    N, K = B.shape[:2]
+    if isinstance(layer, Linear):
+        M = B.reshape(N * K, -1)
+    else:
+        Bm = B.reshape(N * K, layer.out_channels, -1)
+        M = Bm.transpose(0, 2, 1).reshape(-1, layer.out_channels) if approx == "expand" else Bm.sum(axis=2)
+    return xp.ascontiguousarray(M.astype(xp.float64, copy=False))
+
+
+def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng) -> Array:
+    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`)."""
+    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE)
+        return loss.hessian_factor(Z).transpose(0, 2, 1)
+    if fisher_type == "mc":
+        return loss.sampled_output_gradients(Z, rng, mc_samples) / mc_samples ** 0.5
+    return loss.output_gradient(Z, y)[:, None, :]
+
+
+def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
+    for name, val, opts in (("fisher_type", fisher_type, FISHER_TYPES),
+                            ("kfac_approx", kfac_approx, KFAC_APPROX), ("bias", bias, BIAS_MODES)):
+        if val not in opts:
+            raise ValueError(f"{name} must be one of {opts}, got {val!r}.")
+    if fisher_type == "empirical" and y is None:
+        raise ValueError("fisher_type='empirical' needs the labels y.")
+    if fisher_type == "mc":
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
+        return as_generator(rng)
+    return None
+
+
+def parametric_rows(model, rows):
+    """(index in model.layers, LayerRows) of every parametric layer; refuses other models."""
+    if not getattr(rows, "layers", None):
+        raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
+                        f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
+    out = []
+    for e in rows.layers:
+        if not isinstance(e.layer, (Linear, Conv2d)):
+            raise TypeError(f"K-FAC supports Linear and Conv2d layers, not {e.layer!r}.")
+        idx = next(i for i, (l, s) in enumerate(zip(model.layers, model.slices))
+                   if l is e.layer and s[0] == e.start)
+        out.append((idx, e))
+    return out
+
+
+def _check_mode(damping, damping_mode: str) -> float:
+    if damping_mode not in DAMPING_MODES:
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}.")
+    return check_damping(damping)
+
+
+# --------------------------------------------------------------------------- blocks
+@dataclass
+class LayerFactors:
+    """K-FAC factors of one layer: its Fisher block ≈ G ⊗ A in row-major vec(W).
+
+    Attributes
+    ----------
+    index : the layer's position in ``model.layers``;  layer : the layer itself
+    start, stop : its slice of θ
+    A : input factor (d_A, d_A), no c.  Linear: (1/N) Σ ā ā ᵀ; Conv2d: see ``approx``.
+        d_A = D (in_features, or C_in·kh·kw) — or D + 1 with ``bias="joint"`` (ā = [a; 1]).
+    G : output-gradient factor (d_out, d_out), c Σ b bᵀ over the Fisher type's rows.
+    bias : ``"separate"`` (weight block G ⊗ A, bias block G, cross terms dropped),
+           ``"joint"`` (one block G ⊗ A over [W | b]), or ``None`` (no bias).
+    approx : ``"expand"`` / ``"reduce"`` for Conv2d, ``None`` for Linear.
+    """
+
+    index: int
+    layer: object
+    start: int
+    stop: int
+    A: Array
+    G: Array
+    bias: str | None
+    approx: str | None
+
+
+def build_blocks(idx, e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
+    """The blocks of one layer: [w] (no bias), [w, b] (separate) or [wb] (joint)."""
+    layer = e.layer
+    D = layer.in_features if isinstance(layer, Linear) else layer.D
+    d_out = G.dim
+    if not layer.bias:
+        out = [Block("w", G, A, e.start, d_out, D, thin)]
+    elif bias == "joint":
+        out = [Block("wb", G, A, e.start, d_out, D, thin)]
+    else:
+        one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
+        out = [Block("w", G, A, e.start, d_out, D, thin), Block("b", G, one, e.start, d_out, D, thin)]
+    for blk in out:
+        blk.entry = e  # the layer's LayerRows (EKFAC re-reads inputs and rows from it)
+    return out
+
+
+class KFAC(KroneckerOperator):
+    """K-FAC approximation of the Fisher type ``fisher_type``, block-diagonal over layers.
+
+    Parameters
+    ----------
+    model, theta, loss, X, y : as the exact curvatures (``y`` only for ``"empirical"``)
+    fisher_type : ``"type-2"`` (the columns of a factor of H_n: exact GGN/Fisher), ``"mc"`` (K sampled
+        output gradients / √K, needs ``rng``), ``"empirical"`` (rows e_n).
+    mc_samples, rng : K and the NumPy Generator (or int seed) for ``"mc"``.
+    kfac_approx : ``"expand"`` or ``"reduce"`` (Conv2d only; Linear layers share no weights).
+    bias : ``"separate"`` or ``"joint"`` (see :class:`LayerFactors`).
+    linearization : a ``model.linearize(theta, X)`` to reuse (and share A between objects).
+
+    Apart from ``dense()``, nothing forms a P × P matrix or a Kronecker product: ``@`` is
+    vec(G V A) per block, ``solve``/``logdet`` use the factors' cached eigendecompositions.
+    The arrays of :meth:`factors` may be shared with other K-FAC objects on the same
+    ``linearization`` (A is): treat them as read-only.
+    """
+
+    def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
+                 mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
+                 linearization=None):
+        rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
+        self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
+        self.lin = linearization if linearization is not None else model.linearize(theta, X)
+        Z = self.lin.outputs
+        self.c = float(loss.scale(Z))
+        self.num_params, self.dtype = int(theta.shape[0]), theta.dtype
+        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng))
+        cache = _INPUT_FACTORS.setdefault(self.lin, {})
+        xp = namespace(Z)
+        self.blocks, self._factors = [], []
+        for idx, e in parametric_rows(model, self.rows):
+            joint = bias == "joint" and e.layer.bias
+            approx = kfac_approx if isinstance(e.layer, Conv2d) else None
+            key = (idx, approx, joint)
+            if key not in cache:
+                cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))
+            A = cache[key]
+            G = KronFactor(output_rows(e.layer, e.B, approx), self.c)
+            self.blocks += build_blocks(idx, e, A, G, bias, True, xp)
+            self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop, A.F, G.F,
+                                              bias if e.layer.bias else None, approx))
+
+    # ------------------------------------------------------------------ products
+    def matvec(self, v: Array) -> Array:
+        """F v blockwise: vec(G V A) for every block matrix V (two GEMMs per block)."""
+        return self._map(v, lambda b, V: b.G.F @ V @ b.A.F)
+
+    def dense(self) -> Array:
+        xp = self._xp()
+        out = xp.zeros((self.num_params, self.num_params), dtype=xp.float64)
+        for blk in self.blocks:
+            i = blk.index(xp).reshape(-1)
+            out[xp.ix_(i, i)] = xp.kron(blk.G.F, blk.A.F)
+        return out.astype(self.dtype, copy=False)
+
+    def diagonal(self) -> Array:
+        """diag(G ⊗ A) = diag(G) ⊗ diag(A) per block."""
+        xp = self._xp()
+        out = xp.zeros(self.num_params, dtype=xp.float64)
+        for blk in self.blocks:
+            blk.scatter(out, xp.outer(xp.diagonal(blk.G.F), xp.diagonal(blk.A.F)))
+        return out.astype(self.dtype, copy=False)
+
+    def trace(self) -> float:
+        """Σ_blocks tr(G) · tr(A)."""
+        xp = self._xp()
+        return float(sum(xp.trace(b.G.F) * xp.trace(b.A.F) for b in self.blocks))
+
+    # ------------------------------------------------------------------ damping
+    def _pi(self, blk: Block) -> float:
+        """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0."""
+        xp = self._xp()
+        ta, tg = float(xp.trace(blk.A.F)) / blk.A.dim, float(xp.trace(blk.G.F)) / blk.G.dim
+        return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+
+    def _factored_damping(self, blk: Block, damping: float):
+        """(γ_G, γ_A) = (√λ/π, π√λ): the block becomes (G + γ_G I) ⊗ (A + γ_A I)."""
+        p, s = self._pi(blk), math.sqrt(damping)
+        return s / p, s * p
+
+    def solve(self, g: Array, damping: float, damping_mode: str = "tikhonov") -> Array:
+        """Blockwise inverse of the damped K-FAC matrix applied to g, from cached ``eigh``.
+
+        ``"tikhonov"``: (G ⊗ A + λI)⁻¹ — exact damping of every block, eigenvalues
+        g_i a_j + λ (:func:`eig_solve`).  ``"factored"``: Martens & Grosse (2015, §6.3),
+        ((G + (√λ/π) I) ⊗ (A + π√λ I))⁻¹ = vec((G + γ_G I)⁻¹ V (A + γ_A I)⁻¹).
+        """
+        lam = _check_mode(damping, damping_mode)
+        xp = self._xp()
+        self._check_vector("g", g)
+
+        def tik(blk, V):
+            eG, eA = blk.eig()
+            return eig_solve(V, eG, eA, xp.outer(eG[0], eA[0]), lam)
+
+        def fac(blk, V):
+            (eG, eA), (gG, gA) = blk.eig(), self._factored_damping(blk, lam)
+            return _factor_inv(_factor_inv(V, eG, gG, True), eA, gA, False)
+
+        return self._map(g, tik if damping_mode == "tikhonov" else fac)
+
+    def logdet(self, damping: float, damping_mode: str = "tikhonov") -> float:
+        """log det of the damped matrix: Σ_blocks Σ_ij log(g_i a_j + λ) (Tikhonov), or
+        Σ_blocks [d_A Σ_i log(g_i + γ_G) + d_G Σ_j log(a_j + γ_A)] (factored)."""
+        lam = _check_mode(damping, damping_mode)
+        xp = self._xp()
+        total = 0.0
+        for blk in self.blocks:
+            (wG, _, _), (wA, _, _) = blk.eig()
+            if damping_mode == "tikhonov":
+                total += _log_sum(xp, xp.outer(wG, wA), lam, blk.size)
+            else:
+                gG, gA = self._factored_damping(blk, lam)
+                total += (blk.A.dim * _log_sum(xp, wG, gG, blk.G.dim)
+                          + blk.G.dim * _log_sum(xp, wA, gA, blk.A.dim))
+        return total

@@ -1,0 +1,193 @@
+"""Kronecker-factored operators: factors F = scale·MᵀM, their eigenbases, blockwise solves.
+
+The machinery shared by :class:`refngd.curvature.KFAC` and :class:`refngd.curvature.EKFAC`.
+A curvature block over a (d_G, d_A) parameter matrix V is Q diag(S) Qᵀ in the Kronecker
+eigenbasis Q = U_G ⊗ U_A (row-major vec, so (G ⊗ A) vec(V) = vec(G V A)); K-FAC has
+S = λ_G λ_Aᵀ, EKFAC re-estimates S.  Nothing P × P is formed except by ``dense()``.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import Array, SingularSystemError, is_cupy, namespace
+from .base import CurvatureOperator
+
+#: host LAPACK for eigh / QR: "numpy" shares OpenBLAS's thread pool with the GEMMs around
+#: it (NumPy and SciPy wheels ship separate OpenBLAS copies whose idle threads spin and
+#: compete on a small machine); "scipy" selects SciPy's divide-and-conquer driver.
+HOST_LAPACK = "numpy"
+
+
+def eigh(M: Array):
+    """Symmetric eigendecomposition (float64)."""
+    if is_cupy(M) or HOST_LAPACK == "numpy":
+        return namespace(M).linalg.eigh(M)
+    import scipy.linalg
+
+    return scipy.linalg.eigh(M, driver="evd", check_finite=False)
+
+
+def _qr(M: Array):
+    if is_cupy(M) or HOST_LAPACK == "numpy":
+        return namespace(M).linalg.qr(M, mode="reduced")
+    import scipy.linalg
+
+    return scipy.linalg.qr(M, mode="economic", check_finite=False)
+
+
+class KronFactor:
+    """One Kronecker factor F = scale · MᵀM (d × d) of a row matrix M (m × d), float64.
+
+    :meth:`eig` returns ``(w, U, full)`` with F = U diag(w) Uᵀ.  With m < d and ``thin``
+    the basis is thin (d × m): QR of Mᵀ = QR gives F = Q (scale·R Rᵀ) Qᵀ, so one m × m
+    ``eigh`` suffices and every direction outside span(U) has eigenvalue exactly 0.
+    """
+
+    def __init__(self, M: Array, scale: float):
+        self.M, self.scale = M, float(scale)
+        self.F = self.scale * (M.T @ M)  # one GEMM (a symmetric rank-k update)
+        self.dim = self.F.shape[0]
+        self._eig: dict = {}
+
+    def eig(self, thin: bool = True):
+        thin = bool(thin) and self.M.shape[0] < self.dim
+        if thin not in self._eig:
+            xp = namespace(self.F)
+            if thin:
+                Q, R = _qr(self.M.T)
+                w, V = eigh(self.scale * (R @ R.T))
+                U = Q @ V
+            else:
+                w, U = eigh(self.F)
+            self._eig[thin] = (xp.maximum(w, 0.0), U, not thin)
+        return self._eig[thin]
+
+
+def _sandwich_t(L: Array, V: Array, R: Array) -> Array:
+    """Lᵀ V R, multiplying in the cheaper order."""
+    if L.shape[1] * V.shape[1] * (L.shape[0] + R.shape[1]) <= V.shape[0] * R.shape[1] * (V.shape[1] + L.shape[1]):
+        return (L.T @ V) @ R
+    return L.T @ (V @ R)
+
+
+def _sandwich(L: Array, W: Array, R: Array) -> Array:
+    """L W Rᵀ, multiplying in the cheaper order."""
+    if L.shape[0] * W.shape[1] * (W.shape[0] + R.shape[0]) <= W.shape[0] * R.shape[0] * (W.shape[1] + L.shape[0]):
+        return (L @ W) @ R.T
+    return L @ (W @ R.T)
+
+
+def eig_solve(V: Array, eG, eA, S: Array, lam: float) -> Array:
+    """(Q diag(S) Qᵀ + λI)⁻¹ vec(V) for the basis Q = U_G ⊗ U_A, as a (d_G, d_A) matrix.
+
+    Full bases: U_G [(U_Gᵀ V U_A) / (S + λ)] U_Aᵀ (four GEMMs).  A thin basis carries
+    eigenvalue 0 outside its span, where the inverse is 1/λ:
+    V/λ − U_G [(U_Gᵀ V U_A) ⊙ S/(λ(S + λ))] U_Aᵀ.
+    """
+    (_, UG, fullG), (_, UA, fullA) = eG, eA
+    W = _sandwich_t(UG, V, UA)
+    if fullG and fullA:
+        smin, smax = float(S.min()) + lam, float(S.max()) + lam
+        if smin <= S.size * 2.2e-16 * max(smax, 1e-300):
+            raise SingularSystemError("the K-FAC block is singular; pass damping > 0.")
+        return _sandwich(UG, W / (S + lam), UA)
+    if lam == 0:
+        raise SingularSystemError("the K-FAC block is rank deficient (fewer rows than its "
+                                  "dimension); pass damping > 0.")
+    return V / lam - _sandwich(UG, W * (S / (lam * (S + lam))), UA)
+
+
+def _factor_inv(X: Array, e, gamma: float, left: bool) -> Array:
+    """(F + γI)⁻¹ X (left) or X (F + γI)⁻¹ (right) from F's eigendecomposition."""
+    w, U, full = e
+    if not left:
+        return _factor_inv(X.T, e, gamma, True).T
+    if full:
+        if float(w.min()) + gamma <= 0:
+            raise SingularSystemError("a K-FAC factor is singular; pass damping > 0.")
+        return U @ ((U.T @ X) / (w + gamma)[:, None])
+    if gamma == 0:
+        raise SingularSystemError("a K-FAC factor is rank deficient; pass damping > 0.")
+    return X / gamma - U @ ((U.T @ X) * (w / (gamma * (w + gamma)))[:, None])
+
+
+def _log_sum(xp, S: Array, lam: float, dim: int) -> float:
+    """Σ log(S + λ) over S's entries, plus log λ for the (dim − S.size) missing eigenvalues."""
+    rest = dim - S.size
+    if rest and lam == 0:
+        return -math.inf
+    return float(xp.log(S + lam).sum()) + (rest * math.log(lam) if rest else 0.0)
+
+
+class Block:
+    """One Kronecker block G ⊗ A on θ entries laid out as a (d_out, d_A) matrix.
+
+    ``kind``: ``"w"`` the weight (d_A = D), ``"b"`` the bias (A = [1]), ``"wb"`` weight
+    and bias jointly (d_A = D + 1, last column the bias) — θ stores W row-major *then* b,
+    so this block's vec order differs from θ's: :meth:`gather` / :meth:`scatter` permute.
+    """
+
+    def __init__(self, kind, G: KronFactor, A: KronFactor, start: int, d_out: int, D: int, thin: bool):
+        self.kind, self.G, self.A, self.thin = kind, G, A, thin
+        self.start, self.d_out, self.D = start, d_out, D
+        self.size = d_out * A.dim
+
+    def _w(self, v):
+        return v[self.start:self.start + self.d_out * self.D].reshape(self.d_out, self.D)
+
+    def _b(self, v):
+        s = self.start + self.d_out * self.D
+        return v[s:s + self.d_out]
+
+    def gather(self, v: Array) -> Array:
+        xp = namespace(v)
+        if self.kind == "w":
+            return self._w(v)
+        if self.kind == "b":
+            return self._b(v)[:, None]
+        return xp.concatenate([self._w(v), self._b(v)[:, None]], axis=1)
+
+    def scatter(self, out: Array, M: Array) -> None:
+        if self.kind == "b":
+            self._b(out)[...] = M[:, 0]
+            return
+        self._w(out)[...] = M[:, :self.D]
+        if self.kind == "wb":
+            self._b(out)[...] = M[:, self.D]
+
+    def index(self, xp) -> Array:
+        """θ positions of the block's (d_out, d_A) entries."""
+        return self.gather(xp.arange(self.start + self.d_out * (self.D + 1)))
+
+    def eig(self):
+        return self.G.eig(self.thin), self.A.eig(self.thin)
+
+
+class KroneckerOperator(CurvatureOperator):
+    """Shared machinery of K-FAC and EKFAC: block-diagonal in θ, blocks in a Kronecker basis."""
+
+    blocks: list
+    _factors: list
+
+    def factors(self) -> list:
+        """Per parametric layer its :class:`LayerFactors` (A, G and conventions)."""
+        return list(self._factors)
+
+    def _xp(self):
+        return namespace(self.blocks[0].G.F)
+
+    def _map(self, v: Array, fn) -> Array:
+        """Apply ``fn(block, V)`` to every block of v (as float64 matrices); returns (P,)."""
+        xp = self._xp()
+        self._check_vector("v", v)
+        out = xp.zeros(self.num_params, dtype=xp.float64)
+        v = v.astype(xp.float64, copy=False)
+        for blk in self.blocks:
+            blk.scatter(out, fn(blk, blk.gather(v)))
+        return out.astype(self.dtype, copy=False)
+
+    def eigendecompose(self):
+        """Compute (and cache) the eigendecompositions of every factor; returns self."""
+        for blk in self.blocks:
+            blk.eig()
+        return self

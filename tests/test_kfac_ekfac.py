@@ -1,0 +1,148 @@
+"""EKFAC and KroneckerDiagonal against K-FAC, the exact Fisher and their own dense forms.
+
+EKFAC (George et al. 2018) keeps K-FAC's eigenbasis Q = U_G ⊗ U_A and sets the diagonal to
+s = diag(Qᵀ F_block Q), the Frobenius-optimal diagonal for that basis.  Hence:
+
+* with the Kronecker eigenvalue products λ_G λ_Aᵀ in place of s it *is* K-FAC;
+* s equals diag(Qᵀ F Q) computed from the dense exact Fisher;
+* ‖EKFAC − F‖_F ≤ ‖KFAC − F‖_F on K-FAC's block structure, for any network.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refngd
+from refngd import nn, updates
+from refngd.curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, KroneckerDiagonal
+from refngd.losses import CrossEntropy, MSELoss
+
+EXACT = 1e-10
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300))
+
+
+def block_mask(model, bias):
+    M = np.zeros((model.num_params,) * 2, dtype=bool)
+    for layer, (s, e) in zip(model.layers, model.slices):
+        if bias == "joint":
+            M[s:e, s:e] = True
+            continue
+        for shape in layer.param_shapes:
+            n = int(np.prod(shape))
+            M[s:s + n, s:s + n] = True
+            s += n
+    return M
+
+
+def random_net(kind, seed, N=None):
+    """Small random MLPs and CNNs: widths, depth, activation and batch drawn from the seed."""
+    rng = np.random.default_rng(seed)
+    act = [nn.Tanh, nn.ReLU, nn.Sigmoid][seed % 3]
+    N = N if N is not None else int(rng.integers(2, 9))
+    if kind == "mlp":
+        w = [int(v) for v in rng.integers(2, 6, size=int(rng.integers(3, 5)))]
+        layers = []
+        for i, (a, b) in enumerate(zip(w[:-1], w[1:])):
+            layers += [nn.Linear(a, b, bias=bool(i % 2 == 0 or seed % 2))] + ([act()] if i < len(w) - 2 else [])
+        X = rng.standard_normal((N, w[0]))
+        C = w[-1]
+    else:
+        c1 = int(rng.integers(2, 4))
+        layers = [nn.Conv2d(2, c1, 3, stride=int(rng.integers(1, 3)), padding=1), act(), nn.Flatten()]
+        X = rng.standard_normal((N, 2, 4, 4))
+        C = 3
+    model = nn.Sequential(*layers)
+    if kind == "cnn":
+        d = int(np.prod(model.forward(model.init(rng), X).shape[1:]))
+        model = nn.Sequential(*layers, nn.Linear(d, C))
+    theta = model.init(rng)
+    return model, theta, X, rng.integers(0, C, N)
+
+
+CASES = [(k, s) for k in ("mlp", "cnn") for s in range(6)]
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_ekfac_with_kronecker_eigenvalues_is_kfac(kind, seed):
+    model, theta, X, y = random_net(kind, seed)
+    bias = ["separate", "joint"][seed % 2]
+    approx = ["expand", "reduce"][(seed // 2) % 2]
+    K = KFAC(model, theta, CrossEntropy(), X, y, bias=bias, kfac_approx=approx)
+    E = EKFAC(model, theta, CrossEntropy(), X, y, kfac=K).with_scalings(
+        EKFAC(model, theta, CrossEntropy(), X, y, kfac=K).kronecker_eigenvalues())
+    assert rel_err(E.dense(), K.dense()) <= EXACT
+    g = np.random.default_rng(seed).standard_normal(model.num_params)
+    assert rel_err(E.solve(g, 0.1), K.solve(g, 0.1)) <= EXACT
+
+
+@pytest.mark.parametrize("kind,seed", CASES)
+def test_ekfac_closer_to_fisher_than_kfac(kind, seed):
+    """Frobenius distance to the exact Fisher on K-FAC's block structure, for type-2 (vs the
+    Fisher) and empirical (vs the empirical Fisher) factors; and s = diag(Qᵀ F Q)."""
+    model, theta, X, y = random_net(kind, seed)
+    loss = CrossEntropy()
+    for fisher_type, exact in (("type-2", Fisher), ("empirical", EmpiricalFisher)):
+        for bias in ("separate", "joint"):
+            F = exact(model, theta, loss, X, y).dense() * block_mask(model, bias)
+            approx = ["expand", "reduce"][seed % 2]
+            K = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, bias=bias, kfac_approx=approx)
+            E = EKFAC(model, theta, loss, X, y, kfac=K)
+            dk, de = np.linalg.norm(K.dense() - F), np.linalg.norm(E.dense() - F)
+            assert de <= dk * (1 + 1e-12), (fisher_type, bias, de, dk)
+            for blk, s in zip(E.blocks, E.scalings()):
+                (_, UG, _), (_, UA, _) = blk.eig()
+                i = blk.index(np).reshape(-1)
+                Q = np.kron(UG, UA)
+                assert rel_err(s.reshape(-1), np.einsum("pi,pq,qi->i", Q, F[np.ix_(i, i)], Q)) <= 1e-9
+
+
+def test_ekfac_interface():
+    model, theta, X, y = random_net("mlp", 1, N=3)
+    E = EKFAC(model, theta, CrossEntropy(), X, y, bias="joint")
+    D = E.dense()
+    v = np.random.default_rng(0).standard_normal(model.num_params)
+    assert rel_err(E @ v, D @ v) <= EXACT
+    assert rel_err(E.diagonal(), np.diag(D)) <= EXACT
+    assert abs(E.trace() - np.trace(D)) <= EXACT * np.trace(D)
+    Dl = D + 0.05 * np.eye(len(D))
+    assert rel_err(E.solve(v, 0.05), np.linalg.solve(Dl, v)) <= EXACT
+    assert abs(E.logdet(0.05) - np.linalg.slogdet(Dl)[1]) <= EXACT * abs(np.linalg.slogdet(Dl)[1])
+    with pytest.raises(ValueError, match="tikhonov"):
+        E.solve(v, 0.1, damping_mode="factored")
+    with pytest.raises(ValueError, match="scalings"):
+        E.with_scalings(E.scalings()[:-1])
+    g = refngd.gradient(model, theta, CrossEntropy(), X, y)
+    assert rel_err(updates.ekfac(model, theta, CrossEntropy(), X, y, 0.05, bias="joint"), E.solve(g, 0.05)) <= EXACT
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
+def test_kronecker_diagonal(kind, fisher_type):
+    """diag(G) ⊗ diag(A) per block = the diagonal of K-FAC, in both bias modes."""
+    model, theta, X, y = random_net(kind, 2)
+    kw = dict(mc_samples=2, rng=1) if fisher_type == "mc" else {}
+    for bias in ("separate", "joint"):
+        K = KFAC(model, theta, CrossEntropy(), X, y, fisher_type=fisher_type, bias=bias, **kw)
+        Dg = KroneckerDiagonal(model, theta, CrossEntropy(), X, y, fisher_type=fisher_type, bias=bias, **kw)
+        d = np.diag(K.dense())
+        assert rel_err(Dg.dense(), np.diag(d)) <= EXACT
+        for fk, fd in zip(K.factors(), Dg.factors()):
+            assert rel_err(fd.A, np.diag(fk.A)) <= EXACT and rel_err(fd.G, np.diag(fk.G)) <= EXACT
+        v = np.random.default_rng(0).standard_normal(model.num_params)
+        assert rel_err(Dg @ v, d * v) <= EXACT
+        assert rel_err(Dg.solve(v, 0.1), v / (d + 0.1)) <= EXACT
+        assert abs(Dg.trace() - d.sum()) <= EXACT * d.sum()
+        assert abs(Dg.logdet(0.1) - np.log(d + 0.1).sum()) <= EXACT * abs(np.log(d + 0.1).sum())
+
+
+def test_mse_ekfac_exact_for_deep_linear():
+    """Where K-FAC is exact, EKFAC is too (s = λ_G λ_A then)."""
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    theta = model.init(rng)
+    X, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    F = Fisher(model, theta, MSELoss(), X, y).dense() * block_mask(model, "joint")
+    assert rel_err(EKFAC(model, theta, MSELoss(), X, y, bias="joint").dense(), F) <= EXACT
