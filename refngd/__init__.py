@@ -5,8 +5,10 @@ Notation and conventions: DESIGN.md and ``docs/conventions.md``.
 from . import backend, losses, nn
 from .autodiff import FunctionModel
 from .derivatives import gradient, jacobian, jvp, loss_value, per_sample_gradients, vjp
+from . import optim
+from .optim import train
 
 __version__ = "0.1.0"
 
 __all__ = ["backend", "losses", "nn", "FunctionModel", "jacobian", "jvp", "vjp",
-           "per_sample_gradients", "gradient", "loss_value", "__version__"]
+           "per_sample_gradients", "gradient", "loss_value", "optim", "train", "__version__"]

@@ -1,6 +1,6 @@
 """The diagonal of each Kronecker factor: diag(G) ⊗ diag(A) per layer.
 
-Gomes, Zhang, Bengio & Precup (2024), "AdaFisher: Adaptive second order optimization via
+Gomes, Zhang, Belilovsky, Wolf & Hosseini (2024), "AdaFisher: Adaptive second order optimization via
 Fisher information" (ICLR 2025): the K-FAC factors of trained networks are
 diagonally concentrated, so AdaFisher keeps only their diagonals,
 F_layer ≈ diag(G) ⊗ diag(A) — a diagonal P × P matrix.  Here the diagonals are read off

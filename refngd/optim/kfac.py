@@ -1,0 +1,331 @@
+"""K-FAC and EKFAC as optimizers: running factors, periodic inverses, damping, KL-clipping.
+
+K-FAC (Martens & Grosse 2015, "Optimizing neural networks with Kronecker-factored
+approximate curvature").  Each step, on the batch, :class:`refngd.curvature.KFAC` gives
+per layer the factors Â, Ĝ (the Fisher type's rows; DESIGN.md §3 for the scaling); then
+
+    ε_t = min(1 − 1/t, ε)                                    (§5: running averages)
+    A_t = ε_t A_{t−1} + (1 − ε_t) Â_t,   G_t likewise        (A_1 = Â_1)
+    every T steps: eigendecompose A_t = U_A diag(a) U_Aᵀ, G_t = U_G diag(γ) U_Gᵀ   (§8)
+    d_t = per layer (G ⊗ A + λI)⁻¹ g     ``damping_mode="tikhonov"``: eigenvalues γ_i a_j + λ
+          or ((G + √λ/π I) ⊗ (A + π√λ I))⁻¹ g   ``"factored"`` (§6.3, π² = (tr A/d_A)/(tr G/d_G))
+    ν_t = min(1, √(κ / (lr² d_tᵀ g_t)))                       (KL-clipping, ``kl_clip`` = κ)
+    b_t = μ b_{t−1} + ν_t d_t,   θ_t = θ_{t−1} − lr · b_t
+
+The inverse uses the eigendecomposition from the last refresh with the *current* λ, so a
+damping change takes effect at once.  KL-clipping is not in Martens & Grosse (2015); it is
+the step-size rule of Ba, Grosse & Martens (2017, "Distributed second-order optimization
+using Kronecker-factored approximations", §5) as the common implementations apply it
+(``kfac-pytorch``'s ``kl_clip``: ν = min(1, √(κ/(lr² Σ_l d_lᵀ g_l)))).
+
+Levenberg–Marquardt adaptation (``adapt_damping=True``; Martens & Grosse 2015, §6.5):
+every ``adapt_every`` = T₁ steps the reduction ratio of the step δ = θ_t − θ_{t−1} on the
+batch,
+
+    ρ = (L(θ_{t−1} + δ) − L(θ_{t−1})) / (gᵀδ + ½ δᵀ (F + λI) δ),
+
+with F the exact Fisher of the batch, moves λ ← ω λ if ρ > 3/4 and λ ← λ/ω if ρ < 1/4,
+ω = (19/20)^T₁.  (Martens & Grosse adapt a second constant γ for the factored inverse by a
+small grid search; refngd uses one λ for both, as most implementations do.)
+
+EKFAC (George et al. 2018, "Fast approximate natural gradient descent in a
+Kronecker-factored eigenbasis", Algorithm 1): the eigenbasis U_G ⊗ U_A of the running
+K-FAC factors is refreshed every T steps; every step the diagonal is re-estimated in
+that basis from the per-row gradients G_r of the batch,
+
+    ŝ_t = c Σ_r (U_Gᵀ G_r U_A)²,   s_t = ε_k s_{t−1} + (1 − ε_k) ŝ_t  (k = steps since refresh)
+    d_t = U_G [(U_Gᵀ V U_A) / (s_t + λ)] U_Aᵀ   per block (Tikhonov damping),
+
+and the rest (KL-clip, momentum, LM adaptation) is as K-FAC.  At a basis refresh the old
+diagonal belongs to another basis, so s restarts from ŝ (ε_1 = 0).
+
+With one batch in the averages (the first step) and T = 1 both reduce to
+:func:`refngd.updates.kfac` / :func:`refngd.updates.ekfac` on that batch, which the tests check.
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import check_damping, namespace, to_float
+from ..curvature import Fisher
+from ..curvature import KFAC as KFACCurvature
+from ..nn import Linear
+from .base import (
+    Optimizer,
+    apply_momentum,
+    check_choice,
+    check_int,
+    check_lr,
+    check_positive,
+    check_unit_interval,
+    evaluate_batch,
+    norm,
+)
+
+
+# --------------------------------------------------------------------- linear algebra
+def _eigh(M):
+    xp = namespace(M)
+    w, U = xp.linalg.eigh(M)
+    return xp.maximum(w, 0.0), U
+
+
+def _pi(A, G) -> float:
+    """π of Martens & Grosse (2015, §6.3): √((tr A/dim A)/(tr G/dim G)); 1 if a trace is 0."""
+    xp = namespace(A)
+    ta, tg = to_float(xp.trace(A)) / A.shape[0], to_float(xp.trace(G)) / G.shape[0]
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+
+
+class _Layer:
+    """The θ layout of one layer's Kronecker blocks: weight (d_out, D) row-major, then bias."""
+
+    def __init__(self, f):
+        layer = f.layer
+        self.start, self.stop, self.bias = f.start, f.stop, f.bias
+        self.D = layer.in_features if isinstance(layer, Linear) else layer.D
+        self.d_out = f.G.shape[0]
+        self.nw = self.d_out * self.D
+
+    def blocks(self, v):
+        """[(V, A-kind)]: ``("w", W)`` / ``("b", b[:, None])`` or ``("wb", [W | b])``."""
+        xp = namespace(v)
+        W = v[self.start:self.start + self.nw].reshape(self.d_out, self.D)
+        if self.bias is None:
+            return [("w", W)]
+        b = v[self.start + self.nw:self.stop][:, None]
+        if self.bias == "joint":
+            return [("wb", xp.concatenate([W, b], axis=1))]
+        return [("w", W), ("b", b)]
+
+    def assemble(self, out, parts) -> None:
+        seg = out[self.start:self.stop]
+        for kind, M in parts:
+            if kind in ("w", "wb"):
+                seg[:self.nw] = M[:, :self.D].reshape(-1)
+            if kind == "wb":
+                seg[self.nw:] = M[:, self.D]
+            if kind == "b":
+                seg[self.nw:] = M[:, 0]
+
+
+class _KroneckerOptimizer(Optimizer):
+    """Shared state machine of K-FAC and EKFAC (factors, damping, clipping, momentum)."""
+
+    _hyper = ("lr", "damping", "ema_decay", "inverse_every", "fisher_type", "mc_samples",
+              "kfac_approx", "bias", "kl_clip", "momentum", "adapt_damping", "adapt_every")
+
+    def __init__(self, lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
+                 bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds):
+        self.lr = check_lr(lr)
+        self.damping = check_damping(damping, allow_zero=False)
+        self.ema_decay = check_unit_interval(ema_decay, "ema_decay")
+        self.inverse_every = check_int(inverse_every, "inverse_every")
+        self.fisher_type = check_choice(fisher_type, "fisher_type", ("type-2", "mc", "empirical"))
+        self.mc_samples = check_int(mc_samples, "mc_samples")
+        self.kfac_approx = check_choice(kfac_approx, "kfac_approx", ("expand", "reduce"))
+        self.bias = check_choice(bias, "bias", ("separate", "joint"))
+        self.kl_clip = None if kl_clip is None else check_positive(kl_clip, "kl_clip")
+        self.momentum = check_unit_interval(momentum, "momentum")
+        self.adapt_damping = bool(adapt_damping)
+        self.adapt_every = check_int(adapt_every, "adapt_every")
+        lo, hi = damping_bounds
+        self.damping_bounds = (check_positive(lo, "damping_bounds[0]"), check_positive(hi, "damping_bounds[1]"))
+
+    def init(self, theta):
+        return {"step": 0, "factors": None, "eigen": None, "damping": self.damping,
+                "momentum_buffer": None}
+
+    # ------------------------------------------------------------------ pieces
+    def _batch_factors(self, model, theta, loss, X, y, lin, rng):
+        if self.fisher_type == "mc" and rng is None:
+            raise TypeError(f"{type(self).__name__} with fisher_type='mc' draws labels: pass "
+                            "rng=numpy.random.default_rng(seed) to step() (refngd.train does).")
+        return KFACCurvature(model, theta, loss, X, y, fisher_type=self.fisher_type,
+                             mc_samples=self.mc_samples, rng=rng, kfac_approx=self.kfac_approx,
+                             bias=self.bias, linearization=lin)
+
+    def _running(self, old, kf, t):
+        """A_t = ε_t A_{t−1} + (1 − ε_t) Â_t with ε_t = min(1 − 1/t, ε)."""
+        eps = min(1.0 - 1.0 / t, self.ema_decay)
+        new = kf.factors()
+        if old is None:
+            return [(f.A, f.G) for f in new]
+        return [(eps * A + (1 - eps) * f.A, eps * G + (1 - eps) * f.G) for (A, G), f in zip(old, new)]
+
+    def _clip_factor(self, d, g) -> float:
+        if self.kl_clip is None:
+            return 1.0
+        dg = to_float(d @ g) * self.lr**2
+        return min(1.0, math.sqrt(self.kl_clip / dg)) if dg > 0 else 1.0
+
+    def _adapt(self, lam, model, theta, new, loss, X, y, batch):
+        """Levenberg–Marquardt rule on the reduction ratio ρ (module docstring)."""
+        delta = new - theta
+        F = Fisher(model, theta, loss, X, y, linearization=batch.lin)
+        predicted = to_float(batch.g @ delta) + 0.5 * (F.quadratic_form(delta) + lam * to_float(delta @ delta))
+        actual = to_float(loss(model.forward(new, X), y)) - batch.loss
+        rho = actual / predicted if predicted < 0 else -math.inf
+        omega = (19.0 / 20.0) ** self.adapt_every
+        if rho > 0.75:
+            lam *= omega
+        elif rho < 0.25:
+            lam /= omega
+        return min(max(lam, self.damping_bounds[0]), self.damping_bounds[1]), rho
+
+    def step(self, theta, state, model, loss, X, y, rng=None):
+        self._check_state(state, "factors", "eigen", "damping", "momentum_buffer")
+        batch = evaluate_batch(model, theta, loss, X, y)
+        t = state["step"] + 1
+        kf = self._batch_factors(model, theta, loss, X, y, batch.lin, rng)
+        layers = [_Layer(f) for f in kf.factors()]
+        factors = self._running(state["factors"], kf, t)
+        new_state = {"step": t, "factors": factors, "damping": state["damping"]}
+        precond = self._refresh(state, factors, kf, layers, t, new_state)
+        lam = state["damping"]
+        xp = namespace(theta)
+        d = xp.zeros(theta.shape[0], dtype=xp.float64)
+        g64 = batch.g.astype(xp.float64)
+        for i, lay in enumerate(layers):
+            lay.assemble(d, [(kind, self._solve(kind, V, i, factors, precond, lam))
+                             for kind, V in lay.blocks(g64)])
+        d = d.astype(theta.dtype, copy=False)
+        nu = self._clip_factor(d, batch.g)
+        step, buf = apply_momentum(state["momentum_buffer"], nu * d, self.momentum)
+        new = theta - self.lr * step
+        new_state["momentum_buffer"] = buf
+        extra = {"damping": lam, "kl_scale": nu, "direction_norm": norm(d)}
+        if self.adapt_damping and t % self.adapt_every == 0:
+            new_state["damping"], extra["rho"] = self._adapt(lam, model, theta, new, loss, X, y, batch)
+        return new, new_state, self._info(batch, theta, new, **extra)
+
+
+class KFAC(_KroneckerOptimizer):
+    """K-FAC optimizer (Martens & Grosse 2015); every formula is in the module docstring.
+
+    Parameters
+    ----------
+    lr : learning rate.   damping : λ (initial value with ``adapt_damping``).
+    damping_mode : ``"factored"`` (default, Martens & Grosse §6.3) or ``"tikhonov"``.
+    ema_decay : ε of the running factors (0.95).   inverse_every : T (20).
+    fisher_type : ``"mc"`` (default: one sampled label per input, as Martens & Grosse),
+        ``"type-2"`` or ``"empirical"``.   mc_samples : K.
+    kfac_approx, bias : as :class:`refngd.curvature.KFAC`.
+    kl_clip : κ of the KL-clipping (10⁻³, the ``kfac-pytorch`` default); ``None`` = off.
+    momentum : μ.   adapt_damping, adapt_every, damping_bounds : Levenberg–Marquardt rule.
+    """
+
+    name = "kfac"
+    _hyper = _KroneckerOptimizer._hyper + ("damping_mode",)
+
+    def __init__(self, lr: float = 0.1, damping: float = 1e-3, damping_mode: str = "factored",
+                 ema_decay: float = 0.95, inverse_every: int = 20, fisher_type: str = "mc",
+                 mc_samples: int = 1, kfac_approx: str = "expand", bias: str = "separate",
+                 kl_clip: float | None = 1e-3, momentum: float = 0.0, adapt_damping: bool = False,
+                 adapt_every: int = 5, damping_bounds=(1e-8, 1e2)):
+        super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
+                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
+        self.damping_mode = check_choice(damping_mode, "damping_mode", ("factored", "tikhonov"))
+
+    def _refresh(self, state, factors, kf, layers, t, new_state):
+        eigen = state["eigen"]
+        if eigen is None or (t - 1) % self.inverse_every == 0:
+            eigen = [(_eigh(A), _eigh(G)) for A, G in factors]
+        new_state["eigen"] = eigen
+        return eigen
+
+    def _solve(self, kind, V, i, factors, eigen, lam):
+        (wA, UA), (wG, UG) = eigen[i]
+        A, G = factors[i]
+        if kind == "b":  # the bias block G ⊗ [1]
+            xp = namespace(V)
+            wA, UA, A = xp.ones(1), xp.ones((1, 1)), xp.ones((1, 1))
+        W = UG.T @ V @ UA
+        if self.damping_mode == "tikhonov":
+            W = W / (wG[:, None] * wA[None, :] + lam)
+        else:
+            p, s = _pi(A, G), math.sqrt(lam)
+            W = W / ((wG + s / p)[:, None] * (wA + s * p)[None, :])
+        return UG @ W @ UA.T
+
+
+class EKFAC(_KroneckerOptimizer):
+    """EKFAC optimizer (George et al. 2018, Algorithm 1); formulas in the module docstring.
+
+    Parameters as :class:`KFAC`; ``inverse_every`` is the eigenbasis refresh period T and
+    the damping is Tikhonov (λ added to the re-estimated eigenvalues s).
+    """
+
+    name = "ekfac"
+
+    def __init__(self, lr: float = 0.1, damping: float = 1e-3, ema_decay: float = 0.95,
+                 inverse_every: int = 20, fisher_type: str = "mc", mc_samples: int = 1,
+                 kfac_approx: str = "expand", bias: str = "separate", kl_clip: float | None = 1e-3,
+                 momentum: float = 0.0, adapt_damping: bool = False, adapt_every: int = 5,
+                 damping_bounds=(1e-8, 1e2)):
+        super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
+                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
+
+    def init(self, theta):
+        return {**super().init(theta), "scalings": None, "since_refresh": 0}
+
+    def _refresh(self, state, factors, kf, layers, t, new_state):
+        eigen, S, k = state["eigen"], state["scalings"], state["since_refresh"]
+        if eigen is None or (t - 1) % self.inverse_every == 0:
+            eigen = [(_eigh(A)[1], _eigh(G)[1]) for A, G in factors]
+            S, k = None, 0
+        k += 1
+        fresh = [_scalings(e, kf.c, UA, UG, lay) for e, (UA, UG), lay in zip(kf.rows.layers, eigen, layers)]
+        if S is None:
+            S = fresh
+        else:
+            eps = min(1.0 - 1.0 / k, self.ema_decay)
+            S = [{kind: eps * old[kind] + (1 - eps) * new[kind] for kind in new}
+                 for old, new in zip(S, fresh)]
+        new_state.update(eigen=eigen, scalings=S, since_refresh=k)
+        return eigen, S
+
+    def step(self, theta, state, model, loss, X, y, rng=None):
+        self._check_state(state, "scalings", "since_refresh")
+        return super().step(theta, state, model, loss, X, y, rng)
+
+    def _solve(self, kind, V, i, factors, precond, lam):
+        eigen, S = precond
+        UA, UG = eigen[i]
+        if kind == "b":
+            UA = namespace(V).ones((1, 1))
+        return UG @ ((UG.T @ V @ UA) / (S[i][kind] + lam)) @ UA.T
+
+
+def _scalings(e, c, UA, UG, lay) -> dict:
+    """ŝ = c Σ_r (U_Gᵀ G_r U_A)² per block of one layer, from the batch's rows ``e``."""
+    xp = namespace(UA)
+    B = e.B.astype(xp.float64)
+    N, K = B.shape[:2]
+    joint = lay.bias == "joint"
+    if isinstance(e.layer, Linear):
+        Bq = B.reshape(N * K, -1) @ UG
+        B2 = (Bq * Bq).reshape(N, K, -1).sum(axis=1)         # (N, d_out)
+        a = e.cache.astype(xp.float64)
+        if joint:
+            a = xp.concatenate([a, xp.ones((N, 1))], axis=1)
+        Aq = a @ UA
+        out = {"wb" if joint else "w": c * (B2.T @ (Aq * Aq))}
+        if lay.bias == "separate":
+            out["b"] = c * B2.sum(axis=0)[:, None]
+        return out
+    cols = e.cache[0].astype(xp.float64)                      # (N, D, T)
+    T = cols.shape[2]
+    Pm = cols.transpose(0, 2, 1)                               # (N, T, D)
+    if joint:
+        Pm = xp.concatenate([Pm, xp.ones((N, T, 1))], axis=2)
+    Bt = B.reshape(N, K, lay.d_out, T)                          # (N, K, d_out, T)
+    Gq = (UG.T @ Bt) @ (Pm @ UA)[:, None]                       # (N, K, d_out, d_A) in the basis
+    out = {"wb" if joint else "w": c * (Gq * Gq).sum(axis=(0, 1))}
+    if lay.bias == "separate":
+        bq = (UG.T @ Bt).sum(axis=3)                            # bias gradient Σ_t b_rt, rotated
+        out["b"] = c * (bq * bq).sum(axis=(0, 1))[:, None]
+    return out
+
+
+__all__ = ["KFAC", "EKFAC"]

@@ -1,0 +1,139 @@
+"""Figures of a ``refngd compare`` record (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+#: one fixed colour and line style per method, so that every figure reads alike
+STYLE = {
+    "sgd": ("#7f7f7f", "-"), "adam": ("#17becf", "-"), "adamw": ("#17becf", "--"),
+    "adafactor": ("#bcbd22", "-"), "ngd": ("#000000", "-"), "ef": ("#d62728", "-"),
+    "ief": ("#2ca02c", "-"), "sf": ("#ff7f0e", "-"), "kfac": ("#1f77b4", "-"),
+    "ekfac": ("#9467bd", "-"), "adafisher": ("#8c564b", "--"), "fadam": ("#e377c2", "--"),
+}
+
+
+LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adafactor": "Adafactor", "ngd": "NGD",
+          "ef": "EF", "ief": "iEF", "sf": "SF", "kfac": "K-FAC", "ekfac": "EKFAC",
+          "adafisher": "AdaFisher", "fadam": "FAdam"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'refngd[cli]'.") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(method: str):
+    color, ls = STYLE.get(method, (None, "-"))
+    return {"color": color, "linestyle": ls, "linewidth": 1.6}
+
+
+def _nums(values) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def plot_loss(record: dict, path: str, x: str = "step") -> str:
+    """Training loss (whole training set) of each method's best run against steps or seconds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    key = {"step": "step", "time": "time"}[x]
+    for method, res in record["methods"].items():
+        best = res.get("best")
+        if not best:
+            continue
+        ev = best["evals"]
+        xs, ys = _nums(ev[key]), _nums(ev["train_loss"])
+        ok = np.isfinite(ys) & (ys > 0) & (xs > 0 if x == "time" else True)
+        label = f"{res['label']} (lr={res['best_lr']:g})"
+        ax.plot(xs[ok], ys[ok], label=label, **_style(method))
+    ax.set_yscale("log")
+    if x == "time":  # methods differ in cost by orders of magnitude
+        ax.set_xscale("log")
+    ax.set_xlabel("optimizer steps" if x == "step" else "seconds in optimizer steps (log scale)")
+    ax.set_ylabel("training loss (whole training set)")
+    cfg = record["config"]
+    ax.set_title(f"{cfg['data']} · {cfg['model']} · batch {cfg['batch_size']} · best lr per method",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gamma(record: dict, path: str) -> str | None:
+    """Best γ(d)/γ(g) over the damping grid, per method, at each checkpoint."""
+    gam = record.get("gamma")
+    if not gam or not gam.get("checkpoints"):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    steps = [c["step"] for c in gam["checkpoints"]]
+    for method in gam["methods"]:
+        ys = _nums([c["table"][method]["best_ratio"] for c in gam["checkpoints"]])
+        ax.plot(steps, ys, marker="o", label=LABELS.get(method, method), **_style(method))
+    ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
+    ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:.2g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel(f"checkpoint (step of the {gam['trajectory'].upper()} run)")
+    ax.set_ylabel("best γ(d) / γ(g) over the damping grid")
+    ax.set_title("approximation quality (Wu et al. 2024, eq. 15); lower is better", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gamma_damping(record: dict, path: str) -> str | None:
+    """γ(d)/γ(g) against the relative damping τ at the last checkpoint (robustness to λ)."""
+    gam = record.get("gamma")
+    if not gam or not gam.get("checkpoints"):
+        return None
+    plt = _pyplot()
+    last = gam["checkpoints"][-1]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in gam["methods"]:
+        t = last["table"][method]
+        ax.plot(t["taus"], _nums(t["ratios"]), marker="o", markersize=3,
+                label=LABELS.get(method, method), **_style(method))
+    ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative damping τ (λ = τ × mean eigenvalue of the damped matrix)")
+    ax.set_ylabel("γ(d) / γ(g)")
+    ax.set_title(f"damping sweep at the last checkpoint (step {last['step']}); lower is better",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_all(record: dict, out_dir: str) -> list[str]:
+    """Write ``loss_vs_step.png``, ``loss_vs_time.png``, ``gamma_ratios.png`` and
+    ``gamma_vs_damping.png``; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plot_loss(record, os.path.join(out_dir, "loss_vs_step.png"), "step"),
+             plot_loss(record, os.path.join(out_dir, "loss_vs_time.png"), "time")]
+    for fn, name in ((plot_gamma, "gamma_ratios.png"), (plot_gamma_damping, "gamma_vs_damping.png")):
+        p = fn(record, os.path.join(out_dir, name))
+        if p:
+            paths.append(p)
+    return paths
+
