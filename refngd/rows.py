@@ -72,6 +72,12 @@ class RowSet:
     def _xp(self):
         return namespace(self.layers[0].B)
 
+    def take(self, k0: int, k1: int) -> "RowSet":
+        """The rows k0 ≤ k < k1 of every sample, as a RowSet of views (no copy)."""
+        layers = [LayerRows(e.layer, e.params, e.cache, e.B[:, k0:k1], e.start, e.stop)
+                  for e in self.layers]
+        return RowSet(layers, self.N, k1 - k0, self.P, self.dtype)
+
     def gram(self) -> Array:
         """K = U Uᵀ, (R, R) float64, summed over layers without forming U (DESIGN.md §4)."""
         G = None
@@ -137,6 +143,9 @@ class DenseRowSet(RowSet):
 
     def _xp(self):
         return namespace(self.U)
+
+    def take(self, k0: int, k1: int) -> "DenseRowSet":
+        return DenseRowSet(self.U[:, k0:k1])
 
     def gram(self):
         xp = self._xp()

@@ -46,7 +46,8 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
     Woodbury identity on its NC × NC Gram matrix.
     """
     lin = _lin(model, theta, X, linearization)
-    return Fisher(model, theta, loss, X, y, linearization=lin).solve(gradient_from(lin, loss, y), damping)
+    F = Fisher(model, theta, loss, X, y, linearization=lin, with_gradient=True)
+    return F.natural_gradient(damping)
 
 
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
@@ -56,8 +57,9 @@ def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
     """
     lin = _lin(model, theta, X, linearization)
-    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping)
+    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin,
+                      with_gradient=True)
+    return F.natural_gradient(damping)
 
 
 def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:

@@ -73,16 +73,28 @@ class RowCurvature(CurvatureOperator):
     loss : a refngd loss; its reduction fixes c (DESIGN.md §2)
     X, y : the batch
     linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
+    with_gradient : also back-propagate each sample's loss gradient e_n as one extra row in
+        the same pass, for :meth:`natural_gradient` (needs ``y``)
     """
 
-    def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None):
+    def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
+                 with_gradient: bool = False):
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         self.outputs = self.lin.outputs
         self.c = float(loss.scale(self.outputs))
         self.num_params = int(theta.shape[0])
         self.dtype = theta.dtype
-        self.rows = self.lin.backprop(self.cotangents())
+        S = self.cotangents()
+        self._K = S.shape[1]
+        self._joint = None
+        if with_gradient:
+            xp = namespace(S)
+            e = loss.output_gradient(self.outputs, y).astype(S.dtype, copy=False)
+            self._joint = self.lin.backprop(xp.concatenate([S, e[:, None, :]], axis=1))
+            self.rows = self._joint.take(0, self._K)
+        else:
+            self.rows = self.lin.backprop(S)
         self._gram = None
         self._F64 = None
 
@@ -177,6 +189,45 @@ class RowCurvature(CurvatureOperator):
         w = PSDFactor(self.gram(), shift=lam / self.c).solve(Ug)
         Uw = self.rows.rmatvec(w.reshape(self.rows.N, self.rows.K).astype(self.dtype, copy=False))
         return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
+
+    def gradient(self) -> Array:
+        """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (from the extra rows if present)."""
+        xp = namespace(self.outputs)
+        if self._joint is not None:
+            ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
+            return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
+        from ..derivatives import gradient_from
+
+        return gradient_from(self.lin, self.loss, self.y)
+
+    def natural_gradient(self, damping: float) -> Array:
+        """(F + λI)⁻¹ g for this batch's loss gradient g, from one joint backward pass.
+
+        Built with ``with_gradient=True``, the rows of F and one row e_n per sample went
+        through the network together: rows Û = [U; G] with g = Gᵀ(c·1).  Their joint Gram
+        matrix holds K = U Uᵀ and the cross block U Gᵀ, so U g = c·(U Gᵀ)·1 needs no
+        product with g, and the Woodbury result (1/λ)(g − Uᵀw) is a single Ûᵀ·[−w; c·1]/λ.
+        One backward pass, one Gram matrix, one R × R Cholesky and one Ûᵀ·v in all.
+        Without the joint rows this is ``solve(gradient(), damping)``.
+        """
+        lam = check_damping(damping)
+        if self._joint is None or not self._uses_gram():
+            return self.solve(self.gradient(), lam)
+        xp = namespace(self.outputs)
+        N, K = self.rows.N, self._K
+        if self._gram is None or not hasattr(self, "_Ug"):
+            G4 = self._joint.gram().reshape(N, K + 1, N, K + 1)
+            self._gram = G4[:, :K, :, :K].reshape(N * K, N * K)  # copy of the F-rows block
+            self._Ug = self.c * G4[:, :K, :, K].sum(axis=2).reshape(-1)
+        coef = xp.zeros((N, K + 1), dtype=xp.float64)
+        if lam == 0:
+            fac = PSDFactor(self._gram)
+            coef[:, :K] = (fac.solve(fac.solve(self._Ug)) / self.c).reshape(N, K)
+        else:
+            w = PSDFactor(self._gram, shift=lam / self.c).solve(self._Ug)
+            coef[:, :K] = -w.reshape(N, K) / lam
+            coef[:, K] = self.c / lam
+        return self._joint.rmatvec(coef.astype(self.dtype, copy=False))
 
     def solve_row_space(self, w0: Array, damping: float) -> Array:
         """(F + λI)⁻¹ Uᵀ w0 for a right-hand side given by row weights w0 (N, K).

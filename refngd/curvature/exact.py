@@ -32,8 +32,8 @@ class Fisher(RowCurvature):
     on the natural gradient method", §9.2).  The labels ``y`` are not used.
     """
 
-    def __init__(self, model, theta, loss, X, y=None, linearization=None):
-        super().__init__(model, theta, loss, X, y, linearization)
+    def __init__(self, model, theta, loss, X, y=None, linearization=None, with_gradient=False):
+        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
 
     def cotangents(self) -> Array:
         return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
@@ -49,12 +49,12 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None):
+                 linearization=None, with_gradient=False):
         if int(mc_samples) != mc_samples or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)
-        super().__init__(model, theta, loss, X, y, linearization)
+        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
 
     def cotangents(self) -> Array:
         E = self.loss.sampled_output_gradients(self.outputs, self.rng, self.mc_samples)
