@@ -58,18 +58,21 @@ def problem(widths, N, seed=0):
     return model, theta, X, y
 
 
-def ngd_flops(widths, N, K) -> float:
-    """FLOPs of one exact NGD direction through the Gram route (multiply-add = 2)."""
-    R = N * K
+def ngd_flops(widths, N, C) -> float:
+    """FLOPs of one exact NGD direction as refngd computes it (multiply-add = 2).
+
+    Cross-entropy: C − 1 Fisher rows and one gradient row per sample go through one joint
+    backward pass (R = N·C rows); their Gram matrix (syrk: R² d per layer) gives K and
+    U g; one Cholesky of the N(C−1) × N(C−1) block; one final Uᵀ·v.
+    """
+    R, RF = N * C, N * (C - 1)
     d_in, d_out = np.array(widths[:-1], float), np.array(widths[1:], float)
     fwd = 2 * N * (d_in * d_out).sum()
     back_rows = 2 * R * (d_in[1:] * d_out[1:]).sum()            # rows through layers 2..L
     gram = (R * R * d_out).sum() + (N * N * d_in).sum()           # syrk counts n²k
-    grad = 2 * N * (d_in[1:] * d_out[1:]).sum() + 2 * N * (d_in * d_out).sum()
-    Ug = 2 * N * (d_in * d_out).sum() + 2 * R * d_out.sum()
-    UTw = 2 * N * (d_in * d_out).sum() + 2 * R * d_out.sum()
-    chol = R ** 3 / 3
-    return fwd + back_rows + gram + grad + Ug + UTw + chol
+    chol = RF ** 3 / 3
+    UTv = 2 * N * (d_in * d_out).sum() + 2 * R * d_out.sum()
+    return fwd + back_rows + gram + chol + UTv
 
 
 def methods(model, theta, loss, X, y, lam):
@@ -121,7 +124,7 @@ def main(argv=None):
     mw = 128 if args.quick else 256
     mwidths = [784, mw, mw, 10]
     model2, theta2, X2, y2 = problem(mwidths, N)
-    R = N * mwidths[-1]
+    R = N * (mwidths[-1] - 1)  # the CE Fisher has C − 1 rows per sample
     print(f"Gram route vs materialised U: MLP {'-'.join(map(str, mwidths))} "
           f"({model2.num_params:,} parameters), batch {N}: U is {R} x {model2.num_params} "
           f"({R * model2.num_params * 8 / 2**30:.2f} GiB)")
