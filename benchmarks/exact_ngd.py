@@ -13,31 +13,15 @@ time grows with batch size and width.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from _timing import best_time, matmul_rate  # benchmarks/_timing.py, beside this script
 
 from refngd import losses, nn, updates
 from refngd.curvature import Fisher
 from refngd.backend import PSDFactor
 from refngd.derivatives import gradient_from
-
-
-def best_time(f, repeats: int) -> float:
-    f()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_rate(repeats: int) -> float:
-    """GFLOP/s of a plain float64 (1280 × 1024) @ (1024 × 1024) product."""
-    rng = np.random.default_rng(1)
-    A, B = rng.standard_normal((1280, 1024)), rng.standard_normal((1024, 1024))
-    return 2 * 1280 * 1024 * 1024 / best_time(lambda: A @ B, repeats) / 1e9
 
 
 def mlp(widths):

@@ -21,32 +21,14 @@ time relative to one plain gradient (``refngd.gradient``, forward pass included)
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from _timing import best_time, matmul_rate  # benchmarks/_timing.py, beside this script
 
 import refngd
 from refngd import losses, nn
 from refngd.curvature import KFAC
-
-
-def best_time(f, repeats: int, setup=None) -> float:
-    """Best wall time of f(setup()) over ``repeats`` runs after one warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        arg = setup() if setup is not None else None
-        t0 = time.perf_counter()
-        f(arg) if setup is not None else f()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_rate(repeats: int) -> float:
-    """GFLOP/s of a plain float64 (1280 × 1024) @ (1024 × 1024) product."""
-    rng = np.random.default_rng(1)
-    A, B = rng.standard_normal((1280, 1024)), rng.standard_normal((1024, 1024))
-    return 2 * 1280 * 1024 * 1024 / best_time(lambda: A @ B, repeats) / 1e9
 
 
 # --------------------------------------------------------------------------- models

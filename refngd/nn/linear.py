@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import operator
 
-from ..backend import Array, namespace
+from ..backend import namespace
 from .base import ParametricLayer
 
 

@@ -38,7 +38,7 @@ from .fadam import FAdam
 from .models import build_model
 from .natural import EF, IEF, NGD, SF
 from .results import fmt, format_table, save_json
-from .train import train
+from .train import progress_bar, train
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def run_compare(config: CompareConfig, log=print) -> dict:
     eval_every = max(1, per_epoch // 4)
 
     runs = [(m, lr) for m in config.methods for lr in config.grid(m)]
-    outer = _outer_bar(len(runs), config.progress)
+    outer = progress_bar(len(runs), config.progress, "compare", "run", leave=True)
     methods_rec, checkpoints = {}, {}
     for m in config.methods:
         spec = METHODS[m]
@@ -230,7 +230,7 @@ def _gamma_study(config, model, loss, data, checkpoints, trajectory, log) -> dic
     log(f"γ evaluation: {len(checkpoints)} checkpoints of the {METHODS[trajectory].label} run × "
         f"{len(batches)} fixed batches of {n}")
     rows = []
-    bar = _outer_bar(len(checkpoints), config.progress, "γ evaluation", "checkpoint")
+    bar = progress_bar(len(checkpoints), config.progress, "γ evaluation", "checkpoint", leave=True)
     for step in sorted(checkpoints):
         theta = checkpoints[step]
         tables = [gamma_ratios(model, theta, loss, data.X_train[b], data.y_train[b],
@@ -300,15 +300,3 @@ def write_outputs(record: dict, out_dir: str, plots: bool = True) -> list[str]:
 
         paths += plot_all(record, out_dir)
     return paths
-
-
-def _outer_bar(total: int, progress, desc: str = "compare", unit: str = "run"):
-    if progress is None:
-        progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError("progress bars need tqdm: pip install tqdm (or pass --no-progress).") from None
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)

@@ -39,6 +39,16 @@ def _nums(values) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
+def _finish(plt, fig, ax, path: str) -> str:
+    """Grid, legend, layout; save the figure to ``path`` and close it."""
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_loss(record: dict, path: str, x: str = "step") -> str:
     """Training loss (whole training set) of each method's best run against steps or seconds."""
     plt = _pyplot()
@@ -61,12 +71,7 @@ def plot_loss(record: dict, path: str, x: str = "step") -> str:
     cfg = record["config"]
     ax.set_title(f"{cfg['data']} · {cfg['model']} · batch {cfg['batch_size']} · best lr per method",
                  fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_gamma(record: dict, path: str) -> str | None:
@@ -90,12 +95,7 @@ def plot_gamma(record: dict, path: str) -> str | None:
     ax.set_xlabel(f"checkpoint (step of the {gam['trajectory'].upper()} run)")
     ax.set_ylabel("best γ(d) / γ(g) over the damping grid")
     ax.set_title("approximation quality (Wu et al. 2024, eq. 15); lower is better", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_gamma_damping(record: dict, path: str) -> str | None:
@@ -117,12 +117,7 @@ def plot_gamma_damping(record: dict, path: str) -> str | None:
     ax.set_ylabel("γ(d) / γ(g)")
     ax.set_title(f"damping sweep at the last checkpoint (step {last['step']}); lower is better",
                  fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path)
 
 
 def plot_all(record: dict, out_dir: str) -> list[str]:

@@ -152,7 +152,7 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
             evals["test_loss"].append(vl)
             evals["test_accuracy"].append(va)
 
-    bar = _progress_bar(total, progress, desc)
+    bar = progress_bar(total, progress, desc)
     stopped, elapsed, step = None, 0.0, 0
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         evaluate(0, 0.0, 0.0)
@@ -268,7 +268,9 @@ def _append(log: dict, step: int, epoch: float, elapsed: float, info: dict) -> N
             col.append(math.nan)
 
 
-def _progress_bar(total: int, progress: bool | None, desc: str | None):
+def progress_bar(total: int, progress: bool | None, desc: str | None, unit: str = "it",
+                 leave: bool = False):
+    """A tqdm bar on stderr, or ``None`` when ``progress`` is off (``None``: on a terminal)."""
     if progress is None:
         progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
     if not progress:
@@ -276,5 +278,5 @@ def _progress_bar(total: int, progress: bool | None, desc: str | None):
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        raise ImportError("progress bars need tqdm: pip install tqdm (or pass progress=False).") from None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        raise ImportError("progress bars need tqdm: pip install tqdm (or turn progress off).") from None
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
