@@ -24,6 +24,7 @@ NumPy and CuPy alike.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,7 +166,7 @@ def param_blocks(model, num_params: int) -> list[tuple[int, int, tuple[int, ...]
 
 
 # ---------------------------------------------------------------------- optimizer
-class Optimizer:
+class Optimizer(ABC):
     """Base class: ``init(theta) -> state`` and ``step(...) -> (theta, state, info)``.
 
     Subclasses store their hyper-parameters as attributes listed in ``_hyper`` (so that
@@ -179,9 +180,9 @@ class Optimizer:
         """A fresh state for parameters like ``theta``."""
         return {"step": 0}
 
+    @abstractmethod
     def step(self, theta: Array, state: dict, model, loss, X: Array, y: Array, rng=None):
         """One optimisation step on the batch (X, y): returns ``(theta, state, info)``."""
-        raise NotImplementedError
 
     def hyperparameters(self) -> dict:
         """The hyper-parameters as a JSON-ready dict (used in results records)."""

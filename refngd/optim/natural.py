@@ -22,6 +22,8 @@ default of :class:`EF` and :class:`SF`; NGD and iEF are not normalised by defaul
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from .. import updates
 from ..backend import check_damping
 from .base import (
@@ -57,8 +59,9 @@ class _ExactNatural(Optimizer):
     def init(self, theta):
         return {"step": 0, "momentum_buffer": None}
 
+    @abstractmethod
     def direction(self, model, theta, loss, X, y, lin, rng):
-        raise NotImplementedError
+        """The method's (P,) direction at θ on the batch, sharing the forward pass ``lin``."""
 
     def step(self, theta, state, model, loss, X, y, rng=None):
         self._check_state(state, "momentum_buffer")
