@@ -24,25 +24,9 @@ import pytest
 from refngd import nn
 from refngd.curvature import KFAC, EmpiricalFisher, Fisher, SampledFisher
 from refngd.losses import CrossEntropy, MSELoss
+from kfac_helpers import block_mask, rel_err
 
 EXACT = 1e-10
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300))
-
-
-def block_mask(model, bias):
-    M = np.zeros((model.num_params,) * 2, dtype=bool)
-    for layer, (s, e) in zip(model.layers, model.slices):
-        if bias == "joint":
-            M[s:e, s:e] = True
-            continue
-        for shape in layer.param_shapes:
-            n = int(np.prod(shape))
-            M[s:s + n, s:s + n] = True
-            s += n
-    return M
 
 
 def expand_net(rng, stride):
