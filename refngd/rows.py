@@ -6,7 +6,7 @@ Every curvature matrix in refngd is ``c · UᵀU`` for a row matrix U (R × P) w
 ============================  =====================================  ==========
 curvature                      cotangent rows s_nk                    K per sample
 ============================  =====================================  ==========
-Fisher / GGN (type-2)          columns of S_n, S_n S_nᵀ = H_n         C
+Fisher / GGN (type-2)          columns of S_n, S_n S_nᵀ = H_n         rank H_n
 sampled Fisher (MC)            ∂ℓ(z_n, ŷ_nk)/∂z_n / √K, ŷ ~ p(y|z_n)   K
 empirical Fisher               e_n                                    1
 improved empirical Fisher      e_n / ‖e_n‖                            1

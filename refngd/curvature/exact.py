@@ -3,7 +3,7 @@
 =================================  =====================================  ==============
 class                               rows s_nk (output space)                rows / sample
 =================================  =====================================  ==============
-:class:`Fisher`                     columns of S_n, S_n S_nᵀ = H_n          C
+:class:`Fisher`                     columns of S_n, S_n S_nᵀ = H_n          rank H_n
 :class:`SampledFisher`              ∂ℓ(z_n, ŷ_nk)/∂z_n / √K                 K
 :class:`EmpiricalFisher`            e_n = ∂l_n/∂z_n                         1
 :class:`ImprovedEmpiricalFisher`    e_n / ‖e_n‖                             1
