@@ -85,3 +85,29 @@ def test_relative_error():
                         rel_tol=1e-15)
     with pytest.raises(ValueError):
         metrics.relative_error(ref, np.zeros(2))
+
+
+def test_bad_inputs_raise_instead_of_returning_a_wrong_number():
+    rng = np.random.default_rng(4)
+    F, g, d = spd(5), rng.standard_normal(5), rng.standard_normal(5)
+    # an indefinite matrix (e.g. a Hessian) has dᵀFd < 0: γ would have been clipped to 0
+    H = np.diag([1.0, -1.0, 1.0, -1.0, 1.0])
+    e = np.array([0.0, 1.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        metrics.gamma(e, H, np.ones(5))
+    assert metrics.gamma(d, F, g) > 0  # PSD: unchanged
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.gamma(d * np.nan, F, g)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.gamma_ratio(d, F, g * np.nan)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.gamma(d, F, g[:4])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.cosine_similarity(d * np.nan, g)
+    # (P, 1) against (P,) used to broadcast to a (P, P) difference and give a wrong number
+    with pytest.raises(ValueError):
+        metrics.relative_error(d[:, None], d)
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.cosine_similarity(d, g[:4])
+    # matrices are still compared in the Frobenius norm
+    assert math.isclose(metrics.relative_error(2 * F, F), 1.0, rel_tol=1e-14)

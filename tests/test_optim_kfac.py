@@ -207,6 +207,8 @@ def test_mc_needs_rng_and_options_are_checked():
         optim.EKFAC(0.1, damping=0.0)
     with pytest.raises(ValueError, match="inverse_every"):
         optim.KFAC(0.1, inverse_every=0)
+    with pytest.raises(ValueError, match="damping_bounds"):  # swapped bounds: min(max(λ, lo), hi) = hi
+        optim.KFAC(0.1, adapt_damping=True, damping_bounds=(1.0, 1e-3))
 
 
 def test_kfac_trains_a_cnn():

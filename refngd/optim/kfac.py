@@ -131,6 +131,8 @@ class _KroneckerOptimizer(Optimizer):
         self.adapt_every = check_int(adapt_every, "adapt_every")
         lo, hi = damping_bounds
         self.damping_bounds = (check_positive(lo, "damping_bounds[0]"), check_positive(hi, "damping_bounds[1]"))
+        if self.damping_bounds[0] > self.damping_bounds[1]:
+            raise ValueError(f"damping_bounds must be (low, high) with low <= high, got {damping_bounds!r}.")
 
     def init(self, theta):
         return {"step": 0, "factors": None, "eigen": None, "damping": self.damping,
