@@ -49,6 +49,9 @@ class FunctionModel:
         check_float_array("theta", theta, ndim=1)
         if theta.shape[0] != self.num_params:
             raise ValueError(f"theta has {theta.shape[0]} entries, the model has {self.num_params}.")
+        if theta.dtype != self.dtype:
+            raise TypeError(f"theta has dtype {theta.dtype} but this FunctionModel was built for "
+                            f"{self.dtype}; convert with theta.astype({str(self.dtype)!r}).")
         check_float_array("X", X)
         if X.ndim < 1 or X.shape[0] < 1:
             raise ValueError(f"X must be a batch of shape (N, ...) with N >= 1, got {tuple(X.shape)}.")
@@ -59,6 +62,8 @@ class FunctionModel:
         Z = anp.asarray(self.f(theta, X))
         if Z.ndim != 2 or Z.shape[0] != X.shape[0]:
             raise ValueError(f"f must return outputs of shape (N, C) = ({X.shape[0]}, C), got {Z.shape}.")
+        if not anp.all(anp.isfinite(Z)):
+            raise ValueError("the model outputs contain NaN or Inf; check theta, X and f.")
         return Z
 
     def linearize(self, theta: Array, X: Array) -> "FunctionLinearization":

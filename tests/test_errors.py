@@ -321,3 +321,36 @@ def test_bad_damping():
         backend.check_damping("0.1")
     with pytest.raises(ValueError, match="damping must be > 0 here"):
         backend.check_damping(0.0, allow_zero=False)
+
+
+def test_more_bad_inputs_raise_clear_errors():
+    """Checks added after review: each of these used to pass silently."""
+    import autograd.numpy as anp
+
+    from refngd import FunctionModel, nn
+    from refngd.curvature import EmpiricalFisher, SampledFisher
+    from refngd.losses import CrossEntropy
+    from refngd.optim.train import dataset_metrics
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    theta, X, y = model.init(rng), rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    loss = CrossEntropy()
+    with pytest.raises(ValueError, match="mc_samples must be a positive integer"):
+        SampledFisher(model, theta, loss, X, y, mc_samples=2.0, rng=0)
+    F = EmpiricalFisher(model, theta, loss, X, y)
+    w0 = np.ones((5, 1))
+    w0[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.solve_row_space(w0, 0.1)
+    with pytest.raises(ValueError, match="at least one sample"):
+        dataset_metrics(model, theta, loss, X[:0], y[:0])
+
+    def f(t, X):
+        return anp.dot(X, t.reshape(3, 2))
+
+    fm = FunctionModel(f, np.zeros(6))
+    with pytest.raises(TypeError, match="dtype float32"):
+        fm.forward(np.zeros(6, dtype=np.float32), X)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        FunctionModel(lambda t, X: anp.log(anp.dot(X, t.reshape(3, 2)) * 0.0), np.ones(6)).forward(np.ones(6), X)

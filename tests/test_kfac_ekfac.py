@@ -130,3 +130,26 @@ def test_mse_ekfac_exact_for_deep_linear():
     X, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
     F = Fisher(model, theta, MSELoss(), X, y).dense() * block_mask(model, "joint")
     assert rel_err(EKFAC(model, theta, MSELoss(), X, y, bias="joint").dense(), F) <= EXACT
+
+
+def test_ekfac_refuses_options_that_contradict_a_given_kfac():
+    """EKFAC(..., kfac=k) takes k's factors; a clashing option is an error, not ignored."""
+    from refngd.curvature import EKFAC, KFAC
+    from refngd import nn
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    theta, X, y = model.init(rng), rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    loss = CrossEntropy()
+    k = KFAC(model, theta, loss, X, y, fisher_type="mc", mc_samples=2, rng=0)
+    EKFAC(model, theta, loss, X, y, kfac=k)  # fine: everything comes from k
+    EKFAC(model, theta, loss, X, y, fisher_type="mc", mc_samples=2, kfac=k)  # consistent
+    with pytest.raises(ValueError, match="fisher_type='type-2'"):
+        EKFAC(model, theta, loss, X, y, fisher_type="type-2", kfac=k)
+    with pytest.raises(ValueError, match="mc_samples=3"):
+        EKFAC(model, theta, loss, X, y, mc_samples=3, kfac=k)
+    with pytest.raises(ValueError, match="rng="):
+        EKFAC(model, theta, loss, X, y, rng=1, kfac=k)
+    # without kfac= the documented defaults still apply
+    e = EKFAC(model, theta, loss, X, y)
+    assert (e.fisher_type, e.kfac_approx, e.bias) == ("type-2", "expand", "separate")

@@ -248,6 +248,7 @@ class RowCurvature(CurvatureOperator):
         N, K = self.rows.N, self.rows.K
         if getattr(w0, "shape", None) != (N, K):
             raise ValueError(f"w0 must have shape ({N}, {K}), got {getattr(w0, 'shape', w0)}.")
+        check_float_array("w0", w0)
         if not self._uses_gram():
             return self.solve(self.rows.rmatvec(w0.astype(self.dtype, copy=False)), lam)
         a = PSDFactor(self.gram(), shift=lam / self.c).solve(w0.reshape(-1)) / self.c

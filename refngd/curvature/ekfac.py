@@ -37,12 +37,26 @@ class EKFAC(KroneckerOperator):
     the per-row gradients have no component outside them, so s = 0 there exactly.
     """
 
-    def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
-                 mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-                 linearization=None, kfac: KFAC | None = None):
+    def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
+                 mc_samples: int | None = None, rng=None, kfac_approx: str | None = None,
+                 bias: str | None = None, linearization=None, kfac: KFAC | None = None):
+        options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
+                   "bias": bias}
         if kfac is None:
-            kfac = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples,
-                        rng=rng, kfac_approx=kfac_approx, bias=bias, linearization=linearization)
+            defaults = {"fisher_type": "type-2", "mc_samples": 1, "kfac_approx": "expand",
+                        "bias": "separate"}
+            kw = {k: defaults[k] if v is None else v for k, v in options.items()}
+            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, **kw)
+        else:
+            # The factors come from ``kfac``: an option that contradicts them is an error,
+            # not something to ignore silently.
+            clash = [f"{k}={v!r} (kfac has {getattr(kfac, k)!r})" for k, v in options.items()
+                     if v is not None and v != getattr(kfac, k, v)]
+            if clash or rng is not None or linearization is not None:
+                raise ValueError(
+                    "EKFAC(..., kfac=k) reuses k's factors; do not also pass "
+                    + (", ".join(clash) if clash else "rng= or linearization=")
+                    + ". Build the KFAC with the options you want instead.")
         self.kfac = kfac
         for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias"):
             setattr(self, name, getattr(kfac, name))

@@ -50,7 +50,7 @@ class SampledFisher(RowCurvature):
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
                  linearization=None, with_gradient=False):
-        if int(mc_samples) != mc_samples or mc_samples < 1:
+        if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)

@@ -158,6 +158,17 @@ def build_blocks(idx, e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp
     return out
 
 
+def pi_correction(A: Array, G: Array) -> float:
+    """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0.
+
+    Factored damping (A + π√λ I) ⊗ (G + √λ/π I) splits λ between the factors in
+    proportion to their average eigenvalues.
+    """
+    xp = namespace(A)
+    ta, tg = float(xp.trace(A)) / A.shape[0], float(xp.trace(G)) / G.shape[0]
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+
+
 class KFAC(KroneckerOperator):
     """K-FAC approximation of the Fisher type ``fisher_type``, block-diagonal over layers.
 
@@ -182,6 +193,7 @@ class KFAC(KroneckerOperator):
                  linearization=None):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
+        self.mc_samples = int(mc_samples)
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z))
@@ -230,10 +242,7 @@ class KFAC(KroneckerOperator):
 
     # ------------------------------------------------------------------ damping
     def _pi(self, blk: Block) -> float:
-        """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0."""
-        xp = self._xp()
-        ta, tg = float(xp.trace(blk.A.F)) / blk.A.dim, float(xp.trace(blk.G.F)) / blk.G.dim
-        return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        return pi_correction(blk.A.F, blk.G.F)
 
     def _factored_damping(self, blk: Block, damping: float):
         """(γ_G, γ_A) = (√λ/π, π√λ): the block becomes (G + γ_G I) ⊗ (A + γ_A I)."""

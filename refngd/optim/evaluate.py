@@ -115,6 +115,8 @@ def _gram_sweep(method, model, theta, loss, X, y, lin, taus):
         rhs = (e * e).sum(axis=1).astype(xp.float64)
     Vr = V.T @ rhs
     s = to_float(xp.trace(K)) / N
+    if s == 0:  # every e_n = 0: a perfectly fitted batch has no update to score
+        return [None] * len(taus), s
     dirs = []
     for t in taus:
         coef = V @ (Vr / (w + t * s))

@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import math
 
-from ..backend import check_damping, namespace, to_float
+from ..backend import check_damping, eigh_psd, namespace, to_float
 from ..curvature import Fisher
 from ..curvature import KFAC as KFACCurvature
+from ..curvature.kfac import pi_correction
 from ..nn import Linear
 from .base import (
     Optimizer,
@@ -64,17 +65,6 @@ from .base import (
 
 
 # --------------------------------------------------------------------- linear algebra
-def _eigh(M):
-    xp = namespace(M)
-    w, U = xp.linalg.eigh(M)
-    return xp.maximum(w, 0.0), U
-
-
-def _pi(A, G) -> float:
-    """π of Martens & Grosse (2015, §6.3): √((tr A/dim A)/(tr G/dim G)); 1 if a trace is 0."""
-    xp = namespace(A)
-    ta, tg = to_float(xp.trace(A)) / A.shape[0], to_float(xp.trace(G)) / G.shape[0]
-    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
 
 
 class _Layer:
@@ -232,7 +222,7 @@ class KFAC(_KroneckerOptimizer):
     def _refresh(self, state, factors, kf, layers, t, new_state):
         eigen = state["eigen"]
         if eigen is None or (t - 1) % self.inverse_every == 0:
-            eigen = [(_eigh(A), _eigh(G)) for A, G in factors]
+            eigen = [(eigh_psd(A), eigh_psd(G)) for A, G in factors]
         new_state["eigen"] = eigen
         return eigen
 
@@ -246,7 +236,7 @@ class KFAC(_KroneckerOptimizer):
         if self.damping_mode == "tikhonov":
             W = W / (wG[:, None] * wA[None, :] + lam)
         else:
-            p, s = _pi(A, G), math.sqrt(lam)
+            p, s = pi_correction(A, G), math.sqrt(lam)
             W = W / ((wG + s / p)[:, None] * (wA + s * p)[None, :])
         return UG @ W @ UA.T
 
@@ -274,7 +264,7 @@ class EKFAC(_KroneckerOptimizer):
     def _refresh(self, state, factors, kf, layers, t, new_state):
         eigen, S, k = state["eigen"], state["scalings"], state["since_refresh"]
         if eigen is None or (t - 1) % self.inverse_every == 0:
-            eigen = [(_eigh(A)[1], _eigh(G)[1]) for A, G in factors]
+            eigen = [(eigh_psd(A)[1], eigh_psd(G)[1]) for A, G in factors]
             S, k = None, 0
         k += 1
         fresh = [_scalings(e, kf.c, UA, UG, lay) for e, (UA, UG), lay in zip(kf.rows.layers, eigen, layers)]

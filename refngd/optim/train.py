@@ -211,6 +211,8 @@ def dataset_metrics(model, theta, loss, X, y) -> tuple[float, float]:
     the loss of one batch holding every row.  NaN/Inf outputs give ``inf`` loss.
     """
     N = X.shape[0]
+    if N == 0:
+        raise ValueError("dataset_metrics needs at least one sample, got an empty data set.")
     per_sample, correct, counted = 0.0, 0.0, 0
     for s in range(0, N, EVAL_CHUNK):
         Xb = to_device(X[s:s + EVAL_CHUNK], like=theta)
