@@ -20,7 +20,7 @@ from _timing import best_time, matmul_rate  # benchmarks/_timing.py, beside this
 
 from refngd import losses, nn, updates
 from refngd.curvature import Fisher
-from refngd.backend import PSDFactor
+from refngd.backend import PSDFactor, get_backend, to_device, to_numpy
 from refngd.derivatives import gradient_from
 
 
@@ -33,12 +33,15 @@ def mlp(widths):
     return nn.Sequential(*layers)
 
 
+BACKEND = "numpy"  # set by --backend
+
+
 def problem(widths, N, seed=0):
     rng = np.random.default_rng(seed)
     model = mlp(widths)
-    theta = model.init(rng)
-    X = rng.standard_normal((N, widths[0]))
-    y = rng.integers(0, widths[-1], N)
+    theta = model.init(rng, backend=BACKEND)
+    X = to_device(rng.standard_normal((N, widths[0])), like=theta)
+    y = to_device(rng.integers(0, widths[-1], N), like=theta)
     return model, theta, X, y
 
 
@@ -82,14 +85,19 @@ def materialised_ngd(model, theta, loss, X, y, lam):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
+                   help="array module: cupy runs everything on the GPU")
     args = p.parse_args(argv)
+    global BACKEND
+    BACKEND = args.backend
     reps = 3 if args.quick else 7
     lam = 1e-3
     loss = losses.CrossEntropy()
     width, N = (512, 64) if args.quick else (1024, 128)
     widths = [784, width, width, 10]
 
-    rate = matmul_rate(reps)
+    rate = matmul_rate(reps, get_backend(args.backend))
+    print(f"backend: {args.backend}")
     print(f"plain float64 A @ B (1280x1024 @ 1024x1024): {rate:.1f} GFLOP/s\n")
 
     model, theta, X, y = problem(widths, N)
@@ -114,7 +122,7 @@ def main(argv=None):
           f"({R * model2.num_params * 8 / 2**30:.2f} GiB)")
     d_gram = updates.ngd(model2, theta2, loss, X2, y2, lam)
     d_mat = materialised_ngd(model2, theta2, loss, X2, y2, lam)
-    err = np.abs(d_gram - d_mat).max() / np.abs(d_mat).max()
+    err = float(np.abs(to_numpy(d_gram - d_mat)).max() / np.abs(to_numpy(d_mat)).max())
     t_gram = best_time(lambda: updates.ngd(model2, theta2, loss, X2, y2, lam), reps)
     t_mat = best_time(lambda: materialised_ngd(model2, theta2, loss, X2, y2, lam), max(1, reps // 3))
     print(f"  gram {t_gram:.4f} s   materialised {t_mat:.4f} s   ratio {t_mat / t_gram:.1f}x   "
