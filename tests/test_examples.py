@@ -1,0 +1,46 @@
+"""Every script in examples/ runs to completion and writes its figure.
+
+The examples assert the mathematical claim they demonstrate, so a non-zero exit code
+here means either a broken example or a wrong library result: read the stderr shown.
+Each runs in a subprocess (a fresh interpreter, as a user would run it) with matplotlib's
+Agg backend, writing its figure to a temporary directory.
+"""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLES = ["validate_pytorch", "least_squares_one_step", "gamma_vs_damping", "kfac_exact_cases"]
+NEEDS = {"validate_pytorch": "torch"}      # the script exits 0 with a message without it
+
+
+def _run(args, cwd):
+    env = dict(os.environ, MPLBACKEND="Agg")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs_and_writes_figure(name, tmp_path):
+    pytest.importorskip("matplotlib")
+    if name == "gamma_vs_damping":
+        pytest.importorskip("sklearn")
+    out = tmp_path / "fig" / f"{name}.png"
+    proc = _run([str(ROOT / "examples" / f"{name}.py"), "--out", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    needed = NEEDS.get(name)
+    if needed and importlib.util.find_spec(needed) is None:
+        assert "not installed" in proc.stdout
+        pytest.skip(f"{needed} is not installed: {name} only printed a message")
+    assert out.is_file() and out.stat().st_size > 0, f"{name} wrote no figure"
+    assert "figure:" in proc.stdout
+
+
+def test_quickstart_runs(tmp_path):
+    proc = _run([str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "NGD" in proc.stdout
