@@ -153,3 +153,32 @@ def test_ekfac_refuses_options_that_contradict_a_given_kfac():
     # without kfac= the documented defaults still apply
     e = EKFAC(model, theta, loss, X, y)
     assert (e.fisher_type, e.kfac_approx, e.bias) == ("type-2", "expand", "separate")
+
+
+@pytest.mark.parametrize("kind,seed", CASES[::3])
+@pytest.mark.parametrize("bias", ["separate", "joint"])
+def test_with_factors_replaces_the_kronecker_factors(kind, seed, bias):
+    """``with_factors`` keeps the θ layout and rows and swaps A, G (the optimizers' running averages)."""
+    model, theta, X, y = random_net(kind, seed)
+    K = KFAC(model, theta, CrossEntropy(), X, y, bias=bias)
+    own = [(f.A, f.G) for f in K.factors()]
+    g = np.random.default_rng(seed).standard_normal(theta.shape[0])
+    same = K.with_factors(own)  # full bases of the same factors: the same operator
+    for mode in ("tikhonov", "factored"):
+        np.testing.assert_allclose(same.solve(g, 0.1, mode), K.solve(g, 0.1, mode), rtol=1e-10, atol=1e-12)
+    scaled = K.with_factors([(A, 3 * G) for A, G in own])  # every block (bias too) is 3×
+    np.testing.assert_allclose(scaled.dense(), 3 * K.dense(), rtol=1e-12, atol=1e-14)
+    assert all(np.array_equal(f.G, 3 * G) for f, (_, G) in zip(scaled.factors(), own))
+    # a stale eigendecomposition: products use the factors, solves that basis
+    eig = [(np.linalg.eigh(A), np.linalg.eigh(3 * G)) for A, G in own]
+    stale = K.with_factors(own, eig)
+    np.testing.assert_allclose(stale.matvec(g), K.matvec(g), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(stale.solve(g, 0.1), scaled.solve(g, 0.1), rtol=1e-10, atol=1e-12)
+    E = EKFAC(model, theta, CrossEntropy(), X, y, kfac=K)
+    np.testing.assert_allclose(E.with_factors(own).dense(), E.dense(), rtol=1e-9, atol=1e-12)
+    bases = [((None, eA[1]), (None, eG[1])) for eA, eG in eig]  # EKFAC needs only the basis
+    np.testing.assert_allclose(E.with_factors(own, bases).dense(), E.dense(), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="factors"):
+        K.with_factors(own[:-1])
+    with pytest.raises(ValueError, match="eigenvalues"):
+        K.with_factors(own, bases)

@@ -20,8 +20,8 @@ import copy
 
 from ..backend import Array, check_damping, namespace
 from ..nn.linear import Linear
-from .kfac import KFAC
-from .kronecker import Block, KroneckerOperator, _log_sum, eig_solve
+from .kfac import KFAC, input_rows, output_rows
+from .kronecker import KroneckerOperator, _log_sum, eig_solve
 
 _CHUNK_ELEMS = 1 << 22
 
@@ -32,7 +32,9 @@ class EKFAC(KroneckerOperator):
     Pass ``kfac=`` an existing :class:`KFAC` to reuse its factors and eigendecompositions.
     :meth:`scalings` returns the re-estimated diagonals S (one (r_G, r_A) array per
     block), :meth:`kronecker_eigenvalues` K-FAC's λ_G λ_Aᵀ, and :meth:`with_scalings`
-    a copy with other diagonals (``ek.with_scalings(ek.kronecker_eigenvalues())`` is K-FAC).
+    a copy with other diagonals (``ek.with_scalings(ek.kronecker_eigenvalues())`` is K-FAC);
+    :meth:`with_factors` a copy in the eigenbasis of other factors (the EKFAC optimizer's
+    running averages), its diagonal re-estimated there from this batch's rows.
     Linear layers use thin eigenbases when a factor has fewer rows than its dimension —
     the per-row gradients have no component outside them, so s = 0 there exactly.
     """
@@ -61,24 +63,33 @@ class EKFAC(KroneckerOperator):
         for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias"):
             setattr(self, name, getattr(kfac, name))
         self._factors = kfac.factors()
-        self.blocks = []
-        for b in kfac.blocks:
-            blk = Block(b.kind, b.G, b.A, b.start, b.d_out, b.D, isinstance(b.entry.layer, Linear))
-            blk.entry = b.entry
-            self.blocks.append(blk)
-        self._S = [self._estimate(blk) for blk in self.blocks]
+        self.blocks = [b.replace(b.G, b.A, isinstance(b.entry.layer, Linear)) for b in kfac.blocks]
+        self._scal = None  # the diagonals, estimated on first use
+
+    @property
+    def _S(self) -> list:
+        if self._scal is None:
+            rotated: dict = {}  # Σ_k (U_Gᵀ b_nk)², shared by a layer's weight and bias blocks
+            self._scal = [self._estimate(blk, rotated) for blk in self.blocks]
+        return self._scal
 
     # ---------------------------------------------------------------- the diagonal
-    def _estimate(self, blk: Block) -> Array:
+    def _estimate(self, blk, rotated: dict | None = None) -> Array:
         """s = c Σ_r (U_Gᵀ G_r U_A)² for the layer's per-row gradient matrices G_r."""
         (_, UG, _), (_, UA, _) = blk.eig()
         e = blk.entry
         xp = namespace(UG)
         N, K = e.B.shape[:2]
         if isinstance(e.layer, Linear):
-            Bq = blk.G.M @ UG
-            B2 = (Bq * Bq).reshape(N, K, -1).sum(axis=1)  # (N, r_G): Σ_k (U_Gᵀ b_nk)²
-            a = blk.A.M if blk.kind != "b" else xp.ones((N, 1), dtype=xp.float64)
+            rotated = {} if rotated is None else rotated
+            if id(blk.G) not in rotated:
+                Bq = output_rows(e.layer, e.B, None) @ UG
+                rotated[id(blk.G)] = (Bq * Bq).reshape(N, K, -1).sum(axis=1)  # (N, r_G)
+            B2 = rotated[id(blk.G)]  # Σ_k (U_Gᵀ b_nk)²
+            if blk.kind == "b":
+                a = xp.ones((N, 1), dtype=xp.float64)
+            else:
+                a = input_rows(e.layer, e.cache, None, blk.kind == "wb")[0]
             Aq = a @ UA
             return self.c * (B2.T @ (Aq * Aq))
         cols = e.cache[0]  # (N, D, T)
@@ -104,15 +115,26 @@ class EKFAC(KroneckerOperator):
     def kronecker_eigenvalues(self) -> list:
         """K-FAC's eigenvalues λ_G λ_Aᵀ of every block, in the same layout as :meth:`scalings`."""
         xp = self._xp()
-        return [xp.outer(blk.G.eig(blk.thin)[0], blk.A.eig(blk.thin)[0]) for blk in self.blocks]
+
+        def values(f, thin):  # a basis given without eigenvalues (with_factors): U_iᵀ F U_i
+            w, U, _ = f.eig(thin)
+            return w if w is not None else xp.einsum("ij,ij->j", U, f.F @ U)
+        return [xp.outer(values(blk.G, blk.thin), values(blk.A, blk.thin)) for blk in self.blocks]
 
     def with_scalings(self, scalings: list) -> "EKFAC":
         """A copy of this operator with the diagonals ``scalings`` (same layout)."""
         if len(scalings) != len(self._S) or any(s.shape != t.shape for s, t in zip(scalings, self._S)):
             raise ValueError("scalings must match EKFAC.scalings() in number and shapes.")
         new = copy.copy(self)
-        new._S = list(scalings)
+        new._scal = list(scalings)
         return new
+
+    def with_factors(self, factors: list, eigen: list | None = None) -> "EKFAC":
+        new = super().with_factors(factors, eigen)
+        new._scal = None  # re-estimated in the new basis from this batch's rows
+        return new
+
+    with_factors.__doc__ = KroneckerOperator.with_factors.__doc__
 
     # ---------------------------------------------------------------- operations
     def _pairs(self):

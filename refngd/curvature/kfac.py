@@ -141,21 +141,17 @@ class LayerFactors:
     approx: str | None
 
 
-def build_blocks(idx, e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
+def build_blocks(e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
     """The blocks of one layer: [w] (no bias), [w, b] (separate) or [wb] (joint)."""
     layer = e.layer
     D = layer.in_features if isinstance(layer, Linear) else layer.D
     d_out = G.dim
     if not layer.bias:
-        out = [Block("w", G, A, e.start, d_out, D, thin)]
-    elif bias == "joint":
-        out = [Block("wb", G, A, e.start, d_out, D, thin)]
-    else:
-        one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
-        out = [Block("w", G, A, e.start, d_out, D, thin), Block("b", G, one, e.start, d_out, D, thin)]
-    for blk in out:
-        blk.entry = e  # the layer's LayerRows (EKFAC re-reads inputs and rows from it)
-    return out
+        return [Block("w", G, A, e.start, d_out, D, thin, e)]
+    if bias == "joint":
+        return [Block("wb", G, A, e.start, d_out, D, thin, e)]
+    one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
+    return [Block("w", G, A, e.start, d_out, D, thin, e), Block("b", G, one, e.start, d_out, D, thin, e)]
 
 
 def pi_correction(A: Array, G: Array) -> float:
@@ -210,7 +206,7 @@ class KFAC(KroneckerOperator):
                 cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))
             A = cache[key]
             G = KronFactor(output_rows(e.layer, e.B, approx), self.c)
-            self.blocks += build_blocks(idx, e, A, G, bias, True, xp)
+            self.blocks += build_blocks(e, A, G, bias, True, xp)
             self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop, A.F, G.F,
                                               bias if e.layer.bias else None, approx))
 
@@ -239,6 +235,13 @@ class KFAC(KroneckerOperator):
         """Σ_blocks tr(G) · tr(A)."""
         xp = self._xp()
         return float(sum(xp.trace(b.G.F) * xp.trace(b.A.F) for b in self.blocks))
+
+    def with_factors(self, factors: list, eigen: list | None = None) -> "KFAC":
+        if eigen is not None and any(e[0] is None for pair in eigen for e in pair):
+            raise ValueError("K-FAC's solves need eigenvalues: eigen = [((w_A, U_A), (w_G, U_G))].")
+        return super().with_factors(factors, eigen)
+
+    with_factors.__doc__ = KroneckerOperator.with_factors.__doc__
 
     # ------------------------------------------------------------------ damping
     def _pi(self, blk: Block) -> float:

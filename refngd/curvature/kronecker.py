@@ -7,6 +7,8 @@ S = λ_G λ_Aᵀ, EKFAC re-estimates S.  Nothing P × P is formed except by ``de
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 from ..backend import Array, SingularSystemError, is_cupy, namespace
@@ -49,8 +51,21 @@ class KronFactor:
         self.dim = self.F.shape[0]
         self._eig: dict = {}
 
+    @classmethod
+    def from_matrix(cls, F: Array, eig=None) -> "KronFactor":
+        """A factor given as its matrix F (no rows, so its basis is full), e.g. a running average.
+
+        ``eig`` = (w, U) is used as its eigendecomposition instead of ``eigh(F)`` — one
+        computed earlier and kept; ``w`` may be ``None`` where only the basis is used.
+        """
+        self = cls.__new__(cls)
+        self.M, self.scale, self.F, self.dim, self._eig = None, 1.0, F, F.shape[0], {}
+        if eig is not None:
+            self._eig[False] = (eig[0], eig[1], True)
+        return self
+
     def eig(self, thin: bool = True):
-        thin = bool(thin) and self.M.shape[0] < self.dim
+        thin = bool(thin) and self.M is not None and self.M.shape[0] < self.dim
         if thin not in self._eig:
             xp = namespace(self.F)
             if thin:
@@ -125,12 +140,19 @@ class Block:
     ``kind``: ``"w"`` the weight (d_A = D), ``"b"`` the bias (A = [1]), ``"wb"`` weight
     and bias jointly (d_A = D + 1, last column the bias) — θ stores W row-major *then* b,
     so this block's vec order differs from θ's: :meth:`gather` / :meth:`scatter` permute.
+    ``entry`` is the layer's LayerRows (EKFAC re-reads inputs and rows from it).
     """
 
-    def __init__(self, kind, G: KronFactor, A: KronFactor, start: int, d_out: int, D: int, thin: bool):
-        self.kind, self.G, self.A, self.thin = kind, G, A, thin
+    def __init__(self, kind, G: KronFactor, A: KronFactor, start: int, d_out: int, D: int, thin: bool,
+                 entry=None):
+        self.kind, self.G, self.A, self.thin, self.entry = kind, G, A, thin, entry
         self.start, self.d_out, self.D = start, d_out, D
         self.size = d_out * A.dim
+
+    def replace(self, G: KronFactor, A: KronFactor, thin: bool) -> "Block":
+        """The same block with other factors (a bias block keeps its A = [1])."""
+        return Block(self.kind, G, self.A if self.kind == "b" else A, self.start, self.d_out, self.D,
+                     thin, self.entry)
 
     def _w(self, v):
         return v[self.start:self.start + self.d_out * self.D].reshape(self.d_out, self.D)
@@ -185,6 +207,30 @@ class KroneckerOperator(CurvatureOperator):
         for blk in self.blocks:
             blk.scatter(out, fn(blk, blk.gather(v)))
         return out.astype(self.dtype, copy=False)
+
+    def with_factors(self, factors: list, eigen: list | None = None):
+        """A copy with the factors ``[(A, G)]`` (one pair per layer, as :meth:`factors`).
+
+        The θ layout, the batch's rows and every option stay; only the Kronecker factors
+        change — the K-FAC / EKFAC optimizers precondition with running averages this way.
+        ``eigen``: per layer ``((w_A, U_A), (w_G, U_G))`` to use instead of ``eigh`` of A
+        and G (say from an earlier refresh: products then use A and G, solves that basis);
+        ``w`` may be ``None`` where only the basis is used (EKFAC).  Bases are full.
+        """
+        own = self.factors()
+        if len(factors) != len(own) or any(A.shape != f.A.shape or G.shape != f.G.shape
+                                           for (A, G), f in zip(factors, own)):
+            raise ValueError("factors must match factors() in number and shapes.")
+        if eigen is not None and len(eigen) != len(own):
+            raise ValueError("eigen must have one ((w_A, U_A), (w_G, U_G)) per layer.")
+        kron = {}
+        for i, (f, (A, G)) in enumerate(zip(own, factors)):
+            eA, eG = (None, None) if eigen is None else eigen[i]
+            kron[f.start] = (KronFactor.from_matrix(G, eG), KronFactor.from_matrix(A, eA))
+        new = copy.copy(self)
+        new._factors = [dataclasses.replace(f, A=A, G=G) for f, (A, G) in zip(own, factors)]
+        new.blocks = [b.replace(*kron[b.start], thin=False) for b in self.blocks]
+        return new
 
     def eigendecompose(self):
         """Compute (and cache) the eigendecompositions of every factor; returns self."""

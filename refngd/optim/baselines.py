@@ -139,8 +139,8 @@ class Adafactor(Optimizer):
         X_t = X_{t−1} − α_t Û_t
 
     Defaults are the paper's: ε₁ = 10⁻³⁰, ε₂ = 10⁻³, d = 1, decay_rate = 0.8, no
-    momentum.  ``beta1`` > 0 adds the optional first moment m_t = β₁ m_{t−1} + (1 − β₁)Û_t
-    (m₀ = 0, applied to the clipped, scaled step α_t Û_t).  A
+    momentum.  ``beta1`` > 0 adds the optional first moment of the clipped, scaled step,
+    m_t = β₁ m_{t−1} + (1 − β₁) α_t Û_t (m₀ = 0), and then X_t = X_{t−1} − m_t.  A
     :class:`refngd.FunctionModel` has no parameter shapes: θ is one vector block.
     """
 

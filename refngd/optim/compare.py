@@ -92,10 +92,7 @@ METHODS: dict[str, Method] = {
     "fadam": Method("FAdam", lambda lr: FAdam(lr, weight_decay=0.0), _ladder(0.03),
                     "β = (0.9, 0.999), clip 1, adaptive ε, no weight decay"),
 }
-try:  # K-FAC / EKFAC optimizers need refngd.curvature.KFAC
-    METHODS.update(_kfac_methods())
-except ImportError:  # pragma: no cover - depends on the checkout
-    pass
+METHODS.update(_kfac_methods())
 
 DEFAULT_METHODS = ("sgd", "adam", "ngd", "ef", "ief", "sf", "kfac", "ekfac", "adafisher", "fadam")
 

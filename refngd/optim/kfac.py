@@ -46,11 +46,10 @@ from __future__ import annotations
 
 import math
 
-from ..backend import check_damping, eigh_psd, namespace, to_float
-from ..curvature import Fisher
+from ..backend import check_damping, eigh_psd, to_float
+from ..curvature import EKFAC as EKFACCurvature
 from ..curvature import KFAC as KFACCurvature
-from ..curvature.kfac import pi_correction
-from ..nn import Linear
+from ..curvature import Fisher
 from .base import (
     Optimizer,
     apply_momentum,
@@ -64,43 +63,13 @@ from .base import (
 )
 
 
-# --------------------------------------------------------------------- linear algebra
-
-
-class _Layer:
-    """The θ layout of one layer's Kronecker blocks: weight (d_out, D) row-major, then bias."""
-
-    def __init__(self, f):
-        layer = f.layer
-        self.start, self.stop, self.bias = f.start, f.stop, f.bias
-        self.D = layer.in_features if isinstance(layer, Linear) else layer.D
-        self.d_out = f.G.shape[0]
-        self.nw = self.d_out * self.D
-
-    def blocks(self, v):
-        """[(V, A-kind)]: ``("w", W)`` / ``("b", b[:, None])`` or ``("wb", [W | b])``."""
-        xp = namespace(v)
-        W = v[self.start:self.start + self.nw].reshape(self.d_out, self.D)
-        if self.bias is None:
-            return [("w", W)]
-        b = v[self.start + self.nw:self.stop][:, None]
-        if self.bias == "joint":
-            return [("wb", xp.concatenate([W, b], axis=1))]
-        return [("w", W), ("b", b)]
-
-    def assemble(self, out, parts) -> None:
-        seg = out[self.start:self.stop]
-        for kind, M in parts:
-            if kind in ("w", "wb"):
-                seg[:self.nw] = M[:, :self.D].reshape(-1)
-            if kind == "wb":
-                seg[self.nw:] = M[:, self.D]
-            if kind == "b":
-                seg[self.nw:] = M[:, 0]
-
-
 class _KroneckerOptimizer(Optimizer):
-    """Shared state machine of K-FAC and EKFAC (factors, damping, clipping, momentum)."""
+    """Shared state machine of K-FAC and EKFAC (factors, damping, clipping, momentum).
+
+    The optimizer keeps only running statistics; the preconditioner is the curvature
+    library's operator on the batch with these put in place of the batch's factors
+    (:meth:`refngd.curvature.KFAC.with_factors`), so the solves are the library's.
+    """
 
     _hyper = ("lr", "damping", "ema_decay", "inverse_every", "fisher_type", "mc_samples",
               "kfac_approx", "bias", "kl_clip", "momentum", "adapt_damping", "adapt_every")
@@ -145,6 +114,9 @@ class _KroneckerOptimizer(Optimizer):
             return [(f.A, f.G) for f in new]
         return [(eps * A + (1 - eps) * f.A, eps * G + (1 - eps) * f.G) for (A, G), f in zip(old, new)]
 
+    def _refreshing(self, state, t) -> bool:
+        return state["eigen"] is None or (t - 1) % self.inverse_every == 0
+
     def _clip_factor(self, d, g) -> float:
         if self.kl_clip is None:
             return 1.0
@@ -170,18 +142,10 @@ class _KroneckerOptimizer(Optimizer):
         batch = evaluate_batch(model, theta, loss, X, y)
         t = state["step"] + 1
         kf = self._batch_factors(model, theta, loss, X, y, batch.lin, rng)
-        layers = [_Layer(f) for f in kf.factors()]
         factors = self._running(state["factors"], kf, t)
         new_state = {"step": t, "factors": factors, "damping": state["damping"]}
-        precond = self._refresh(state, factors, kf, layers, t, new_state)
         lam = state["damping"]
-        xp = namespace(theta)
-        d = xp.zeros(theta.shape[0], dtype=xp.float64)
-        g64 = batch.g.astype(xp.float64)
-        for i, lay in enumerate(layers):
-            lay.assemble(d, [(kind, self._solve(kind, V, i, factors, precond, lam))
-                             for kind, V in lay.blocks(g64)])
-        d = d.astype(theta.dtype, copy=False)
+        d = self._direction(state, new_state, kf, factors, t, batch.g, lam, (model, theta, loss, X, y))
         nu = self._clip_factor(d, batch.g)
         step, buf = apply_momentum(state["momentum_buffer"], nu * d, self.momentum)
         new = theta - self.lr * step
@@ -219,26 +183,13 @@ class KFAC(_KroneckerOptimizer):
                          bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
         self.damping_mode = check_choice(damping_mode, "damping_mode", ("factored", "tikhonov"))
 
-    def _refresh(self, state, factors, kf, layers, t, new_state):
+    def _direction(self, state, new_state, kf, factors, t, g, lam, problem):
+        """The running factors with the eigendecomposition of the last refresh (π from A_t, G_t)."""
         eigen = state["eigen"]
-        if eigen is None or (t - 1) % self.inverse_every == 0:
+        if self._refreshing(state, t):
             eigen = [(eigh_psd(A), eigh_psd(G)) for A, G in factors]
         new_state["eigen"] = eigen
-        return eigen
-
-    def _solve(self, kind, V, i, factors, eigen, lam):
-        (wA, UA), (wG, UG) = eigen[i]
-        A, G = factors[i]
-        if kind == "b":  # the bias block G ⊗ [1]
-            xp = namespace(V)
-            wA, UA, A = xp.ones(1), xp.ones((1, 1)), xp.ones((1, 1))
-        W = UG.T @ V @ UA
-        if self.damping_mode == "tikhonov":
-            W = W / (wG[:, None] * wA[None, :] + lam)
-        else:
-            p, s = pi_correction(A, G), math.sqrt(lam)
-            W = W / ((wG + s / p)[:, None] * (wA + s * p)[None, :])
-        return UG @ W @ UA.T
+        return kf.with_factors(factors, eigen).solve(g, lam, self.damping_mode)
 
 
 class EKFAC(_KroneckerOptimizer):
@@ -261,13 +212,24 @@ class EKFAC(_KroneckerOptimizer):
     def init(self, theta):
         return {**super().init(theta), "scalings": None, "since_refresh": 0}
 
-    def _refresh(self, state, factors, kf, layers, t, new_state):
+    def step(self, theta, state, model, loss, X, y, rng=None):
+        self._check_state(state, "scalings", "since_refresh")
+        return super().step(theta, state, model, loss, X, y, rng)
+
+    def _direction(self, state, new_state, kf, factors, t, g, lam, problem):
+        """ŝ_t in the basis (U_A, U_G) of the last refresh, its running average s_t, the solve."""
         eigen, S, k = state["eigen"], state["scalings"], state["since_refresh"]
-        if eigen is None or (t - 1) % self.inverse_every == 0:
+        if self._refreshing(state, t):
             eigen = [(eigh_psd(A)[1], eigh_psd(G)[1]) for A, G in factors]
             S, k = None, 0
         k += 1
-        fresh = [_scalings(e, kf.c, UA, UG, lay) for e, (UA, UG), lay in zip(kf.rows.layers, eigen, layers)]
+        ek = EKFACCurvature(*problem, kfac=kf).with_factors(
+            factors, [((None, UA), (None, UG)) for UA, UG in eigen])
+        starts = [f.start for f in ek.factors()]
+        layer = [starts.index(b.start) for b in ek.blocks]  # each block's layer
+        fresh = [{} for _ in factors]
+        for i, blk, s in zip(layer, ek.blocks, ek.scalings()):
+            fresh[i][blk.kind] = s
         if S is None:
             S = fresh
         else:
@@ -275,49 +237,8 @@ class EKFAC(_KroneckerOptimizer):
             S = [{kind: eps * old[kind] + (1 - eps) * new[kind] for kind in new}
                  for old, new in zip(S, fresh)]
         new_state.update(eigen=eigen, scalings=S, since_refresh=k)
-        return eigen, S
-
-    def step(self, theta, state, model, loss, X, y, rng=None):
-        self._check_state(state, "scalings", "since_refresh")
-        return super().step(theta, state, model, loss, X, y, rng)
-
-    def _solve(self, kind, V, i, factors, precond, lam):
-        eigen, S = precond
-        UA, UG = eigen[i]
-        if kind == "b":
-            UA = namespace(V).ones((1, 1))
-        return UG @ ((UG.T @ V @ UA) / (S[i][kind] + lam)) @ UA.T
-
-
-def _scalings(e, c, UA, UG, lay) -> dict:
-    """ŝ = c Σ_r (U_Gᵀ G_r U_A)² per block of one layer, from the batch's rows ``e``."""
-    xp = namespace(UA)
-    B = e.B.astype(xp.float64)
-    N, K = B.shape[:2]
-    joint = lay.bias == "joint"
-    if isinstance(e.layer, Linear):
-        Bq = B.reshape(N * K, -1) @ UG
-        B2 = (Bq * Bq).reshape(N, K, -1).sum(axis=1)         # (N, d_out)
-        a = e.cache.astype(xp.float64)
-        if joint:
-            a = xp.concatenate([a, xp.ones((N, 1))], axis=1)
-        Aq = a @ UA
-        out = {"wb" if joint else "w": c * (B2.T @ (Aq * Aq))}
-        if lay.bias == "separate":
-            out["b"] = c * B2.sum(axis=0)[:, None]
-        return out
-    cols = e.cache[0].astype(xp.float64)                      # (N, D, T)
-    T = cols.shape[2]
-    Pm = cols.transpose(0, 2, 1)                               # (N, T, D)
-    if joint:
-        Pm = xp.concatenate([Pm, xp.ones((N, T, 1))], axis=2)
-    Bt = B.reshape(N, K, lay.d_out, T)                          # (N, K, d_out, T)
-    Gq = (UG.T @ Bt) @ (Pm @ UA)[:, None]                       # (N, K, d_out, d_A) in the basis
-    out = {"wb" if joint else "w": c * (Gq * Gq).sum(axis=(0, 1))}
-    if lay.bias == "separate":
-        bq = (UG.T @ Bt).sum(axis=3)                            # bias gradient Σ_t b_rt, rotated
-        out["b"] = c * (bq * bq).sum(axis=(0, 1))[:, None]
-    return out
+        ek = ek.with_scalings([S[i][blk.kind] for i, blk in zip(layer, ek.blocks)])
+        return ek.solve(g, lam)
 
 
 __all__ = ["KFAC", "EKFAC"]

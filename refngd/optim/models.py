@@ -29,12 +29,8 @@ def build_model(kind: str, input_shape: tuple, num_classes: int, width: int = 64
                              nn.Linear(width, num_classes))
     if len(input_shape) != 3:
         raise ValueError(f"the cnn needs inputs of shape (C, H, W), got {tuple(input_shape)}.")
-    try:
-        Conv2d = nn.Conv2d
-    except AttributeError:  # pragma: no cover - Conv2d ships with refngd.nn
-        raise ImportError("--model cnn needs refngd.nn.Conv2d, which this installation lacks.") from None
     c, h, w = input_shape
     flat = 16 * ((h + 1) // 2) * ((w + 1) // 2)
-    return nn.Sequential(Conv2d(c, 8, 3, padding=1), nn.Tanh(),
-                         Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+    return nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.Tanh(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
                          nn.Flatten(), nn.Linear(flat, num_classes))
