@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..backend import Array, PSDFactor, check_damping, check_float_array, eigh_psd, namespace
+from ..derivatives import gradient_from
 
 
 class CurvatureOperator(ABC):
@@ -106,8 +107,18 @@ class RowCurvature(CurvatureOperator):
     def gram(self) -> Array:
         """The R × R Gram matrix U Uᵀ of the rows (float64; *without* the constant c)."""
         if self._gram is None:
-            self._gram = self.rows.gram()
+            if self._joint is not None:
+                self._joint_gram()
+            else:
+                self._gram = self.rows.gram()
         return self._gram
+
+    def _joint_gram(self) -> None:
+        """From the Gram matrix of the joint rows [U; G]: K = U Uᵀ and U g = c (U Gᵀ) 1."""
+        N, K = self.rows.N, self._K
+        G4 = self._joint.gram().reshape(N, K + 1, N, K + 1)
+        self._gram = G4[:, :K, :, :K].reshape(N * K, N * K)  # copy of the F-rows block
+        self._Ug = self.c * G4[:, :K, :, K].sum(axis=2).reshape(-1)
 
     def row_matrix(self) -> Array:
         """U as a dense (R, P) array (rows r = n·K + k) — small models only."""
@@ -196,8 +207,6 @@ class RowCurvature(CurvatureOperator):
         if self._joint is not None:
             ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
             return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
-        from ..derivatives import gradient_from
-
         return gradient_from(self.lin, self.loss, self.y)
 
     def natural_gradient(self, damping: float) -> Array:
@@ -215,10 +224,7 @@ class RowCurvature(CurvatureOperator):
             return self.solve(self.gradient(), lam)
         xp = namespace(self.outputs)
         N, K = self.rows.N, self._K
-        if self._gram is None or not hasattr(self, "_Ug"):
-            G4 = self._joint.gram().reshape(N, K + 1, N, K + 1)
-            self._gram = G4[:, :K, :, :K].reshape(N * K, N * K)  # copy of the F-rows block
-            self._Ug = self.c * G4[:, :K, :, K].sum(axis=2).reshape(-1)
+        self.gram()  # also sets self._Ug from the joint Gram matrix
         coef = xp.zeros((N, K + 1), dtype=xp.float64)
         if lam == 0:
             fac = PSDFactor(self._gram)
