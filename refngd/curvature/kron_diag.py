@@ -18,6 +18,21 @@ from .kfac import (LayerFactors, check_options, fisher_cotangents, input_rows, o
 from ..nn.conv import Conv2d
 
 
+def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool) -> None:
+    """Write diag(G) ⊗ diag(A) of one layer into the (P,) vector ``d`` in θ's order.
+
+    ``dA`` carries the bias input's entry last when ``bias``: weight (o, i) gets
+    dG[o]·dA[i], bias o gets dG[o]·dA[−1].
+    """
+    xp = namespace(dG)
+    block = xp.outer(dG, dA)
+    d_in = dA.shape[0] - bool(bias)
+    nw = block.shape[0] * d_in
+    d[start:start + nw] = block[:, :d_in].reshape(-1)
+    if bias:
+        d[start + nw:start + nw + block.shape[0]] = block[:, -1]
+
+
 class KroneckerDiagonal(CurvatureOperator):
     """diag(G) ⊗ diag(A) per layer, same arguments and interface as :class:`KFAC`.
 
@@ -44,11 +59,7 @@ class KroneckerDiagonal(CurvatureOperator):
             dA = scale * (M * M).sum(axis=0)
             Mg = output_rows(e.layer, e.B, approx)
             dG = self.c * (Mg * Mg).sum(axis=0)
-            block = xp.outer(dG, dA)  # weight columns, then the bias column (dA[-1] = 1)
-            nw = block.shape[0] * (block.shape[1] - bool(e.layer.bias))
-            d[e.start:e.start + nw] = block[:, :dA.shape[0] - bool(e.layer.bias)].reshape(-1)
-            if e.layer.bias:
-                d[e.start + nw:e.stop] = block[:, -1]
+            place_kronecker_diagonal(d, e.start, dG, dA, bool(e.layer.bias))
             joint = bias == "joint" and e.layer.bias
             self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop,
                                               dA if joint or not e.layer.bias else dA[:-1], dG,

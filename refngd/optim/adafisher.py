@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from ..backend import namespace, to_float
 from ..curvature import KroneckerDiagonal
+from ..curvature.kron_diag import place_kronecker_diagonal
 from .base import (
     Optimizer,
     check_choice,
@@ -77,12 +78,8 @@ def precondition_vector(model, factors, damping: float, P: int, dtype, xp):
     """F̃ = G ⊗ A + λ as a (P,) vector in θ's order (weight (o, i): G[o]·A[i]; bias o: G[o]·A[−1])."""
     F = xp.ones(P, dtype=dtype)
     layers = [(layer, s) for layer, s in zip(model.layers, model.slices) if layer.param_shapes]
-    for (layer, (start, stop)), (A, G) in zip(layers, factors):
-        d_in = A.shape[0] - (1 if layer.bias else 0)
-        block = [xp.outer(G, A[:d_in]).reshape(-1)]
-        if layer.bias:
-            block.append(G * A[d_in])
-        F[start:stop] = xp.concatenate(block)
+    for (layer, (start, _)), (A, G) in zip(layers, factors):
+        place_kronecker_diagonal(F, start, G, A, bool(layer.bias))
     return F + damping
 
 
