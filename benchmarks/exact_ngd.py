@@ -16,21 +16,12 @@ import argparse
 
 import numpy as np
 
-from _timing import best_time, matmul_rate  # benchmarks/_timing.py, beside this script
+from _common import best_time, matmul_rate, mlp  # benchmarks/_common.py, beside this script
 
-from refngd import losses, nn, updates
+from refngd import losses, updates
 from refngd.curvature import Fisher
 from refngd.backend import PSDFactor, get_backend, to_device, to_numpy
 from refngd.derivatives import gradient_from
-
-
-def mlp(widths):
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 BACKEND = "numpy"  # set by --backend

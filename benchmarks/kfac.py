@@ -24,7 +24,7 @@ import argparse
 
 import numpy as np
 
-from _timing import best_time, matmul_rate  # benchmarks/_timing.py, beside this script
+from _common import best_time, matmul_rate, mlp  # benchmarks/_common.py, beside this script
 
 import refngd
 from refngd import losses, nn
@@ -32,15 +32,6 @@ from refngd.curvature import KFAC
 
 
 # --------------------------------------------------------------------------- models
-def mlp(widths):
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers), (widths[0],)
-
-
 def small_cnn(hw=16):
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
@@ -163,7 +154,7 @@ def main(argv=None):
     rate = matmul_rate(reps)
     print(f"plain float64 A @ B (1280x1024 @ 1024x1024): {rate:.1f} GFLOP/s")
     width = 256 if args.quick else 1024
-    run_model(f"MLP 784-{width}-{width}-10", *mlp([784, width, width, 10]), 128, reps, rate)
+    run_model(f"MLP 784-{width}-{width}-10", mlp([784, width, width, 10]), (784,), 128, reps, rate)
     run_model("CNN 3x16x16: conv3x3(16)-ReLU-conv3x3/2(32)-ReLU-Linear(2048, 10)",
               *small_cnn(16), 128, reps, rate)
     print(f"\nplain float64 A @ B again (machine load check): {matmul_rate(reps):.1f} GFLOP/s")

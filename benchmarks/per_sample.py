@@ -26,7 +26,8 @@ import numpy as np
 from autograd.scipy.special import logsumexp
 
 import refngd
-from refngd import losses, nn
+from _common import mlp  # benchmarks/_common.py, beside this script
+from refngd import losses
 
 
 def best_time(f, repeats: int):
@@ -66,12 +67,7 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 5)
 
     rng = np.random.default_rng(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    model = nn.Sequential(*layers)
+    model = mlp(widths)
     theta = model.init(rng)
     X = rng.standard_normal((N, widths[0]))
     y = rng.integers(0, widths[-1], N)

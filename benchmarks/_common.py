@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmark scripts (best-of-n wall time, the GEMM rate)."""
+"""Helpers shared by the benchmark scripts: best-of-n wall time, the GEMM rate, the MLP."""
 from __future__ import annotations
 
 import time
@@ -36,3 +36,15 @@ def matmul_rate(repeats: int, xp=np) -> float:
     rng = np.random.default_rng(1)
     A, B = xp.asarray(rng.standard_normal((1280, 1024))), xp.asarray(rng.standard_normal((1024, 1024)))
     return 2 * 1280 * 1024 * 1024 / best_time(lambda: A @ B, repeats) / 1e9
+
+
+def mlp(widths):
+    """``Sequential`` of Linear layers with ReLU between them, e.g. [784, 1024, 1024, 10]."""
+    from refngd import nn
+
+    layers = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
