@@ -21,7 +21,7 @@ import refngd
 from refngd import losses, nn, updates
 from refngd.curvature import Fisher
 from refngd.metrics import gamma_ratio
-from refngd.optim.data import load_digits
+from refngd.experiments.data import load_digits
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/gamma_vs_damping.png")

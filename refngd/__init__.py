@@ -1,11 +1,11 @@
 """refngd: exact natural-gradient methods for neural networks, as a readable NumPy reference.
 
-Notation and conventions: DESIGN.md and ``docs/conventions.md``.
+Notation and conventions: docs/design.md and ``docs/conventions.md``.
 """
 from . import backend, losses, nn
 from .autodiff import FunctionModel
 from .derivatives import gradient, jacobian, jvp, loss_value, per_sample_gradients, vjp
-from . import optim
+from . import experiments, optim
 from .optim import train
 
 __version__ = "0.1.0"

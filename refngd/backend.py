@@ -7,7 +7,7 @@ the one module allowed to know about both NumPy and CuPy.
 Dtype policy
 ------------
 float64 is the default; float32 is allowed for the model.  Gram matrices and every
-factorisation are formed in float64 regardless (DESIGN.md §2), because the Woodbury
+factorisation are formed in float64 regardless (docs/design.md §2), because the Woodbury
 route subtracts two nearly equal vectors when the damping is small.
 """
 from __future__ import annotations

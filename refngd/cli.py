@@ -33,7 +33,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .optim.compare import DEFAULT_METHODS, METHODS
+    from .experiments.compare import DEFAULT_METHODS, METHODS
 
     parser = argparse.ArgumentParser(prog="refngd", description="refngd: exact natural-gradient methods.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def compare_config(args, parser):
-    from .optim.compare import CompareConfig
+    from .experiments.compare import CompareConfig
 
     methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
     lr = {}
@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = compare_config(args, parser.compare_parser)
-    from .optim.compare import format_results, run_compare, write_outputs
-    from .optim.data import DataError
+    from .experiments.compare import format_results, run_compare, write_outputs
+    from .experiments.data import DataError
 
     t0 = time.perf_counter()
     try:

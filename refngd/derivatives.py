@@ -1,6 +1,6 @@
 """Per-sample Jacobians, per-sample gradients, batch gradients, J·v and Jᵀ·w.
 
-All of them are one backward pass of row cotangents (DESIGN.md §2) through
+All of them are one backward pass of row cotangents (docs/design.md §2) through
 ``model.linearize(theta, X).backprop(rows)``, so they work unchanged for
 :class:`refngd.nn.Sequential` and for :class:`refngd.autodiff.FunctionModel`.
 """

@@ -1,6 +1,6 @@
 """Per-sample losses with their output gradients, Hessians, Hessian factors and sampling.
 
-Notation follows DESIGN.md §2: ``Z`` is the (N, C) matrix of model outputs z_n, l_n is
+Notation follows docs/design.md §2: ``Z`` is the (N, C) matrix of model outputs z_n, l_n is
 the per-sample loss (never reduced), and the batch loss is L = c Σ_n l_n.
 
 =================  ===============================  ===================  ====================
@@ -157,7 +157,7 @@ class _Loss:
     def hessian_sqrt(self, Z: Array) -> Array:
         """Factors S_n with S_n S_nᵀ = H_n, shape (N, C, C).
 
-        Column k of S_n is the k-th output-space row cotangent of the Fisher (DESIGN.md
+        Column k of S_n is the k-th output-space row cotangent of the Fisher (docs/design.md
         §2): Σ_k S_n[:, k] S_n[:, k]ᵀ = H_n, so back-propagating the C columns through the
         network gives rows J_nᵀ S_n[:, k] whose outer products sum to J_nᵀ H_n J_n.
         """

@@ -1,4 +1,4 @@
-"""Row cotangents and the implicit row matrix U — the central abstraction (DESIGN.md §2).
+"""Row cotangents and the implicit row matrix U — the central abstraction (docs/design.md §2).
 
 Every curvature matrix in refngd is ``c · UᵀU`` for a row matrix U (R × P) whose row
 ``(n, k)`` is ``J_nᵀ s_nk`` for an output-space cotangent ``s_nk`` tied to sample n:
@@ -79,7 +79,7 @@ class RowSet:
         return RowSet(layers, self.N, k1 - k0, self.P, self.dtype)
 
     def gram(self) -> Array:
-        """K = U Uᵀ, (R, R) float64, summed over layers without forming U (DESIGN.md §4)."""
+        """K = U Uᵀ, (R, R) float64, summed over layers without forming U (docs/design.md §4)."""
         G = None
         for e in self.layers:
             Gl = e.layer.row_gram(e.cache, e.B)

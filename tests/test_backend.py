@@ -1,6 +1,6 @@
 """refngd.backend: the array-module rule, dtype checks and the PSD linear-algebra shims.
 
-The first test keeps the CuPy path honest on machines without a GPU (DESIGN.md §5): a
+The first test keeps the CuPy path honest on machines without a GPU (docs/design.md §5): a
 compute module that imports NumPy directly would silently pull CuPy arrays to the host
 (or fail), so compute modules must derive ``xp = namespace(...)`` from their inputs.
 """
@@ -34,9 +34,9 @@ NUMPY_ALLOWED = frozenset({
     "cli.py",            # command line: host-side argument parsing and I/O
     "__main__.py",       # `python -m refngd` entry point
     "optim/train.py",    # training loop driver: host-side logging and bookkeeping
-    "optim/results.py",  # saving / loading results files (host I/O)
-    "optim/plots.py",    # matplotlib figures (host only)
-    "optim/data.py",     # data set loading and preprocessing on the host
+    "experiments/results.py",  # saving / loading results files (host I/O)
+    "experiments/plots.py",    # matplotlib figures (host only)
+    "experiments/data.py",     # data set loading and preprocessing on the host
 })
 
 

@@ -1,4 +1,4 @@
-"""CuPy parity: the core quantities on the GPU equal the NumPy reference (DESIGN.md §5).
+"""CuPy parity: the core quantities on the GPU equal the NumPy reference (docs/design.md §5).
 
 Skipped unless CuPy and a CUDA device are present.  Every compute function derives its
 array module from its inputs, so the same calls run on both; results are compared after

@@ -435,7 +435,7 @@ def _gpu_available():
 @pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
 @pytest.mark.parametrize("make", ALL)
 def test_optimizers_run_on_cupy(make):
-    """Same step on CuPy arrays as on NumPy (DESIGN.md §5): optimizers follow θ's device."""
+    """Same step on CuPy arrays as on NumPy (docs/design.md §5): optimizers follow θ's device."""
     import cupy
 
     model, th, loss, X, y = small_problem(16)

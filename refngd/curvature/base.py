@@ -3,7 +3,7 @@
 Every curvature in refngd is a symmetric P × P operator with the same interface
 (``dense()``, ``@``/``matvec``, ``to_linear_operator()``, ``solve(g, damping)``,
 ``trace()``, ``diagonal()``).  The exact family (Fisher, sampled Fisher, empirical and
-improved empirical Fisher) is ``c · UᵀU`` for a row matrix U (DESIGN.md §2), which
+improved empirical Fisher) is ``c · UᵀU`` for a row matrix U (docs/design.md §2), which
 :class:`RowCurvature` implements once through a :class:`refngd.rows.RowSet`.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ class CurvatureOperator(ABC):
 
 
 class RowCurvature(CurvatureOperator):
-    """F = c · UᵀU for R = N·K row cotangents back-propagated once (DESIGN.md §2).
+    """F = c · UᵀU for R = N·K row cotangents back-propagated once (docs/design.md §2).
 
     Subclasses define :meth:`cotangents`, the (N, K, C) output-space rows.  Construction
     runs one forward pass (or reuses ``linearization``) and one backward pass of the rows.
@@ -71,7 +71,7 @@ class RowCurvature(CurvatureOperator):
     ----------
     model : refngd.nn.Sequential or refngd.FunctionModel
     theta : (P,) parameters
-    loss : a refngd loss; its reduction fixes c (DESIGN.md §2)
+    loss : a refngd loss; its reduction fixes c (docs/design.md §2)
     X, y : the batch
     linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
     with_gradient : also back-propagate each sample's loss gradient e_n as one extra row in

@@ -1,4 +1,4 @@
-"""The exact natural-gradient family as row curvatures c·UᵀU (DESIGN.md §2).
+"""The exact natural-gradient family as row curvatures c·UᵀU (docs/design.md §2).
 
 =================================  =====================================  ==============
 class                               rows s_nk (output space)                rows / sample

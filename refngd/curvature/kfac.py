@@ -1,9 +1,9 @@
-"""K-FAC: Kronecker-factored approximate curvature (docs/kfac.md, DESIGN.md §3).
+"""K-FAC: Kronecker-factored approximate curvature (docs/kfac.md, docs/design.md §3).
 
 Martens & Grosse (2015), "Optimizing neural networks with Kronecker-factored approximate
 curvature", §3–4: the Fisher block of a layer with inputs ā and back-propagated output
 rows b is E[(b bᵀ) ⊗ (ā āᵀ)] ≈ E[b bᵀ] ⊗ E[ā āᵀ].  refngd's factors, for a Linear layer
-with inputs ā_n (N × d_A) and R = N·K rows b_nk (the Fisher type's rows, DESIGN.md §2):
+with inputs ā_n (N × d_A) and R = N·K rows b_nk (the Fisher type's rows, docs/design.md §2):
 
     A = (1/N) Σ_n ā_n ā_nᵀ                  (input factor, no c)
     G = c Σ_n Σ_k b_nk b_nkᵀ                (output-gradient factor, carries c)

@@ -3,7 +3,7 @@
 A layer maps a batch ``x`` of shape ``(N, *in_shape)`` to ``(N, *out_shape)``.  Instead of
 the usual single vector-Jacobian product, :meth:`Layer.backward` propagates a whole set of
 R = N·K cotangent rows at once, stored as an array ``B`` of shape ``(N, K, *out_shape)``:
-row ``(n, k)`` belongs to sample ``n`` (DESIGN.md §2).  One backward pass with these rows
+row ``(n, k)`` belongs to sample ``n`` (docs/design.md §2).  One backward pass with these rows
 yields every curvature quantity of refngd.
 
 Layers with parameters (:class:`ParametricLayer`) also define the *row primitives* — the

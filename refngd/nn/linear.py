@@ -1,4 +1,4 @@
-"""Fully connected layer z = a Wᵀ + b, with its row primitives (DESIGN.md §4)."""
+"""Fully connected layer z = a Wᵀ + b, with its row primitives (docs/design.md §4)."""
 from __future__ import annotations
 
 import math

@@ -13,11 +13,10 @@ side-by-side experiment.
 from .adafisher import AdaFisher
 from .base import Optimizer
 from .baselines import SGD, Adafactor, Adam, AdamW
-from .evaluate import average_gamma, gamma_ratios
 from .fadam import FAdam
 from .kfac import EKFAC, KFAC
 from .natural import EF, IEF, NGD, SF
 from .train import TrainResult, train
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
-           "EKFAC", "AdaFisher", "FAdam", "train", "TrainResult", "gamma_ratios", "average_gamma"]
+           "EKFAC", "AdaFisher", "FAdam", "train", "TrainResult"]

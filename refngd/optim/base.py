@@ -18,7 +18,7 @@
 labels, the batch accuracy at θ *before* the step, read off the step's own forward pass),
 ``grad_norm`` ‖g‖ and ``update_norm`` ‖θ_new − θ‖; methods add their own entries.
 
-Every array operation uses ``xp = namespace(theta)`` (DESIGN.md §5): optimizers run on
+Every array operation uses ``xp = namespace(theta)`` (docs/design.md §5): optimizers run on
 NumPy and CuPy alike.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 K-FAC (Martens & Grosse 2015, "Optimizing neural networks with Kronecker-factored
 approximate curvature").  Each step, on the batch, :class:`refngd.curvature.KFAC` gives
-per layer the factors Â, Ĝ (the Fisher type's rows; DESIGN.md §3 for the scaling); then
+per layer the factors Â, Ĝ (the Fisher type's rows; docs/design.md §3 for the scaling); then
 
     ε_t = min(1 − 1/t, ε)                                    (§5: running averages)
     A_t = ε_t A_{t−1} + (1 − ε_t) Â_t,   G_t likewise        (A_1 = Â_1)

@@ -75,7 +75,7 @@ class TrainResult:
 
     def save(self, path: str) -> None:
         """Write :meth:`to_dict` as JSON (NaN/Inf written as null)."""
-        from .results import save_json
+        from ..experiments.results import save_json
 
         save_json(self.to_dict(), path)
 

@@ -1,4 +1,4 @@
-"""refngd.optim.evaluate: the γ-ratio framework of Wu et al. (2024) against dense algebra."""
+"""refngd.experiments.gamma_study: the γ-ratio framework of Wu et al. (2024) against dense algebra."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ from refngd import nn, updates
 from refngd.curvature import EKFAC, KFAC, Fisher
 from refngd.losses import CrossEntropy
 from refngd.metrics import gamma
-from refngd.optim.evaluate import DEFAULT_TAUS, average_gamma, gamma_ratios
+from refngd.experiments.gamma_study import DEFAULT_TAUS, average_gamma, gamma_ratios
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ The experiment, in order:
    *trajectory* method (SGD by default — the baseline, so the checkpoints favour no
    natural-gradient method), on fixed evaluation batches, γ(d)/γ(g) of EF, iEF, SF,
    K-FAC, EKFAC and exact NGD with the damping swept over a grid
-   (:func:`refngd.optim.evaluate.gamma_ratios`); best ratio per method reported;
+   (:func:`refngd.experiments.gamma_ratios`); best ratio per method reported;
 5. a table, a JSON record and PNG plots.
 
 No method gets weight decay, learning-rate schedules or tuned damping: every method runs
@@ -30,15 +30,15 @@ from typing import Callable
 
 from ..backend import as_generator
 from ..losses import CrossEntropy
-from .adafisher import AdaFisher
-from .baselines import SGD, Adafactor, Adam, AdamW
+from ..optim.adafisher import AdaFisher
+from ..optim.baselines import SGD, Adafactor, Adam, AdamW
 from .data import load_digits, load_npz
-from .evaluate import GAMMA_METHODS, average_gamma, gamma_ratios
-from .fadam import FAdam
+from .gamma_study import GAMMA_METHODS, average_gamma, gamma_ratios
+from ..optim.fadam import FAdam
 from .models import build_model
-from .natural import EF, IEF, NGD, SF
+from ..optim.natural import EF, IEF, NGD, SF
 from .results import fmt, format_table, save_json
-from .train import progress_bar, train
+from ..optim.train import progress_bar, train
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _ladder(center: float) -> tuple:
 
 
 def _kfac_methods() -> dict:
-    from .kfac import EKFAC, KFAC
+    from ..optim.kfac import EKFAC, KFAC
 
     return {
         "kfac": Method("K-FAC", lambda lr: KFAC(lr=lr), _ladder(1.0),
