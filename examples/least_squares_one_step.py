@@ -37,7 +37,7 @@ theta0 = model.init(rng)
 
 # --- ground truth from NumPy: argmin ‖Āθ − y‖² ----------------------------------------
 A_bar = np.hstack([X, np.ones((N, 1))])
-theta_star = np.linalg.lstsq(A_bar, y[:, 0], rcond=None)[0]
+theta_star = np.linalg.lstsq(A_bar, y[:, 0], rcond=1e-12)[0]
 loss_star = refngd.loss_value(model, theta_star, loss, X, y)
 
 # --- one exact natural-gradient step, lr = 1, tiny damping -----------------------------

@@ -12,6 +12,8 @@ route subtracts two nearly equal vectors when the damping is small.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -188,9 +190,15 @@ class PSDFactor:
     shifted matrix (smallest eigenvalue ≤ ``rtol`` × largest, default ``n·eps``) raises
     :class:`SingularSystemError` — refngd never returns the NaNs or huge numbers of a
     singular solve.  Factor once, then call :meth:`solve` as often as needed.
+
+    ``projected=True`` declares that the caller multiplies every solution by Uᵀ for
+    A = U Uᵀ (a Gram matrix), which annihilates A's null space: with ``shift > 0`` the
+    system is then solved however small the shift, since errors in the null directions
+    vanish in Uᵀx (used by the row-space solves; a shift of 0 still raises).
     """
 
-    def __init__(self, A: Array, shift: float = 0.0, rtol: float | None = None):
+    def __init__(self, A: Array, shift: float = 0.0, rtol: float | None = None,
+                 projected: bool = False):
         xp = namespace(A)
         A = xp.asarray(A, dtype=xp.float64)
         n = A.shape[0]
@@ -201,7 +209,7 @@ class PSDFactor:
             w, self.V = eigh_psd(A)
             self.w = w + shift
             tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(self.w.max() if n else 1)
-            if n and float(self.w.min()) <= tol:
+            if n and not (projected and shift) and float(self.w.min()) <= tol:
                 raise SingularSystemError(
                     f"the {n}x{n} system is singular (smallest eigenvalue {float(self.w.min()):.3g}, "
                     f"largest {float(self.w.max()):.3g}); pass damping > 0."
@@ -215,6 +223,34 @@ class PSDFactor:
             return _solve_triangular(self.xp, self.L, y, lower=True, trans=1)
         w = self.w[:, None] if B.ndim == 2 else self.w
         return self.V @ ((self.V.T @ B) / w)
+
+
+def lstsq_ridge(U: Array, b: Array, mu: float) -> Array:
+    """argmin_d ‖U d − b‖² + μ‖d‖² for U (m, n), by QR — never the normal equations.
+
+    The minimiser solves (UᵀU + μI) d = Uᵀb.  Forming UᵀU squares the condition number;
+    a QR factorisation of the stacked matrix [U; √μ I] ((m + n) × n) does not: the
+    relative error is about ε·cond([U; √μ I]) = ε·√cond(UᵀU + μI).  For μ = 0 it needs
+    m ≥ n and U of full column rank, and raises :class:`SingularSystemError` when a
+    diagonal entry of R is ≤ max(m, n)·ε·max|R_ii| (U rank deficient to working precision).
+    """
+    xp = namespace(U)
+    U = xp.asarray(U, dtype=xp.float64)
+    b = xp.asarray(b, dtype=xp.float64)
+    m, n = U.shape
+    if mu > 0:
+        U = xp.concatenate([U, math.sqrt(mu) * xp.eye(n, dtype=xp.float64)], axis=0)
+        b = xp.concatenate([b, xp.zeros(n, dtype=xp.float64)])
+    elif m < n:
+        raise SingularSystemError(f"the least-squares problem has fewer equations ({m}) than "
+                                  f"unknowns ({n}); pass damping > 0.")
+    Q, R = xp.linalg.qr(U, mode="reduced")
+    d = xp.abs(xp.diagonal(R))
+    if not mu and n and float(d.min()) <= max(m, n) * np.finfo(np.float64).eps * float(d.max()):
+        raise SingularSystemError(
+            f"the {n}x{n} system is singular (its row matrix has rank < {n} to working "
+            f"precision); pass damping > 0.")
+    return _solve_triangular(xp, R, Q.T @ b, lower=False)
 
 
 def psd_solve(A: Array, B: Array, shift: float = 0.0, rtol: float | None = None) -> Array:

@@ -171,6 +171,25 @@ class _Loss:
         """
         return self.hessian_sqrt(Z)
 
+    def gradient_in_factor(self, Z: Array, y: Any) -> tuple[Array, Array]:
+        """Coefficients of e_n in the Fisher's factor: e_n = F_n a_n + r_n.
+
+        F_n (C, M) is :meth:`hessian_factor`.  Returns ``a`` (N, M) and ``r`` (N, C).  The
+        output gradient of these likelihoods lies in the range of H_n (cross-entropy:
+        1ᵀe_n = 0 = the null vector of diag(p) − ppᵀ; MSE and BCE: H_n is invertible), so
+        ``r`` is exactly zero except for a sample whose curvature underflowed to zero in
+        floating point (a softmax probability p_{y_n} = 0, a BCE variance σ(z)σ(−z) = 0),
+        where ``r_n = e_n`` carries the part of the gradient outside the factor's range.
+
+        ``a`` is computed from closed forms, never by dividing e_n by a tiny curvature, so
+        it is as accurate as the factor itself.  With it the batch gradient is a combination
+        of the Fisher's own rows, g = c Σ_n J_nᵀ F_n a_n (+ the residual rows), which lets
+        :meth:`refngd.curvature.Fisher.natural_gradient` solve in row space at every
+        damping (docs/fisher.md, "Natural gradient in row space").
+        """
+        y = self.check_targets(Z, y)
+        return self._gradient_in_factor(Z, y)
+
     def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
         """Draw K = ``mc_samples`` targets per sample from the model's p(y | z_n).
 
@@ -187,7 +206,11 @@ class _Loss:
         of the sampled Fisher.  They are *not* divided by √K: the sampled Fisher is
         c Σ_n (1/K) Σ_k J_nᵀ e_nk e_nkᵀ J_n.
         """
-        Yhat = self.sample_targets(Z, rng, mc_samples)
+        return self.output_gradients_at(Z, self.sample_targets(Z, rng, mc_samples))
+
+    def output_gradients_at(self, Z: Array, Yhat: Array) -> Array:
+        """Output gradients ∂ℓ(z_n, ŷ_nk)/∂z_n at targets ``Yhat`` of leading shape (N, K): (N, K, C)."""
+        Z = self._check_Z(Z)
         N, K = Yhat.shape[:2]
         C = Z.shape[1]
         xp = namespace(Z)
@@ -253,8 +276,32 @@ class CrossEntropy(_Loss):
     def _gradient(self, Z: Array, y: Array) -> Array:
         xp = namespace(Z)
         P = xp.exp(_log_softmax(Z))
-        onehot = (y[:, None] == xp.arange(Z.shape[1])[None, :]).astype(Z.dtype)
-        return P - onehot
+        onehot = y[:, None] == xp.arange(Z.shape[1])[None, :]
+        # e_y = p_y − 1 = −Σ_{c≠y} p_c: the sum keeps full relative accuracy when p_y ≈ 1,
+        # where p_y − 1 would cancel (e.g. 1e-6 relative error at p_y = 1 − 1e-10).
+        others = xp.sum(xp.where(onehot, 0, P), axis=1, keepdims=True)
+        return xp.where(onehot, -others, P)
+
+    def _gradient_in_factor(self, Z: Array, y: Array):
+        """a_n = −Q_n[y_n, :] / √p_{y_n}, r_n = 0 (r_n = e_n where p_{y_n} underflowed to 0).
+
+        With F_n = diag(q) Q_n (:meth:`hessian_factor`, q = √p, Q_nᵀ q = 0) and 1ᵀe_n = 0,
+        F_n Q_nᵀ diag(1/q) e_n = diag(q)(I − q qᵀ) diag(1/q) e_n = e_n − p (1ᵀe_n) = e_n, and
+        Q_nᵀ diag(1/q)(p − onehot(y)) = Q_nᵀ q − Q_n[y, :]/q_y = −Q_n[y, :]/q_y exactly.
+        """
+        xp = namespace(Z)
+        N, C = Z.shape
+        if C == 1:  # H = 0 and e = 0
+            return xp.zeros((N, 1), dtype=Z.dtype), xp.zeros_like(Z)
+        Fn = self.hessian_factor(Z)                            # (N, C, C−1) = diag(q) Q
+        q = xp.sqrt(xp.exp(_log_softmax(Z)))
+        qy = xp.take_along_axis(q, y[:, None], axis=1)         # (N, 1)
+        ok = qy > 0
+        safe = xp.where(ok, qy, 1)
+        Q_row = xp.take_along_axis(Fn, y[:, None, None], axis=1)[:, 0, :] / safe  # Q_n[y_n, :]
+        a = xp.where(ok, -Q_row / safe, 0)
+        r = xp.where(ok, 0, self._gradient(Z, y))
+        return a, r
 
     def _sqrt(self, Z: Array) -> Array:
         xp = namespace(Z)
@@ -341,6 +388,11 @@ class MSELoss(_Loss):
     def _sqrt(self, Z: Array) -> Array:
         return self._scaled_identities(Z, math.sqrt(2.0))
 
+    def _gradient_in_factor(self, Z: Array, y: Array):
+        """F_n = √2·I, e_n = 2(z_n − y_n): a_n = √2 (z_n − y_n), r_n = 0."""
+        xp = namespace(Z)
+        return math.sqrt(2.0) * (Z - y), xp.zeros_like(Z)
+
     def _hessian(self, Z: Array) -> Array:
         return self._scaled_identities(Z, 2.0)
 
@@ -383,7 +435,21 @@ class BCEWithLogits(_Loss):
         return xp.sum(elem, axis=1)
 
     def _gradient(self, Z: Array, y: Array) -> Array:
-        return _sigmoid(Z) - y
+        # σ(z) − y = (1 − y)σ(z) − yσ(−z): no cancellation in σ(z) − 1 for z ≫ 0 with y = 1
+        return (1 - y) * _sigmoid(Z) - y * _sigmoid(-Z)
+
+    def _gradient_in_factor(self, Z: Array, y: Array):
+        """F_n = diag(√v), v = σ(z)σ(−z): a = e/√v = (1 − y) e^{z/2} − y e^{−z/2}, r = 0.
+
+        (σ(z)/√v = √(σ(z)/σ(−z)) = e^{z/2}.)  Where v underflowed to 0 (|z| ≳ 745) the
+        output has no curvature in float64: a = 0 there and r = e carries the gradient.
+        """
+        xp = namespace(Z)
+        ok = self._variance(Z) > 0
+        Zs = xp.where(ok, Z, 0)  # keeps exp() finite where the entry is masked anyway
+        a = xp.where(ok, (1 - y) * xp.exp(Zs / 2) - y * xp.exp(-Zs / 2), 0)
+        r = xp.where(ok, 0, self._gradient(Z, y))
+        return a, r
 
     @staticmethod
     def _variance(Z: Array) -> Array:

@@ -42,11 +42,13 @@ def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None) -> Ar
 def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None) -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
 
-    F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`), solved through the
-    Woodbury identity on its NC × NC Gram matrix.
+    F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`).  The gradient lies in
+    the span of its rows, g = Uᵀ(c·a), so d = Uᵀ(K + (λ/c)I)⁻¹a on the R × R Gram matrix
+    K (push-through; :meth:`~refngd.curvature.base.RowCurvature.natural_gradient`): as
+    accurate as K for every λ ≥ 0, and λ = 0 gives the minimum-norm F⁺g.
     """
     lin = _lin(model, theta, X, linearization)
-    F = Fisher(model, theta, loss, X, y, linearization=lin, with_gradient=True)
+    F = Fisher(model, theta, loss, X, y, linearization=lin)
     return F.natural_gradient(damping)
 
 
@@ -57,8 +59,7 @@ def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
     """
     lin = _lin(model, theta, X, linearization)
-    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin,
-                      with_gradient=True)
+    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin)
     return F.natural_gradient(damping)
 
 
@@ -68,7 +69,7 @@ def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
     Always the N × N system, whatever P: it is the paper's definition.
     """
     lam = check_damping(damping)
-    w = PSDFactor(F.gram(), shift=lam).solve(rhs)
+    w = PSDFactor(F.gram(), shift=lam, projected=True).solve(rhs)
     return F.rows.rmatvec(w.reshape(-1, 1).astype(F.dtype, copy=False))
 
 
@@ -91,7 +92,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     if form == "gram":
         return _gram_form(F, ones[:, 0], damping)
     # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
-    return F.solve_row_space(F.c * ones, damping)
+    return F.natural_gradient(damping)
 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
@@ -110,8 +111,7 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
         return _gram_form(F, _sq_norms(e), damping)
     F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
-    xp = namespace(e)
-    return F.solve_row_space(F.c * xp.sqrt(_sq_norms(e))[:, None], damping)
+    return F.natural_gradient(damping)
 
 
 def _check_form(form: str) -> None:

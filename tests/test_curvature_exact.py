@@ -346,7 +346,7 @@ def test_undamped_solve_is_pseudo_inverse(cls, name, reduction):
         assert_close(d, Dpinv @ rhs, tol=1e-8)
         # d is the minimum-norm least-squares solution: it lies in the row space of U
         U = F.row_matrix()
-        assert_close(U.T @ np.linalg.lstsq(U.T, d, rcond=None)[0], d, tol=1e-8)
+        assert_close(U.T @ np.linalg.lstsq(U.T, d, rcond=1e-12)[0], d, tol=1e-8)
     assert_close(D @ F.solve(g, 0.0), g, tol=1e-8)  # g ∈ range F: an exact solution
 
 
@@ -370,7 +370,7 @@ def test_undamped_solve_singular_raises():
     assert F.gram().shape == (N * (C - 1),) * 2
     assert np.linalg.matrix_rank(F.gram()) == N * (C - 1)
     g = refngd.gradient(model, theta, loss, X, y)
-    assert_close(F.solve(g, 0.0), np.linalg.pinv(F.dense()) @ g, tol=1e-8)
+    assert_close(F.solve(g, 0.0), np.linalg.pinv(F.dense(), rcond=1e-10, hermitian=True) @ g, tol=1e-8)
     # (c) P ≤ R: the P × P matrix is factored; the CE Fisher is singular there too (its
     # output-bias direction 1 is in the null space of every H_n) and is refused.
     model, theta, X, y, loss = small_overdetermined("cross_entropy")
@@ -601,7 +601,7 @@ def test_solve_row_space_equals_dense_solve(cls, lam):
     d = F.solve_row_space(w0, lam)
     if lam == 0:  # minimum-norm solution: F d = g with d in the row space of U
         assert_close(D @ d, g, tol=1e-8)
-        assert_close(U.T @ np.linalg.lstsq(U.T, d, rcond=None)[0], d, tol=1e-8)
+        assert_close(U.T @ np.linalg.lstsq(U.T, d, rcond=1e-12)[0], d, tol=1e-8)
     else:
         assert_close(d, np.linalg.solve(D + lam * np.eye(len(g)), g))
     with pytest.raises(ValueError, match="w0 must have shape"):

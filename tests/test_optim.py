@@ -179,7 +179,7 @@ def test_ngd_one_step_solves_linear_least_squares():
     loss = MSELoss()
     new, _, _ = optim.NGD(lr=1.0, damping=1e-12).step(theta, optim.NGD(1.0).init(theta), model, loss, X, Y)
     Xb = np.hstack([X, np.ones((N, 1))])
-    sol = np.linalg.lstsq(Xb, Y, rcond=None)[0]  # (d + 1, C): weights then bias
+    sol = np.linalg.lstsq(Xb, Y, rcond=1e-12)[0]  # (d + 1, C): weights then bias
     W, b = sol[:d].T, sol[d]
     close(new, np.concatenate([W.reshape(-1), b]), 1e-8)
     assert refngd.loss_value(model, new, loss, X, Y) <= refngd.loss_value(model, theta, loss, X, Y)

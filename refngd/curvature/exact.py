@@ -32,11 +32,15 @@ class Fisher(RowCurvature):
     on the natural gradient method", §9.2).  The labels ``y`` are not used.
     """
 
-    def __init__(self, model, theta, loss, X, y=None, linearization=None, with_gradient=False):
-        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
+    def __init__(self, model, theta, loss, X, y=None, linearization=None):
+        super().__init__(model, theta, loss, X, y, linearization)
 
     def cotangents(self) -> Array:
         return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
+
+    def gradient_coefficients(self):
+        """e_n = F_n a_n (+ r_n where a curvature underflowed): ``loss.gradient_in_factor``."""
+        return self.loss.gradient_in_factor(self.outputs, self.y)
 
 
 class SampledFisher(RowCurvature):
@@ -49,16 +53,36 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, with_gradient=False):
+                 linearization=None):
         if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)
-        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
+        super().__init__(model, theta, loss, X, y, linearization)
 
     def cotangents(self) -> Array:
-        E = self.loss.sampled_output_gradients(self.outputs, self.rng, self.mc_samples)
+        #: the sampled targets ŷ_nk, leading shape (N, K)
+        self.sampled_targets = self.loss.sample_targets(self.outputs, self.rng, self.mc_samples)
+        E = self.loss.output_gradients_at(self.outputs, self.sampled_targets)
         return E / self.mc_samples ** 0.5
+
+    def gradient_coefficients(self):
+        """Where a sample's drawn label equals its observed one, that row *is* its EF row.
+
+        Then e_n = √K · s_nk exactly (a_nk = √K for the first such k, r_n = 0) and the
+        sample's share of g lies in the rows' span; otherwise r_n = e_n.
+        """
+        xp = namespace(self.outputs)
+        y = self.loss.check_targets(self.outputs, self.y)
+        Yhat = self.sampled_targets
+        same = Yhat == y[:, None]
+        if same.ndim > 2:
+            same = xp.all(same.reshape(same.shape[0], same.shape[1], -1), axis=2)
+        first = same & (xp.cumsum(same, axis=1) == 1)                  # (N, K)
+        a = first.astype(self.outputs.dtype) * self.mc_samples ** 0.5
+        e = self.loss.output_gradient(self.outputs, y)
+        r = xp.where(xp.any(same, axis=1)[:, None], 0, e)
+        return a, r
 
 
 class EmpiricalFisher(RowCurvature):
@@ -70,6 +94,12 @@ class EmpiricalFisher(RowCurvature):
 
     def cotangents(self) -> Array:
         return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
+
+    def gradient_coefficients(self):
+        """The rows are the e_n themselves: a = 1, r = 0."""
+        xp = namespace(self.outputs)
+        N = self.outputs.shape[0]
+        return xp.ones((N, 1), dtype=self.outputs.dtype), xp.zeros_like(self.outputs)
 
 
 class ImprovedEmpiricalFisher(RowCurvature):
@@ -85,6 +115,12 @@ class ImprovedEmpiricalFisher(RowCurvature):
         norm = xp.sqrt((e * e).sum(axis=1, keepdims=True))
         safe = xp.where(norm > 0, norm, 1)
         return (xp.where(norm > 0, e / safe, 0))[:, None, :]
+
+    def gradient_coefficients(self):
+        """e_n = ‖e_n‖ · (e_n/‖e_n‖): a_n = ‖e_n‖ (0 for a zero row), r = 0."""
+        xp = namespace(self.outputs)
+        e = self.loss.output_gradient(self.outputs, self.y)
+        return xp.sqrt((e * e).sum(axis=1, keepdims=True)), xp.zeros_like(e)
 
     def output_grad_sq_norms(self) -> Array:
         """s_n = ‖e_n‖² (N,), the right-hand side of the iEF update (Wu et al. 2024, eq. 8)."""
