@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from test_kfac_ekfac import cluster_mean
 
 import refngd
 from refngd import nn, optim, updates
@@ -178,11 +179,13 @@ def test_ekfac_scalings_follow_ema_within_a_basis():
         U = rows.dense()  # (N, K, P)
         c = 1 / Xb.shape[0]
         shat, start = [], 0
-        for (UA, UG), f in zip(UA_UG, [(6, 5), (3, 6)]):
+        for ((wA, UA), (wG, UG)), f in zip(UA_UG, [(6, 5), (3, 6)]):
             d_out, D = f
             Wg = U[:, :, start:start + d_out * D].reshape(-1, d_out, D)
             bg = U[:, :, start + d_out * D:start + d_out * (D + 1)].reshape(-1, d_out)
-            shat.append({"w": c * ((UG.T @ Wg @ UA) ** 2).sum(0), "b": c * ((bg @ UG) ** 2).sum(0)[:, None]})
+            # the canonical diagonal: averaged over clusters of the refresh's eigenvalues
+            shat.append({"w": cluster_mean(c * ((UG.T @ Wg @ UA) ** 2).sum(0), wG, wA),
+                         "b": cluster_mean(c * ((bg @ UG) ** 2).sum(0)[:, None], wG, np.ones(1))})
             start += d_out * (D + 1)
         k = state["since_refresh"]
         ks.append(k)

@@ -26,6 +26,35 @@ from .kronecker import KroneckerOperator, _log_sum, eig_solve
 _CHUNK_ELEMS = 1 << 22
 
 
+#: eigenvalues within this fraction of the largest belong to one cluster (equal to working
+#: precision: a null space's computed eigenvalues scatter over ~d·ε·max; real gaps are larger)
+CLUSTER_RTOL = 1e-10
+
+
+def cluster_indicator(w: Array, rtol: float = CLUSTER_RTOL) -> Array:
+    """(d, k) 0/1 matrix assigning each eigenvalue to its cluster of equal values.
+
+    Sorted eigenvalues closer than ``rtol·max|w|`` to their neighbour share a cluster;
+    the assignment does not depend on the eigenvectors, only on the values.
+    """
+    xp = namespace(w)
+    order = xp.argsort(w)
+    ws = w[order]
+    tol = rtol * float(xp.abs(w).max()) if w.size else 0.0
+    labels_sorted = xp.concatenate([xp.zeros(1, dtype=xp.int64),
+                                    xp.cumsum(xp.diff(ws) > tol).astype(xp.int64)])
+    labels = xp.empty_like(labels_sorted)
+    labels[order] = labels_sorted
+    k = int(labels_sorted[-1]) + 1 if w.size else 0
+    return (labels[:, None] == xp.arange(k)[None, :]).astype(xp.float64)
+
+
+def _rayleigh(f, U: Array) -> Array:
+    """diag(Uᵀ F U): the eigenvalues of a basis given without them."""
+    xp = namespace(U)
+    return xp.einsum("ij,ij->j", U, f.F @ U)
+
+
 class EKFAC(KroneckerOperator):
     """Eigenvalue-corrected K-FAC with the same arguments and interface as :class:`KFAC`.
 
@@ -37,6 +66,10 @@ class EKFAC(KroneckerOperator):
     running averages), its diagonal re-estimated there from this batch's rows.
     Linear layers use thin eigenbases when a factor has fewer rows than its dimension —
     the per-row gradients have no component outside them, so s = 0 there exactly.
+
+    Where a factor has repeated eigenvalues (a rank-deficient factor's null space, say)
+    the diagonal is averaged over each cluster pair, so that it does not depend on the
+    eigenbasis LAPACK happens to return (:meth:`_canonical`, docs/kfac.md).
     """
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
@@ -70,8 +103,31 @@ class EKFAC(KroneckerOperator):
     def _S(self) -> list:
         if self._scal is None:
             rotated: dict = {}  # Σ_k (U_Gᵀ b_nk)², shared by a layer's weight and bias blocks
-            self._scal = [self._estimate(blk, rotated) for blk in self.blocks]
+            self._scal = [self._canonical(blk, self._estimate(blk, rotated)) for blk in self.blocks]
         return self._scal
+
+    # ---------------------------------------------------------------- canonical diagonal
+    def _canonical(self, blk, S: Array) -> Array:
+        """Average s over every pair of eigenvalue clusters of G and A (basis-invariant).
+
+        Inside a cluster of equal eigenvalues (a rank-deficient factor's null space, or
+        any repeated eigenvalue) the eigenbasis is not unique, and diag(Qᵀ F Q) depends on
+        which basis LAPACK returns.  Its *sum* over a cluster pair (i, j) is not:
+        Σ_{a∈i, b∈j} (u_aᵀ M u_b)² = ‖P_i M P_j‖²_F for the orthogonal projectors P onto
+        the two eigenspaces.  So refngd defines EKFAC's diagonal as that sum divided by
+        the pair's size — the Frobenius-closest operator to the Fisher block among those
+        constant on each eigenspace pair (docs/kfac.md, "A canonical EKFAC").  With simple
+        eigenvalues this is George et al.'s diag(Qᵀ F Q) unchanged.
+        """
+        (wG, UG, _), (wA, UA, _) = blk.eig()
+        wG = wG if wG is not None else _rayleigh(blk.G, UG)
+        wA = wA if wA is not None else _rayleigh(blk.A, UA)
+        MG, MA = cluster_indicator(wG), cluster_indicator(wA)
+        if MG.shape[1] == MG.shape[0] and MA.shape[1] == MA.shape[0]:
+            return S  # every eigenvalue simple: nothing to average
+        sums = MG.T @ S @ MA                                          # (k_G, k_A)
+        sizes = MG.sum(axis=0)[:, None] * MA.sum(axis=0)[None, :]
+        return MG @ (sums / sizes) @ MA.T
 
     # ---------------------------------------------------------------- the diagonal
     def _estimate(self, blk, rotated: dict | None = None) -> Array:
@@ -118,7 +174,7 @@ class EKFAC(KroneckerOperator):
 
         def values(f, thin):  # a basis given without eigenvalues (with_factors): U_iᵀ F U_i
             w, U, _ = f.eig(thin)
-            return w if w is not None else xp.einsum("ij,ij->j", U, f.F @ U)
+            return w if w is not None else _rayleigh(f, U)
         return [xp.outer(values(blk.G, blk.thin), values(blk.A, blk.thin)) for blk in self.blocks]
 
     def with_scalings(self, scalings: list) -> "EKFAC":

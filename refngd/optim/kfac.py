@@ -220,11 +220,12 @@ class EKFAC(_KroneckerOptimizer):
         """ŝ_t in the basis (U_A, U_G) of the last refresh, its running average s_t, the solve."""
         eigen, S, k = state["eigen"], state["scalings"], state["since_refresh"]
         if self._refreshing(state, t):
-            eigen = [(eigh_psd(A)[1], eigh_psd(G)[1]) for A, G in factors]
+            eigen = [(eigh_psd(A), eigh_psd(G)) for A, G in factors]
             S, k = None, 0
         k += 1
-        ek = EKFACCurvature(*problem, kfac=kf).with_factors(
-            factors, [((None, UA), (None, UG)) for UA, UG in eigen])
+        # the refresh's eigenvalues come along: they fix the clusters over which EKFAC's
+        # diagonal is averaged (basis-invariant), the same at every step until the next refresh
+        ek = EKFACCurvature(*problem, kfac=kf).with_factors(factors, eigen)
         starts = [f.start for f in ek.factors()]
         layer = [starts.index(b.start) for b in ek.blocks]  # each block's layer
         fresh = [{} for _ in factors]
