@@ -253,6 +253,24 @@ class RowCurvature(CurvatureOperator):
         a = PSDFactor(self.gram(), shift=lam / self.c, projected=True).solve(w0.reshape(-1)) / self.c
         return self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
 
+    def natural_gradient_sweep(self, dampings) -> list[Array]:
+        """:meth:`natural_gradient` for many λ > 0 from one ``eigh`` of the Gram matrix.
+
+        With K = V diag(w) Vᵀ: d(λ) = Uᵀ V diag(1/(w + λ/c)) Vᵀ a — the row-space route,
+        accurate at every λ (eigenvalues clipped at 0; a null direction of K is annihilated
+        by Uᵀ).  P ≤ R: one :meth:`natural_gradient` per λ.
+        """
+        lams = [check_damping(lam, allow_zero=False) for lam in dampings]
+        xp = namespace(self.outputs)
+        a, r = self.gradient_coefficients()
+        if not self._uses_gram() or bool(xp.any(r != 0)):
+            return [self.natural_gradient(lam) for lam in lams]
+        w, V = eigh_psd(self.gram())
+        Vta = V.T @ a.reshape(-1).astype(xp.float64)
+        N, K = self.rows.N, self.rows.K
+        return [self.rows.rmatvec((V @ (Vta / (w + lam / self.c))).reshape(N, K).astype(self.dtype))
+                for lam in lams]
+
     def solve_sweep(self, g: Array, dampings) -> list[Array]:
         """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
 

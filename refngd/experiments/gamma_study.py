@@ -1,34 +1,44 @@
-"""Approximation quality of update directions: Wu et al. (2024)'s evaluation framework.
+"""Approximation quality of update directions: Wu et al. (2024)'s evaluation protocols.
 
 X. Wu, W. Yu, C. Zhang, P. Woodland (2024), "An Improved Empirical Fisher Approximation
-for Natural Gradient Descent", NeurIPS 2024, §6 (and their Algorithm 4).  At a
-checkpoint θ and on a fixed batch, every method's update d is scored by
+for Natural Gradient Descent", NeurIPS 2024, §6.  At a checkpoint θ and on a batch, an
+update direction d is scored by
 
-    γ(d) = √(dᵀ F d) / |dᵀ g|       (eq. 15; F the exact Fisher/GGN of the batch)
+    γ(d) = √(dᵀ F d) / |dᵀ g|       (F the exact Fisher/GGN of the batch, g its gradient),
 
-relative to SGD's γ(g): a ratio below 1 means d is closer to the exact natural gradient
-(which minimises γ) than the plain gradient is.  Each method's damping λ is swept over a
-grid and the best (smallest) ratio is reported, as in the paper.
+invariant to the scale of d and minimised by the exact natural gradient: γ(d) ≥ γ* =
+γ(F⁺g) = 1/√(gᵀF⁺g) (Cauchy–Schwarz in the F inner product).
 
-Damping grid.  λ = τ · s with τ from ``taus`` (default 10⁻⁸ … 10²) and s the *mean
-eigenvalue of the matrix being damped*, so that one τ grid means the same for every
-method:
+One damping convention for every method.  Every damping here is *absolute* and in the
+P × P Tikhonov convention of the loss as trained (reduction included): the method's
+direction is (M + λI)⁻¹(its right-hand side) for its P × P matrix M = c·(…).  For the
+paper's Gram forms this means λ_gram = λ / c:
 
-=========  =====================================================  ================
-method      update d(λ)                                            s
-=========  =====================================================  ================
-``ngd``     (F + λI)⁻¹ g, exact Fisher                              tr(F)/P
-``sf``      (F̂ + λI)⁻¹ g, one MC label per input                    tr(F̂)/P
-``ef``      Gᵀ(GGᵀ + λI)⁻¹ 1   (paper's eq. 4, Gram damping)        tr(GGᵀ)/N
-``ief``     Gᵀ(GGᵀ + λI)⁻¹ s   (paper's eq. 8, Gram damping)        tr(GGᵀ)/N
-``kfac``    (G ⊗ A + λI)⁻¹ g per layer, Tikhonov                    tr(K-FAC)/P
-``ekfac``   (Q diag(s) Qᵀ + λI)⁻¹ g per layer, Tikhonov             tr(EKFAC)/P
-=========  =====================================================  ================
+=========  ==============================================  ==============================
+method      direction at damping λ                          as computed
+=========  ==============================================  ==============================
+``ngd``     (F + λI)⁻¹ g, exact Fisher                       Uᵀ(K + λ/c)⁻¹a (row space)
+``sf``      (F̂ + λI)⁻¹ g, one MC label per input             the same on F̂'s rows
+``ef``      (F̃ + λI)⁻¹ g = Gᵀ(GGᵀ + (λ/c)I)⁻¹ 1               EF Gram form (paper's eq. 5)
+``ief``     (F̃ + λI)⁻¹ cGᵀs = Gᵀ(GGᵀ + (λ/c)I)⁻¹ s            iEF Gram form (paper's eq. 8)
+``kfac``    (G ⊗ A + λI)⁻¹ g per layer                        type-2 factors, Tikhonov
+``ekfac``   (Q diag(s) Qᵀ + λI)⁻¹ g per layer                 type-2 factors, Tikhonov
+=========  ==============================================  ==============================
 
-K-FAC and EKFAC use the ``type-2`` factors (exact output Hessian rows), so they measure
-the Kronecker structure alone, not Monte-Carlo noise (pass ``kfac_fisher_type`` to
-change).  One eigendecomposition per method serves the whole damping sweep for the
-exact family.
+So identical damping lists mean identical dampings, for every method
+(``tests/test_gamma_study.py`` fails otherwise).  At large λ every direction tends to
+its right-hand side over λ: the gradient for all of them except iEF, whose Gram form
+tends to cGᵀs = c Σ_n ‖e_n‖² g_n — a reweighted gradient, not g.
+
+The protocols (:func:`batch_gammas` on each batch, then):
+
+* **E1** (:func:`e1_summary`, the paper's first evaluation): one near-zero damping, many
+  batches, the ratio of mean γ's γ̄_X / γ̄_SGD with its standard error, and
+  γ̄_X / γ̄* (≥ 1: how far from optimal), beside the gradient-norm imbalance of the batches.
+* **E3** (:func:`e3_summary`, the paper's third evaluation): γ̄_X / γ̄_SGD against one
+  absolute damping grid, the same for every method.
+* **best over damping** (refngd's own summary, not the paper's): the smallest E3 ratio per
+  method, flagged when it sits on the edge of the grid.
 """
 from __future__ import annotations
 
@@ -40,121 +50,181 @@ from ..derivatives import gradient_from
 from ..metrics import gamma
 
 GAMMA_METHODS = ("ngd", "ef", "ief", "sf", "kfac", "ekfac")
-#: relative damping τ: λ = τ × (mean eigenvalue of the damped matrix)
-DEFAULT_TAUS = tuple(10.0**k for k in range(-8, 3))
+#: absolute dampings of the E3 grid (P × P Tikhonov convention of the loss as trained)
+DEFAULT_DAMPINGS = tuple(10.0**k for k in range(-10, 3))
+#: E1's near-zero damping: far below every curvature scale of the default problems, yet
+#: every method (K-FAC's rank-deficient factors included) still has a direction
+E1_DAMPING = 1e-8
 
 
-def gamma_ratios(model, theta, loss, X, y, methods=GAMMA_METHODS, taus=DEFAULT_TAUS, rng=None,
-                 kfac_fisher_type: str = "type-2") -> dict:
-    """γ(d_λ)/γ(g) of every method for every damping on one batch.
+def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAULT_DAMPINGS,
+                 rng=None, kfac_fisher_type: str = "type-2") -> dict:
+    """γ of every method's direction at every damping, on one batch.
 
-    Returns ``{method: {"taus": [...], "dampings": [...], "ratios": [...],
-    "best_ratio": r, "best_tau": τ, "best_damping": λ, "best_on_grid_edge": bool}}`` and
-    ``"gamma_sgd"``, γ(g) itself.  ``rng`` (NumPy Generator) is needed for ``"sf"``.
-    Ratios are ``inf`` where a direction has no first-order descent (dᵀg = 0) or a solve
-    failed.
+    Returns ``{"dampings": [...], "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) (None when the
+    Gram matrix is singular), "imbalance": gradient-norm imbalance, method: [γ(d_λ)]}``;
+    γ is ``inf`` where a direction has no first-order descent (dᵀg = 0) or its solve
+    failed.  ``rng`` (a NumPy Generator) is needed for ``"sf"``.
     """
     unknown = [m for m in methods if m not in GAMMA_METHODS]
     if unknown:
         raise ValueError(f"unknown γ methods {unknown}; choose from {GAMMA_METHODS}.")
-    taus = [float(t) for t in taus]
-    if not taus or min(taus) <= 0:
-        raise ValueError("taus must be a non-empty list of positive numbers.")
+    dampings = [float(v) for v in dampings]
+    if not dampings or not all(math.isfinite(v) and v > 0 for v in dampings):
+        raise ValueError("dampings must be a non-empty list of positive finite numbers.")
     lin = model.linearize(theta, X)
     g = gradient_from(lin, loss, y)
     F = Fisher(model, theta, loss, X, y, linearization=lin)
-    g_sgd = gamma(g, F, g)
-    P = theta.shape[0]
-    out = {"gamma_sgd": g_sgd}
+    try:
+        gamma_star = gamma(F.natural_gradient(0.0), F, g)
+    except SingularSystemError:
+        gamma_star = None
+    EF = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    out = {"dampings": dampings, "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star,
+           "imbalance": gradient_norm_imbalance(EF)}
     for method in methods:
-        dirs, scale = _directions(method, model, theta, loss, X, y, lin, F, g, taus, P, rng,
-                                  kfac_fisher_type)
-        ratios = [(gamma(d, F, g) / g_sgd if d is not None else math.inf) for d in dirs]
-        out[method] = _summary(taus, scale, ratios)
+        dirs = _directions(method, model, theta, loss, X, y, lin, F, EF, g, dampings, rng,
+                           kfac_fisher_type)
+        out[method] = [gamma(d, F, g) if d is not None else math.inf for d in dirs]
     return out
 
 
-def _directions(method, model, theta, loss, X, y, lin, F, g, taus, P, rng, kfac_fisher_type):
-    """The method's update for every τ, and the damping scale s (λ = τ s)."""
+def gradient_norm_imbalance(EF: EmpiricalFisher) -> float | None:
+    """max_n ‖g_n‖² / mean_n ‖g_n‖² of the per-sample gradients g_n = J_nᵀe_n, in [1, N].
+
+    1 when every sample pulls equally hard, N when one sample carries the whole
+    gradient.  EF's update makes every sample's loss fall by the same amount whatever its
+    ‖g_n‖ (G Δ = 1), which is what goes wrong when the norms are imbalanced — the
+    inversely-scaled projection of Wu et al. (2024).  refngd's statistic (the paper plots
+    approximation quality against an imbalance of per-sample gradient norms; this is the
+    definition refngd records).  ``None`` when every g_n = 0.
+    """
+    xp = namespace(EF.outputs)
+    sq = xp.diagonal(EF.gram())
+    mean = to_float(sq.mean())
+    return None if mean == 0 else to_float(sq.max()) / mean
+
+
+def _directions(method, model, theta, loss, X, y, lin, F, EF, g, dampings, rng, kfac_fisher_type):
+    """The method's direction at every (absolute, P × P Tikhonov) damping."""
     if method == "ngd":
-        s = F.trace() / P
-        return F.solve_sweep(g, [t * s for t in taus]), s
+        return F.natural_gradient_sweep(dampings)
     if method == "sf":
         if rng is None:
             raise TypeError("the sampled Fisher needs rng=numpy.random.default_rng(seed).")
         SF = SampledFisher(model, theta, loss, X, y, rng=rng, linearization=lin)
-        s = SF.trace() / P
-        return SF.solve_sweep(g, [t * s for t in taus]), s
-    if method in ("ef", "ief"):
-        return _gram_sweep(method, model, theta, loss, X, y, lin, taus)
+        return SF.natural_gradient_sweep(dampings)
+    if method == "ef":
+        return EF.natural_gradient_sweep(dampings)  # Gram form (eq. 5) at λ_gram = λ/c
+    if method == "ief":
+        return _ief_gram_sweep(EF, loss, y, dampings)
     kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, linearization=lin)
     op = kf if method == "kfac" else EKFAC(model, theta, loss, X, y, kfac=kf)
-    s = op.trace() / P
     dirs = []
-    for t in taus:
+    for lam in dampings:
         try:
-            dirs.append(op.solve(g, t * s))
+            dirs.append(op.solve(g, lam))
         except SingularSystemError:  # a numerically singular block at tiny λ: no direction
             dirs.append(None)
-    return dirs, s
+    return dirs
 
 
-def _gram_sweep(method, model, theta, loss, X, y, lin, taus):
-    """Wu et al. (2024) eq. 4 / 8 for all λ from one ``eigh`` of the N × N Gram matrix."""
-    EF = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
-    Z = lin.outputs
-    xp = namespace(Z)
-    K = EF.gram()
-    N = K.shape[0]
-    w, V = xp.linalg.eigh(K)
+def _ief_gram_sweep(EF: EmpiricalFisher, loss, y, dampings):
+    """Gᵀ(GGᵀ + (λ/c)I)⁻¹ s, s_n = ‖e_n‖², for all λ from one ``eigh`` (Wu et al. eq. 8)."""
+    xp = namespace(EF.outputs)
+    e = loss.output_gradient(EF.outputs, y)
+    s = (e * e).sum(axis=1).astype(xp.float64)
+    if not bool(xp.any(s > 0)):  # a perfectly fitted batch has no update to score
+        return [None] * len(dampings)
+    w, V = xp.linalg.eigh(EF.gram())
     w = xp.maximum(w, 0.0)
-    if method == "ef":
-        rhs = xp.ones(N, dtype=xp.float64)
-    else:
-        e = loss.output_gradient(Z, y)
-        rhs = (e * e).sum(axis=1).astype(xp.float64)
-    Vr = V.T @ rhs
-    s = to_float(xp.trace(K)) / N
-    if s == 0:  # every e_n = 0: a perfectly fitted batch has no update to score
-        return [None] * len(taus), s
-    dirs = []
-    for t in taus:
-        coef = V @ (Vr / (w + t * s))
-        dirs.append(EF.rows.rmatvec(coef.reshape(N, 1).astype(theta.dtype, copy=False)))
-    return dirs, s
+    Vs = V.T @ s
+    N = s.shape[0]
+    return [EF.rows.rmatvec((V @ (Vs / (w + lam / EF.c))).reshape(N, 1).astype(EF.dtype))
+            for lam in dampings]
 
 
-def _summary(taus, scale, ratios) -> dict:
+# ------------------------------------------------------------------------ protocols
+def _ratio_of_means(x: list[float], y: list[float]) -> tuple[float, float | None]:
+    """x̄/ȳ and its standard error by the delta method, √(Var(x − R y)/n)/ȳ (n ≥ 2)."""
+    n = len(x)
+    if any(not math.isfinite(v) for v in x) or not y:
+        return math.inf, None
+    xm, ym = sum(x) / n, sum(y) / n
+    R = xm / ym
+    if n < 2:
+        return R, None
+    dev = [a - R * b for a, b in zip(x, y)]
+    var = sum(d * d for d in dev) / (n - 1)
+    return R, math.sqrt(var / n) / ym
+
+
+def e1_summary(batches: list[dict], damping: float) -> dict:
+    """The paper's first evaluation at one damping: γ̄_X/γ̄_SGD ± s.e. and γ̄_X/γ̄* per method.
+
+    ``batches`` are :func:`batch_gammas` results that all contain ``damping``.  Returns
+    ``{method: {"mean_ratio", "stderr", "damping", "optimal_ratio"}, "batches": n,
+    "imbalance": mean gradient-norm imbalance}``.
+    """
+    if not batches:
+        raise ValueError("e1_summary needs at least one batch.")
+    i = _damping_index(batches[0]["dampings"], damping)
+    sgd = [b["gamma_sgd"] for b in batches]
+    stars = [b["gamma_star"] for b in batches]
+    out = {"batches": len(batches), "damping": damping,
+           "imbalance": _mean([b["imbalance"] for b in batches if b["imbalance"] is not None])}
+    for m in _methods(batches[0]):
+        x = [b[m][i] for b in batches]
+        ratio, se = _ratio_of_means(x, sgd)
+        optimal = _ratio_of_means(x, stars)[0] if all(s is not None for s in stars) else None
+        out[m] = {"mean_ratio": ratio, "stderr": se, "damping": damping, "optimal_ratio": optimal}
+    return out
+
+
+def e3_summary(batches: list[dict]) -> dict:
+    """The paper's third evaluation: γ̄_X(λ)/γ̄_SGD over the shared damping grid, per method.
+
+    Also refngd's own "best over damping" summary: ``best_ratio``, ``best_damping`` and
+    ``best_on_grid_edge`` (the minimum sits at an end of the grid and the ratio is still
+    falling towards it, so a wider grid might do better).
+    """
+    if not batches:
+        raise ValueError("e3_summary needs at least one batch.")
+    dampings = batches[0]["dampings"]
+    sgd = _mean([b["gamma_sgd"] for b in batches])
+    out = {}
+    for m in _methods(batches[0]):
+        ratios = [_mean([b[m][i] for b in batches]) / sgd for i in range(len(dampings))]
+        out[m] = {"dampings": list(dampings), "ratios": ratios, **_best(dampings, ratios)}
+    return out
+
+
+def _best(dampings, ratios) -> dict:
     finite = [(r, i) for i, r in enumerate(ratios) if math.isfinite(r)]
     best, i = min(finite) if finite else (math.inf, 0)
     edge = False
     if finite and len(ratios) > 1 and i in (0, len(ratios) - 1):
-        # at an end of the grid and still falling towards it: a wider grid might do better
-        # (a plateau, e.g. for λ → 0 once λ is below every eigenvalue, is not flagged)
+        # a plateau reached at the end (λ below every eigenvalue, say) is not flagged
         neighbour = ratios[1] if i == 0 else ratios[-2]
         edge = not (math.isfinite(neighbour) and neighbour <= best * (1 + 1e-3))
-    return {"taus": list(taus), "dampings": [t * scale for t in taus], "ratios": ratios,
-            "best_ratio": best, "best_tau": taus[i], "best_damping": taus[i] * scale,
-            "best_on_grid_edge": edge}
+    return {"best_ratio": best, "best_damping": dampings[i], "best_on_grid_edge": edge}
 
 
-def average_gamma(tables: list[dict]) -> dict:
-    """Average several :func:`gamma_ratios` results (one per evaluation batch) per τ.
-
-    The best ratio is taken *after* averaging over batches: one damping per method and
-    checkpoint, as a practitioner would choose it.
-    """
-    if not tables:
-        raise ValueError("average_gamma needs at least one table.")
-    out = {"gamma_sgd": sum(t["gamma_sgd"] for t in tables) / len(tables)}
-    for method, first in tables[0].items():
-        if method == "gamma_sgd":
-            continue
-        ratios = [sum(t[method]["ratios"][i] for t in tables) / len(tables)
-                  for i in range(len(first["taus"]))]
-        scale = sum(t[method]["dampings"][0] / t[method]["taus"][0] for t in tables) / len(tables)
-        out[method] = _summary(first["taus"], scale, ratios)
-    return out
+def _damping_index(dampings, damping: float) -> int:
+    for i, v in enumerate(dampings):
+        if math.isclose(v, damping, rel_tol=1e-12):
+            return i
+    raise ValueError(f"damping {damping:g} was not evaluated (dampings: {list(dampings)}).")
 
 
-__all__ = ["GAMMA_METHODS", "DEFAULT_TAUS", "gamma_ratios", "average_gamma"]
+def _methods(batch: dict) -> list[str]:
+    return [m for m in GAMMA_METHODS if m in batch]
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+__all__ = ["GAMMA_METHODS", "DEFAULT_DAMPINGS", "E1_DAMPING", "batch_gammas",
+           "gradient_norm_imbalance", "e1_summary", "e3_summary"]
