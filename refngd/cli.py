@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learning rate(s) instead of a method's default grid; repeatable; a bare "
                           "LR applies to every method")
     cmp.add_argument("--seed", type=int, default=0, help="seed of the split, θ₀, batches and sampling")
+    cmp.add_argument("--seeds", type=_positive_int, default=1,
+                     help="run everything for K seeds (seed, seed+1, …) and report mean ± sd")
     cmp.add_argument("--out", default="results", help="output folder")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.add_argument("--no-gamma", action="store_true", help="skip the γ-ratio evaluation")
@@ -81,7 +83,7 @@ def compare_config(args, parser):
     config = CompareConfig(methods=methods, model=args.model, data=args.data, epochs=args.epochs,
                            batch_size=args.batch_size, lr=lr, seed=args.seed, out=args.out,
                            progress=False if args.no_progress else None, gamma=not args.no_gamma,
-                           max_steps=args.max_steps)
+                           max_steps=args.max_steps, seeds=args.seeds)
     try:
         config.check()
     except ValueError as err:

@@ -24,7 +24,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     for word in ("final train loss", "test accuracy", "ms / step", "best lr", "SGD", "K-FAC",
-                 "EKFAC", "AdaFisher", "FAdam", "γ(d)/γ(g)", "iEF"):
+                 "EKFAC", "AdaFisher", "FAdam", "E1: γ̄(d)/γ̄(g)", "E1 γ̄/γ̄*", "best over damping", "iEF"):
         assert word in text, word
     files = sorted(os.listdir(out))
     assert files == ["compare.json", "gamma_ratios.png", "gamma_vs_damping.png", "loss_vs_step.png",
@@ -39,13 +39,37 @@ def test_compare_end_to_end(tmp_path, capsys):
     gam = rec["gamma"]
     assert gam["trajectory"] == "sgd" and [c["step"] for c in gam["checkpoints"]] == [0, 1, 2, 3, 4]
     for c in gam["checkpoints"]:
-        ngd = c["table"]["ngd"]["best_ratio"]
+        ngd = c["e3"]["ngd"]["best_ratio"]
         for m in ("ef", "ief", "sf", "kfac", "ekfac"):  # exact NGD minimises γ
-            assert c["table"][m]["best_ratio"] >= ngd * (1 - 1e-9)
+            assert c["e3"][m]["best_ratio"] >= ngd * (1 - 1e-9)
+            assert c["e1"][m]["optimal_ratio"] >= 1 - 1e-9
+    # the documented schema (docs/compare.md): E1 and E3 at the last checkpoint
+    for m in ("ngd", "ef", "ief", "sf", "kfac", "ekfac"):
+        assert set(gam["e1"][m]) >= {"mean_ratio", "stderr", "damping"}
+        assert gam["e1"][m]["damping"] == gam["e1_damping"]
+        assert gam["e3"][m]["dampings"] == gam["e3"]["ngd"]["dampings"]  # one grid for all
+        assert len(gam["e3"][m]["ratios"]) == len(gam["e3"][m]["dampings"])
     for row in rec["table"]:
         assert row["seconds_per_step"] > 0
     with open(out / "loss_vs_step.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_several_seeds(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    rc = main(["compare", "--methods", "sgd,ief", "--lr", "0.1", "--seeds", "2", "--no-plots",
+               "--out", str(out), *TINY])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "mean ± standard deviation over 2 seeds: 0, 1" in text
+    rec = json.loads((out / "compare.json").read_text())
+    assert rec["seeds"] == [0, 1] and len(rec["per_seed"]) == 2
+    losses = [r["methods"]["ief"]["final_train_loss"] for r in rec["per_seed"]]
+    assert rec["methods"]["ief"]["final_train_loss"]["mean"] == pytest.approx(np.mean(losses))
+    assert rec["methods"]["ief"]["final_train_loss"]["sd"] == pytest.approx(np.std(losses, ddof=1))
+    e1 = [r["gamma"]["e1"]["ief"]["mean_ratio"] for r in rec["per_seed"]]
+    assert rec["gamma"]["e1"]["ief"]["mean_ratio"] == pytest.approx(np.mean(e1))
+    assert rec["gamma"]["e1"]["ief"]["stderr"] == pytest.approx(np.std(e1, ddof=1) / np.sqrt(2))
 
 
 def test_compare_cnn_and_own_data(tmp_path, capsys):

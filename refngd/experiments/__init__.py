@@ -4,6 +4,6 @@
 Optimizers and the training loop live in :mod:`refngd.optim`; this package only runs them
 side by side and evaluates them.
 """
-from .gamma_study import average_gamma, gamma_ratios
+from .gamma_study import batch_gammas, e1_summary, e3_summary
 
-__all__ = ["gamma_ratios", "average_gamma"]
+__all__ = ["batch_gammas", "e1_summary", "e3_summary"]

@@ -10,10 +10,12 @@ The experiment, in order:
    lowest final training loss on the whole training set (diverged runs never win);
 4. approximation quality: at evenly spaced checkpoints of the best run of the
    *trajectory* method (SGD by default — the baseline, so the checkpoints favour no
-   natural-gradient method), on fixed evaluation batches, γ(d)/γ(g) of EF, iEF, SF,
-   K-FAC, EKFAC and exact NGD with the damping swept over a grid
-   (:func:`refngd.experiments.gamma_ratios`); best ratio per method reported;
-5. a table, a JSON record and PNG plots.
+   natural-gradient method), on fixed evaluation batches, γ of EF, iEF, SF, K-FAC,
+   EKFAC and exact NGD under Wu et al.'s protocols (:mod:`refngd.experiments.gamma_study`):
+   E1 (near-zero damping, γ̄_X/γ̄_SGD ± standard error and γ̄_X/γ̄*) and E3 (one absolute
+   damping grid, the same for every method), and refngd's "best over damping" summary;
+5. a table, a JSON record and PNG plots; with ``seeds > 1`` all of it once per seed and
+   a table of mean ± standard deviation over the seeds.
 
 No method gets weight decay, learning-rate schedules or tuned damping: every method runs
 with the fixed hyper-parameters of :data:`METHODS` and only its learning rate is chosen.
@@ -25,7 +27,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from ..backend import as_generator
@@ -33,7 +35,8 @@ from ..losses import CrossEntropy
 from ..optim.adafisher import AdaFisher
 from ..optim.baselines import SGD, Adafactor, Adam, AdamW
 from .data import load_digits, load_npz
-from .gamma_study import GAMMA_METHODS, average_gamma, gamma_ratios
+from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping, e1_summary,
+                          e3_summary)
 from ..optim.fadam import FAdam
 from .models import build_model
 from ..optim.natural import EF, IEF, NGD, SF
@@ -112,8 +115,11 @@ class CompareConfig:
     progress: bool | None = None
     gamma: bool = True
     gamma_checkpoints: int = 6
-    gamma_batches: int = 4
+    gamma_batches: int = 8
     gamma_methods: tuple = GAMMA_METHODS
+    gamma_dampings: tuple = DEFAULT_DAMPINGS  #: absolute, P × P Tikhonov convention (E3, best)
+    e1_damping: float = E1_DAMPING
+    seeds: int = 1  #: run everything for seeds seed, seed + 1, …, seed + seeds − 1
     max_steps: int | None = None
     test_fraction: float = 0.2
 
@@ -131,7 +137,7 @@ class CompareConfig:
         for m, lrs in self.lr.items():
             if not lrs or any(not (isinstance(v, float) and math.isfinite(v) and v > 0) for v in lrs):
                 raise ValueError(f"--lr {m}=...: learning rates must be positive numbers, got {lrs}.")
-        for name in ("epochs", "batch_size", "gamma_checkpoints", "gamma_batches"):
+        for name in ("epochs", "batch_size", "gamma_checkpoints", "gamma_batches", "seeds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}.")
@@ -143,9 +149,17 @@ class CompareConfig:
 def run_compare(config: CompareConfig, log=print) -> dict:
     """Run the comparison of ``config``; returns its record (write it with :func:`write_outputs`).
 
-    ``log`` receives the progress lines (``print`` by default).
+    ``log`` receives the progress lines (``print`` by default).  With ``config.seeds > 1``
+    the whole comparison runs once per seed and the record aggregates them
+    (:func:`aggregate_seeds`).
     """
     config.check()
+    if config.seeds > 1:
+        records = []
+        for k in range(config.seeds):
+            log(f"— seed {config.seed + k} ({k + 1} of {config.seeds}) —")
+            records.append(run_compare(replace(config, seed=config.seed + k, seeds=1), log))
+        return aggregate_seeds(records)
     t_start = time.perf_counter()
     data = (load_npz(config.data, config.test_fraction, config.seed) if config.data
             else load_digits(config.test_fraction, config.seed)).for_model(config.model)
@@ -218,30 +232,124 @@ def run_compare(config: CompareConfig, log=print) -> dict:
 
 
 def _gamma_study(config, model, loss, data, checkpoints, trajectory, log) -> dict:
-    """γ ratios at the trajectory's checkpoints on ``gamma_batches`` fixed batches."""
+    """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints."""
     rng = as_generator(config.seed + 1)
     N = data.X_train.shape[0]
     n = min(config.batch_size, N)
     idx = rng.permutation(N)
     batches = [idx[i * n:(i + 1) * n] for i in range(min(config.gamma_batches, max(1, N // n)))]
+    dampings = sorted(set(float(v) for v in config.gamma_dampings) | {float(config.e1_damping)})
     log(f"γ evaluation: {len(checkpoints)} checkpoints of the {METHODS[trajectory].label} run × "
         f"{len(batches)} fixed batches of {n}")
     rows = []
     bar = progress_bar(len(checkpoints), config.progress, "γ evaluation", "checkpoint", leave=True)
     for step in sorted(checkpoints):
         theta = checkpoints[step]
-        tables = [gamma_ratios(model, theta, loss, data.X_train[b], data.y_train[b],
-                               methods=config.gamma_methods, rng=as_generator(config.seed + 100 + k))
-                  for k, b in enumerate(batches)]
-        rows.append({"step": step, "table": average_gamma(tables)})
+        per = [batch_gammas(model, theta, loss, data.X_train[b], data.y_train[b],
+                            methods=config.gamma_methods, dampings=dampings,
+                            rng=as_generator(config.seed + 100 + k))
+               for k, b in enumerate(batches)]
+        imbalance = [b["imbalance"] for b in per if b["imbalance"] is not None]
+        rows.append({"step": step, "e1": e1_summary(per, config.e1_damping), "e3": e3_summary(per),
+                     "imbalance": sum(imbalance) / len(imbalance) if imbalance else None})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    last = rows[-1] if rows else {"e1": {}, "e3": {}}
     return {"trajectory": trajectory, "methods": list(config.gamma_methods),
-            "batch_size": n, "batches": len(batches), "checkpoints": rows,
-            "note": "best over the damping grid of the mean (over batches) γ(d)/γ(g); "
-                    "λ = τ × mean eigenvalue of the damped matrix"}
+            "batch_size": n, "batches": len(batches), "dampings": dampings,
+            "e1_damping": config.e1_damping,
+            "damping_convention": "absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
+                                  "loss as trained (CrossEntropy mean); Gram forms use λ/c",
+            "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
+
+
+# ------------------------------------------------------------------------- seeds
+def _stats(values: list) -> dict:
+    """Mean and sample standard deviation of the finite values (None where undefined)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(vals)
+    mean = sum(vals) / n if n else None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "sd": sd, "values": list(values)}
+
+
+def aggregate_seeds(records: list[dict]) -> dict:
+    """One record for several seeds: per-method mean ± sd, E1/E3 averaged over seeds.
+
+    ``gamma.e1[m]["mean_ratio"]`` is the mean over seeds of each seed's E1 ratio and
+    ``"stderr"`` its standard error over seeds (sd/√K); ``gamma.e3[m]["ratios"]`` the mean
+    curve.  The per-seed records stay under ``"per_seed"``.
+    """
+    first = records[0]
+    seeds = [r["config"]["seed"] for r in records]
+    methods = {}
+    for m, rec in first["methods"].items():
+        recs = [r["methods"][m] for r in records]
+        methods[m] = {"label": rec["label"], "settings": rec["settings"], "lr_grid": rec["lr_grid"],
+                      "best_lr": [r["best_lr"] for r in recs],
+                      **{k: _stats([r[k] for r in recs])
+                         for k in ("final_train_loss", "test_accuracy", "seconds_per_step")}}
+    out = {"refngd_version": first["refngd_version"],
+           "config": {**first["config"], "seed": seeds[0], "seeds": len(seeds)},
+           "seeds": seeds, "methods": methods, "per_seed": records,
+           "seconds_total": sum(r["seconds_total"] for r in records)}
+    if all(r.get("gamma") and r["gamma"]["checkpoints"] for r in records):
+        g0 = first["gamma"]
+        e1, e3 = {}, {}
+        for m in g0["methods"]:
+            ratios = [r["gamma"]["e1"][m]["mean_ratio"] for r in records]
+            st = _stats(ratios)
+            e1[m] = {"mean_ratio": st["mean"], "sd": st["sd"], "per_seed": ratios,
+                     "stderr": st["sd"] / math.sqrt(len(ratios)) if st["sd"] is not None else None,
+                     "damping": g0["e1_damping"],
+                     "optimal_ratio": _stats([r["gamma"]["e1"][m]["optimal_ratio"] for r in records])["mean"]}
+            curve = [_stats([r["gamma"]["e3"][m]["ratios"][i] for r in records])["mean"]
+                     for i in range(len(g0["dampings"]))]
+            curve = [math.inf if v is None else v for v in curve]
+            e3[m] = {"dampings": list(g0["dampings"]), "ratios": curve, **best_over_damping(g0["dampings"], curve)}
+        out["gamma"] = {k: g0[k] for k in ("trajectory", "methods", "batch_size", "batches",
+                                           "dampings", "e1_damping", "damping_convention")}
+        out["gamma"].update(e1=e1, e3=e3, checkpoint_step=g0["checkpoints"][-1]["step"])
+    return out
+
+
+def _format_seeds(record: dict) -> str:
+    seeds = record["seeds"]
+    head = ["method", "final train loss", "test accuracy", "ms / step", "best lr per seed"]
+    body = []
+    for m, rec in record["methods"].items():
+        body.append([rec["label"], _msd(rec["final_train_loss"], ".4f"), _msd(rec["test_accuracy"], ".3f"),
+                     _msd({k: (1e3 * v if isinstance(v, float) else v)
+                           for k, v in rec["seconds_per_step"].items() if k != "values"}, ".2f"),
+                     "/".join(f"{v:g}" for v in rec["best_lr"])])
+    text = [format_table(head, body, "lrrrl"),
+            f"(mean ± standard deviation over {len(seeds)} seeds: {', '.join(map(str, seeds))})"]
+    gam = record.get("gamma")
+    if gam:
+        head = [f"last checkpoint (step {gam['checkpoint_step']})", "E1 γ̄/γ̄(g)", "per seed",
+                "E1 γ̄/γ̄*", "best over damping", "at λ"]
+        body, edge = [], False
+        for m in gam["methods"]:
+            e1, e3 = gam["e1"][m], gam["e3"][m]
+            edge |= e3["best_on_grid_edge"]
+            body.append([_label(m), _msd({"mean": e1["mean_ratio"], "sd": e1["sd"]}, ".3f"),
+                         "/".join(fmt(v, ".3g") for v in e1["per_seed"]), fmt(e1["optimal_ratio"], ".3f"),
+                         fmt(e3["best_ratio"], ".3f") + (" *" if e3["best_on_grid_edge"] else ""),
+                         f"{e3['best_damping']:.0e}"])
+        text += ["", format_table(head, body, "lrlrrr"),
+                 f"(E1: λ = {gam['e1_damping']:g}, {gam['batches']} batches of {gam['batch_size']} per "
+                 f"seed, mean ± sd over seeds; best over damping of the seed-averaged E3 curve)"]
+        if edge:
+            text.append("* best damping on the edge of the grid: a wider grid might do better.")
+    return "\n".join(text)
+
+
+def _msd(st: dict, spec: str) -> str:
+    if st.get("mean") is None:
+        return "—"
+    return fmt(st["mean"], spec) + (f" ± {format(st['sd'], spec)}" if st.get("sd") is not None else "")
 
 
 # ------------------------------------------------------------------------- output
@@ -257,7 +365,9 @@ def summary_rows(record: dict) -> list[dict]:
 
 
 def format_results(record: dict) -> str:
-    """The printed tables: training results, then the γ ratios."""
+    """The printed tables: training results, then the γ study (one seed or several)."""
+    if "per_seed" in record:
+        return _format_seeds(record)
     head = ["method", "final train loss", "test accuracy", "ms / step", "best lr (grid)"]
     body = []
     for r in record["table"]:
@@ -271,18 +381,48 @@ def format_results(record: dict) -> str:
     if any(r["best_on_grid_edge"] for r in record["table"]):
         text.append("* best learning rate on the edge of its grid.")
     gam = record.get("gamma")
-    if gam:
-        steps = [c["step"] for c in gam["checkpoints"]]
-        head = ["γ(d)/γ(g), best over damping"] + [f"step {s}" for s in steps]
-        body = []
-        for m in gam["methods"]:
-            body.append([METHODS[m].label if m in METHODS else m] +
-                        [fmt(c["table"][m]["best_ratio"], ".3f") for c in gam["checkpoints"]])
-        text.append("")
-        text.append(format_table(head, body, "l" + "r" * len(steps)))
-        text.append(f"(checkpoints of the {METHODS[gam['trajectory']].label} run; {gam['batches']} "
-                    f"fixed batches of {gam['batch_size']}; below 1 beats SGD, NGD is the optimum)")
+    if gam and gam["checkpoints"]:
+        text += ["", _format_e1(gam), "", _format_last(gam)]
     return "\n".join(text)
+
+
+def _label(m: str) -> str:
+    return METHODS[m].label if m in METHODS else m
+
+
+def _format_e1(gam: dict) -> str:
+    steps = [c["step"] for c in gam["checkpoints"]]
+    head = [f"E1: γ̄(d)/γ̄(g), λ = {gam['e1_damping']:g}"] + [f"step {s}" for s in steps]
+    body = [[_label(m)] + [_pm(c["e1"][m]["mean_ratio"], c["e1"][m]["stderr"]) for c in gam["checkpoints"]]
+            for m in gam["methods"]]
+    imb = ["gradient-norm imbalance"] + [fmt(c["imbalance"], ".1f") for c in gam["checkpoints"]]
+    return "\n".join([format_table(head, body + [imb], "l" + "r" * len(steps)),
+                      f"(Wu et al.'s first evaluation: ratio of mean γ over {gam['batches']} fixed batches "
+                      f"of {gam['batch_size']} ± standard error, checkpoints of the "
+                      f"{_label(gam['trajectory'])} run; below 1 beats SGD)"])
+
+
+def _format_last(gam: dict) -> str:
+    step = gam["checkpoints"][-1]["step"]
+    head = [f"last checkpoint (step {step})", "E1 γ̄/γ̄(g)", "E1 γ̄/γ̄*", "best over damping", "at λ"]
+    body, edge = [], False
+    for m in gam["methods"]:
+        e1, e3 = gam["e1"][m], gam["e3"][m]
+        edge |= e3["best_on_grid_edge"]
+        body.append([_label(m), _pm(e1["mean_ratio"], e1["stderr"]), fmt(e1["optimal_ratio"], ".3f"),
+                     fmt(e3["best_ratio"], ".3f") + (" *" if e3["best_on_grid_edge"] else ""),
+                     f"{e3['best_damping']:.0e}"])
+    lo, hi = min(gam["dampings"]), max(gam["dampings"])
+    notes = [f"(γ̄* = γ̄ of the exact undamped natural gradient, the optimum: E1 γ̄/γ̄* ≥ 1 is the "
+             f"distance from optimal. Best over damping is refngd's summary, not the paper's: the "
+             f"same absolute grid {lo:.0e}…{hi:.0e} for every method, P × P Tikhonov convention)"]
+    if edge:
+        notes.append("* best damping on the edge of the grid: a wider grid might do better.")
+    return "\n".join([format_table(head, body, "lrrrr")] + notes)
+
+
+def _pm(v, se) -> str:
+    return fmt(v, ".3f") + (f" ± {se:.3f}" if se is not None and math.isfinite(v) else "")
 
 
 def write_outputs(record: dict, out_dir: str, plots: bool = True) -> list[str]:
@@ -295,5 +435,6 @@ def write_outputs(record: dict, out_dir: str, plots: bool = True) -> list[str]:
     if plots:
         from .plots import plot_all
 
-        paths += plot_all(record, out_dir)
+        # several seeds: the figures show the first seed's runs (the table has them all)
+        paths += plot_all(record["per_seed"][0] if "per_seed" in record else record, out_dir)
     return paths

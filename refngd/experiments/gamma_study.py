@@ -163,16 +163,15 @@ def e1_summary(batches: list[dict], damping: float) -> dict:
     """The paper's first evaluation at one damping: γ̄_X/γ̄_SGD ± s.e. and γ̄_X/γ̄* per method.
 
     ``batches`` are :func:`batch_gammas` results that all contain ``damping``.  Returns
-    ``{method: {"mean_ratio", "stderr", "damping", "optimal_ratio"}, "batches": n,
-    "imbalance": mean gradient-norm imbalance}``.
+    ``{method: {"mean_ratio", "stderr", "damping", "optimal_ratio"}}``; ``stderr`` is None
+    for a single batch, ``optimal_ratio`` None where γ* is undefined (singular Gram matrix).
     """
     if not batches:
         raise ValueError("e1_summary needs at least one batch.")
     i = _damping_index(batches[0]["dampings"], damping)
     sgd = [b["gamma_sgd"] for b in batches]
     stars = [b["gamma_star"] for b in batches]
-    out = {"batches": len(batches), "damping": damping,
-           "imbalance": _mean([b["imbalance"] for b in batches if b["imbalance"] is not None])}
+    out = {}
     for m in _methods(batches[0]):
         x = [b[m][i] for b in batches]
         ratio, se = _ratio_of_means(x, sgd)
@@ -195,11 +194,12 @@ def e3_summary(batches: list[dict]) -> dict:
     out = {}
     for m in _methods(batches[0]):
         ratios = [_mean([b[m][i] for b in batches]) / sgd for i in range(len(dampings))]
-        out[m] = {"dampings": list(dampings), "ratios": ratios, **_best(dampings, ratios)}
+        out[m] = {"dampings": list(dampings), "ratios": ratios, **best_over_damping(dampings, ratios)}
     return out
 
 
-def _best(dampings, ratios) -> dict:
+def best_over_damping(dampings, ratios) -> dict:
+    """The smallest ratio, its damping, and whether it sits on (and falls towards) a grid edge."""
     finite = [(r, i) for i, r in enumerate(ratios) if math.isfinite(r)]
     best, i = min(finite) if finite else (math.inf, 0)
     edge = False
@@ -227,4 +227,4 @@ def _mean(values) -> float | None:
 
 
 __all__ = ["GAMMA_METHODS", "DEFAULT_DAMPINGS", "E1_DAMPING", "batch_gammas",
-           "gradient_norm_imbalance", "e1_summary", "e3_summary"]
+           "gradient_norm_imbalance", "e1_summary", "e3_summary", "best_over_damping"]

@@ -74,8 +74,18 @@ def plot_loss(record: dict, path: str, x: str = "step") -> str:
     return _finish(plt, fig, ax, path)
 
 
+def _plain_log_axis(ax) -> None:
+    """Plain numbers on a log y axis, major and minor ticks alike (also above 1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plain = FuncFormatter(lambda v, _: f"{v:.2g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(plain)
+
+
 def plot_gamma(record: dict, path: str) -> str | None:
-    """Best γ(d)/γ(g) over the damping grid, per method, at each checkpoint."""
+    """E1: γ̄(d)/γ̄(g) at the near-zero damping, per method, at each checkpoint (± s.e.)."""
     gam = record.get("gamma")
     if not gam or not gam.get("checkpoints"):
         return None
@@ -83,23 +93,21 @@ def plot_gamma(record: dict, path: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     steps = [c["step"] for c in gam["checkpoints"]]
     for method in gam["methods"]:
-        ys = _nums([c["table"][method]["best_ratio"] for c in gam["checkpoints"]])
-        ax.plot(steps, ys, marker="o", label=LABELS.get(method, method), **_style(method))
+        ys = _nums([c["e1"][method]["mean_ratio"] for c in gam["checkpoints"]])
+        se = _nums([c["e1"][method]["stderr"] for c in gam["checkpoints"]])
+        ax.errorbar(steps, ys, yerr=np.nan_to_num(se), marker="o", capsize=2,
+                    label=LABELS.get(method, method), **_style(method))
     ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
     ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
-
-    plain = FuncFormatter(lambda v, _: f"{v:.2g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    _plain_log_axis(ax)
     ax.set_xlabel(f"checkpoint (step of the {gam['trajectory'].upper()} run)")
-    ax.set_ylabel("best γ(d) / γ(g) over the damping grid")
-    ax.set_title("approximation quality (Wu et al. 2024, eq. 15); lower is better", fontsize=10)
+    ax.set_ylabel(f"E1: γ̄(d) / γ̄(g) at λ = {gam['e1_damping']:g}")
+    ax.set_title("approximation quality (Wu et al. 2024, E1); lower is better", fontsize=10)
     return _finish(plt, fig, ax, path)
 
 
 def plot_gamma_damping(record: dict, path: str) -> str | None:
-    """γ(d)/γ(g) against the relative damping τ at the last checkpoint (robustness to λ)."""
+    """E3: γ̄(d)/γ̄(g) against the absolute damping at the last checkpoint (robustness to λ)."""
     gam = record.get("gamma")
     if not gam or not gam.get("checkpoints"):
         return None
@@ -107,14 +115,15 @@ def plot_gamma_damping(record: dict, path: str) -> str | None:
     last = gam["checkpoints"][-1]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method in gam["methods"]:
-        t = last["table"][method]
-        ax.plot(t["taus"], _nums(t["ratios"]), marker="o", markersize=3,
+        t = last["e3"][method]
+        ax.plot(t["dampings"], _nums(t["ratios"]), marker="o", markersize=3,
                 label=LABELS.get(method, method), **_style(method))
     ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("relative damping τ (λ = τ × mean eigenvalue of the damped matrix)")
-    ax.set_ylabel("γ(d) / γ(g)")
+    _plain_log_axis(ax)
+    ax.set_xlabel("damping λ in (M + λI)⁻¹, the same for every method (P × P convention)")
+    ax.set_ylabel("E3: γ̄(d) / γ̄(g)")
     ax.set_title(f"damping sweep at the last checkpoint (step {last['step']}); lower is better",
                  fontsize=10)
     return _finish(plt, fig, ax, path)
