@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 
 from ..backend import Array, PSDFactor, check_damping, check_float_array, eigh_psd, namespace
 from ..derivatives import gradient_from
+from ..subsets import resolve_params
 
 
 class CurvatureOperator(ABC):
@@ -76,15 +77,21 @@ class RowCurvature(CurvatureOperator):
     linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
     with_gradient : also back-propagate each sample's loss gradient e_n as one extra row in
         the same pass, for :meth:`natural_gradient` (needs ``y``)
+    params : the parameter subset S (docs/subsets.md; ``None``: the model's trainable
+        parameters, all of θ unless a layer freezes some).  The operator is then the
+        submatrix F[S, S] (P = |S|), every vector it takes or returns has length |S|, and
+        no row work is spent on the other parameters.  ``self.subset`` holds the
+        :class:`refngd.subsets.ParamSubset` (``None`` for all of θ).
     """
 
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
-                 with_gradient: bool = False):
+                 with_gradient: bool = False, params=None):
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         self.outputs = self.lin.outputs
         self.c = float(loss.scale(self.outputs))
-        self.num_params = int(theta.shape[0])
+        self.subset = resolve_params(model, params)
+        self.num_params = int(theta.shape[0]) if self.subset is None else self.subset.num_params
         self.dtype = theta.dtype
         S = self.cotangents()
         self._K = S.shape[1]
@@ -92,10 +99,10 @@ class RowCurvature(CurvatureOperator):
         if with_gradient:
             xp = namespace(S)
             e = loss.output_gradient(self.outputs, y).astype(S.dtype, copy=False)
-            self._joint = self.lin.backprop(xp.concatenate([S, e[:, None, :]], axis=1))
+            self._joint = self.lin.backprop(xp.concatenate([S, e[:, None, :]], axis=1), params=self.subset)
             self.rows = self._joint.take(0, self._K)
         else:
-            self.rows = self.lin.backprop(S)
+            self.rows = self.lin.backprop(S, params=self.subset)
         self._gram = None
         self._F64 = None
 
@@ -207,7 +214,7 @@ class RowCurvature(CurvatureOperator):
         if self._joint is not None:
             ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
             return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
-        return gradient_from(self.lin, self.loss, self.y)
+        return gradient_from(self.lin, self.loss, self.y, params=self.subset)
 
     def natural_gradient(self, damping: float) -> Array:
         """(F + λI)⁻¹ g for this batch's loss gradient g, from one joint backward pass.
