@@ -31,8 +31,9 @@ class LayerRows:
     ``B`` (N, K, *out_shape) are the rows arriving at the layer's output, ``cache`` its
     forward cache (its inputs), ``params`` its parameter blocks and ``start:stop`` its
     slice of the parameter vector (of θ, or of θ[S] for a parameter subset S).
-    ``index`` is the layer's position in ``model.layers`` and ``part`` numbers the views
-    of one layer (:meth:`refngd.nn.ParametricLayer.row_views`; 0 for a plain layer).
+    ``index`` is the layer's position in ``model.layers``; ``part`` tells the views of one
+    layer apart (:meth:`refngd.nn.ParametricLayer.row_views`): the position, among the
+    layer's tensors, of the view's first tensor (0 for a plain layer).
     """
 
     layer: Any

@@ -92,6 +92,24 @@ def trainable_mask(model) -> Array:
     return m
 
 
+def peft_mask(model) -> Array:
+    """The parameters PEFT trains: the adapters of every LoRA layer and the prompt embeddings.
+
+    A host boolean array (P,) selecting the default-trainable tensors of the model's
+    :class:`refngd.nn.LoRALinear` (A and B) and :class:`refngd.nn.PromptPrefix` layers and
+    nothing else — what ``peft.get_peft_model`` leaves with ``requires_grad``.
+    """
+    from .nn.peft import LoRALinear, PromptPrefix  # here: nn imports this module
+
+    m = trainable_mask(model)
+    for layer, (start, stop) in zip(model.layers, model.slices):
+        if not isinstance(layer, (LoRALinear, PromptPrefix)):
+            m[start:stop] = False
+    if not bool(m.any()):
+        raise ValueError("peft_mask: the model has no LoRALinear or PromptPrefix layer.")
+    return m
+
+
 def resolve_params(model, params) -> ParamSubset | None:
     """Turn a ``params=`` argument into a :class:`ParamSubset`, or ``None`` for all of θ.
 

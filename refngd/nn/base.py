@@ -181,6 +181,41 @@ class BiasRows(ParametricLayer):
         return (beta * beta).sum(axis=(0, 1))
 
 
+class CompositeLayer(ParametricLayer):
+    """A layer whose parameter gradients are those of several simpler layers together.
+
+    Subclasses implement :meth:`row_views` (for any selection ``active``); the row
+    primitives of the whole layer are the views' primitives, summed (Gram, U v) or
+    concatenated in θ order (Uᵀ w, per-row gradients, diagonal).
+    """
+
+    def _all(self, cache, B):
+        return self.row_views(cache, B, (True,) * len(self.param_shapes))
+
+    def check_subset(self, active):
+        pass  # row_views handles every selection; subclasses refuse what they cannot do
+
+    def row_gram(self, cache, B):
+        return sum(p.row_gram(c, b) for p, c, b in self._all(cache, B))
+
+    def row_dot(self, cache, B, V):
+        out, i = None, 0
+        for p, c, b in self._all(cache, B):
+            n = len(p.param_shapes)
+            o = p.row_dot(c, b, V[i:i + n])
+            out, i = (o if out is None else out + o), i + n
+        return out
+
+    def row_sum(self, cache, B, w):
+        return [blk for p, c, b in self._all(cache, B) for blk in p.row_sum(c, b, w)]
+
+    def row_grads(self, cache, B):
+        return namespace(B).concatenate([p.row_grads(c, b) for p, c, b in self._all(cache, B)], axis=2)
+
+    def row_sq_sum(self, cache, B):
+        return namespace(B).concatenate([p.row_sq_sum(c, b) for p, c, b in self._all(cache, B)])
+
+
 def num_elements(shapes) -> int:
     """Σ over ``shapes`` of the number of entries."""
     return sum(math.prod(s) for s in shapes)

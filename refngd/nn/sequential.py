@@ -173,11 +173,15 @@ class Linearization:
             active = selected(i)
             if active is not None and any(active):
                 pos = start if subset is None else subset.starts[i]
-                views = []
-                for part, (prim, c, b) in enumerate(layer.row_views(cache, B, active)):
+                tensors = [t for t, on in enumerate(active) if on]  # selected tensors, θ order
+                views, j = [], 0
+                for prim, c, b in layer.row_views(cache, B, active):
                     size = num_elements(prim.param_shapes)
-                    views.append(LayerRows(prim, p, c, b, pos, pos + size, i, part))
+                    # ``part``: the layer's index of the view's first tensor (stable whatever
+                    # else is selected, so K-FAC can key per-view input factors by it)
+                    views.append(LayerRows(prim, p, c, b, pos, pos + size, i, tensors[j]))
                     pos += size
+                    j += len(prim.param_shapes)
                 records.extend(reversed(views))
             if i > first:  # the input of the first selected layer needs no cotangent
                 B = layer.backward(p, cache, B)
