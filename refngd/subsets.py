@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from .backend import Array, namespace, to_device, to_numpy
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ParamSubset:
     """A selection of θ's entries, in θ's order (build it with :func:`resolve_params`).
 

@@ -437,3 +437,38 @@ def test_layers_without_partial_support_refuse_partial_masks():
     with pytest.raises(ValueError, match="layer 0: Scale.*select all of them or none"):
         resolve_params(model, m)
     assert isinstance(resolve_params(model, [1]), ParamSubset)
+
+
+# ================================================================ CuPy (skipped without a GPU)
+def _gpu_available():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+def test_subsets_on_cupy_match_numpy():
+    import cupy
+
+    from refngd.backend import to_numpy
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.PromptPrefix(2, 3), nn.Flatten(), nn.LoRALinear(15, 6, 2, 4.0),
+                          nn.Tanh(), nn.Linear(6, 3))
+    th = model.init(rng) + 0.1 * rng.standard_normal(model.num_params)
+    X, y = rng.standard_normal((7, 3, 3)), rng.integers(0, 3, 7)
+    m = peft_mask(model)
+    loss = CrossEntropy()
+    for params in (m, [4], "all"):
+        for f in (lambda t, x, yy: Fisher(model, t, loss, x, yy, params=params).dense(),
+                  lambda t, x, yy: updates.ngd(model, t, loss, x, yy, 1e-3, params=params),
+                  lambda t, x, yy: updates.ief(model, t, loss, x, yy, 1e-3, params=params)):
+            a = f(th, X, y)
+            b = to_numpy(f(cupy.asarray(th), cupy.asarray(X), cupy.asarray(y)))
+            np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    sub = resolve_params(model, m)
+    d = cupy.arange(sub.num_params, dtype=cupy.float64)
+    np.testing.assert_array_equal(to_numpy(sub.select(sub.embed(d))), to_numpy(d))
