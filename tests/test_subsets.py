@@ -177,6 +177,11 @@ def test_exact_subset_is_submatrix_of_autograd_fisher(kind, lname, make_loss, N)
             assert_close(op.gradient(), ref["g"][S])
             U = op.row_matrix()  # rows of θ[S] only; their Gram matrix is the subset's
             assert_close(op.gram(), U @ U.T)
+            if cls is Fisher:  # rows s_nkᵀ J_n[:, S] from the autograd Jacobian
+                Uref = np.einsum("nck,ncp->nkp", loss.hessian_factor(f(theta, X)),
+                                 ref["J"][:, :, S]).reshape(U.shape)
+                assert_close(U, Uref)
+                assert_close(op.gram(), Uref @ Uref.T)
             lam = 1e-2 * np.trace(Fs) / PS
             assert_close(op.solve(v, lam), np.linalg.solve(Fs + lam * np.eye(PS), v), 1e-9)
             assert_close(op.natural_gradient(lam),

@@ -207,7 +207,8 @@ class Conv2d(ParametricLayer):
     def restrict(self, active):
         """Weight only: the same layer without bias (same cache); bias only: :class:`BiasRows`."""
         if len(active) != 2:
-            raise ValueError(f"{self!r} has {len(self.param_shapes)} tensors, got a selection of {len(active)}.")
+            raise ValueError(f"{self!r} has {len(self.param_shapes)} tensors, got a selection "
+                             f"of {len(active)}.")
         if active[1]:
             return BiasRows(self, self.out_channels)
         weight_only = copy.copy(self)
