@@ -33,16 +33,17 @@ class LoRALinear(CompositeLayer):
 
     with inputs a (N, in_features).  Parameters, in θ order — exactly
     ``parameters_to_vector(peft_lora_linear.parameters())`` for PEFT's ``lora.Linear``
-    (``base_layer.weight``, ``base_layer.bias``, ``lora_A.weight``, ``lora_B.weight``):
+    (``base_layer.weight``, ``base_layer.bias``, ``lora_A.default.weight``,
+    ``lora_B.default.weight``):
 
-    ========  =========================  ==========  =====================================
-    tensor     shape                      trainable   initialisation (PEFT's defaults)
-    ========  =========================  ==========  =====================================
-    W₀         (out_features, in_features)  no        as :class:`Linear`: U(−k, k), k = 1/√in
-    b₀         (out_features,)  (if bias)   no        as :class:`Linear`
-    A          (rank, in_features)          yes       ``kaiming_uniform_(a=√5)``: U(−k, k)
-    B          (out_features, rank)         yes       zeros (so the layer starts as its base)
-    ========  =========================  ==========  =====================================
+    ======  ============================  =========  ======================================
+    tensor  shape                         trainable  initialisation (PEFT's defaults)
+    ======  ============================  =========  ======================================
+    W₀      (out_features, in_features)   no         as :class:`Linear`: U(−k, k), k = 1/√in
+    b₀      (out_features,)  (if bias)    no         as :class:`Linear`
+    A       (rank, in_features)           yes        ``kaiming_uniform_(a=√5)``: U(−k, k)
+    B       (out_features, rank)          yes        zeros (so the layer starts as its base)
+    ======  ============================  =========  ======================================
 
     ``trainable`` (the default selection of ``params=None``) is the adapters A and B.
 
