@@ -233,3 +233,40 @@ def test_lora_subset_fisher_against_curvlinops():
     F = Fisher(model, theta, CrossEntropy(), X, y, params=peft_mask(model)).dense()
     assert_close(F, G)
     assert resolve_params(model, peft_mask(model)).num_params == D
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_layer_row_primitives_against_autograd(bias):
+    """The whole layer's primitives (CompositeLayer, from its three views): per-row gradients
+    of ⟨b_nk, z_n⟩ against autograd, and Gram, U v, Uᵀ w, diag(UᵀU) against them."""
+    layer = nn.LoRALinear(4, 3, rank=2, alpha=3.0, bias=bias)
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s) for s in layer.param_shapes]
+    x = rng.standard_normal((5, 4))
+    B = rng.standard_normal((5, 2, 3))
+    z, cache = layer.forward(params, x)
+    flat = np.concatenate([p.reshape(-1) for p in params])
+
+    def out(t):
+        p = unpack(t, layer.param_shapes)
+        base = anp.dot(x, p[0].T) + (p[1] if bias else 0.0)
+        return base + 1.5 * anp.dot(anp.dot(x, p[-2].T), p[-1].T)
+
+    assert_close(z, out(flat))
+    J = autograd.jacobian(out)(flat)  # (N, out, P)
+    U = np.einsum("nko,nop->nkp", B, J)
+    assert_close(layer.row_grads(cache, B), U)
+    Uf = U.reshape(10, -1)
+    assert_close(layer.row_gram(cache, B), Uf @ Uf.T)
+    V = [rng.standard_normal(s) for s in layer.param_shapes]
+    v = np.concatenate([a.reshape(-1) for a in V])
+    assert_close(layer.row_dot(cache, B, V), U @ v)
+    w = rng.standard_normal((5, 2))
+    assert_close(np.concatenate([b.reshape(-1) for b in layer.row_sum(cache, B, w)]),
+                 np.einsum("nk,nkp->p", w, U))
+    assert_close(layer.row_sq_sum(cache, B), (U * U).sum((0, 1)))
+    dx = layer.backward(params, cache, B)
+    Jx = autograd.jacobian(lambda a: anp.dot(a, params[0].T) + 1.5 * anp.dot(anp.dot(a, params[-2].T),
+                                                                            params[-1].T))(x)
+    # Jx (N, out, N, in) is block-diagonal over samples; row (n, k) pulls back to B[n, k] J_n
+    assert_close(dx, np.einsum("nko,noni->nki", B, Jx))
