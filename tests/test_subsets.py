@@ -385,6 +385,42 @@ def test_backprop_stops_at_first_selected_layer(monkeypatch):
     assert [e.index for e in rows.layers] == [4] and rows.P == 21
 
 
+def _check_primitives(prim, cache, B, U):
+    """Gram, U v, Uᵀ w, diag(UᵀU) of ``prim`` against its per-row gradients U (N, K, P)."""
+    rng = np.random.default_rng(9)
+    N, K, P = U.shape
+    assert_close(prim.row_grads(cache, B), U)
+    Uf = U.reshape(N * K, P)
+    assert_close(prim.row_gram(cache, B), Uf @ Uf.T)
+    V = [rng.standard_normal(s) for s in prim.param_shapes]
+    v = np.concatenate([a.reshape(-1) for a in V])
+    assert_close(prim.row_dot(cache, B, V), U @ v)
+    w = rng.standard_normal((N, K))
+    assert_close(np.concatenate([b.reshape(-1) for b in prim.row_sum(cache, B, w)]),
+                 np.einsum("nk,nkp->p", w, U))
+    assert_close(prim.row_sq_sum(cache, B), (U * U).sum((0, 1)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bias_only_rows(kind):
+    """A layer restricted to its bias (``BiasRows``): rows summed over output positions."""
+    rng = np.random.default_rng(6)
+    if kind == "linear":
+        layer, x, B = nn.Linear(4, 3), rng.standard_normal((5, 4)), rng.standard_normal((5, 2, 3))
+    else:
+        layer, x = nn.Conv2d(2, 3, 2), rng.standard_normal((5, 2, 4, 4))
+        B = rng.standard_normal((5, 2, 3, 3, 3))
+    params = [rng.standard_normal(s) for s in layer.param_shapes]
+    _, cache = layer.forward(params, x)
+    full = layer.row_grads(cache, B)
+    nw = int(np.prod(layer.param_shapes[0]))
+    bias_only = layer.restrict((False, True))
+    assert isinstance(bias_only, nn.BiasRows)
+    _check_primitives(bias_only, cache, B, full[:, :, nw:])
+    weight_only = layer.restrict((True, False))
+    _check_primitives(weight_only, cache, B, full[:, :, :nw])
+
+
 # ================================================================ bad selections
 def test_bad_masks_give_clear_errors():
     model, _, theta, X = mlp(4)
