@@ -1,6 +1,6 @@
-"""LoRALinear and PromptPrefix: forward, Jacobians, J·v, Jᵀ·w against HIPS autograd and finite
-differences; PEFT's initialisation; parity with PyTorch and, on the adapters, with curvlinops'
-GGN restricted to ``params`` (optional tests)."""
+"""LoRALinear and PromptPrefix: forward, Jacobians, J·v, Jᵀ·w and the row primitives against
+HIPS autograd and finite differences; PEFT's initialisation; parity with PyTorch and, on the
+adapters, with curvlinops' GGN restricted to ``params`` (optional tests)."""
 from __future__ import annotations
 
 import math
