@@ -13,6 +13,7 @@ import autograd.numpy as anp
 
 from .backend import Array, check_float_array, is_cupy
 from .rows import DenseRowSet
+from .subsets import resolve_params
 
 
 class FunctionModel:
@@ -87,12 +88,19 @@ class FunctionLinearization:
             self._J = anp.asarray(Jfull)
         return self._J
 
-    def backprop(self, cotangents: Array) -> DenseRowSet:
-        """Rows u_nk = J_nᵀ cotangents[n, k] as an explicit :class:`DenseRowSet`."""
+    def backprop(self, cotangents: Array, params=None) -> DenseRowSet:
+        """Rows u_nk = J_nᵀ cotangents[n, k] as an explicit :class:`DenseRowSet`.
+
+        ``params``: ``None`` (all of θ) or a boolean mask / :class:`refngd.subsets.ParamSubset`:
+        the rows of θ[S] only, U[:, S] (any entries may be selected; the Jacobian is still
+        formed in full, as this route is the reference, not the fast path).
+        """
         check_float_array("cotangents", cotangents)
         N, C = self.outputs.shape
         if cotangents.ndim != 3 or cotangents.shape[0] != N or cotangents.shape[2] != C:
             raise ValueError(
                 f"cotangents must have shape (N, K, C) = ({N}, K, {C}), got {tuple(cotangents.shape)}."
             )
-        return DenseRowSet(anp.einsum("nkc,ncp->nkp", cotangents, self.jacobian))
+        subset = None if params is None else resolve_params(self.model, params)
+        J = self.jacobian if subset is None else self.jacobian[:, :, subset.index]
+        return DenseRowSet(anp.einsum("nkc,ncp->nkp", cotangents, J), subset)

@@ -81,13 +81,18 @@ def gradient(model, theta: Array, loss, X: Array, y: Array) -> Array:
     return gradient_from(lin, loss, y)
 
 
-def gradient_from(lin, loss, y: Array) -> Array:
-    """Batch gradient from an existing linearisation (reuses its forward pass)."""
+def gradient_from(lin, loss, y: Array, params=None) -> Array:
+    """Batch gradient from an existing linearisation (reuses its forward pass).
+
+    ``params`` (default all of θ): a parameter subset S (docs/subsets.md); the result is
+    then g[S], of length |S|, computed without row work on the other parameters.
+    """
     _check_loss(loss)
     Z = lin.outputs
     xp = namespace(Z)
     e = loss.output_gradient(Z, y) * loss.scale(Z)
-    return lin.backprop(e[:, None, :]).rmatvec(xp.ones((Z.shape[0], 1), dtype=Z.dtype))
+    rows = lin.backprop(e[:, None, :]) if params is None else lin.backprop(e[:, None, :], params=params)
+    return rows.rmatvec(xp.ones((Z.shape[0], 1), dtype=Z.dtype))
 
 
 def loss_value(model, theta: Array, loss, X: Array, y: Array) -> float:

@@ -30,7 +30,10 @@ class LayerRows:
 
     ``B`` (N, K, *out_shape) are the rows arriving at the layer's output, ``cache`` its
     forward cache (its inputs), ``params`` its parameter blocks and ``start:stop`` its
-    slice of θ.
+    slice of the parameter vector (of θ, or of θ[S] for a parameter subset S).
+    ``index`` is the layer's position in ``model.layers``; ``part`` tells the views of one
+    layer apart (:meth:`refngd.nn.ParametricLayer.row_views`): the position, among the
+    layer's tensors, of the view's first tensor (0 for a plain layer).
     """
 
     layer: Any
@@ -39,6 +42,8 @@ class LayerRows:
     B: Array
     start: int
     stop: int
+    index: int = -1
+    part: int = 0
 
     def blocks(self, v: Array) -> list[Array]:
         """Split this layer's slice of a parameter vector into its parameter blocks."""
@@ -60,10 +65,14 @@ class RowSet:
     layers : list of LayerRows, in θ order.
     N, K, P : sizes; rows are ordered sample-major, r = n·K + k.
     dtype : the model's dtype (results of ``matvec``/``rmatvec``/``dense``).
+
+    subset : the :class:`refngd.subsets.ParamSubset` the rows cover (P = its size), or
+        None for all of θ.
     """
 
-    def __init__(self, layers: list[LayerRows], N: int, K: int, P: int, dtype):
+    def __init__(self, layers: list[LayerRows], N: int, K: int, P: int, dtype, subset=None):
         self.layers, self.N, self.K, self.P, self.dtype = layers, N, K, P, dtype
+        self.subset = subset
 
     @property
     def R(self) -> int:
@@ -74,9 +83,9 @@ class RowSet:
 
     def take(self, k0: int, k1: int) -> "RowSet":
         """The rows k0 ≤ k < k1 of every sample, as a RowSet of views (no copy)."""
-        layers = [LayerRows(e.layer, e.params, e.cache, e.B[:, k0:k1], e.start, e.stop)
+        layers = [LayerRows(e.layer, e.params, e.cache, e.B[:, k0:k1], e.start, e.stop, e.index, e.part)
                   for e in self.layers]
-        return RowSet(layers, self.N, k1 - k0, self.P, self.dtype)
+        return RowSet(layers, self.N, k1 - k0, self.P, self.dtype, self.subset)
 
     def gram(self) -> Array:
         """K = U Uᵀ, (R, R) float64, summed over layers without forming U (docs/design.md §4)."""
@@ -135,17 +144,18 @@ class RowSet:
 class DenseRowSet(RowSet):
     """A :class:`RowSet` backed by an explicit U (N, K, P), e.g. from HIPS autograd."""
 
-    def __init__(self, U: Array):
+    def __init__(self, U: Array, subset=None):
         self.U = U
         self.layers = []
         self.N, self.K, self.P = U.shape
         self.dtype = U.dtype
+        self.subset = subset
 
     def _xp(self):
         return namespace(self.U)
 
     def take(self, k0: int, k1: int) -> "DenseRowSet":
-        return DenseRowSet(self.U[:, k0:k1])
+        return DenseRowSet(self.U[:, k0:k1], self.subset)
 
     def gram(self):
         xp = self._xp()

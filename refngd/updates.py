@@ -3,7 +3,10 @@
 Every function is called as ``f(model, theta, loss, X, y, ...)`` and returns a (P,)
 direction d with the sign of the gradient, approximating F⁻¹ g: a step is θ − lr·d.
 Pass ``linearization=model.linearize(theta, X)`` to several of them to share one forward
-pass.
+pass.  ``params=`` restricts every update to a parameter subset S (docs/subsets.md;
+``None``: the model's trainable parameters): the direction is then (F[S, S] + λI)⁻¹ g[S],
+a vector of length |S| in θ's order — step with ``theta[mask] -= lr * d``, or
+``theta - lr * subset.embed(d)`` for ``subset = refngd.subsets.resolve_params(model, mask)``.
 
 Two dampings for EF and iEF (``form=``)
 ---------------------------------------
@@ -26,6 +29,7 @@ from __future__ import annotations
 from .backend import Array, PSDFactor, check_damping, namespace
 from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from .derivatives import gradient_from
+from .subsets import resolve_params
 
 _FORMS = ("tikhonov", "gram")
 
@@ -34,12 +38,14 @@ def _lin(model, theta, X, linearization):
     return linearization if linearization is not None else model.linearize(theta, X)
 
 
-def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None) -> Array:
+def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None, params=None) -> Array:
     """The plain gradient g = c Σ_n J_nᵀ e_n (the baseline every method is compared with)."""
-    return gradient_from(_lin(model, theta, X, linearization), loss, y)
+    return gradient_from(_lin(model, theta, X, linearization), loss, y,
+                         params=resolve_params(model, params))
 
 
-def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None) -> Array:
+def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None,
+        params=None) -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
 
     F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`).  The gradient lies in
@@ -48,18 +54,19 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
     accurate as K for every λ ≥ 0, and λ = 0 gives the minimum-norm F⁺g.
     """
     lin = _lin(model, theta, X, linearization)
-    F = Fisher(model, theta, loss, X, y, linearization=lin)
+    F = Fisher(model, theta, loss, X, y, linearization=lin, params=params)
     return F.natural_gradient(damping)
 
 
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
-       rng=None, linearization=None) -> Array:
+       rng=None, linearization=None, params=None) -> Array:
     """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
 
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
     """
     lin = _lin(model, theta, X, linearization)
-    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin)
+    F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin,
+                      params=params)
     return F.natural_gradient(damping)
 
 
@@ -78,7 +85,7 @@ def _sq_norms(e: Array) -> Array:
 
 
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
-       linearization=None) -> Array:
+       linearization=None, params=None) -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4).
 
     ``form="tikhonov"``: (F̃ + λI)⁻¹ g.  ``form="gram"``: Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
@@ -86,7 +93,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     """
     _check_form(form)
     lin = _lin(model, theta, X, linearization)
-    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
     xp = namespace(lin.outputs)
     ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
     if form == "gram":
@@ -96,7 +103,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
-        linearization=None) -> Array:
+        linearization=None, params=None) -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 7–8).
 
     ``form="tikhonov"``: (F̃* + λI)⁻¹ g with F̃* = c Σ g_n g_nᵀ/‖e_n‖².
@@ -107,9 +114,9 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
     lin = _lin(model, theta, X, linearization)
     e = loss.output_gradient(lin.outputs, y)
     if form == "gram":
-        F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+        F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
         return _gram_form(F, _sq_norms(e), damping)
-    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
     return F.natural_gradient(damping)
 
@@ -125,7 +132,7 @@ from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions tha
 
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-         damping_mode: str = "tikhonov", linearization=None) -> Array:
+         damping_mode: str = "tikhonov", linearization=None, params=None) -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
@@ -134,13 +141,13 @@ def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_t
     """
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-             kfac_approx=kfac_approx, bias=bias, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping, damping_mode=damping_mode)
+             kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params)
+    return F.solve(gradient_from(lin, loss, y, params=F.subset), damping, damping_mode=damping_mode)
 
 
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
           mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-          linearization=None) -> Array:
+          linearization=None, params=None) -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
@@ -148,5 +155,5 @@ def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_
     """
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-              kfac_approx=kfac_approx, bias=bias, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping)
+              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params)
+    return F.solve(gradient_from(lin, loss, y, params=F.subset), damping)

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, lstsq_ridge,
                        namespace)
 from ..derivatives import gradient_from
+from ..subsets import resolve_params
 
 
 class CurvatureOperator(ABC):
@@ -76,16 +77,23 @@ class RowCurvature(CurvatureOperator):
     loss : a refngd loss; its reduction fixes c (docs/design.md §2)
     X, y : the batch (``y`` is needed for gradients and natural gradients)
     linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
+    params : the parameter subset S (docs/subsets.md; ``None``: the model's trainable
+        parameters, all of θ unless a layer freezes some).  The operator is then the
+        submatrix F[S, S] (P = |S|), every vector it takes or returns has length |S|, and
+        no row work is spent on the other parameters.  ``self.subset`` holds the
+        :class:`refngd.subsets.ParamSubset` (``None`` for all of θ).
     """
 
-    def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None):
+    def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
+                 params=None):
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         self.outputs = self.lin.outputs
         self.c = float(loss.scale(self.outputs))
-        self.num_params = int(theta.shape[0])
+        self.subset = resolve_params(model, params)
+        self.num_params = int(theta.shape[0]) if self.subset is None else self.subset.num_params
         self.dtype = theta.dtype
-        self.rows = self.lin.backprop(self.cotangents())
+        self.rows = self.lin.backprop(self.cotangents(), params=self.subset)
         self._gram = None
         self._F64 = None
 
@@ -189,7 +197,7 @@ class RowCurvature(CurvatureOperator):
 
     def gradient(self) -> Array:
         """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (needs ``y``)."""
-        return gradient_from(self.lin, self.loss, self.y)
+        return gradient_from(self.lin, self.loss, self.y, params=self.subset)
 
     def natural_gradient(self, damping: float) -> Array:
         """(F + λI)⁻¹ g for this batch's loss gradient g, accurate at every λ ≥ 0.
@@ -211,8 +219,8 @@ class RowCurvature(CurvatureOperator):
         a, r = self.gradient_coefficients()
         d = self.solve_row_space(self.c * a, lam)
         if bool(xp.any(r != 0)):
-            h = self.c * self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False)).rmatvec(
-                xp.ones((self.rows.N, 1), dtype=self.dtype))
+            rows_r = self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False), params=self.subset)
+            h = self.c * rows_r.rmatvec(xp.ones((self.rows.N, 1), dtype=self.dtype))
             d = d + self.solve(h, lam)
         return d
 

@@ -58,7 +58,8 @@ def _rayleigh(f, U: Array) -> Array:
 class EKFAC(KroneckerOperator):
     """Eigenvalue-corrected K-FAC with the same arguments and interface as :class:`KFAC`.
 
-    Pass ``kfac=`` an existing :class:`KFAC` to reuse its factors and eigendecompositions.
+    Pass ``kfac=`` an existing :class:`KFAC` to reuse its factors and eigendecompositions
+    (and its parameter subset; ``params=`` otherwise, as :class:`KFAC`).
     :meth:`scalings` returns the re-estimated diagonals S (one (r_G, r_A) array per
     block), :meth:`kronecker_eigenvalues` K-FAC's λ_G λ_Aᵀ, and :meth:`with_scalings`
     a copy with other diagonals (``ek.with_scalings(ek.kronecker_eigenvalues())`` is K-FAC);
@@ -74,26 +75,28 @@ class EKFAC(KroneckerOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
                  mc_samples: int | None = None, rng=None, kfac_approx: str | None = None,
-                 bias: str | None = None, linearization=None, kfac: KFAC | None = None):
+                 bias: str | None = None, linearization=None, kfac: KFAC | None = None,
+                 params=None):
         options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
                    "bias": bias}
         if kfac is None:
             defaults = {"fisher_type": "type-2", "mc_samples": 1, "kfac_approx": "expand",
                         "bias": "separate"}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
-            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, **kw)
+            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params, **kw)
         else:
             # The factors come from ``kfac``: an option that contradicts them is an error,
             # not something to ignore silently.
             clash = [f"{k}={v!r} (kfac has {getattr(kfac, k)!r})" for k, v in options.items()
                      if v is not None and v != getattr(kfac, k, v)]
-            if clash or rng is not None or linearization is not None:
+            if clash or rng is not None or linearization is not None or params is not None:
                 raise ValueError(
                     "EKFAC(..., kfac=k) reuses k's factors; do not also pass "
-                    + (", ".join(clash) if clash else "rng= or linearization=")
+                    + (", ".join(clash) if clash else "rng=, linearization= or params=")
                     + ". Build the KFAC with the options you want instead.")
         self.kfac = kfac
-        for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias"):
+        for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias",
+                     "subset"):
             setattr(self, name, getattr(kfac, name))
         self._factors = kfac.factors()
         self.blocks = [b.replace(b.G, b.A, isinstance(b.entry.layer, Linear)) for b in kfac.blocks]

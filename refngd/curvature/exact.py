@@ -32,8 +32,8 @@ class Fisher(RowCurvature):
     on the natural gradient method", §9.2).  The labels ``y`` are not used.
     """
 
-    def __init__(self, model, theta, loss, X, y=None, linearization=None):
-        super().__init__(model, theta, loss, X, y, linearization)
+    def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None):
+        super().__init__(model, theta, loss, X, y, linearization, params)
 
     def cotangents(self) -> Array:
         return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
@@ -53,12 +53,12 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None):
+                 linearization=None, params=None):
         if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)
-        super().__init__(model, theta, loss, X, y, linearization)
+        super().__init__(model, theta, loss, X, y, linearization, params)
 
     def cotangents(self) -> Array:
         #: the sampled targets ŷ_nk, leading shape (N, K)

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 from ..backend import Array, as_generator, check_damping, namespace
 from ..nn.conv import Conv2d
+from ..nn.base import BiasRows
 from ..nn.linear import Linear
+from ..subsets import resolve_params
 from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -100,11 +102,14 @@ def parametric_rows(model, rows):
                         f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
     out = []
     for e in rows.layers:
+        if isinstance(e.layer, BiasRows):
+            raise ValueError(
+                f"K-FAC needs a layer's weight: the subset selects the bias of "
+                f"{e.layer.parent!r} without its weight (layer {e.index}); select the whole "
+                "layer, or use the exact curvatures, which support bias-only subsets.")
         if not isinstance(e.layer, (Linear, Conv2d)):
             raise TypeError(f"K-FAC supports Linear and Conv2d layers, not {e.layer!r}.")
-        idx = next(i for i, (l, s) in enumerate(zip(model.layers, model.slices))
-                   if l is e.layer and s[0] == e.start)
-        out.append((idx, e))
+        out.append((e.index, e))
     return out
 
 
@@ -177,6 +182,11 @@ class KFAC(KroneckerOperator):
     kfac_approx : ``"expand"`` or ``"reduce"`` (Conv2d only; Linear layers share no weights).
     bias : ``"separate"`` or ``"joint"`` (see :class:`LayerFactors`).
     linearization : a ``model.linearize(theta, X)`` to reuse (and share A between objects).
+    params : the parameter subset S (docs/subsets.md; ``None``: the model's trainable
+        parameters).  The blocks of unselected layers are dropped, so this operator is the
+        submatrix of the full K-FAC on S, acting on subset-length vectors.  A layer with its
+        weight selected and its bias not gets the weight block G ⊗ A (with ``bias="joint"``
+        too: the submatrix of the joint block); a bias without its weight is refused.
 
     Apart from ``dense()``, nothing forms a P × P matrix or a Kronecker product: ``@`` is
     vec(G V A) per block, ``solve``/``logdet`` use the factors' cached eigendecompositions.
@@ -186,22 +196,24 @@ class KFAC(KroneckerOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
                  mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-                 linearization=None):
+                 linearization=None, params=None):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
         self.mc_samples = int(mc_samples)
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z))
-        self.num_params, self.dtype = int(theta.shape[0]), theta.dtype
-        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng))
+        self.subset = resolve_params(model, params)
+        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
+                                      params=self.subset)
+        self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = _INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
         self.blocks, self._factors = [], []
         for idx, e in parametric_rows(model, self.rows):
             joint = bias == "joint" and e.layer.bias
             approx = kfac_approx if isinstance(e.layer, Conv2d) else None
-            key = (idx, approx, joint)
+            key = (idx, e.part, approx, joint)
             if key not in cache:
                 cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))
             A = cache[key]

@@ -16,6 +16,7 @@ from .base import CurvatureOperator
 from .kfac import (LayerFactors, check_options, fisher_cotangents, input_rows, output_rows,
                    parametric_rows)
 from ..nn.conv import Conv2d
+from ..subsets import resolve_params
 
 
 def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool) -> None:
@@ -34,7 +35,7 @@ def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: b
 
 
 class KroneckerDiagonal(CurvatureOperator):
-    """diag(G) ⊗ diag(A) per layer, same arguments and interface as :class:`KFAC`.
+    """diag(G) ⊗ diag(A) per layer, same arguments (``params=`` included) and interface as :class:`KFAC`.
 
     :meth:`factors` returns :class:`LayerFactors` whose ``A`` and ``G`` are the diagonals
     (1-D arrays; ``A`` has the trailing 1 of the bias with ``bias="joint"``).
@@ -42,15 +43,17 @@ class KroneckerDiagonal(CurvatureOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
                  mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-                 linearization=None):
+                 linearization=None, params=None):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
         lin = linearization if linearization is not None else model.linearize(theta, X)
         Z = lin.outputs
         xp = namespace(Z)
         self.c = float(loss.scale(Z))
-        self.num_params, self.dtype = int(theta.shape[0]), theta.dtype
-        rows = lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng))
+        self.subset = resolve_params(model, params)
+        rows = lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
+                            params=self.subset)
+        self.num_params, self.dtype = rows.P, theta.dtype
         d = xp.zeros(self.num_params, dtype=xp.float64)
         self._factors = []
         for idx, e in parametric_rows(model, rows):

@@ -15,11 +15,12 @@ sample n = n(r) therefore has the parameter gradient (summed over locations)
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 
 from ..backend import namespace
-from .base import ParametricLayer
+from .base import BiasRows, ParametricLayer
 
 #: rough bound (in array elements) on the temporaries of the chunked primitives
 _CHUNK_ELEMS = 1 << 22
@@ -202,6 +203,18 @@ class Conv2d(ParametricLayer):
                         params[0][:, :, i, j].T @ Bt).reshape(C, R, Ho, Wo)
         out = out[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
         return xp.ascontiguousarray(out).reshape(N, K, C, H, W)
+
+    def restrict(self, active):
+        """Weight only: the same layer without bias (same cache); bias only: :class:`BiasRows`."""
+        if len(active) != 2:
+            raise ValueError(f"{self!r} has {len(self.param_shapes)} tensors, got a selection "
+                             f"of {len(active)}.")
+        if active[1]:
+            return BiasRows(self, self.out_channels)
+        weight_only = copy.copy(self)
+        weight_only.bias = False
+        weight_only.param_shapes = self.param_shapes[:1]
+        return weight_only
 
     # ------------------------------------------------------------------ row primitives
     def _rows(self, cache, B):

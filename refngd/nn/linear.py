@@ -1,11 +1,12 @@
 """Fully connected layer z = a Wᵀ + b, with its row primitives (docs/design.md §4)."""
 from __future__ import annotations
 
+import copy
 import math
 import operator
 
 from ..backend import namespace
-from .base import ParametricLayer
+from .base import BiasRows, ParametricLayer
 
 
 class Linear(ParametricLayer):
@@ -66,6 +67,18 @@ class Linear(ParametricLayer):
         # One (N·K × d_out) GEMM; ``B @ W`` on the 3-D array would run N small GEMMs,
         # each re-reading W from memory (6× slower at N = 128, K = 10).
         return (B.reshape(N * K, d) @ params[0]).reshape(N, K, -1)
+
+    def restrict(self, active):
+        """Weight only: the same layer without bias (same cache); bias only: :class:`BiasRows`."""
+        if len(active) != 2:
+            raise ValueError(f"{self!r} has {len(self.param_shapes)} tensors, got a selection "
+                             f"of {len(active)}.")
+        if active[1]:
+            return BiasRows(self, self.out_features)
+        weight_only = copy.copy(self)
+        weight_only.bias = False
+        weight_only.param_shapes = self.param_shapes[:1]
+        return weight_only
 
     # ------------------------------------------------------------------ row primitives
     def _input_gram(self, a):

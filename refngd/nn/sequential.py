@@ -5,7 +5,8 @@ import math
 
 from ..backend import Array, check_float_array, get_backend, namespace
 from ..rows import LayerRows, RowSet
-from .base import Layer, ParametricLayer
+from ..subsets import resolve_params, trainable_mask
+from .base import Layer, ParametricLayer, num_elements
 
 
 class Sequential:
@@ -82,6 +83,11 @@ class Sequential:
                 "parameters; build theta with model.init(rng) or model.flatten(params)."
             )
 
+    def trainable_mask(self):
+        """The default parameter selection (host boolean (P,)): every tensor whose layer's
+        ``trainable`` flag is set — all of θ unless a layer freezes some (docs/subsets.md)."""
+        return trainable_mask(self)
+
     # ------------------------------------------------------------------ forward
     def _check_input(self, theta, X):
         check_float_array("X", X)
@@ -131,11 +137,17 @@ class Linearization:
     def __init__(self, model, theta, outputs, steps):
         self.model, self.theta, self.outputs, self._steps = model, theta, outputs, steps
 
-    def backprop(self, cotangents: Array) -> RowSet:
+    def backprop(self, cotangents: Array, params=None) -> RowSet:
         """Back-propagate R = N·K output-space rows ``cotangents`` (N, K, C) once.
 
         Row (n, k) becomes u_nk = J_nᵀ cotangents[n, k]; the returned :class:`RowSet`
         contracts the implicit U (R × P) without forming it.
+
+        ``params``: ``None`` (here: all of θ) or any selection that
+        :func:`refngd.subsets.resolve_params` accepts; the rows are then those of θ[S]
+        only (U[:, S], P = |S|).  Frozen tensors get no row record (no Gram, U v or Uᵀ w
+        work), and the pass stops at the first layer holding a selected tensor: earlier
+        layers need no cotangent.  Layers in between are back-propagated through.
         """
         N, C = self.outputs.shape
         check_float_array("cotangents", cotangents)
@@ -143,16 +155,36 @@ class Linearization:
             raise ValueError(
                 f"cotangents must have shape (N, K, C) = ({N}, K, {C}), got {tuple(cotangents.shape)}."
             )
+        subset = None if params is None else resolve_params(self.model, params)
         B = cotangents.astype(self.theta.dtype, copy=False)
-        first = next((i for i, s in enumerate(self._steps) if isinstance(s[0], ParametricLayer)), None)
+
+        def selected(i):
+            layer = self._steps[i][0]
+            if not isinstance(layer, ParametricLayer):
+                return None
+            return subset.active[i] if subset is not None else (True,) * len(layer.param_shapes)
+
+        first = next((i for i in range(len(self._steps)) if any(selected(i) or ())), None)
         if first is None:
             raise ValueError("this model has no parameters to differentiate.")
         records = []
         for i in range(len(self._steps) - 1, first - 1, -1):
             layer, p, cache, start, stop = self._steps[i]
-            if isinstance(layer, ParametricLayer):
-                records.append(LayerRows(layer, p, cache, B, start, stop))
-            if i > first:  # the input of the first parametric layer needs no cotangent
+            active = selected(i)
+            if active is not None and any(active):
+                pos = start if subset is None else subset.starts[i]
+                tensors = [t for t, on in enumerate(active) if on]  # selected tensors, θ order
+                views, j = [], 0
+                for prim, c, b in layer.row_views(cache, B, active):
+                    size = num_elements(prim.param_shapes)
+                    # ``part``: the layer's index of the view's first tensor (stable whatever
+                    # else is selected, so K-FAC can key per-view input factors by it)
+                    views.append(LayerRows(prim, p, c, b, pos, pos + size, i, tensors[j]))
+                    pos += size
+                    j += len(prim.param_shapes)
+                records.extend(reversed(views))
+            if i > first:  # the input of the first selected layer needs no cotangent
                 B = layer.backward(p, cache, B)
         records.reverse()
-        return RowSet(records, N, cotangents.shape[1], self.model.num_params, self.theta.dtype)
+        P = self.model.num_params if subset is None else subset.num_params
+        return RowSet(records, N, cotangents.shape[1], P, self.theta.dtype, subset)

@@ -1,0 +1,201 @@
+"""Parameter-efficient fine-tuning layers: LoRA adapters and prompt (prefix) embeddings.
+
+Both exist to be trained on a small parameter subset while the rest of the network stays
+fixed; refngd's curvatures then work on that subset alone (docs/subsets.md).
+
+* :class:`LoRALinear` — Hu et al. (2022), "LoRA: Low-rank adaptation of large language
+  models", ICLR, eq. (3) with the scaling α/r of their §4.1: z = W₀a + b₀ + (α/r)·B A a.
+* :class:`PromptPrefix` — Lester, Al-Rfou & Constant (2021), "The power of scale for
+  parameter-efficient prompt tuning", EMNLP, §2: m trainable embeddings prepended to every
+  input sequence.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+from ..backend import namespace
+from .base import CompositeLayer, ParametricLayer
+from .linear import Linear
+
+
+def _positive_int(value, name: str, owner: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
+        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
+    return operator.index(value)
+
+
+class LoRALinear(CompositeLayer):
+    """``LoRALinear(in_features, out_features, rank, alpha, bias=True)``: a Linear layer with a
+    frozen base and a trainable low-rank update (Hu et al. 2022, eq. 3, §4.1).
+
+    z = a W₀ᵀ + b₀ + s · (a Aᵀ) Bᵀ,   s = alpha / rank,
+
+    with inputs a (N, in_features).  Parameters, in θ order — exactly
+    ``parameters_to_vector(peft_lora_linear.parameters())`` for PEFT's ``lora.Linear``
+    (``base_layer.weight``, ``base_layer.bias``, ``lora_A.default.weight``,
+    ``lora_B.default.weight``):
+
+    ======  ============================  =========  ======================================
+    tensor  shape                         trainable  initialisation (PEFT's defaults)
+    ======  ============================  =========  ======================================
+    W₀      (out_features, in_features)   no         as :class:`Linear`: U(−k, k), k = 1/√in
+    b₀      (out_features,)  (if bias)    no         as :class:`Linear`
+    A       (rank, in_features)           yes        ``kaiming_uniform_(a=√5)``: U(−k, k)
+    B       (out_features, rank)          yes        zeros (so the layer starts as its base)
+    ======  ============================  =========  ======================================
+
+    ``trainable`` (the default selection of ``params=None``) is the adapters A and B.
+
+    Rows: the layer is the sum of three linear maps, and so are its parameter gradients
+    (:meth:`row_views`): for an output row b_r of sample n,
+
+    * W₀, b₀: the base :class:`Linear` with input a_n and row b_r;
+    * A:      a ``Linear(in, rank, bias=False)`` with input a_n and row s·Bᵀb_r
+      (∂⟨b, s B A a⟩/∂A = s Bᵀ b aᵀ);
+    * B:      a ``Linear(rank, out, bias=False)`` with input s·A a_n and row b_r
+      (∂⟨b, s B A a⟩/∂B = b (s A a)ᵀ).
+
+    Every curvature — exact, K-FAC (one Kronecker block per adapter, factors of those
+    inputs and rows), EKFAC — therefore works on LoRA unchanged, and the frozen base costs
+    no row work.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 bias: bool = True):
+        self.base = Linear(in_features, out_features, bias)
+        self.in_features, self.out_features = self.base.in_features, self.base.out_features
+        self.rank = _positive_int(rank, "rank", "LoRALinear")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+                or alpha <= 0:
+            raise ValueError(f"LoRALinear alpha must be a positive finite number, got {alpha!r}.")
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / self.rank
+        self.bias = self.base.bias
+        self.param_shapes = self.base.param_shapes + ((self.rank, self.in_features),
+                                                      (self.out_features, self.rank))
+        self.trainable = (False,) * len(self.base.param_shapes) + (True, True)
+        self._view_A = Linear(self.in_features, self.rank, bias=False)
+        self._view_B = Linear(self.rank, self.out_features, bias=False)
+
+    def __repr__(self) -> str:
+        return (f"LoRALinear({self.in_features}, {self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha:g}, bias={self.bias})")
+
+    def out_shape(self, in_shape):
+        try:
+            return self.base.out_shape(in_shape)
+        except ValueError:
+            raise ValueError(f"{self!r} expects per-sample input shape ({self.in_features},), got "
+                             f"{tuple(in_shape)}.") from None
+
+    def init_params(self, rng):
+        base = self.base.init_params(rng)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5): √3·√(1/3)/√fan_in
+        A = rng.uniform(-bound, bound, size=(self.rank, self.in_features))
+        return base + [A, _zeros_like_host(A, (self.out_features, self.rank))]
+
+    def forward(self, params, x):
+        nb = len(self.base.param_shapes)
+        A, Bm = params[nb], params[nb + 1]
+        z, _ = self.base.forward(params[:nb], x)
+        h = x @ A.T  # (N, rank)
+        return z + self.scaling * (h @ Bm.T), (x, h, Bm)
+
+    def backward(self, params, cache, B):
+        nb = len(self.base.param_shapes)
+        N, K, d = B.shape
+        Bf = B.reshape(N * K, d)
+        # Bf (W₀ + s B A) without forming the (out × in) update: two thin GEMMs
+        out = Bf @ params[0] + ((self.scaling * Bf) @ params[nb + 1]) @ params[nb]
+        return out.reshape(N, K, -1)
+
+    def row_views(self, cache, B, active):
+        x, h, Bm = cache
+        nb = len(self.base.param_shapes)
+        if len(active) != nb + 2:
+            raise ValueError(f"{self!r} has {nb + 2} parameter tensors, got a selection of {len(active)}.")
+        views = self.base.row_views(x, B, tuple(active[:nb])) if any(active[:nb]) else []
+        if active[nb]:
+            N, K, d = B.shape
+            rows_A = (B.reshape(N * K, d) @ (self.scaling * Bm)).reshape(N, K, self.rank)
+            views.append((self._view_A, x, rows_A))
+        if active[nb + 1]:
+            views.append((self._view_B, self.scaling * h, B))
+        return views
+
+    def check_subset(self, active):
+        nb = len(self.base.param_shapes)
+        self.base.check_subset(tuple(active[:nb]))
+
+
+def _zeros_like_host(a, shape):
+    """A host zero array of ``shape`` with ``a``'s array type (init_params returns host arrays)."""
+    z = a.reshape(-1)[:1].repeat(math.prod(shape)).reshape(shape)
+    z[...] = 0.0
+    return z
+
+
+class PromptPrefix(ParametricLayer):
+    """``PromptPrefix(num_tokens, dim)``: prepend m = num_tokens trainable embeddings to every
+    sequence (prompt tuning; Lester et al. 2021, §2).
+
+    Input (N, T, dim) → output (N, m + T, dim): out[n] = [E; x_n] with E (m, dim) the
+    one parameter tensor.  Initialisation N(0, 1), the default of ``torch.nn.Embedding``
+    that PEFT's randomly initialised prompt embedding uses.
+
+    Rows: E enters sample n's output at positions 0..m−1 only, so the per-row gradient
+    of a row b_r (m + T, dim) is its prefix block b_r[:m] — no input is involved.
+    Gram ⟨b_r[:m], b_r'[:m]⟩, U v = ⟨b_r[:m], V⟩, Uᵀ w = Σ_r w_r b_r[:m].  The backward
+    pass hands b_r[m:] to the layer below.
+    """
+
+    def __init__(self, num_tokens: int, dim: int):
+        self.num_tokens = _positive_int(num_tokens, "num_tokens", "PromptPrefix")
+        self.dim = _positive_int(dim, "dim", "PromptPrefix")
+        self.param_shapes = ((self.num_tokens, self.dim),)
+
+    def __repr__(self) -> str:
+        return f"PromptPrefix({self.num_tokens}, {self.dim})"
+
+    def out_shape(self, in_shape):
+        in_shape = tuple(in_shape)
+        if len(in_shape) != 2 or in_shape[1] != self.dim:
+            raise ValueError(f"{self!r} expects per-sample input shape (T, {self.dim}) (a sequence "
+                             f"of {self.dim}-dim embeddings), got {in_shape}.")
+        return (self.num_tokens + in_shape[0], self.dim)
+
+    def init_params(self, rng):
+        return [rng.standard_normal(size=self.param_shapes[0])]
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        E = xp.broadcast_to(params[0].astype(x.dtype, copy=False), (x.shape[0],) + self.param_shapes[0])
+        return xp.concatenate([E, x], axis=1), None
+
+    def backward(self, params, cache, B):
+        return B[:, :, self.num_tokens:]
+
+    def _prefix(self, B):
+        N, K = B.shape[:2]
+        return B[:, :, :self.num_tokens].reshape(N, K, -1)  # (N, K, m·dim)
+
+    def row_gram(self, cache, B):
+        xp = namespace(B)
+        Bp = self._prefix(B)
+        Bf = Bp.reshape(-1, Bp.shape[2]).astype(xp.float64, copy=False)
+        return Bf @ Bf.T
+
+    def row_dot(self, cache, B, V):
+        return self._prefix(B) @ V[0].reshape(-1)
+
+    def row_sum(self, cache, B, w):
+        Bp = self._prefix(B)
+        return [(w.reshape(-1) @ Bp.reshape(-1, Bp.shape[2])).reshape(self.param_shapes[0])]
+
+    def row_grads(self, cache, B):
+        return self._prefix(B)
+
+    def row_sq_sum(self, cache, B):
+        Bp = self._prefix(B)
+        return (Bp * Bp).sum(axis=(0, 1))
