@@ -1,0 +1,39 @@
+"""The opt-in methods of ``refngd compare``: root-free, inverse-free and AdamQLR run end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refngd.cli import main
+from refngd.experiments.compare import DEFAULT_METHODS, METHODS
+
+pytest.importorskip("sklearn")
+
+TINY = ["--epochs", "1", "--batch-size", "32", "--max-steps", "3", "--no-progress", "--no-gamma",
+        "--no-plots"]
+OPT_IN = ("rfadam", "rfrmsprop", "ikfac", "ingd", "adamqlr")
+
+
+def test_opt_in_methods_are_registered_but_not_default():
+    for m in OPT_IN:
+        assert m in METHODS and m not in DEFAULT_METHODS
+        assert METHODS[m].make(METHODS[m].lr_grid[0]).name == m
+    assert METHODS["adamqlr"].lr_grid == (1.0,)  # the step size is AdamQLR's own
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_compare_runs_the_opt_in_methods(tmp_path, capsys, model):
+    out = tmp_path / "res"
+    rc = main(["compare", "--model", model, "--methods", "sgd," + ",".join(OPT_IN), "--lr", "sgd=0.1",
+               "--lr", "rfadam=3", "--lr", "rfrmsprop=0.1", "--lr", "ikfac=0.1", "--lr", "ingd=0.03",
+               "--out", str(out), *TINY])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for label in ("RF-Adam", "RF-RMSProp", "IKFAC", "INGD", "AdamQLR"):
+        assert label in text, label
+    rec = json.loads((out / "compare.json").read_text())
+    for m in OPT_IN:
+        run = rec["methods"][m]["runs"][0]
+        assert run["stopped"] is None and run["steps"] == 3
+    assert rec["methods"]["adamqlr"]["best"]["log"]["step_size"][0] > 0
