@@ -105,13 +105,13 @@ def _second_order_adaptive_methods() -> dict:
         "rfadam": Method("RF-Adam", lambda lr: RFAdam(lr), _ladder(3.0),
                          "root-free AdamW (Lin et al. 2024a): β = (0.9, 0.999), λ = 1e-4, s₀ = 1, "
                          "no bias correction, no weight decay"),
-        "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.1),
+        "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.03),
                             "root-free RMSProp (Lin et al. 2024a, Fig. 4): β₂ = 0.01, λ = 1e-4, "
                             "momentum 0.9"),
-        "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.1),
+        "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.03),
                         "inverse-free K-FAC (Lin et al. 2024b): empirical Fisher, β₁ = 1e-2, "
                         "λ = 1e-3, momentum 0.9, factors every step"),
-        "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.03),
+        "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.001),
                        "INGD (Lin et al. 2024b, Fig. 4): as IKFAC plus traces and α₁ = 0.5"),
         "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
                           "untuned AdamQLR (Clarke & Hernández-Lobato 2024): exact Fisher step "
