@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 
 TINY = ["--epochs", "1", "--batch-size", "32", "--max-steps", "3", "--no-progress", "--no-gamma",
         "--no-plots"]
-OPT_IN = ("rfadam", "rfrmsprop", "ikfac", "ingd", "adamqlr")
+OPT_IN = ("rfadam", "rfrmsprop", "ikfac", "ingd", "sirfshampoo", "adamqlr")
 
 
 def test_opt_in_methods_are_registered_but_not_default():
@@ -26,11 +26,11 @@ def test_opt_in_methods_are_registered_but_not_default():
 def test_compare_runs_the_opt_in_methods(tmp_path, capsys, model):
     out = tmp_path / "res"
     rc = main(["compare", "--model", model, "--methods", "sgd," + ",".join(OPT_IN), "--lr", "sgd=0.1",
-               "--lr", "rfadam=3", "--lr", "rfrmsprop=0.1", "--lr", "ikfac=0.1", "--lr", "ingd=0.03",
+               "--lr", "rfadam=3", "--lr", "rfrmsprop=0.1", "--lr", "ikfac=0.1", "--lr", "ingd=0.03", "--lr", "sirfshampoo=0.01",
                "--out", str(out), *TINY])
     assert rc == 0
     text = capsys.readouterr().out
-    for label in ("RF-Adam", "RF-RMSProp", "IKFAC", "INGD", "AdamQLR"):
+    for label in ("RF-Adam", "RF-RMSProp", "IKFAC", "INGD", "SIRFShampoo", "AdamQLR"):
         assert label in text, label
     rec = json.loads((out / "compare.json").read_text())
     for m in OPT_IN:

@@ -100,6 +100,7 @@ def _second_order_adaptive_methods() -> dict:
     from ..optim.adamqlr import AdamQLR
     from ..optim.rootfree import RFAdam, RFRMSProp
     from ..optim.singd import IKFAC, INGD
+    from ..optim.sirfshampoo import SIRFShampoo
 
     return {
         "rfadam": Method("RF-Adam", lambda lr: RFAdam(lr), _ladder(3.0),
@@ -113,6 +114,9 @@ def _second_order_adaptive_methods() -> dict:
                         "λ = 1e-3, momentum 0.9, factors every step"),
         "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.001),
                        "INGD (Lin et al. 2024b, Fig. 4): as IKFAC plus traces and α₁ = 0.5"),
+        "sirfshampoo": Method("SIRFShampoo", lambda lr: SIRFShampoo(lr), _ladder(0.01),
+                              "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
+                              "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
         "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
                           "untuned AdamQLR (Clarke & Hernández-Lobato 2024): exact Fisher step "
                           "size clipped to 0.1, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales the chosen "

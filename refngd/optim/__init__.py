@@ -19,8 +19,10 @@ from .kfac import EKFAC, KFAC
 from .natural import EF, IEF, NGD, SF
 from .rootfree import RFAdam, RFRMSProp
 from .singd import IKFAC, INGD
+from .sirfshampoo import SIRFShampoo
 from .train import TrainResult, train
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
-           "EKFAC", "AdaFisher", "FAdam", "RFRMSProp", "RFAdam", "INGD", "IKFAC", "AdamQLR",
+           "EKFAC", "AdaFisher", "FAdam", "RFRMSProp", "RFAdam", "INGD", "IKFAC", "SIRFShampoo",
+           "AdamQLR",
            "train", "TrainResult"]
