@@ -47,7 +47,7 @@ Adam's g/√v is instead invariant to rescaling the *loss* and not to this repar
 """
 from __future__ import annotations
 
-from ..backend import namespace
+from ..backend import namespace, to_float
 from .base import (
     Optimizer,
     apply_momentum,
@@ -119,7 +119,7 @@ class RFRMSProp(Optimizer):
         new = theta - self.lr * u
         state = {"step": state["step"] + 1, "s": s, "momentum_buffer": buf}
         return new, state, self._info(batch, theta, new, direction_norm=norm(d),
-                                      min_curvature=float(s.min()))
+                                      min_curvature=to_float(s.min()))
 
 
 class RFAdam(Optimizer):
@@ -175,7 +175,7 @@ class RFAdam(Optimizer):
         new = base - self.lr * d
         state = {"step": state["step"] + 1, "exp_avg": m, "s": s}
         return new, state, self._info(batch, theta, new, direction_norm=norm(d),
-                                      min_curvature=float(s.min()))
+                                      min_curvature=to_float(s.min()))
 
 
 __all__ = ["RFRMSProp", "RFAdam", "rootfree_second_moment", "rootfree_direction", "loss_count"]
