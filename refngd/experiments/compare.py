@@ -114,7 +114,7 @@ def _second_order_adaptive_methods() -> dict:
                         "λ = 1e-3, momentum 0.9, factors every step"),
         "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.001),
                        "INGD (Lin et al. 2024b, Fig. 4): as IKFAC plus traces and α₁ = 0.5"),
-        "sirfshampoo": Method("SIRFShampoo", lambda lr: SIRFShampoo(lr), _ladder(0.01),
+        "sirfshampoo": Method("SIRFShampoo", lambda lr: SIRFShampoo(lr), _ladder(0.03),
                               "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
                               "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
         "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
