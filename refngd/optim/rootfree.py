@@ -24,7 +24,7 @@ included").  refngd writes B = 1/c, which is N for a mean and 1 for a sum, so th
 
     b_t = α₁ b_{t−1} + (d_t + γ θ_{t−1}),   θ_t = θ_{t−1} − lr · b_t.
 
-**RF-Adam** (``rfadamw.py``; the paper's "root-free AdamW"): Adam's first moment and
+**RF-Adam** (``rfadamw.py``, the reference code's root-free AdamW): Adam's first moment and
 decoupled weight decay around the root-free denominator,
 
     m_t = β₁ m_{t−1} + (1 − β₁) g_t,   v_t = β₂ v_{t−1} + (1 − β₂) g_t²,   v_0 = c (B v_0 = 1)

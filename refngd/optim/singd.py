@@ -30,15 +30,16 @@ then, both,
     d = vec(C Cᵀ [∇W | ∇b] K Kᵀ)                 (the preconditioned gradient, per layer)
     b ← α₂ b + (d + γ θ),   θ ← θ − β₂ b         (momentum α₂ on the weight-decayed d)
 
-with K = C = I, m = 0 at the start and the factors updated *before* the direction at
-steps 1, T + 1, 2T + 1, … (the reference code's ``steps % T == 0``).  refngd's
+(β₁ scales the step on K, as in the package; scaling m instead gives the same iterates
+for a constant β₁), with K = C = I, m = 0 at the start and the factors updated *before*
+the direction at steps 1, T + 1, 2T + 1, … (the package's ``steps % T == 0``).  refngd's
 names: ``lr`` = β₂, ``momentum`` = α₂, ``lr_cov`` = β₁, ``alpha1`` = α₁,
 ``weight_decay`` = γ, ``update_every`` = T.
 
-Why IKFAC is K-FAC (the paper's argument, tested): if K Kᵀ = (S + λI)⁻¹, one IKFAC step
-gives K' K'ᵀ = ((1 − β₁) S + β₁ U + λI)⁻¹ + O(β₁²) — K-FAC's running average with
-weight β₁, inverted, without inverting anything.  Tested in tests/test_optim_singd.py
-by the β₁² scaling of the difference.
+Why IKFAC is K-FAC (the paper's correspondence, derived and tested here): if
+K Kᵀ = (S + λI)⁻¹, one IKFAC step gives K' K'ᵀ = ((1 − β₁) S + β₁ U + λI)⁻¹ + O(β₁²) —
+K-FAC's running average with weight β₁, inverted, without inverting anything
+(tests/test_optim_singd.py checks the β₁² scaling of the difference).
 
 Invariance (tested): with λ = 0, rescaling a layer's inputs ā → D ā (D invertible,
 e.g. κ on the inputs and 1 on the bias entry) and its weights W̄ → W̄ D⁻¹, K → D⁻¹ K
