@@ -184,3 +184,22 @@ def test_against_singd_package(kfac_like):
         torch.nn.functional.cross_entropy(net(torch.from_numpy(X)), torch.from_numpy(y)).backward()
         topt.step()
     close(torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy(), got[-1], 1e-10)
+
+
+def test_ikfac_fixed_point_is_kfac_with_damped_factors():
+    """On a fixed batch the IKFAC update stops when K Kᵀ = (U + λI)⁻¹, C Cᵀ = (G + λI)⁻¹: its
+    direction is then K-FAC's ((G + λI) ⊗ (U + λI))⁻¹ g, checked against np.kron and a solve."""
+    model, theta, loss, bs = problem()
+    X, y = bs[0]
+    lam = 0.1
+    opt = optim.IKFAC(lr_cov=0.5, damping=lam, update_every=1)
+    st = opt.init(theta)
+    for _ in range(200):
+        d = opt.direction(theta, st, model, loss, X, y)
+        _, st, _ = opt.step(theta, st, model, loss, X, y)  # θ fixed: only the factors move
+    P = handmlp.pieces(theta, X, y, H, C)
+    want = []
+    for (U, G), Gr in zip(handmlp.kfac_factors(P), P["grads"]):
+        M = np.kron(G + lam * np.eye(len(G)), U + lam * np.eye(len(U)))
+        want.append(np.linalg.solve(M, Gr.ravel()).reshape(Gr.shape))
+    close(d, handmlp.grad_vector(want), 1e-10)

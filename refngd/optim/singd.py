@@ -6,9 +6,12 @@ numerically-stable KFAC", ICML 2024, arXiv:2312.05705.  Reference package: ``sin
 (``f-dangel/singd``, ``singd/optim/optimizer.py``; its ``kfac_like=True`` is IKFAC).
 
 Instead of inverting K-FAC's factors, each layer keeps K (d_A × d_A) and C (d_G × d_G)
-with K Kᵀ ≈ A⁻¹ and C Cᵀ ≈ G⁻¹, and moves them by a Riemannian gradient step in normal
-coordinates (the matrix exponential truncated to first order: K ← K(I − β₁ m_K) stands
-for K exp(−β₁ m_K); no matrix logarithm, root, inverse or decomposition is ever taken).
+with K Kᵀ ≈ A⁻¹ and C Cᵀ ≈ G⁻¹, and moves them by a Riemannian gradient step in local
+normal coordinates: K is written K_t exp(M) around the current K_t, so M plays the role of
+a matrix logarithm and the Riemannian gradient step is a plain gradient step on M at
+M = 0 (what ``singd`` calls RGD reducing to GD); the matrix exponential is then truncated
+to first order, K ← K(I − β₁ m_K).  No logarithm, root, inverse or decomposition is ever
+computed — only matrix products, which is the point (low precision).
 With the batch's K-FAC factors U = A (inputs, ``bias="joint"``: ā = [a; 1]) and G
 (output gradients, carrying c) from :class:`refngd.curvature.KFAC`, every T steps:
 
@@ -39,7 +42,9 @@ names: ``lr`` = β₂, ``momentum`` = α₂, ``lr_cov`` = β₁, ``alpha1`` = α
 Why IKFAC is K-FAC (the paper's correspondence, derived and tested here): if
 K Kᵀ = (S + λI)⁻¹, one IKFAC step gives K' K'ᵀ = ((1 − β₁) S + β₁ U + λI)⁻¹ + O(β₁²) —
 K-FAC's running average with weight β₁, inverted, without inverting anything
-(tests/test_optim_singd.py checks the β₁² scaling of the difference).
+(tests/test_optim_singd.py checks the β₁² scaling of the difference).  On a fixed batch
+IKFAC stops moving exactly when K Kᵀ = (U + λI)⁻¹ and C Cᵀ = (G + λI)⁻¹, where its
+direction is K-FAC's ((G + λI) ⊗ (U + λI))⁻¹ g (tested).
 
 Invariance (tested): with λ = 0, rescaling a layer's inputs ā → D ā (D invertible,
 e.g. κ on the inputs and 1 on the bias entry) and its weights W̄ → W̄ D⁻¹, K → D⁻¹ K
