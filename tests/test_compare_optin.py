@@ -25,9 +25,9 @@ def test_opt_in_methods_are_registered_but_not_default():
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_compare_runs_the_opt_in_methods(tmp_path, capsys, model):
     out = tmp_path / "res"
-    rc = main(["compare", "--model", model, "--methods", "sgd," + ",".join(OPT_IN), "--lr", "sgd=0.1",
-               "--lr", "rfadam=3", "--lr", "rfrmsprop=0.1", "--lr", "ikfac=0.1", "--lr", "ingd=0.03", "--lr", "sirfshampoo=0.01",
-               "--out", str(out), *TINY])
+    lrs = ["sgd=0.1", "rfadam=3", "rfrmsprop=0.1", "ikfac=0.1", "ingd=0.03", "sirfshampoo=0.01"]
+    rc = main(["compare", "--model", model, "--methods", "sgd," + ",".join(OPT_IN),
+               *[a for lr in lrs for a in ("--lr", lr)], "--out", str(out), *TINY])
     assert rc == 0
     text = capsys.readouterr().out
     for label in ("RF-Adam", "RF-RMSProp", "IKFAC", "INGD", "SIRFShampoo", "AdamQLR"):

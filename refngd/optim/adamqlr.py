@@ -1,4 +1,6 @@
-"""AdamQLR: Adam's direction, K-FAC's step size and Levenberg–Marquardt damping (Clarke & Hernández-Lobato 2024).
+"""AdamQLR: Adam's direction, K-FAC's step size and Levenberg–Marquardt damping.
+
+Clarke & Hernández-Lobato (2024); reference below.
 
 R. M. Clarke, J. M. Hernández-Lobato (2024), "Studying K-FAC heuristics by viewing Adam
 through a second-order lens", ICML 2024, arXiv:2310.14963.  Reference code:
@@ -42,7 +44,6 @@ from .base import (
     Optimizer,
     check_nonnegative,
     check_positive,
-    check_unit_interval,
     evaluate_batch,
     norm,
     zeros_like,
