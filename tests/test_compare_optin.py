@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from refngd import optim
 from refngd.cli import main
 from refngd.experiments.compare import DEFAULT_METHODS, METHODS
+
+import handmlp
 
 pytest.importorskip("sklearn")
 
@@ -37,3 +41,23 @@ def test_compare_runs_the_opt_in_methods(tmp_path, capsys, model):
         run = rec["methods"][m]["runs"][0]
         assert run["stopped"] is None and run["steps"] == 3
     assert rec["methods"]["adamqlr"]["best"]["log"]["step_size"][0] > 0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.RFRMSProp(lr=0.1),
+    lambda: optim.RFAdam(lr=1.0),
+    lambda: optim.IKFAC(lr=0.1, momentum=0.0, update_every=1),
+    lambda: optim.INGD(lr=0.1, momentum=0.0, update_every=1),
+    lambda: optim.SIRFShampoo(lr=0.1, momentum=0.0),
+])
+def test_direction_is_the_step_and_leaves_the_state_alone(make):
+    """``direction`` (for the γ study) equals (θ − θ_new)/lr of ``step`` and changes no state."""
+    model, theta, loss, X, y = handmlp.make(N=10)
+    opt = make()
+    state = opt.init(theta)
+    theta, state, _ = opt.step(theta, state, model, loss, X[:5], y[:5])   # a non-trivial state
+    before = repr(state)
+    d = opt.direction(theta, state, model, loss, X[5:], y[5:])
+    assert repr(state) == before
+    new, _, _ = opt.step(theta, state, model, loss, X[5:], y[5:])
+    np.testing.assert_allclose((theta - new) / opt.lr, d, rtol=1e-12, atol=1e-14)

@@ -1,7 +1,5 @@
 """AdamQLR: Adam's direction, K-FAC's step size and Levenberg–Marquardt damping.
 
-Clarke & Hernández-Lobato (2024); reference below.
-
 R. M. Clarke, J. M. Hernández-Lobato (2024), "Studying K-FAC heuristics by viewing Adam
 through a second-order lens", ICML 2024, arXiv:2310.14963.  Reference code:
 ``rmclarke/AdamThroughASecondOrderLens`` (``optimisers.py``: ``AdamQLROptimiser``,
