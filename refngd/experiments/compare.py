@@ -97,6 +97,38 @@ METHODS: dict[str, Method] = {
 }
 METHODS.update(_kfac_methods())
 
+
+def _second_order_adaptive_methods() -> dict:
+    """Opt-in (not in DEFAULT_METHODS): root-free, inverse-free and AdamQLR (docs/optim.md)."""
+    from ..optim.adamqlr import AdamQLR
+    from ..optim.rootfree import RFAdam, RFRMSProp
+    from ..optim.singd import IKFAC, INGD
+    from ..optim.sirfshampoo import SIRFShampoo
+
+    return {
+        "rfadam": Method("RF-Adam", lambda lr: RFAdam(lr), _ladder(3.0),
+                         "root-free AdamW (Lin et al. 2024a): β = (0.9, 0.999), λ = 1e-4, s₀ = 1, "
+                         "no bias correction, no weight decay"),
+        "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.03),
+                            "root-free RMSProp (Lin et al. 2024a, Fig. 4): β₂ = 0.01, λ = 1e-4, "
+                            "momentum 0.9"),
+        "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.03),
+                        "inverse-free K-FAC (Lin et al. 2024b): empirical Fisher, β₁ = 1e-2, "
+                        "λ = 1e-3, momentum 0.9, factors every step"),
+        "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.001),
+                       "INGD (Lin et al. 2024b, Fig. 4): as IKFAC plus traces and α₁ = 0.5"),
+        "sirfshampoo": Method("SIRFShampoo", lambda lr: SIRFShampoo(lr), _ladder(0.03),
+                              "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
+                              "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
+        "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
+                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024): exact Fisher step "
+                          "size clipped to 0.1, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales the chosen "
+                          "step (1 = the paper's method)"),
+    }
+
+
+METHODS.update(_second_order_adaptive_methods())
+
 DEFAULT_METHODS = ("sgd", "adam", "ngd", "ef", "ief", "sf", "kfac", "ekfac", "adafisher", "fadam")
 
 

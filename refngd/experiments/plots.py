@@ -11,12 +11,15 @@ STYLE = {
     "adafactor": ("#bcbd22", "-"), "ngd": ("#000000", "-"), "ef": ("#d62728", "-"),
     "ief": ("#2ca02c", "-"), "sf": ("#ff7f0e", "-"), "kfac": ("#1f77b4", "-"),
     "ekfac": ("#9467bd", "-"), "adafisher": ("#8c564b", "--"), "fadam": ("#e377c2", "--"),
+    "rfadam": ("#17becf", ":"), "rfrmsprop": ("#bcbd22", ":"), "ikfac": ("#1f77b4", ":"),
+    "ingd": ("#9467bd", ":"), "adamqlr": ("#e377c2", "-."), "sirfshampoo": ("#2ca02c", ":"),
 }
 
 
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adafactor": "Adafactor", "ngd": "NGD",
           "ef": "EF", "ief": "iEF", "sf": "SF", "kfac": "K-FAC", "ekfac": "EKFAC",
-          "adafisher": "AdaFisher", "fadam": "FAdam"}
+          "adafisher": "AdaFisher", "fadam": "FAdam", "rfadam": "RF-Adam", "rfrmsprop": "RF-RMSProp",
+          "ikfac": "IKFAC", "ingd": "INGD", "adamqlr": "AdamQLR", "sirfshampoo": "SIRFShampoo"}
 
 
 def _pyplot():

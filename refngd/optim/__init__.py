@@ -11,12 +11,18 @@ or ``result = refngd.train(model, theta, loss, X, y, opt, epochs=5)``.  See
 side-by-side experiment.
 """
 from .adafisher import AdaFisher
+from .adamqlr import AdamQLR
 from .base import Optimizer
 from .baselines import SGD, Adafactor, Adam, AdamW
 from .fadam import FAdam
 from .kfac import EKFAC, KFAC
 from .natural import EF, IEF, NGD, SF
+from .rootfree import RFAdam, RFRMSProp
+from .singd import IKFAC, INGD
+from .sirfshampoo import SIRFShampoo
 from .train import TrainResult, train
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
-           "EKFAC", "AdaFisher", "FAdam", "train", "TrainResult"]
+           "EKFAC", "AdaFisher", "FAdam", "RFRMSProp", "RFAdam", "INGD", "IKFAC", "SIRFShampoo",
+           "AdamQLR",
+           "train", "TrainResult"]
