@@ -13,8 +13,8 @@ Two dampings for EF and iEF (``form=``)
 With G = [g_1 … g_N]ᵀ the per-sample gradients of the *unreduced* losses, F̃ = c GᵀG and
 g = c Gᵀ1:
 
-* ``"tikhonov"``: (F̃ + λI)⁻¹ g — damping added to the P × P matrix.
-* ``"gram"``: the paper's form (Wu et al. 2024, eq. 4 and 8) Gᵀ(GGᵀ + λI)⁻¹ 1 for EF,
+* ``"tikhonov"``: (F̃ + λI)⁻¹ g — damping added to the P × P matrix (Wu et al. 2024, eq. 4).
+* ``"gram"``: the paper's form (Wu et al. 2024, eq. 5 and 8) Gᵀ(GGᵀ + λI)⁻¹ 1 for EF,
   Gᵀ(GGᵀ + λI)⁻¹ s with s_n = ‖e_n‖² for iEF — damping added to the N × N Gram matrix.
 
 By the push-through identity (cGᵀG + λI)⁻¹ cGᵀ = Gᵀ(GGᵀ + (λ/c) I)⁻¹, so for EF the two
@@ -71,7 +71,7 @@ def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples
 
 
 def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
-    """Gᵀ (G Gᵀ + λI)⁻¹ rhs for the EF rows G (Wu et al. 2024, eq. 4 / eq. 8).
+    """Gᵀ (G Gᵀ + λI)⁻¹ rhs for the EF rows G (Wu et al. 2024, eq. 5 / eq. 8).
 
     Always the N × N system, whatever P: it is the paper's definition.
     """
@@ -86,7 +86,7 @@ def _sq_norms(e: Array) -> Array:
 
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
        linearization=None, params=None) -> Array:
-    """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4).
+    """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4 and 5).
 
     ``form="tikhonov"``: (F̃ + λI)⁻¹ g.  ``form="gram"``: Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
     See the module docstring for the relation between the two.
@@ -104,7 +104,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
         linearization=None, params=None) -> Array:
-    """Improved-empirical-Fisher update (Wu et al. 2024, eq. 7–8).
+    """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; the iEF matrix is eq. 14).
 
     ``form="tikhonov"``: (F̃* + λI)⁻¹ g with F̃* = c Σ g_n g_nᵀ/‖e_n‖².
     ``form="gram"``: Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².

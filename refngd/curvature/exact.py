@@ -103,7 +103,7 @@ class EmpiricalFisher(RowCurvature):
 
 
 class ImprovedEmpiricalFisher(RowCurvature):
-    """The improved empirical Fisher F̃* = c Σ_n g_n g_nᵀ / ‖e_n‖² (Wu et al. 2024, eq. 7).
+    """The improved empirical Fisher F̃* = c Σ_n g_n g_nᵀ / ‖e_n‖² (Wu et al. 2024, eq. 14).
 
     One row per sample, s_n = e_n / ‖e_n‖.  A perfectly learnt sample (e_n = 0, so
     g_n = 0) contributes nothing: its row is set to 0 rather than 0/0.

@@ -113,7 +113,7 @@ class SF(_ExactNatural):
 
 
 class EF(_ExactNatural):
-    """Empirical-Fisher update (Kunstner et al. 2019; Wu et al. 2024, eq. 4).
+    """Empirical-Fisher update (Kunstner et al. 2019; Wu et al. 2024, eq. 4 Tikhonov form, eq. 5 Gram form).
 
     ``form="gram"`` (default, the paper's): Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1 with G the
     per-sample gradients of the unreduced losses; ``form="tikhonov"``: (F̃ + λI)⁻¹ g.
@@ -135,7 +135,7 @@ class EF(_ExactNatural):
 
 
 class IEF(_ExactNatural):
-    """Improved-empirical-Fisher update (Wu et al. 2024, eq. 7–8; Algorithm 1 there).
+    """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; its matrix is eq. 14; Algorithm 1 there).
 
     ``form="gram"`` (default, the paper's): Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖², so
     that to first order every sample's loss decreases by lr·‖e_n‖²;
