@@ -137,3 +137,14 @@ def test_bad_arguments():
         batch_gammas(model, th, loss, X, y, methods=("sf",))
     with pytest.raises(ValueError, match="dampings"):
         batch_gammas(model, th, loss, X, y, methods=("ngd",), dampings=(0.0,))
+
+
+def test_gamma_depends_on_the_reduction_ratios_do_not():
+    """γ_mean = √N · γ_sum (F and g both scale by c = 1/N); the reported ratios are invariant."""
+    model, th, _, X, y = _setup(CrossEntropy())
+    N = X.shape[0]
+    mean = batch_gammas(model, th, CrossEntropy("mean"), X, y, methods=("ngd", "ief"), dampings=(1e-3,))
+    summ = batch_gammas(model, th, CrossEntropy("sum"), X, y, methods=("ngd", "ief"), dampings=(1e-3 * N,))
+    assert mean["gamma_sgd"] == pytest.approx(math.sqrt(N) * summ["gamma_sgd"], rel=1e-10)
+    for m in ("ngd", "ief"):  # λ_sum = N λ_mean: the same directions, the same ratios
+        assert mean[m][0] / mean["gamma_sgd"] == pytest.approx(summ[m][0] / summ["gamma_sgd"], rel=1e-8)
