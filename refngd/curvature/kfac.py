@@ -178,6 +178,8 @@ class KFAC(KroneckerOperator):
     bias : ``"separate"`` or ``"joint"`` (see :class:`LayerFactors`).
     linearization : a ``model.linearize(theta, X)`` to reuse (and share A between objects).
 
+    Notes
+    -----
     Apart from ``dense()``, nothing forms a P × P matrix or a Kronecker product: ``@`` is
     vec(G V A) per block, ``solve``/``logdet`` use the factors' cached eigendecompositions.
     The arrays of :meth:`factors` may be shared with other K-FAC objects on the same
