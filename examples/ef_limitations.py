@@ -6,8 +6,8 @@ matrix F = 2c ĀᵀĀ (Ā = [x, 1]) — here equal to the Hessian — so the nat
 F⁻¹g = θ − θ* points straight at the least-squares solution from everywhere, and one
 step with learning rate 1 lands on it.  The empirical Fisher F̃ = c Σ_n g_n g_nᵀ weights
 each sample by its squared residual; its preconditioned field F̃⁻¹g bends away from θ*
-(Kunstner, Hennig & Balles 2019, "Limitations of the empirical Fisher approximation for
-natural gradient descent", §3, Fig. 1).
+(Kunstner, Balles & Hennig 2019, "Limitations of the empirical Fisher approximation for
+natural gradient descent", Fig. 1).
 
 Asserted: NGD's direction is parallel to θ − θ* at every grid point (cosine 1 to round-off)
 and one NGD step solves the problem from every start; EF's direction deviates by more than

@@ -2,7 +2,7 @@
 
 For a softmax cross-entropy network z = f(x; θ) with per-sample loss l_n, the Hessian
 of the batch loss splits into the generalised Gauss–Newton matrix plus a residual term
-(Martens 2020, "New insights and perspectives on the natural gradient method", §8–9):
+(Martens 2020, "New insights and perspectives on the natural gradient method"):
 
     ∇²L = c Σ_n J_nᵀ H_n J_n  +  c Σ_n Σ_k e_nk ∇²z_nk,        e_n = ∂l_n/∂z_n.
 

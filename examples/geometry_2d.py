@@ -9,8 +9,9 @@ matrices from scratch, one per parameterisation; no Jacobian is applied by hand.
 * Gradient descent follows g_φ = Jᵀg_θ, so its path, mapped back to θ, moves by J Jᵀ g_θ:
   a different path.
 * Natural gradient descent follows F_φ⁻¹ g_φ = J⁻¹ F_θ⁻¹ g_θ (F_φ = Jᵀ F_θ J), so for any
-  invertible linear J the discrete paths coincide exactly (Amari 1998, §2; Martens 2020,
-  §12 — for a nonlinear reparameterisation only the continuous-time path is invariant).
+  invertible linear J the discrete paths coincide exactly (Amari 1998; Martens 2020,
+  on parameterisation invariance — for a nonlinear reparameterisation only the
+  continuous-time path is invariant).
 * Where invariance breaks: damping, (F_φ + λI)⁻¹ ≠ J⁻¹(F_θ + λI)⁻¹J⁻ᵀ, and λ = 0 with
   fewer rows than parameters (R < P), where F⁺g is the minimum-norm solution — minimum
   norm in whichever coordinates are used.  Both still change the outputs identically.

@@ -1,9 +1,9 @@
-"""EF's inversely-scaled projection and the improved EF that fixes it (Wu et al. 2024, §3–4).
+"""EF's inversely-scaled projection and the improved EF that fixes it (Wu et al. 2024).
 
 Least squares on the two points {(0, 0), (1, 0)} with f(x) = θ₀ + θ₁x (``MSELoss``,
 e_n = 2(z_n − y_n)): P = N = 2, so every undamped update of the Gram form is fixed by
 what it does to each sample's output.  With G = [g_1; g_2], g_n = e_n ∇_θ z_n
-(Wu, Hu, Chen & Zhang 2024, "An improved empirical Fisher approximation for natural
+(Wu, Yu, Zhang & Woodland 2024, "An improved empirical Fisher approximation for natural
 gradient descent", eq. 4 and 8):
 
 * EF:  G Δ = 1   ⇒  Δz_n = 1 / e_n   — a sample that is almost fitted moves the most;

@@ -6,7 +6,7 @@ applied to the one-hot state.  Its Fisher for state s is exactly what
 ``refngd.curvature.Fisher`` computes for the cross-entropy (the categorical negative
 log-likelihood) on input e_s, and Kakade's policy Fisher is F = Σ_s d^π(s) F_s with
 d^π the normalised discounted state distribution (Kakade 2001, "A natural policy
-gradient", NIPS 14, §3).  With ψ(s, a) = ∇_θ log π(a | s):
+gradient", NIPS 14).  With ψ(s, a) = ∇_θ log π(a | s):
 
 * policy gradient theorem: ∇η = 1/(1 − γ) Σ_s d^π(s) Σ_a π(a|s) ψ(s, a) Q(s, a), checked
   against central finite differences of the exactly computed return η(θ);

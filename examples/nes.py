@@ -3,7 +3,7 @@
 Search distribution p(x | μ, Σ) = N(μ, Σ), objective J = E_p[f(x)], to be minimised.
 Its search gradient is ∇_μ J = E[f(x) Σ⁻¹(x − μ)] and the Fisher of the mean is
 F_μ = Σ⁻¹, so the natural gradient of the mean is Σ ∇_μ J = E[f(x)(x − μ)]
-(Wierstra et al. 2014, "Natural evolution strategies", JMLR 15, §2–3).
+(Wierstra et al. 2014, "Natural evolution strategies", JMLR 15).
 
 * With a *fixed isotropic* Σ = σ²I — the update many tutorials call "natural evolution
   strategies" (μ ← μ − lr/(Kσ) Σ_k f_k ε_k) — the natural gradient is σ² times the vanilla
@@ -15,7 +15,7 @@ F_μ = Σ⁻¹, so the natural gradient of the mean is Σ ∇_μ J = E[f(x)(x �
   the fixed-σ search gradient (the tutorial's), the vanilla search gradient with an
   adapted step size σ (its μ-step scales as 1/σ), the natural gradient for the same
   isotropic family, and xNES (Glasmachers et al. 2010, "Exponential natural evolution
-  strategies"; Wierstra et al. 2014, Algorithm 5) with a full covariance.
+  strategies"; Wierstra et al. 2014) with a full covariance.
 
 Asserted: the MC Fisher matches the closed form within 6 standard errors; xNES reaches
 f < 1e-8 on both problems within the budget; the fixed-σ update stalls above 1e-4; the
@@ -65,7 +65,7 @@ assert cosine_similarity(van, nat) < 0.7, "with an anisotropic Σ natural ≠ va
 
 # --- 2. optimisers ----------------------------------------------------------------------------
 def utilities(lam):
-    """Rank-based fitness shaping (Wierstra et al. 2014, §3.1): best sample first, sum 0."""
+    """Rank-based fitness shaping (Wierstra et al. 2014): best sample first, sum 0."""
     u = np.maximum(0.0, math.log(lam / 2 + 1) - np.log(np.arange(1, lam + 1)))
     return u / u.sum() - 1.0 / lam
 
@@ -103,7 +103,7 @@ def isotropic(f, mu, gens, rng, natural, sigma=1.0):
 
 
 def xnes(f, mu, gens, rng, sigma=1.0):
-    """xNES (Glasmachers et al. 2010, Alg. 1): Σ = σ²BBᵀ, det B = 1, natural steps in local coordinates."""
+    """xNES (Glasmachers et al. 2010): Σ = σ²BBᵀ, det B = 1, natural steps in local coordinates."""
     dim = mu.size
     lam = 4 + int(3 * math.log(dim))
     u = utilities(lam)

@@ -60,7 +60,7 @@ class SGD(Optimizer):
 
 class AdaGrad(Optimizer):
     """AdaGrad with a diagonal preconditioner (Duchi, Hazan & Singer 2011, JMLR 12,
-    "Adaptive subgradient methods", §1 and Figure 1, diagonal case), as ``torch.optim.Adagrad``.
+    "Adaptive subgradient methods", Figure 1, the diagonal case), as ``torch.optim.Adagrad``.
 
     With g the batch gradient (plus ``weight_decay``·θ, coupled L2 as PyTorch) and t the step:
 
