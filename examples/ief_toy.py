@@ -10,9 +10,9 @@ gradient descent", eq. 4 and 8):
 * iEF: G Δ = s, s_n = ‖e_n‖²  ⇒  Δz_n = e_n — each output moves along its own residual,
   which here is exactly twice the Gauss–Newton / NGD step (z − y = e/2).
 
-The same holds for their logistic-regression toy (``BCEWithLogits``, two samples, P = 2):
-EF moves each logit by 1/e_n, iEF by e_n, NGD by e_n/(σ(1 − σ)) — the bottom-right panel
-shows the three against |e_n| over random θ.  Asserted: G Δ_EF = 1 and G Δ_iEF = s to
+The same holds for logistic regression (``BCEWithLogits``, two samples, P = 2, after the
+logistic toy of the same paper): EF moves each logit by 1/e_n, iEF by e_n, NGD by
+e_n/(σ(1 − σ)) — the right-hand panel shows the three against |e_n| over random θ.  Asserted: G Δ_EF = 1 and G Δ_iEF = s to
 round-off, Δ_iEF = 2 Δ_NGD for least squares, EF stalls at a fixed learning rate while
 iEF and NGD converge.
 
