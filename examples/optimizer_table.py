@@ -8,7 +8,8 @@ samples), each method at the best learning rate of a small grid:
 * curvature and its memory: what the method stores beyond θ, in floats.  L-BFGS keeps m
   pairs (s_i, y_i) — a rank-2m approximation of the inverse Hessian, 2mP floats (Nocedal
   1980; Liu & Nocedal 1989) — not the "full" P × P matrix; K-FAC keeps two small factors
-  per layer, Σ_l d_in² + d_out² (Martens & Grosse 2015); AdaGrad (Duchi et al. 2011) and
+  per layer and their eigendecompositions, Σ_l 2(d_in² + d_out²) + d_in + d_out (Martens &
+  Grosse 2015); AdaGrad (Duchi et al. 2011) and
   Adam (Kingma & Ba 2015) keep one or two diagonals;
 * cost per iteration: gradient evaluations per iteration (L-BFGS's line search can use
   several) and the measured wall time (printed, never asserted: the machine is shared);
@@ -82,7 +83,8 @@ def run_lbfgs():
     return np.array(curve), wall, evals[0] / max(res.nit, 1), None
 
 
-kfac_mem = sum(a * a + b * b for a, b in [(D, H), (H, C)])   # A (d_in × d_in), G (d_out × d_out)
+# K-FAC's state: A (d_in × d_in) and G (d_out × d_out) per layer, and their eigendecompositions
+kfac_mem = sum(2 * (a * a + b * b) + a + b for a, b in [(D, H), (H, C)])
 methods = {
     "SGD": (lambda lr: optim.SGD(lr), (1.0, 3.0), "none", 0),
     "AdaGrad": (lambda lr: optim.AdaGrad(lr), (0.01, 0.03, 0.1, 0.3), "diagonal, accumulated g²", P),
