@@ -28,7 +28,6 @@ import numpy as np
 
 import refngd
 from refngd import losses, nn, updates
-from refngd.metrics import cosine_similarity
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/ief_toy.png")

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import refngd
-from refngd import curvature, losses, nn, updates
+from refngd import curvature, losses, nn
 from refngd.experiments.gamma_study import DEFAULT_TAUS, gamma_ratios
 from refngd.metrics import gamma
 
