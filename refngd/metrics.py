@@ -46,8 +46,15 @@ def gamma(d: Array, fisher, g: Array) -> float:
     fisher : a curvature operator (e.g. :class:`refngd.curvature.Fisher`) or a dense (P, P) array.
     g : (P,) the loss gradient.
 
-    Returns ``inf`` when d is orthogonal to g (no first-order decrease).  Raises
-    ``ValueError`` for NaN/Inf, mismatched shapes, or dᵀFd < 0 beyond round-off.
+    Returns
+    -------
+    float
+        γ(d); ``inf`` when d is orthogonal to g (no first-order decrease).
+
+    Raises
+    ------
+    ValueError
+        For NaN/Inf, mismatched shapes, or dᵀFd < 0 beyond round-off.
     """
     _check_pair(("d", "g"), d, g)
     q = _quadratic_form(fisher, d)

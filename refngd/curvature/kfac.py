@@ -188,6 +188,8 @@ class KFAC(KroneckerOperator):
         weight selected and its bias not gets the weight block G ⊗ A (with ``bias="joint"``
         too: the submatrix of the joint block); a bias without its weight is refused.
 
+    Notes
+    -----
     Apart from ``dense()``, nothing forms a P × P matrix or a Kronecker product: ``@`` is
     vec(G V A) per block, ``solve``/``logdet`` use the factors' cached eigendecompositions.
     The arrays of :meth:`factors` may be shared with other K-FAC objects on the same

@@ -13,7 +13,7 @@ side-by-side experiment.
 from .adafisher import AdaFisher
 from .adamqlr import AdamQLR
 from .base import Optimizer
-from .baselines import SGD, Adafactor, Adam, AdamW
+from .baselines import SGD, AdaGrad, Adafactor, Adam, AdamW
 from .fadam import FAdam
 from .kfac import EKFAC, KFAC
 from .natural import EF, IEF, NGD, SF
@@ -22,7 +22,7 @@ from .singd import IKFAC, INGD
 from .sirfshampoo import SIRFShampoo
 from .train import TrainResult, train
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
+__all__ = ["Optimizer", "SGD", "AdaGrad", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
            "EKFAC", "AdaFisher", "FAdam", "RFRMSProp", "RFAdam", "INGD", "IKFAC", "SIRFShampoo",
            "AdamQLR",
            "train", "TrainResult"]

@@ -96,6 +96,8 @@ class AdaFisher(Optimizer):
     fisher_type : rows of the factors: ``"empirical"`` (default: observed labels, as the
         reference code), ``"mc"`` (needs ``rng`` in :meth:`step`) or ``"type-2"``.
 
+    Notes
+    -----
     Needs a :class:`refngd.nn.Sequential` of Linear / Conv2d layers (the factors are per
     layer).  The state holds ``factors``: per parametric layer ``(A, G)``, A with its
     trailing bias entry.

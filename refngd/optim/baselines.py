@@ -1,7 +1,8 @@
-"""First-order baselines: SGD (momentum, Nesterov), Adam, AdamW and Adafactor.
+"""First-order baselines: SGD (momentum, Nesterov), AdaGrad, Adam, AdamW and Adafactor.
 
 Each class states its update and source; the formulas and defaults are PyTorch's
-(``torch.optim.SGD``, ``torch.optim.Adam``, ``torch.optim.AdamW``) and, for Adafactor,
+(``torch.optim.SGD``, ``torch.optim.Adagrad``, ``torch.optim.Adam``, ``torch.optim.AdamW``)
+and, for Adafactor,
 Shazeer & Stern (2018), Algorithms 4 and 5.
 """
 from __future__ import annotations
@@ -55,6 +56,46 @@ class SGD(Optimizer):
         d, buf = apply_momentum(state["momentum_buffer"], g, self.momentum, self.nesterov)
         new = theta - self.lr * d
         return new, {"step": state["step"] + 1, "momentum_buffer": buf}, self._info(batch, theta, new)
+
+
+class AdaGrad(Optimizer):
+    """AdaGrad with a diagonal preconditioner (Duchi, Hazan & Singer 2011, JMLR 12,
+    "Adaptive subgradient methods", Figure 1, the diagonal case), as ``torch.optim.Adagrad``.
+
+    With g the batch gradient (plus ``weight_decay``·θ, coupled L2 as PyTorch) and t the step:
+
+        s_t = s_{t−1} + g_t²                 (s_0 = ``initial_accumulator_value``)
+        θ_t = θ_{t−1} − lr_t · g_t / (√s_t + ε),   lr_t = lr / (1 + (t − 1)·lr_decay)
+
+    The accumulated squares are never forgotten (unlike Adam's moving average), so the
+    per-coordinate step only shrinks.  Defaults are PyTorch's (lr 0.01, ε = 1e-10).
+    """
+
+    name = "adagrad"
+    _hyper = ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
+
+    def __init__(self, lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, eps: float = 1e-10):
+        self.lr = check_lr(lr)
+        self.lr_decay = check_nonnegative(lr_decay, "lr_decay")
+        self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        self.initial_accumulator_value = check_nonnegative(initial_accumulator_value,
+                                                           "initial_accumulator_value")
+        self.eps = check_nonnegative(eps, "eps")
+
+    def init(self, theta):
+        return {"step": 0, "sum": zeros_like(theta) + self.initial_accumulator_value}
+
+    def step(self, theta, state, model, loss, X, y, rng=None):
+        self._check_state(state, "sum")
+        batch = evaluate_batch(model, theta, loss, X, y)
+        g = batch.g + self.weight_decay * theta if self.weight_decay else batch.g
+        xp = namespace(g)
+        t = state["step"] + 1
+        s = state["sum"] + g * g
+        lr_t = self.lr / (1 + (t - 1) * self.lr_decay)
+        new = theta - lr_t * g / (xp.sqrt(s) + self.eps)
+        return new, {"step": t, "sum": s}, self._info(batch, theta, new)
 
 
 class Adam(Optimizer):
