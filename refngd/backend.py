@@ -182,6 +182,20 @@ def eigh_psd(A: Array):
     return xp.maximum(w, 0.0), V
 
 
+def eigh_range(A: Array):
+    """Eigenpairs of a symmetric PSD matrix on its numerical range (eigenvalue > n·ε·max).
+
+    For row-space solves Uᵀ V diag(1/(w + μ)) Vᵀ b: the dropped directions are
+    annihilated by Uᵀ in exact arithmetic, and keeping them would add ~ε‖A‖/μ of
+    round-off (see :class:`PSDFactor`, ``projected``).
+    """
+    w, V = eigh_psd(A)
+    if w.shape[0] == 0:
+        return w, V
+    keep = w > w.shape[0] * np.finfo(np.float64).eps * float(w.max())
+    return w[keep], V[:, keep]
+
+
 class PSDFactor:
     """A factorisation of ``A + shift·I`` for symmetric positive (semi-)definite ``A``.
 
@@ -192,9 +206,15 @@ class PSDFactor:
     singular solve.  Factor once, then call :meth:`solve` as often as needed.
 
     ``projected=True`` declares that the caller multiplies every solution by Uᵀ for
-    A = U Uᵀ (a Gram matrix), which annihilates A's null space: with ``shift > 0`` the
-    system is then solved however small the shift, since errors in the null directions
-    vanish in Uᵀx (used by the row-space solves; a shift of 0 still raises).
+    A = U Uᵀ (a Gram matrix), so that only the solution's part in range(A) matters: with
+    ``shift > 0`` the directions of A that are null to working precision (eigenvalue
+    ≤ n·ε·max) are then dropped from the solution instead of raising.  Kept, they would
+    carry (vᵀB)/shift — huge for a small shift when B has a component there (two samples
+    with the same input but different targets) — and Uᵀ cancels them only up to round-off,
+    an error of order ε‖A‖/shift.  Dropped, the solution is that of the problem restricted
+    to range(A), which is what Uᵀ(A + shift·I)⁻¹B is in exact arithmetic.  Such directions
+    are detected from the Cholesky pivots (a null direction leaves a pivot² of order
+    ``shift``); the eigendecomposition is only paid then.  A shift of 0 still raises.
     """
 
     def __init__(self, A: Array, shift: float = 0.0, rtol: float | None = None,
@@ -205,11 +225,14 @@ class PSDFactor:
         self.xp, self.n, self.L = xp, n, None
         M = A + shift * xp.eye(n, dtype=xp.float64) if shift else A
         self.L = cholesky(M)
+        projected = bool(projected and shift and n)
+        if self.L is not None and projected and _may_have_null_space(A, self.L, shift):
+            self.L = None
         if self.L is None:
-            w, self.V = eigh_psd(A)
+            w, self.V = eigh_range(A) if projected else eigh_psd(A)
             self.w = w + shift
             tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(self.w.max() if n else 1)
-            if n and not (projected and shift) and float(self.w.min()) <= tol:
+            if n and not projected and float(self.w.min()) <= tol:
                 raise SingularSystemError(
                     f"the {n}x{n} system is singular (smallest eigenvalue {float(self.w.min()):.3g}, "
                     f"largest {float(self.w.max()):.3g}); pass damping > 0."
@@ -225,6 +248,22 @@ class PSDFactor:
         return self.V @ ((self.V.T @ B) / w)
 
 
+def _may_have_null_space(A: Array, L: Array, shift: float) -> bool:
+    """Could A have a direction null to working precision, judged from chol(A + shift·I)?
+
+    Only a small shift matters (the error a null direction causes is ~ε‖A‖/shift, below
+    1e-12 for shift ≥ 1e-4·max diag A), and a null direction of A leaves a pivot² of order
+    ``shift`` (λ_min(A + shift·I) ≤ min pivot²; measured 1.6–15 × shift for generic
+    rank-deficient Gram matrices), while a direction with eigenvalue σ leaves ≥ σ + shift.
+    False alarms (an eigenvalue below ~100·shift) only cost an eigendecomposition.
+    """
+    xp = namespace(A)
+    scale = float(xp.diagonal(A).max())
+    if shift >= 1e-4 * scale:
+        return False
+    return float((xp.diagonal(L) ** 2).min()) <= 100 * shift + A.shape[0] * 2.3e-16 * scale
+
+
 def lstsq_ridge(U: Array, b: Array, mu: float) -> Array:
     """argmin_d ‖U d − b‖² + μ‖d‖² for U (m, n), by QR — never the normal equations.
 
@@ -232,7 +271,8 @@ def lstsq_ridge(U: Array, b: Array, mu: float) -> Array:
     a QR factorisation of the stacked matrix [U; √μ I] ((m + n) × n) does not: the
     relative error is about ε·cond([U; √μ I]) = ε·√cond(UᵀU + μI).  For μ = 0 it needs
     m ≥ n and U of full column rank, and raises :class:`SingularSystemError` when a
-    diagonal entry of R is ≤ max(m, n)·ε·max|R_ii| (U rank deficient to working precision).
+    diagonal entry of R is ≤ max(m, n)·ε·max|R_ii|.  (An unpivoted QR usually, not always,
+    reveals rank deficiency on R's diagonal; the check errs on the side of a small R_ii.)
     """
     xp = namespace(U)
     U = xp.asarray(U, dtype=xp.float64)

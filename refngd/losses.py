@@ -441,11 +441,13 @@ class BCEWithLogits(_Loss):
     def _gradient_in_factor(self, Z: Array, y: Array):
         """F_n = diag(√v), v = σ(z)σ(−z): a = e/√v = (1 − y) e^{z/2} − y e^{−z/2}, r = 0.
 
-        (σ(z)/√v = √(σ(z)/σ(−z)) = e^{z/2}.)  Where v underflowed to 0 (|z| ≳ 745) the
-        output has no curvature in float64: a = 0 there and r = e carries the gradient.
+        (σ(z)/√v = √(σ(z)/σ(−z)) = e^{z/2}.)  Where the factor √v is below the smallest
+        normal number (|z| ≳ 1415 in float64, ≳ 174 in float32; e^{|z|/2} would overflow)
+        the output has no usable curvature in floating point: a = 0 there and r = e carries
+        the gradient.
         """
         xp = namespace(Z)
-        ok = self._variance(Z) > 0
+        ok = self._std(Z) >= xp.finfo(Z.dtype).tiny
         Zs = xp.where(ok, Z, 0)  # keeps exp() finite where the entry is masked anyway
         a = xp.where(ok, (1 - y) * xp.exp(Zs / 2) - y * xp.exp(-Zs / 2), 0)
         r = xp.where(ok, 0, self._gradient(Z, y))
@@ -456,9 +458,17 @@ class BCEWithLogits(_Loss):
         """σ(z)(1 − σ(z)) as σ(z)σ(−z), avoiding the cancellation in 1 − σ for z ≫ 0."""
         return _sigmoid(Z) * _sigmoid(-Z)
 
+    @staticmethod
+    def _std(Z: Array) -> Array:
+        """√(σ(z)σ(−z)) = e^{−|z|/2} / (1 + e^{−|z|}), computed directly: √ of the variance
+        would keep only a few bits once the variance is subnormal (|z| ≳ 708 in float64,
+        ≳ 87 in float32), while this underflows only at twice those |z|."""
+        xp = namespace(Z)
+        return xp.exp(-xp.abs(Z) / 2) / (1 + xp.exp(-xp.abs(Z)))
+
     def _sqrt(self, Z: Array) -> Array:
         xp = namespace(Z)
-        return xp.sqrt(self._variance(Z))[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype)
+        return self._std(Z)[:, :, None] * xp.eye(Z.shape[1], dtype=Z.dtype)
 
     def _hessian(self, Z: Array) -> Array:
         xp = namespace(Z)

@@ -148,3 +148,19 @@ def test_gamma_depends_on_the_reduction_ratios_do_not():
     assert mean["gamma_sgd"] == pytest.approx(math.sqrt(N) * summ["gamma_sgd"], rel=1e-10)
     for m in ("ngd", "ief"):  # λ_sum = N λ_mean: the same directions, the same ratios
         assert mean[m][0] / mean["gamma_sgd"] == pytest.approx(summ[m][0] / summ["gamma_sgd"], rel=1e-8)
+
+
+def test_best_over_damping_flags_the_edge_of_the_valid_region():
+    from refngd.experiments.gamma_study import best_over_damping
+
+    out = best_over_damping([1e-8, 1e-6, 1e-4], [math.inf, 0.5, 0.7])
+    assert out["best_damping"] == 1e-6 and out["best_on_grid_edge"]
+    assert not best_over_damping([1e-8, 1e-6, 1e-4], [0.6, 0.5, 0.7])["best_on_grid_edge"]
+
+
+def test_seed_statistics_never_drop_a_failed_seed():
+    from refngd.experiments.compare import _stats
+
+    assert _stats([1.0, 3.0])["mean"] == 2.0 and _stats([1.0, 3.0])["sd"] == pytest.approx(math.sqrt(2))
+    assert _stats([1.0, math.inf])["mean"] == math.inf
+    assert _stats([1.0, None])["mean"] is None

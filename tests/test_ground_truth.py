@@ -130,10 +130,19 @@ def test_woodbury_solve_is_what_loses_accuracy():
     assert _rel(Fi.solve(Fi.gradient(), 1e-12), ref) > 1e3 * _rel(Fi.natural_gradient(1e-12), ref)
 
 
-@pytest.mark.parametrize("loss_name", ["ce", "mse"])
-def test_duplicate_samples_singular_gram(loss_name):
-    """K is singular: λ = 0 raises the clear error, every λ > 0 stays accurate."""
-    model, theta, loss, X, y = _problem("mlp", loss_name, N=4, duplicate=True)
+@pytest.mark.parametrize("other_target", [False, True], ids=["same_target", "other_target"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
+def test_duplicate_samples_singular_gram(loss_name, kind, other_target):
+    """K is singular: λ = 0 raises the clear error, every λ > 0 stays accurate.
+
+    With another target for the duplicated input the gradient has a component along K's
+    null vector (e_i − e_j)/√2; it must be dropped, not divided by λ/c (PSDFactor,
+    ``projected``) — otherwise the error is ~ε‖F‖/λ, 0.4 at λ = 1e-16."""
+    model, theta, loss, X, y = _problem(kind, loss_name, N=4, duplicate=True)
+    if other_target:
+        y = y.copy()
+        y[-1] = (y[0] + 1) % 3 if loss_name == "ce" else (y[0][::-1] if loss_name == "mse" else 1 - y[0])
     with pytest.raises(SingularSystemError, match="pass damping > 0"):
         updates.ngd(model, theta, loss, X, y, damping=0.0)
     with mpmath.workdps(DPS):
@@ -176,7 +185,7 @@ def _saturated(loss_name):
     model, theta, loss, X, y = _problem("mlp", loss_name, N=4)
     # last layer bias (3 entries at the end of θ): drive one output's curvature to exactly 0
     theta = theta.copy()
-    theta[-3:] = [-2000.0, 0.0, 0.0] if loss_name == "ce" else [900.0, 0.0, -900.0]
+    theta[-3:] = [-2000.0, 0.0, 0.0] if loss_name == "ce" else [1600.0, 0.0, -1600.0]
     if loss_name == "ce":
         y = y.copy()
         y[0] = 0  # p_0 = 0 in float64: e_0 lies outside range(H_0)
@@ -212,3 +221,44 @@ def test_float32_model_stays_accurate_at_every_damping(loss_name):
         d32 = updates.ngd(model, theta.astype(np.float32), loss, X.astype(np.float32), y32, damping=lam)
         assert d32.dtype == np.float32
         assert _rel(d32.astype(float), d64) <= 1e-4, lam
+
+
+@pytest.mark.parametrize("dtype,zs,tol", [
+    (np.float64, [30.0, 700.0, 735.0, 744.0, 800.0, 1400.0, 1500.0], 1e-14),
+    (np.float32, [30.0, 88.0, 95.0, 100.0, 102.0, 150.0, 170.0, 210.0], 1e-6)])
+def test_gradient_in_factor_exact_where_the_variance_is_subnormal(dtype, zs, tol):
+    """F_n a_n + r_n = e_n entrywise for BCE logits whose variance σσ(−z) is subnormal or 0
+    (the factor is e^{−|z|/2}/(1 + e^{−|z|}), not √ of a subnormal) and for CE gaps."""
+    loss = BCEWithLogits()
+    Z = np.array([zs + [-z for z in zs]], dtype=dtype)
+    for yv in (0.0, 1.0, 0.3):
+        y = np.full_like(Z, yv)
+        a, r = loss.gradient_in_factor(Z, y)
+        assert np.all(np.isfinite(a)) and a.dtype == dtype
+        implied = np.einsum("ncm,nm->nc", loss.hessian_factor(Z), a) + r
+        e = loss.output_gradient(Z, y)
+        assert np.all(np.abs(implied - e) <= tol * np.abs(e) + np.finfo(dtype).tiny), yv
+    ce = CrossEntropy()
+    for gap in ([0.0, 1.0, 2.0], [0.0, 700.0, 744.0], [0.0, 90.0, 103.0]):
+        Zc = np.array([gap], dtype=dtype)
+        for label in range(3):
+            a, r = ce.gradient_in_factor(Zc, np.array([label]))
+            implied = np.einsum("ncm,nm->nc", ce.hessian_factor(Zc), a) + r
+            e = ce.output_gradient(Zc, np.array([label]))
+            assert np.all(np.isfinite(a))
+            assert np.all(np.abs(implied - e) <= 50 * np.finfo(dtype).eps * np.abs(e).max()), (gap, label)
+
+
+def test_gamma_star_closed_form_for_cross_entropy():
+    """gᵀF⁺g = c‖a‖² and ‖Q_n[y, :]‖² = 1 − p_y give γ* = 1/√(c Σ_n (1 − p_{y_n})/p_{y_n})
+    with no solve at all — an independent check of gradient_in_factor and of F⁺g."""
+    from refngd.metrics import gamma
+
+    model, theta, loss, X, y = _problem("mlp", "ce")
+    Fi = Fisher(model, theta, loss, X, y)
+    Z = model.forward(theta, X)
+    p = np.exp(Z - Z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    py = p[np.arange(len(y)), y]
+    expect = 1 / np.sqrt(Fi.c * np.sum((1 - py) / py))
+    assert gamma(Fi.natural_gradient(0.0), Fi, Fi.gradient()) == pytest.approx(expect, rel=1e-10)

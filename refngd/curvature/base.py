@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, lstsq_ridge,
-                       namespace)
+from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, eigh_range,
+                       lstsq_ridge, namespace)
 from ..derivatives import gradient_from
 from ..subsets import resolve_params
 
@@ -265,15 +265,16 @@ class RowCurvature(CurvatureOperator):
         """:meth:`natural_gradient` for many λ > 0 from one ``eigh`` of the Gram matrix.
 
         With K = V diag(w) Vᵀ: d(λ) = Uᵀ V diag(1/(w + λ/c)) Vᵀ a — the row-space route,
-        accurate at every λ (eigenvalues clipped at 0; a null direction of K is annihilated
-        by Uᵀ).  P ≤ R: one :meth:`natural_gradient` per λ.
+        accurate at every λ: K's numerically null directions, which Uᵀ annihilates in exact
+        arithmetic, are dropped (:func:`refngd.backend.eigh_range`) rather than divided by
+        λ/c.  P ≤ R: one :meth:`natural_gradient` per λ.
         """
         lams = [check_damping(lam, allow_zero=False) for lam in dampings]
         xp = namespace(self.outputs)
         a, r = self.gradient_coefficients()
         if not self._uses_gram() or bool(xp.any(r != 0)):
             return [self.natural_gradient(lam) for lam in lams]
-        w, V = eigh_psd(self.gram())
+        w, V = eigh_range(self.gram())  # K's numerical null space is annihilated by Uᵀ
         Vta = V.T @ a.reshape(-1).astype(xp.float64)
         N, K = self.rows.N, self.rows.K
         return [self.rows.rmatvec((V @ (Vta / (w + lam / self.c))).reshape(N, K).astype(self.dtype))

@@ -292,17 +292,26 @@ def _gamma_study(config, model, loss, data, checkpoints, trajectory, log) -> dic
     return {"trajectory": trajectory, "methods": list(config.gamma_methods),
             "batch_size": n, "batches": len(batches), "dampings": dampings,
             "e1_damping": config.e1_damping,
-            "damping_convention": "absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
-                                  "loss as trained (CrossEntropy mean); Gram forms use λ/c",
+            "damping_convention": f"absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
+                                  f"loss as trained ({type(loss).__name__}, reduction="
+                                  f"{loss.reduction!r}); Gram forms use λ/c",
             "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
 
 
 # ------------------------------------------------------------------------- seeds
 def _stats(values: list) -> dict:
-    """Mean and sample standard deviation of the finite values (None where undefined)."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """Mean and sample standard deviation over the seeds.
+
+    A seed without a value (None) makes both None and a diverged or failed one (inf)
+    makes them inf: an average over the seeds that happened to work would hide it.
+    """
+    if any(v is None for v in values):
+        return {"mean": None, "sd": None, "values": list(values)}
+    vals = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in vals):
+        return {"mean": math.inf, "sd": None, "values": list(values)}
     n = len(vals)
-    mean = sum(vals) / n if n else None
+    mean = sum(vals) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
     return {"mean": mean, "sd": sd, "values": list(values)}
 
@@ -335,7 +344,7 @@ def aggregate_seeds(records: list[dict]) -> dict:
             st = _stats(ratios)
             e1[m] = {"mean_ratio": st["mean"], "sd": st["sd"], "per_seed": ratios,
                      "stderr": st["sd"] / math.sqrt(len(ratios)) if st["sd"] is not None else None,
-                     "damping": g0["e1_damping"],
+                     "stderr_over": "seeds", "damping": g0["e1_damping"],
                      "optimal_ratio": _stats([r["gamma"]["e1"][m]["optimal_ratio"] for r in records])["mean"]}
             curve = [_stats([r["gamma"]["e3"][m]["ratios"][i] for r in records])["mean"]
                      for i in range(len(g0["dampings"]))]

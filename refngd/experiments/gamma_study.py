@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import SingularSystemError, namespace, to_float
+from ..backend import SingularSystemError, eigh_range, namespace, to_float
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, SampledFisher
 from ..derivatives import gradient_from
 from ..metrics import gamma
@@ -136,8 +136,7 @@ def _ief_gram_sweep(EF: EmpiricalFisher, loss, y, dampings):
     s = (e * e).sum(axis=1).astype(xp.float64)
     if not bool(xp.any(s > 0)):  # a perfectly fitted batch has no update to score
         return [None] * len(dampings)
-    w, V = xp.linalg.eigh(EF.gram())
-    w = xp.maximum(w, 0.0)
+    w, V = eigh_range(EF.gram())  # the Gram matrix's numerical null space is annihilated by Gᵀ
     Vs = V.T @ s
     N = s.shape[0]
     return [EF.rows.rmatvec((V @ (Vs / (w + lam / EF.c))).reshape(N, 1).astype(EF.dtype))
@@ -176,7 +175,8 @@ def e1_summary(batches: list[dict], damping: float) -> dict:
         x = [b[m][i] for b in batches]
         ratio, se = _ratio_of_means(x, sgd)
         optimal = _ratio_of_means(x, stars)[0] if all(s is not None for s in stars) else None
-        out[m] = {"mean_ratio": ratio, "stderr": se, "damping": damping, "optimal_ratio": optimal}
+        out[m] = {"mean_ratio": ratio, "stderr": se, "stderr_over": "batches", "damping": damping,
+                  "optimal_ratio": optimal}
     return out
 
 
@@ -203,9 +203,11 @@ def best_over_damping(dampings, ratios) -> dict:
     finite = [(r, i) for i, r in enumerate(ratios) if math.isfinite(r)]
     best, i = min(finite) if finite else (math.inf, 0)
     edge = False
-    if finite and len(ratios) > 1 and i in (0, len(ratios) - 1):
-        # a plateau reached at the end (λ below every eigenvalue, say) is not flagged
-        neighbour = ratios[1] if i == 0 else ratios[-2]
+    valid = [j for _, j in finite]
+    if len(valid) > 1 and i in (min(valid), max(valid)):
+        # on the edge of the grid, or of its part where the method has a direction; a
+        # plateau reached there (λ below every eigenvalue, say) is not flagged
+        neighbour = ratios[i + 1] if i == min(valid) else ratios[i - 1]
         edge = not (math.isfinite(neighbour) and neighbour <= best * (1 + 1e-3))
     return {"best_ratio": best, "best_damping": dampings[i], "best_on_grid_edge": edge}
 
