@@ -24,14 +24,19 @@ Like HIPS autograd's primitives, each layer's derivatives sit right beside its f
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
 from ..backend import Array
+from ..rows import LayerRows
 
 
 class Layer(ABC):
     """A layer without parameters (activations, reshapes)."""
+
+    #: True for layers that read integer indices (Embedding): only first in a Sequential
+    integer_input: bool = False
 
     #: shapes of the parameter arrays, in PyTorch's ``parameters()`` order
     param_shapes: tuple[tuple[int, ...], ...] = ()
@@ -78,3 +83,71 @@ class ParametricLayer(Layer):
     @abstractmethod
     def row_sq_sum(self, cache: Any, B: Array) -> Array:
         """(P_layer,) diagonal of UᵀU, i.e. Σ_r u_r ⊙ u_r."""
+
+
+class Composite(Layer):
+    """A layer built from named sub-layers (attention, Transformer blocks).
+
+    The sub-layers are registered with :meth:`_register` in PyTorch's ``parameters()``
+    order, which fixes the layer's slice of θ; the order in which :meth:`forward` applies
+    them may differ (a post-norm Transformer block applies ``norm1`` after the attention,
+    yet PyTorch lists it after ``linear2``).  Each parametric sub-layer owns a contiguous
+    part of the slice, so a backward pass can hand it on to :class:`refngd.rows.RowSet` as
+    a layer of its own: :meth:`backward_rows` appends one :class:`refngd.rows.LayerRows`
+    per parametric sub-layer, with the rows arriving at that sub-layer's output, and
+    every row primitive of the composite is the sum (Gram, U v) or the concatenation
+    (Uᵀ w, diagonal) of its sub-layers' — the graph's structure (residual connections,
+    the attention's three uses of one projection) lives only in the backward pass.
+    """
+
+    def _register(self, children: list[tuple[str, Layer]]) -> None:
+        self.children: dict[str, Layer] = {}
+        self._offsets: dict[str, tuple[int, int, int]] = {}  # name -> (block, element, size)
+        shapes, block, elem = [], 0, 0
+        for name, child in children:
+            size = sum(math.prod(s) for s in child.param_shapes)
+            self.children[name] = child
+            self._offsets[name] = (block, elem, size)
+            shapes.extend(child.param_shapes)
+            block += len(child.param_shapes)
+            elem += size
+        self.param_shapes = tuple(shapes)
+
+    def _sub(self, params: list, name: str) -> list:
+        block = self._offsets[name][0]
+        return params[block:block + len(self.children[name].param_shapes)]
+
+    def _fwd(self, name: str, params: list, x: Array):
+        """Forward pass of sub-layer ``name``: ``(output, cache)``."""
+        return self.children[name].forward(self._sub(params, name), x)
+
+    def _back(self, name: str, params: list, cache: Any, B: Array, start: int,
+              records: list | None) -> Array:
+        """Pull rows B back through sub-layer ``name``, recording its rows when parametric."""
+        _, elem, size = self._offsets[name]
+        return backward_rows(self.children[name], self._sub(params, name), cache, B,
+                             start + elem, records)
+
+    @abstractmethod
+    def backward_rows(self, params: list, cache: Any, B: Array, start: int,
+                      records: list | None) -> Array:
+        """Pull rows B back to the input; append the parametric sub-layers' LayerRows
+        (θ offsets relative to ``start``) to ``records`` unless it is None."""
+
+    def backward(self, params, cache, B):
+        return self.backward_rows(params, cache, B, 0, None)
+
+
+def backward_rows(layer: Layer, params: list, cache: Any, B: Array, start: int,
+                  records: list | None, need_input: bool = True):
+    """Back-propagate rows B through any layer, recording parametric layers' rows.
+
+    Returns the rows at the layer's input (None when ``need_input`` is False and the
+    layer is not a :class:`Composite`, whose inner layers need the pass anyway).
+    """
+    if isinstance(layer, Composite):
+        return layer.backward_rows(params, cache, B, start, records)
+    if layer.param_shapes and records is not None:
+        size = sum(math.prod(s) for s in layer.param_shapes)
+        records.append(LayerRows(layer, params, cache, B, start, start + size))
+    return layer.backward(params, cache, B) if need_input else None

@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 
 from ..backend import Array, check_float_array, get_backend, namespace
-from ..rows import LayerRows, RowSet
-from .base import Layer, ParametricLayer
+from ..rows import RowSet
+from .base import Layer, backward_rows
 
 
 class Sequential:
@@ -84,7 +84,20 @@ class Sequential:
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, theta, X):
-        check_float_array("X", X)
+        for i, layer in enumerate(self.layers[1:], 1):
+            if layer.integer_input:
+                raise ValueError(f"layer {i}: {layer!r} reads integer indices and must be the "
+                                 "first layer of the Sequential.")
+        if self.layers[0].integer_input:
+            xp = namespace(X)
+            if getattr(X, "dtype", None) is None or X.dtype.kind not in "iu":
+                raise TypeError(f"X must hold integer indices for {self.layers[0]!r}, got "
+                                f"{getattr(X, 'dtype', type(X).__name__)}; use X.astype(int).")
+            if X.size and (int(xp.min(X)) < 0 or int(xp.max(X)) >= self.layers[0].num_embeddings):
+                raise ValueError(f"indices in X must lie in [0, {self.layers[0].num_embeddings}) "
+                                 f"for {self.layers[0]!r}, got [{int(xp.min(X))}, {int(xp.max(X))}].")
+        else:
+            check_float_array("X", X)
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"X must be a batch of shape (N, ...) with N >= 1, got {tuple(X.shape)}.")
         shape = tuple(X.shape[1:])
@@ -97,7 +110,7 @@ class Sequential:
             raise ValueError(
                 f"the model output per sample has shape {shape}; refngd needs (C,): end with Flatten()."
             )
-        return X.astype(theta.dtype, copy=False)
+        return X if self.layers[0].integer_input else X.astype(theta.dtype, copy=False)
 
     def forward(self, theta: Array, X: Array) -> Array:
         """Model outputs Z = f(X; θ), shape (N, C)."""
@@ -144,15 +157,14 @@ class Linearization:
                 f"cotangents must have shape (N, K, C) = ({N}, K, {C}), got {tuple(cotangents.shape)}."
             )
         B = cotangents.astype(self.theta.dtype, copy=False)
-        first = next((i for i, s in enumerate(self._steps) if isinstance(s[0], ParametricLayer)), None)
+        first = next((i for i, s in enumerate(self._steps) if s[0].param_shapes), None)
         if first is None:
             raise ValueError("this model has no parameters to differentiate.")
         records = []
         for i in range(len(self._steps) - 1, first - 1, -1):
             layer, p, cache, start, stop = self._steps[i]
-            if isinstance(layer, ParametricLayer):
-                records.append(LayerRows(layer, p, cache, B, start, stop))
-            if i > first:  # the input of the first parametric layer needs no cotangent
-                B = layer.backward(p, cache, B)
-        records.reverse()
+            # the input of the first parametric layer needs no cotangent
+            B = backward_rows(layer, p, cache, B, start, records, need_input=i > first)
+        # θ order (a composite layer's sub-layers are recorded in backward order)
+        records.sort(key=lambda e: e.start)
         return RowSet(records, N, cotangents.shape[1], self.model.num_params, self.theta.dtype)
