@@ -28,8 +28,13 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any
 
-from ..backend import Array
+from ..backend import Array, namespace, to_numpy
 from ..rows import LayerRows
+
+
+def host_full(shape: tuple[int, ...], value: float):
+    """A host float64 array of ``shape`` filled with ``value`` (for ``init_params``)."""
+    return to_numpy([float(value)] * math.prod(shape)).reshape(shape)
 
 
 class Layer(ABC):
@@ -151,3 +156,39 @@ def backward_rows(layer: Layer, params: list, cache: Any, B: Array, start: int,
         size = sum(math.prod(s) for s in layer.param_shapes)
         records.append(LayerRows(layer, params, cache, B, start, start + size))
     return layer.backward(params, cache, B) if need_input else None
+
+
+class SmallParametricLayer(ParametricLayer):
+    """A layer with few parameters per output (normalisation layers' scale and shift).
+
+    Its per-row gradients U_l (R × P_l) cost no more than its backward pass, so every row
+    primitive is read off the materialised U_l: the Gram U_l U_lᵀ (R²·P_l), U_l v, U_lᵀ w
+    and Σ_r u_r ⊙ u_r.  Subclasses implement :meth:`row_grads` only.
+    """
+
+    def _U(self, cache, B):
+        N, K = B.shape[:2]
+        return self.row_grads(cache, B).reshape(N * K, -1)
+
+    def row_gram(self, cache, B):
+        xp = namespace(B)
+        U = self._U(cache, B).astype(xp.float64, copy=False)
+        return U @ U.T
+
+    def row_dot(self, cache, B, V):
+        xp = namespace(B)
+        v = xp.concatenate([b.reshape(-1) for b in V])
+        return (self._U(cache, B) @ v).reshape(B.shape[:2])
+
+    def row_sum(self, cache, B, w):
+        flat = w.reshape(-1) @ self._U(cache, B)
+        out, i = [], 0
+        for shape in self.param_shapes:
+            size = math.prod(shape)
+            out.append(flat[i:i + size].reshape(shape))
+            i += size
+        return out
+
+    def row_sq_sum(self, cache, B):
+        U = self._U(cache, B)
+        return (U * U).sum(axis=0)
