@@ -340,3 +340,76 @@ def test_against_torch(case):
     assert_close(model.forward(theta, X), fn(tt).detach().numpy(), 1e-12)
     Jt = torch.autograd.functional.jacobian(fn, tt).numpy()  # (N, C, P): rows of sample n only
     assert_close(refngd.jacobian(model, theta, X), Jt)
+
+
+# -------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.MultiheadAttention(5, 2), "not divisible by num_heads"),
+    (lambda: nn.TransformerEncoderLayer(6, 4, 8), "not divisible by num_heads"),
+    (lambda: nn.MultiheadAttention(4, 2, dropout=0.1), "dropout=0.0"),
+    (lambda: nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1), "deterministic"),
+    (lambda: nn.TransformerEncoderLayer(4, 2, 8, batch_first=False), "batch_first=True"),
+    (lambda: nn.MultiheadAttention(4, 2, batch_first=False), "batch_first=True"),
+    (lambda: nn.MultiheadAttention(4, 2, kdim=3), "kdim"),
+    (lambda: nn.TransformerEncoderLayer(4, 2, 8, activation="tanh"), "'relu' or 'gelu'"),
+    (lambda: nn.BatchNorm2d(3, track_running_stats=False), "couples the samples"),
+    (lambda: nn.BatchNorm1d(0), "num_features"),
+    (lambda: nn.LayerNorm(4, eps=0), "eps"),
+    (lambda: nn.Embedding(5, 3, max_norm=1.0), "max_norm"),
+    (lambda: nn.Embedding(5, 3, scale_grad_by_freq=True), "scale_grad_by_freq"),
+    (lambda: nn.Embedding(5, 3, padding_idx=5), "padding_idx"),
+    (lambda: nn.MaxPool2d(2, return_indices=True), "return_indices"),
+    (lambda: nn.AvgPool2d(2, padding=2), "at most half"),
+    (lambda: nn.AdaptiveAvgPool2d(0), "output_size"),
+])
+def test_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_shape_and_input_errors():
+    bad = nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.MultiheadAttention(4, 2))
+    with pytest.raises(ValueError, match=r"expects per-sample input shape \(T, 4\)"):
+        bad.forward(np.zeros(bad.num_params), np.zeros((2, 3, 3)))
+    emb = nn.Sequential(nn.Embedding(5, 3), nn.Flatten())
+    theta = emb.init(np.random.default_rng(0))
+    with pytest.raises(TypeError, match="integer indices"):
+        emb.forward(theta, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
+        emb.forward(theta, np.full((2, 4), 5))
+    late = nn.Sequential(nn.Linear(2, 2), nn.Embedding(5, 3), nn.Flatten())
+    with pytest.raises(ValueError, match="first layer"):
+        late.forward(np.zeros(late.num_params), np.zeros((2, 2)))
+    bn = nn.BatchNorm2d(3)
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        bn.set_running_stats(np.zeros(2), np.ones(3))
+    with pytest.raises(ValueError, match=">= 0"):
+        bn.set_running_stats(np.zeros(3), -np.ones(3))
+    with pytest.raises(ValueError, match="ending in"):
+        nn.LayerNorm(4).out_shape((3, 5))
+
+
+def test_parameter_order_and_init_follow_pytorch():
+    torch = pytest.importorskip("torch")
+    pairs = [
+        (nn.TransformerEncoderLayer(4, 2, 6, norm_first=True),
+         torch.nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True, norm_first=True)),
+        (nn.TransformerEncoderLayer(4, 2, 6, bias=False),
+         torch.nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, batch_first=True, bias=False)),
+        (nn.MultiheadAttention(6, 3), torch.nn.MultiheadAttention(6, 3, batch_first=True)),
+        (nn.LayerNorm((2, 3)), torch.nn.LayerNorm((2, 3))),
+        (nn.Embedding(7, 2, padding_idx=-1), torch.nn.Embedding(7, 2, padding_idx=-1)),
+        (nn.BatchNorm1d(3, bias=False), torch.nn.BatchNorm1d(3, bias=False)),
+    ]
+    for ours, theirs in pairs:
+        assert list(ours.param_shapes) == [tuple(p.shape) for p in theirs.parameters()], ours
+        init = ours.init_params(np.random.default_rng(0))
+        for a, (name, p) in zip(init, theirs.named_parameters()):
+            p = p.detach().numpy()
+            assert a.shape == p.shape, name
+            if np.all(p == p.flat[0]):  # PyTorch's constant inits: LN/BN 1 and 0, attention biases 0
+                assert np.array_equal(a, p), name
+    emb = nn.Embedding(7, 2, padding_idx=3).init_params(np.random.default_rng(0))[0]
+    assert np.all(emb[3] == 0) and np.all(emb[[0, 1, 2, 4, 5, 6]] != 0)
+    W = nn.MultiheadAttention(6, 3).init_params(np.random.default_rng(0))[0]
+    assert np.abs(W).max() <= np.sqrt(6 / 24) and np.abs(W).max() > 0.8 * np.sqrt(6 / 24)

@@ -102,8 +102,15 @@ def parametric_rows(model, rows):
     for e in rows.layers:
         if not isinstance(e.layer, (Linear, Conv2d)):
             raise TypeError(f"K-FAC supports Linear and Conv2d layers, not {e.layer!r}.")
-        idx = next(i for i, (l, s) in enumerate(zip(model.layers, model.slices))
-                   if l is e.layer and s[0] == e.start)
+        idx = next((i for i, (l, s) in enumerate(zip(model.layers, model.slices))
+                    if l is e.layer and s[0] == e.start), None)
+        if idx is None:
+            raise TypeError(f"K-FAC supports Linear and Conv2d layers of the Sequential itself; "
+                            f"{e.layer!r} sits inside a composite layer (attention, Transformer "
+                            "block), for which refngd has no K-FAC.  Use the exact curvatures.")
+        if isinstance(e.layer, Linear) and e.cache.ndim > 2:
+            raise TypeError(f"{e.layer!r} is applied to sequences (weight sharing); refngd's "
+                            "K-FAC does not support it yet.  Use the exact curvatures.")
         out.append((idx, e))
     return out
 
