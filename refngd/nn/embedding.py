@@ -41,7 +41,8 @@ class Embedding(ParametricLayer):
         for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(v, bool) or not hasattr(v, "__index__") or operator.index(v) < 1:
                 raise ValueError(f"Embedding {name} must be an integer >= 1, got {v!r}.")
-        self.num_embeddings, self.embedding_dim = operator.index(num_embeddings), operator.index(embedding_dim)
+        self.num_embeddings = operator.index(num_embeddings)
+        self.embedding_dim = operator.index(embedding_dim)
         if padding_idx is not None:
             V = self.num_embeddings
             if isinstance(padding_idx, bool) or not hasattr(padding_idx, "__index__") \

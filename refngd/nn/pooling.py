@@ -13,7 +13,6 @@ first one in the window's row-major order on ties, as PyTorch's CPU kernel).
 """
 from __future__ import annotations
 
-import math
 import operator
 
 from ..backend import namespace
@@ -48,7 +47,8 @@ class _Window2d(Layer):
     def _setup(self, kernel_size, stride, padding, ceil_mode):
         owner = type(self).__name__
         self.kernel_size = _pair(kernel_size, "kernel_size", owner, 1)
-        self.stride = self.kernel_size if stride is None or stride == () else _pair(stride, "stride", owner, 1)
+        self.stride = (self.kernel_size if stride is None or stride == ()
+                       else _pair(stride, "stride", owner, 1))
         self.padding = _pair(padding, "padding", owner, 0)
         self.ceil_mode = bool(ceil_mode)
         for k, p, d in zip(self.kernel_size, self.padding, self.dilation):
