@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from refngd import nn
-from refngd.curvature import EKFAC, KFAC, Fisher
+from refngd.curvature import EKFAC, KFAC, Fisher, KroneckerDiagonal
 from refngd.losses import CrossEntropy, MSELoss
 from refngd.sequence_losses import PerToken
 
@@ -56,6 +56,15 @@ def test_exact_case_and_the_other_approximation(setting, exact, other, bias):
     assert rel_err(exact_K[mask], F[mask]) < 1e-10
     assert np.all(exact_K[~mask] == 0)
     assert rel_err(other_K[mask], F[mask]) > 1e-2  # the other approximation is off
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kronecker_diagonal_is_the_diagonal_of_kfac(approx):
+    model, theta, loss, X, y = expand_setting()
+    kd = KroneckerDiagonal(model, theta, loss, X, y, kfac_approx=approx).diagonal()
+    for bias in ("separate", "joint"):
+        K = KFAC(model, theta, loss, X, y, kfac_approx=approx, bias=bias).dense()
+        assert rel_err(kd, np.diagonal(K)) < 1e-12
 
 
 def test_nonlinear_network_is_not_exact_but_factors_follow_definition():
