@@ -97,8 +97,41 @@ def test_unsupported_layers_are_refused():
     tf = nn.Sequential(nn.Linear(D, 4), nn.TransformerEncoderLayer(4, 2, 6), nn.Flatten(),
                        nn.Linear(T * 4, C))
     th = tf.init(np.random.default_rng(0))
-    with pytest.raises(TypeError, match="inside a composite layer"):
+    with pytest.raises(TypeError, match="not LayerNorm"):  # the block's LayerNorms
         KFAC(tf, th, CrossEntropy(), X, np.zeros(N, dtype=int))
     ln = nn.Sequential(nn.Linear(D, 4), nn.LayerNorm(4), nn.Flatten(), nn.Linear(T * 4, C))
     with pytest.raises(TypeError, match="supports Linear and Conv2d"):
         KFAC(ln, ln.init(np.random.default_rng(0)), CrossEntropy(), X, np.zeros(N, dtype=int))
+
+
+def test_attention_projections():
+    """K-FAC on MultiheadAttention's in- and out-projections (weight-shared Linears).
+
+    Per-token MSE on the attention output: above the out-projection the network is the
+    identity, so its rows do not depend on the sample and K-FAC-expand is exact for its
+    block (Eschenhagen et al.'s expand case); the in-projection's rows pass through the
+    softmax attention, so its block is an approximation — its factors are still the sums
+    of the definition.
+    """
+    E = 4
+    model = nn.Sequential(nn.Linear(D, E), nn.MultiheadAttention(E, 2), nn.Flatten())
+    rng = np.random.default_rng(7)
+    theta, X = model.init(rng), rng.standard_normal((N, T, D))
+    y, loss = rng.standard_normal((N, T, E)), PerToken(MSELoss(), T)
+    F = Fisher(model, theta, loss, X, y).dense()
+    K = KFAC(model, theta, loss, X, y, kfac_approx="expand", bias="joint")
+    starts = [f.start for f in K.factors()]
+    assert starts == [0, D * E + E, D * E + E + 3 * E * (E + 1)]  # first Linear, in_proj, out_proj
+    Kd = K.dense()
+    out = slice(starts[2], model.num_params)
+    assert rel_err(Kd[out, out], F[out, out]) < 1e-10
+    inp = slice(starts[1], starts[2])
+    assert rel_err(Kd[inp, inp], F[inp, inp]) > 1e-3
+    lin = model.linearize(theta, X)
+    rows = lin.backprop(loss.hessian_factor(lin.outputs).transpose(0, 2, 1))
+    e_in = rows.layers[1]
+    B = e_in.B.reshape(-1, 3 * E)  # rows at the packed q|k|v, all tokens
+    f_in = K.factors()[1]
+    assert rel_err(f_in.G, loss.scale(lin.outputs) * B.T @ B) < 1e-12
+    a = np.concatenate([e_in.cache.reshape(-1, E), np.ones((N * T, 1))], axis=1)
+    assert rel_err(f_in.A, a.T @ a / (N * T)) < 1e-12

@@ -36,7 +36,7 @@ KFAC_APPROX = ("expand", "reduce")
 BIAS_MODES = ("separate", "joint")
 DAMPING_MODES = ("tikhonov", "factored")
 
-#: input factors per forward pass: {linearization: {(layer index, approx, bias): KronFactor}}
+#: input factors per forward pass: {linearization: {(layer's θ start, approx, bias): KronFactor}}
 _INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -119,20 +119,20 @@ def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
 
 
 def parametric_rows(model, rows):
-    """(index in model.layers, LayerRows) of every parametric layer; refuses other models."""
+    """(index in model.layers, LayerRows) of every parametric layer; refuses other models.
+
+    A Linear inside a composite layer (an attention's in- and out-projection) gets the
+    index of the composite that holds it; its factors are its own.
+    """
     if not getattr(rows, "layers", None):
         raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
                         f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
     out = []
     for e in rows.layers:
         if not isinstance(e.layer, (Linear, Conv2d)):
-            raise TypeError(f"K-FAC supports Linear and Conv2d layers, not {e.layer!r}.")
-        idx = next((i for i, (l, s) in enumerate(zip(model.layers, model.slices))
-                    if l is e.layer and s[0] == e.start), None)
-        if idx is None:
-            raise TypeError(f"K-FAC supports Linear and Conv2d layers of the Sequential itself; "
-                            f"{e.layer!r} sits inside a composite layer (attention, Transformer "
-                            "block), for which refngd has no K-FAC.  Use the exact curvatures.")
+            raise TypeError(f"K-FAC supports Linear and Conv2d layers (also the projections "
+                            f"inside MultiheadAttention), not {e.layer!r}.")
+        idx = next(i for i, (start, stop) in enumerate(model.slices) if start <= e.start < stop)
         out.append((idx, e))
     return out
 
@@ -150,7 +150,8 @@ class LayerFactors:
 
     Attributes
     ----------
-    index : the layer's position in ``model.layers``;  layer : the layer itself
+    index : the layer's position in ``model.layers`` (for a projection inside attention, the
+        attention's);  layer : the layer itself
     start, stop : its slice of θ
     A : input factor (d_A, d_A), no c.  Linear: (1/N) Σ ā ā ᵀ; Conv2d: see ``approx``.
         d_A = D (in_features, or C_in·kh·kw) — or D + 1 with ``bias="joint"`` (ā = [a; 1]).
@@ -232,7 +233,7 @@ class KFAC(KroneckerOperator):
         for idx, e in parametric_rows(model, self.rows):
             joint = bias == "joint" and e.layer.bias
             approx = kfac_approx if shares_weights(e.layer, e.cache) else None
-            key = (idx, approx, joint)
+            key = (e.start, approx, joint)  # e.start: unique also inside composite layers
             if key not in cache:
                 cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))
             A = cache[key]
