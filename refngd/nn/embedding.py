@@ -31,6 +31,9 @@ class Embedding(ParametricLayer):
     PyTorch, so it contributes nothing to any curvature.  ``max_norm`` (renormalises W in
     the forward pass) and ``scale_grad_by_freq`` (a batch-dependent gradient rescaling)
     are refused; ``sparse`` only changes PyTorch's gradient storage and is ignored.
+
+    The row primitives form the one-hot tokens E (N, T, V): memory N·T·V, meant for the
+    small vocabularies of a reference computation.
     """
 
     integer_input = True

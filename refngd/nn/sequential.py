@@ -16,7 +16,9 @@ class Sequential:
     (PyTorch's shape, row-major) then bias.  The output must be (N, C): end a CNN with
     ``Flatten()`` and a ``Linear``.
 
-    Computation runs in θ's dtype (float64 by default, float32 allowed); X is cast to it.
+    Computation runs in θ's dtype (float64 by default, float32 allowed); X is cast to it —
+    except for a model that starts with an :class:`~refngd.nn.Embedding`, whose X holds
+    integer token indices (N, *S) and is passed on as it is.
     """
 
     def __init__(self, *layers: Layer):
