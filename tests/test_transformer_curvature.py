@@ -174,3 +174,13 @@ def test_per_token_mse_scale_and_bad_input():
         PerToken(CrossEntropy, T)
     with pytest.raises(ValueError, match="num_tokens"):
         PerToken(CrossEntropy(), 0)
+
+
+def test_float32_transformer_runs_with_float64_gram():
+    model, f, theta, X, y = transformer(norm_first=True)
+    F64 = Fisher(model, theta, CrossEntropy(), X, y)
+    F32 = Fisher(model, theta.astype(np.float32), CrossEntropy(), X.astype(np.float32), y)
+    G32 = F32.gram()
+    assert G32.dtype == np.float64  # Gram matrices are formed in float64 (docs/conventions.md)
+    assert_close(G32, F64.gram(), 1e-4)  # float32 inputs: ~1e-7 per operation
+    assert F32.natural_gradient(1e-2).dtype == np.float32
