@@ -78,8 +78,9 @@ class Layer(ABC):
         ``views`` are the row views of the selected tensors (``active``, one bool per
         tensor; see :meth:`ParametricLayer.row_views`) — none for a layer without
         parameters — and ``B_in`` the rows pulled back to the input (None when
-        ``need_input`` is False).  :class:`refngd.nn.Composite` overrides it to get both
-        from one pass through its sub-layers.
+        ``need_input`` is False and the input rows cost extra work).
+        :class:`refngd.nn.Composite` overrides it to get both from one pass through its
+        sub-layers, which forms the input rows anyway.
         """
         return [], (self.backward(params, cache, B) if need_input else None)
 
@@ -159,7 +160,6 @@ class ParametricLayer(Layer):
     @abstractmethod
     def row_sq_sum(self, cache: Any, B: Array) -> Array:
         """(P_layer,) diagonal of UᵀU, i.e. Σ_r u_r ⊙ u_r."""
-
 
 
 class BiasRows(ParametricLayer):
