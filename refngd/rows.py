@@ -26,13 +26,15 @@ from .backend import Array, namespace
 
 @dataclass
 class LayerRows:
-    """One parametric layer's share of a backward pass.
+    """One row view's share of a backward pass: a parametric layer, a restriction of it to
+    its selected tensors, or a sub-layer of a :class:`refngd.nn.Composite`.
 
-    ``B`` (N, K, *out_shape) are the rows arriving at the layer's output, ``cache`` its
-    forward cache (its inputs), ``params`` its parameter blocks and ``start:stop`` its
-    slice of the parameter vector (of θ, or of θ[S] for a parameter subset S).
-    ``index`` is the layer's position in ``model.layers``; ``part`` tells the views of one
-    layer apart (:meth:`refngd.nn.ParametricLayer.row_views`): the position, among the
+    ``layer`` holds the row primitives, ``B`` (N, K, *out_shape) are the rows arriving at
+    its output, ``cache`` its forward cache (its inputs), ``params`` the parameter blocks
+    of ``model.layers[index]`` and ``start:stop`` the view's slice of the parameter vector
+    (of θ, or of θ[S] for a parameter subset S).  ``index`` is the position in
+    ``model.layers`` of the layer the view belongs to; ``part`` tells the views of one
+    layer apart (:meth:`refngd.nn.Layer.backward_views`): the position, among that
     layer's tensors, of the view's first tensor (0 for a plain layer).
     """
 

@@ -41,8 +41,8 @@ def cnn():
 
 # ---------------------------------------------------------------- input shapes
 @pytest.mark.parametrize("shape,match", [
-    ((5, 4), r"layer 0: Linear\(3, 4, bias=True\) expects per-sample input shape \(3,\), got \(4,\)"),
-    ((5, 3, 1), r"expects per-sample input shape \(3,\), got \(3, 1\); add a Flatten\(\)"),
+    ((5, 4), r"layer 0: Linear\(3, 4, bias=True\) expects per-sample input shape \(3,\) \(or \(T, 3\) for sequences\), got \(4,\)"),
+    ((5, 3, 1), r"expects per-sample input shape \(3,\).*, got \(3, 1\); add a Flatten\(\)"),
     ((3,), r"X must be a batch of shape \(N, \.\.\.\)"),
     ((0, 3), r"N >= 1"),
 ])

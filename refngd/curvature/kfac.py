@@ -10,7 +10,8 @@ with inputs ā_n (N × d_A) and R = N·K rows b_nk (the Fisher type's rows, docs
     F_W ≈ G ⊗ A   in row-major vec(W)        (vec(b āᵀ) = b ⊗ ā).
 
 Conv2d (Grosse & Martens 2016; Eschenhagen et al. 2023, "Kronecker-factored approximate
-curvature for modern neural network architectures", §3) on im2col patches ā_nt:
+curvature for modern neural network architectures", §3) on im2col patches ā_nt — and a
+Linear layer on sequences on its tokens ā_nt (t = 1..T), Eschenhagen et al.'s main case:
 
     expand: A = 1/(N·T) Σ_{n,t} ā_nt ā_ntᵀ,       G = c Σ_{n,k,t} b_nkt b_nktᵀ
     reduce: A = (1/N) Σ_n ā_n ā_nᵀ, ā_n = (1/T) Σ_t ā_nt,   G = c Σ_{n,k} b_nk b_nkᵀ, b_nk = Σ_t b_nkt
@@ -37,22 +38,43 @@ KFAC_APPROX = ("expand", "reduce")
 BIAS_MODES = ("separate", "joint")
 DAMPING_MODES = ("tikhonov", "factored")
 
-#: input factors per forward pass: {linearization: {(layer index, approx, bias): KronFactor}}
+#: input factors per forward pass: {linearization: {(layer index, part, approx, joint): KronFactor}}
+#: (``part``: LayerRows.part, the (sub-)layer within model.layers[index] whose input forms A)
 _INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------- factor rows
+def shares_weights(layer, cache) -> bool:
+    """True for layers whose weight is shared over T positions: Conv2d, and Linear applied
+    to sequences (N, *S, d), T = ∏S.  These get ``kfac_approx`` expand / reduce."""
+    return isinstance(layer, Conv2d) or (isinstance(layer, Linear) and cache.ndim > 2)
+
+
+def _tokens(layer, cache):
+    """Inputs of a weight-sharing layer as (N, T, D): im2col patches or sequence tokens."""
+    if isinstance(layer, Conv2d):
+        return cache[0].transpose(0, 2, 1)  # (N, D, T) im2col columns
+    return cache.reshape(cache.shape[0], -1, layer.in_features)
+
+
+def _refuse_unshared(layer, approx):
+    if approx is None:
+        raise TypeError(f"{layer!r} is applied to sequences (weight sharing): its K-FAC needs "
+                        "kfac_approx='expand' or 'reduce' (EKFAC does not support it yet).")
+
+
 def input_rows(layer, cache, approx: str, joint: bool):
     """Rows M and scale of the input factor A = scale · MᵀM, in float64."""
-    if isinstance(layer, Linear):
+    if not shares_weights(layer, cache):
         a, scale = cache, 1.0 / cache.shape[0]
     else:
-        cols = cache[0]  # (N, D, T) im2col columns
-        N, D, T = cols.shape
+        _refuse_unshared(layer, approx)
+        A3 = _tokens(layer, cache)
+        N, T, D = A3.shape
         if approx == "expand":
-            a, scale = cols.transpose(0, 2, 1).reshape(N * T, D), 1.0 / (N * T)
+            a, scale = A3.reshape(N * T, D), 1.0 / (N * T)
         else:
-            a, scale = cols.mean(axis=2), 1.0 / N
+            a, scale = A3.mean(axis=1), 1.0 / N
     xp = namespace(a)
     a = a.astype(xp.float64, copy=False)
     if joint:
@@ -64,8 +86,12 @@ def output_rows(layer, B: Array, approx: str) -> Array:
     """Rows of the output factor G = c · MᵀM: b_nk (Linear), b_nkt (expand), Σ_t b_nkt (reduce)."""
     xp = namespace(B)
     N, K = B.shape[:2]
-    if isinstance(layer, Linear):
+    if isinstance(layer, Linear) and B.ndim == 3:
         M = B.reshape(N * K, -1)
+    elif isinstance(layer, Linear):  # sequences: rows (N, K, *S, d_out)
+        _refuse_unshared(layer, approx)
+        Bm = B.reshape(N * K, -1, layer.out_features)
+        M = Bm.reshape(-1, layer.out_features) if approx == "expand" else Bm.sum(axis=1)
     else:
         Bm = B.reshape(N * K, layer.out_channels, -1)
         M = Bm.transpose(0, 2, 1).reshape(-1, layer.out_channels) if approx == "expand" else Bm.sum(axis=2)
@@ -96,7 +122,11 @@ def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
 
 
 def parametric_rows(model, rows):
-    """(index in model.layers, LayerRows) of every parametric layer; refuses other models."""
+    """(index in model.layers, LayerRows) of every parametric layer; refuses other models.
+
+    A Linear inside a composite layer (an attention's in- and out-projection) gets the
+    index of the composite that holds it; its factors are its own.
+    """
     if not getattr(rows, "layers", None):
         raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
                         f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
@@ -108,7 +138,8 @@ def parametric_rows(model, rows):
                 f"{e.layer.parent!r} without its weight (layer {e.index}); select the whole "
                 "layer, or use the exact curvatures, which support bias-only subsets.")
         if not isinstance(e.layer, (Linear, Conv2d)):
-            raise TypeError(f"K-FAC supports Linear and Conv2d layers, not {e.layer!r}.")
+            raise TypeError(f"K-FAC supports Linear and Conv2d layers (also the projections "
+                            f"inside MultiheadAttention), not {e.layer!r}.")
         out.append((e.index, e))
     return out
 
@@ -126,14 +157,16 @@ class LayerFactors:
 
     Attributes
     ----------
-    index : the layer's position in ``model.layers``;  layer : the layer itself
+    index : the layer's position in ``model.layers`` (for a projection inside attention, the
+        attention's);  layer : the layer itself
     start, stop : its slice of θ
     A : input factor (d_A, d_A), no c.  Linear: (1/N) Σ ā ā ᵀ; Conv2d: see ``approx``.
         d_A = D (in_features, or C_in·kh·kw) — or D + 1 with ``bias="joint"`` (ā = [a; 1]).
     G : output-gradient factor (d_out, d_out), c Σ b bᵀ over the Fisher type's rows.
     bias : ``"separate"`` (weight block G ⊗ A, bias block G, cross terms dropped),
            ``"joint"`` (one block G ⊗ A over [W | b]), or ``None`` (no bias).
-    approx : ``"expand"`` / ``"reduce"`` for Conv2d, ``None`` for Linear.
+    approx : ``"expand"`` / ``"reduce"`` for Conv2d and Linear on sequences, ``None`` for
+        Linear on (N, d).
     """
 
     index: int
@@ -179,7 +212,8 @@ class KFAC(KroneckerOperator):
     fisher_type : ``"type-2"`` (the columns of a factor of H_n: exact GGN/Fisher), ``"mc"`` (K sampled
         output gradients / √K, needs ``rng``), ``"empirical"`` (rows e_n).
     mc_samples, rng : K and the NumPy Generator (or int seed) for ``"mc"``.
-    kfac_approx : ``"expand"`` or ``"reduce"`` (Conv2d only; Linear layers share no weights).
+    kfac_approx : ``"expand"`` or ``"reduce"`` for layers that share weights (Conv2d, Linear on
+        sequences; Eschenhagen et al. 2023, §3); ignored for Linear layers on (N, d).
     bias : ``"separate"`` or ``"joint"`` (see :class:`LayerFactors`).
     linearization : a ``model.linearize(theta, X)`` to reuse (and share A between objects).
     params : the parameter subset S (docs/subsets.md; ``None``: the model's trainable
@@ -214,7 +248,9 @@ class KFAC(KroneckerOperator):
         self.blocks, self._factors = [], []
         for idx, e in parametric_rows(model, self.rows):
             joint = bias == "joint" and e.layer.bias
-            approx = kfac_approx if isinstance(e.layer, Conv2d) else None
+            approx = kfac_approx if shares_weights(e.layer, e.cache) else None
+            # (layer index, part): the (sub-)layer whose input forms A, stable whatever
+            # else the subset selects — a LoRA adapter, an attention projection alike
             key = (idx, e.part, approx, joint)
             if key not in cache:
                 cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))

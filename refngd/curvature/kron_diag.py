@@ -14,8 +14,7 @@ from __future__ import annotations
 from ..backend import Array, SingularSystemError, check_damping, namespace
 from .base import CurvatureOperator
 from .kfac import (LayerFactors, check_options, fisher_cotangents, input_rows, output_rows,
-                   parametric_rows)
-from ..nn.conv import Conv2d
+                   parametric_rows, shares_weights)
 from ..subsets import resolve_params
 
 
@@ -57,7 +56,7 @@ class KroneckerDiagonal(CurvatureOperator):
         d = xp.zeros(self.num_params, dtype=xp.float64)
         self._factors = []
         for idx, e in parametric_rows(model, rows):
-            approx = kfac_approx if isinstance(e.layer, Conv2d) else None
+            approx = kfac_approx if shares_weights(e.layer, e.cache) else None
             M, scale = input_rows(e.layer, e.cache, approx, bool(e.layer.bias))
             dA = scale * (M * M).sum(axis=0)
             Mg = output_rows(e.layer, e.B, approx)

@@ -1,11 +1,19 @@
 """Layers with explicit forward passes and row back-propagation (PyTorch-compatible)."""
 from .activations import GELU, Flatten, ReLU, Sigmoid, Tanh
-from .base import BiasRows, CompositeLayer, Layer, ParametricLayer
+from .attention import MultiheadAttention, ScaledDotProductAttention
+from .base import BiasRows, Layer, ParametricLayer, SmallParametricLayer
+from .composite import Composite
 from .conv import Conv2d
+from .embedding import Embedding
 from .linear import Linear
+from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .peft import LoRALinear, PromptPrefix
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .sequential import Linearization, Sequential
+from .transformer import TransformerEncoderLayer
 
-__all__ = ["Layer", "ParametricLayer", "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "GELU",
-           "Flatten", "Sequential", "Linearization", "LoRALinear", "PromptPrefix", "CompositeLayer",
-           "BiasRows"]
+__all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "BiasRows", "Linear",
+           "Conv2d", "ReLU", "Tanh", "Sigmoid", "GELU", "Flatten", "Sequential", "Linearization",
+           "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Embedding", "AvgPool2d", "MaxPool2d",
+           "AdaptiveAvgPool2d", "MultiheadAttention", "ScaledDotProductAttention",
+           "TransformerEncoderLayer", "LoRALinear", "PromptPrefix"]

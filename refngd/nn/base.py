@@ -25,20 +25,32 @@ Like HIPS autograd's primitives, each layer's derivatives sit right beside its f
 Parameter subsets (docs/subsets.md) enter through :meth:`ParametricLayer.row_views`: it
 returns the row-primitive objects of the layer's *selected* tensors only — the layer
 itself when all are selected, a restriction of it (say its weight without its bias) when
-some are, or several simpler layers when the layer is a sum of them (a LoRA layer is a
-frozen Linear plus two trainable ones).  Frozen tensors thus never enter a row primitive.
+some are, or the views of its sub-layers when it is built from simpler layers
+(:class:`refngd.nn.Composite`: a LoRA layer is a frozen Linear plus two trainable ones, an
+attention layer two Linear projections around a parameter-free attention).  Frozen tensors
+thus never enter a row primitive.  :meth:`Layer.backward_views` is the one backward step
+of :meth:`refngd.nn.Linearization.backprop`: the selected tensors' views and the rows at
+the layer's input.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
-from ..backend import Array, namespace
+from ..backend import Array, namespace, to_numpy
+
+
+def host_full(shape: tuple[int, ...], value: float):
+    """A host float64 array of ``shape`` filled with ``value`` (for ``init_params``)."""
+    return to_numpy([float(value)] * math.prod(shape)).reshape(shape)
 
 
 class Layer(ABC):
     """A layer without parameters (activations, reshapes)."""
+
+    #: True for layers that read integer indices (Embedding): only first in a Sequential
+    integer_input: bool = False
 
     #: shapes of the parameter arrays, in PyTorch's ``parameters()`` order
     param_shapes: tuple[tuple[int, ...], ...] = ()
@@ -58,6 +70,19 @@ class Layer(ABC):
     def init_params(self, rng) -> list:
         """Host (NumPy) initial parameters drawn with ``rng``; empty for this layer."""
         return []
+
+    def backward_views(self, params: list[Array], cache: Any, B: Array, active: tuple[bool, ...],
+                       need_input: bool = True) -> tuple[list, Array | None]:
+        """One backward step of :meth:`refngd.nn.Linearization.backprop`: ``(views, B_in)``.
+
+        ``views`` are the row views of the selected tensors (``active``, one bool per
+        tensor; see :meth:`ParametricLayer.row_views`) — none for a layer without
+        parameters — and ``B_in`` the rows pulled back to the input (None when
+        ``need_input`` is False and the input rows cost extra work).
+        :class:`refngd.nn.Composite` overrides it to get both from one pass through its
+        sub-layers, which forms the input rows anyway.
+        """
+        return [], (self.backward(params, cache, B) if need_input else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -112,6 +137,10 @@ class ParametricLayer(Layer):
             return []
         return [(self.restrict(active), cache, B)]
 
+    def backward_views(self, params, cache, B, active, need_input=True):
+        views = self.row_views(cache, B, active) if any(active) else []
+        return views, (self.backward(params, cache, B) if need_input else None)
+
     @abstractmethod
     def row_gram(self, cache: Any, B: Array) -> Array:
         """(R, R) float64 Gram matrix U Uᵀ of this layer's rows."""
@@ -136,14 +165,16 @@ class ParametricLayer(Layer):
 class BiasRows(ParametricLayer):
     """Row primitives of a bias alone, for a layer whose weight is frozen.
 
-    A bias b (d_out,) added at every position of the output (one position for Linear,
-    the T image locations for Conv2d) has per-row gradient β_r = Σ_t b_rt, the row summed
-    over positions; the rows must have the channel axis right after (N, K):
-    (N, K, d_out, *positions).  Gram β_r·β_r', U v = β_r·v, Uᵀ w = Σ_r w_r β_r.
+    A bias b (d_out,) added at every position of the output (one position for Linear on
+    (N, d), the T tokens of Linear on sequences, the T image locations of Conv2d) has the
+    per-row gradient β_r = Σ_t b_rt, the row summed over positions.  The rows' channel axis
+    is right after (N, K) — (N, K, d_out, *positions), Conv2d — or, with
+    ``channels_last``, last — (N, K, *positions, d_out), Linear.
+    Gram β_r·β_r', U v = β_r·v, Uᵀ w = Σ_r w_r β_r.
     """
 
-    def __init__(self, parent: ParametricLayer, d_out: int):
-        self.parent, self.d_out = parent, int(d_out)
+    def __init__(self, parent: ParametricLayer, d_out: int, channels_last: bool = False):
+        self.parent, self.d_out, self.channels_last = parent, int(d_out), bool(channels_last)
         self.param_shapes = ((self.d_out,),)
 
     def __repr__(self) -> str:
@@ -157,6 +188,9 @@ class BiasRows(ParametricLayer):
 
     def _beta(self, B):
         N, K = B.shape[:2]
+        if self.channels_last:
+            Bm = B.reshape(N, K, -1, self.d_out)
+            return Bm[:, :, 0] if Bm.shape[2] == 1 else Bm.sum(axis=2)
         Bm = B.reshape(N, K, self.d_out, -1)
         return Bm[..., 0] if Bm.shape[3] == 1 else Bm.sum(axis=3)
 
@@ -181,39 +215,74 @@ class BiasRows(ParametricLayer):
         return (beta * beta).sum(axis=(0, 1))
 
 
-class CompositeLayer(ParametricLayer):
-    """A layer whose parameter gradients are those of several simpler layers together.
+class SmallParametricLayer(ParametricLayer):
+    """A layer with few parameters per output (normalisation layers' scale and shift).
 
-    Subclasses implement :meth:`row_views` (for any selection ``active``); the row
-    primitives of the whole layer are the views' primitives, summed (Gram, U v) or
-    concatenated in θ order (Uᵀ w, per-row gradients, diagonal).
+    Its per-row gradients U_l (R × P_l) cost no more than its backward pass, so every row
+    primitive is read off the materialised U_l: the Gram U_l U_lᵀ (R²·P_l), U_l v, U_lᵀ w
+    and Σ_r u_r ⊙ u_r.  Subclasses implement :meth:`row_grads` only.  Any selection of
+    its tensors is supported (:meth:`restrict`: the selected columns of U_l).
     """
 
-    def _all(self, cache, B):
-        return self.row_views(cache, B, (True,) * len(self.param_shapes))
+    def _U(self, cache, B):
+        N, K = B.shape[:2]
+        return self.row_grads(cache, B).reshape(N * K, -1)
 
-    def check_subset(self, active):
-        pass  # row_views handles every selection; subclasses refuse what they cannot do
+    def restrict(self, active):
+        """The selected tensors' columns of U_l (a :class:`SmallParametricLayer` view)."""
+        if len(active) != len(self.param_shapes):
+            raise ValueError(f"{self!r} has {len(self.param_shapes)} tensors, got a selection "
+                             f"of {len(active)}.")
+        return _Columns(self, active)
 
     def row_gram(self, cache, B):
-        return sum(p.row_gram(c, b) for p, c, b in self._all(cache, B))
+        xp = namespace(B)
+        U = self._U(cache, B).astype(xp.float64, copy=False)
+        return U @ U.T
 
     def row_dot(self, cache, B, V):
-        out, i = None, 0
-        for p, c, b in self._all(cache, B):
-            n = len(p.param_shapes)
-            o = p.row_dot(c, b, V[i:i + n])
-            out, i = (o if out is None else out + o), i + n
-        return out
+        xp = namespace(B)
+        v = xp.concatenate([b.reshape(-1) for b in V])
+        return (self._U(cache, B) @ v).reshape(B.shape[:2])
 
     def row_sum(self, cache, B, w):
-        return [blk for p, c, b in self._all(cache, B) for blk in p.row_sum(c, b, w)]
-
-    def row_grads(self, cache, B):
-        return namespace(B).concatenate([p.row_grads(c, b) for p, c, b in self._all(cache, B)], axis=2)
+        flat = w.reshape(-1) @ self._U(cache, B)
+        out, i = [], 0
+        for shape in self.param_shapes:
+            size = math.prod(shape)
+            out.append(flat[i:i + size].reshape(shape))
+            i += size
+        return out
 
     def row_sq_sum(self, cache, B):
-        return namespace(B).concatenate([p.row_sq_sum(c, b) for p, c, b in self._all(cache, B)])
+        U = self._U(cache, B)
+        return (U * U).sum(axis=0)
+
+
+class _Columns(SmallParametricLayer):
+    """Some tensors of a :class:`SmallParametricLayer`: its per-row gradients' columns."""
+
+    def __init__(self, parent: SmallParametricLayer, active: tuple[bool, ...]):
+        self.parent, self._cols, i = parent, [], 0
+        for shape, on in zip(parent.param_shapes, active):
+            size = math.prod(shape)
+            if on:
+                self._cols.append((i, i + size))
+            i += size
+        self.param_shapes = tuple(s for s, on in zip(parent.param_shapes, active) if on)
+
+    def __repr__(self) -> str:
+        return f"{self.parent!r} (restricted)"
+
+    def forward(self, params, x):  # pragma: no cover - a view, never in a model
+        raise TypeError("a restricted layer is a view of a layer's rows, not a layer of a model.")
+
+    def backward(self, params, cache, B):  # pragma: no cover
+        raise TypeError("a restricted layer is a view of a layer's rows, not a layer of a model.")
+
+    def row_grads(self, cache, B):
+        G = self.parent.row_grads(cache, B)
+        return namespace(B).concatenate([G[:, :, a:b] for a, b in self._cols], axis=2)
 
 
 def num_elements(shapes) -> int:

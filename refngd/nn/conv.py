@@ -21,6 +21,8 @@ import operator
 
 from ..backend import namespace
 from .base import BiasRows, ParametricLayer
+from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
+                     shared_row_sq_sum)
 
 #: rough bound (in array elements) on the temporaries of the chunked primitives
 _CHUNK_ELEMS = 1 << 22
@@ -43,24 +45,14 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
 
 
 def conv_gram_flops(N: int, K: int, T: int, C_out: int, D: int, bias: bool = True):
-    """FLOP counts ``(materialise, spatial)`` of the two routes of :meth:`Conv2d.row_gram`.
-
-    With R = N·K rows and P_l = C_out·(D + bias) parameters, counting a multiply-add as
-    2 FLOPs and only one triangle of every symmetric product (as both routes compute):
-
-    * materialise: form U_l (R × P_l), then U_l U_lᵀ:    2·R·T·C_out·D + R²·P_l
-    * spatial:     input Grams Ā_n Ā_mᵀ (m ≥ n), each contracted first with sample m's rows,
-      then with sample n's:                           N²·T²·D + N·R·T²·C_out + R²·T·C_out
-    """
-    R, P = N * K, C_out * (D + int(bool(bias)))
-    return (2 * R * T * C_out * D + R * R * P,
-            N * N * T * T * D + N * R * T * T * C_out + R * R * T * C_out)
+    """FLOP counts ``(materialise, spatial)`` of the two Gram routes: see
+    :func:`refngd.nn.shared.gram_flops` (T output locations, D = C_in·kh·kw)."""
+    return gram_flops(N, K, T, C_out, D, bias)
 
 
 def conv_gram_route(N: int, K: int, T: int, C_out: int, D: int, bias: bool = True) -> str:
     """The cheaper Gram route by :func:`conv_gram_flops`: ``"materialise"`` or ``"spatial"``."""
-    mat, spa = conv_gram_flops(N, K, T, C_out, D, bias)
-    return "spatial" if spa < mat else "materialise"
+    return gram_route(N, K, T, C_out, D, bias)
 
 
 class Conv2d(ParametricLayer):
@@ -222,23 +214,8 @@ class Conv2d(ParametricLayer):
         cols = cache[0]
         return cols.transpose(0, 2, 1), B.reshape(B.shape[0], B.shape[1], self.out_channels, -1)
 
-    def _channel_blocks(self, A, Bm):
-        """Per-row weight gradients a block of output channels at a time.
-
-        Yields G[n, k, o, :] = Σ_t b_nk,o,t ā_ntᵀ for o in a block, shape (N, K, block, D);
-        each block has about _CHUNK_ELEMS entries.
-        """
-        N, K, Co, T = Bm.shape
-        step = max(1, _CHUNK_ELEMS // max(1, N * K * self.D))
-        for o0 in range(0, Co, step):
-            yield Bm[:, :, o0:o0 + step] @ A[:, None]
-
     def row_grads(self, cache, B):
-        xp = namespace(B)
-        A, Bm = self._rows(cache, B)
-        N, K = Bm.shape[:2]
-        gW = (Bm @ A[:, None]).reshape(N, K, -1)  # (N, K, C_out·D)
-        return xp.concatenate([gW, Bm.sum(axis=3)], axis=2) if self.bias else gW
+        return shared_row_grads(*self._rows(cache, B), self.bias)
 
     def row_dot(self, cache, B, V):
         cols, (N, K) = cache[0], B.shape[:2]
@@ -258,66 +235,8 @@ class Conv2d(ParametricLayer):
 
     def row_sq_sum(self, cache, B):
         """Σ_r G_r ⊙ G_r from per-row gradients materialised a block of channels at a time."""
-        xp = namespace(B)
-        A, Bm = self._rows(cache, B)
-        parts = [(G * G).sum(axis=(0, 1)).reshape(-1) for G in self._channel_blocks(A, Bm)]
-        if self.bias:
-            gb = Bm.sum(axis=3)
-            parts.append((gb * gb).sum(axis=(0, 1)))
-        return xp.concatenate(parts)
+        return shared_row_sq_sum(*self._rows(cache, B), self.bias, _CHUNK_ELEMS)
 
     def row_gram(self, cache, B):
         """(R, R) float64 Gram U_l U_lᵀ by the cheaper route (or ``self.gram_route``)."""
-        xp = namespace(B)
-        A, Bm = self._rows(cache, B)
-        N, K, Co, T = Bm.shape
-        route = self.gram_route or conv_gram_route(N, K, T, Co, self.D, self.bias)
-        if route not in ("materialise", "spatial"):
-            raise ValueError(f"gram_route must be None, 'materialise' or 'spatial', got {route!r}.")
-        A = A.astype(xp.float64, copy=False)
-        Bm = Bm.astype(xp.float64, copy=False)
-        if route == "materialise":
-            return self._gram_materialise(xp, A, Bm)
-        return self._gram_spatial(xp, A, Bm)
-
-    def _gram_materialise(self, xp, A, Bm):
-        """Σ over channel blocks c of U_c U_cᵀ (each a symmetric rank-k update)."""
-        N, K, Co, _ = Bm.shape
-        R = N * K
-        G = xp.zeros((R, R), dtype=xp.float64)
-        for Gc in self._channel_blocks(A, Bm):
-            U = Gc.reshape(R, -1)  # rows (n, k), columns (o, d) of this channel block
-            G += U @ U.T
-        if self.bias:
-            U = Bm.sum(axis=3).reshape(R, Co)
-            G += U @ U.T
-        return G
-
-    def _gram_spatial(self, xp, A, Bm):
-        """K[(n,k), (m,j)] = Σ_{t,o} b_nkot Σ_u (Ā_n Ā_mᵀ + 1)_{tu} b_mjou, in sample blocks.
-
-        Contracting the input Gram with one side's rows first costs N·R·T²·C_out (one
-        triangle of block pairs) instead of the R²·T²·C_out of forming every B_r B_r'ᵀ;
-        memory per block of S × S sample pairs is S²·T·(T + K·C_out).  At least 8 blocks
-        a side, so that skipping the lower triangle of blocks saves nearly half the work.
-        """
-        N, K, Co, T = Bm.shape
-        Q = Bm.transpose(0, 3, 2, 1).reshape(N, T, Co * K)   # Q[m][u, (o, j)] = b_mjou
-        Bt = Bm.transpose(0, 1, 3, 2).reshape(N, K, T * Co)  # Bt[n][k, (t, o)] = b_nkot
-        At = A.transpose(0, 2, 1)
-        S = max(1, min(-(-N // 8), math.isqrt(_CHUNK_ELEMS // (T * (T + Co * K)))))
-        G = xp.empty((N, K, N, K), dtype=xp.float64)
-        for n0 in range(0, N, S):
-            n = slice(n0, min(N, n0 + S))
-            for m0 in range(n0, N, S):  # upper triangle of blocks; the lower one mirrors it
-                m = slice(m0, min(N, m0 + S))
-                AA = A[n, None] @ At[None, m]  # (S, S, T, T) input Grams Ā_n Ā_mᵀ
-                if self.bias:
-                    AA += 1.0
-                Y = AA @ Q[None, m]  # (S, S, T, C_out·K)
-                Y = Y.reshape(Y.shape[0], Y.shape[1], T * Co, K)
-                G[n, :, m, :] = (Bt[n, None] @ Y).transpose(0, 2, 1, 3)
-                if m0 != n0:
-                    G[m, :, n, :] = G[n, :, m, :].transpose(2, 3, 0, 1)
-        G = G.reshape(N * K, N * K)
-        return 0.5 * (G + G.T)  # diagonal blocks: the two triangles differ by round-off
+        return shared_gram(*self._rows(cache, B), self.bias, self.gram_route, _CHUNK_ELEMS)

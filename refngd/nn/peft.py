@@ -15,7 +15,8 @@ import math
 import operator
 
 from ..backend import namespace
-from .base import CompositeLayer, ParametricLayer
+from .base import ParametricLayer
+from .composite import Composite
 from .linear import Linear
 
 
@@ -25,13 +26,14 @@ def _positive_int(value, name: str, owner: str) -> int:
     return operator.index(value)
 
 
-class LoRALinear(CompositeLayer):
+class LoRALinear(Composite):
     """``LoRALinear(in_features, out_features, rank, alpha, bias=True)``: a Linear layer with a
     frozen base and a trainable low-rank update (Hu et al. 2022, eq. 3, §4.1).
 
     z = a W₀ᵀ + b₀ + s · (a Aᵀ) Bᵀ,   s = alpha / rank,
 
-    with inputs a (N, in_features).  Parameters, in θ order — exactly
+    with inputs a (N, in_features) or sequences (N, *S, in_features) (weight sharing over
+    the positions, as :class:`Linear`).  Parameters, in θ order — exactly
     ``parameters_to_vector(peft_lora_linear.parameters())`` for PEFT's ``lora.Linear``
     (``base_layer.weight``, ``base_layer.bias``, ``lora_A.default.weight``,
     ``lora_B.default.weight``):
@@ -47,13 +49,14 @@ class LoRALinear(CompositeLayer):
 
     ``trainable`` (the default selection of ``params=None``) is the adapters A and B.
 
-    Rows: the layer is the sum of three linear maps, and so are its parameter gradients
-    (:meth:`row_views`): for an output row b_r of sample n,
+    Rows: the layer is a :class:`Composite` of three Linear sub-layers, PEFT's modules
+    ``base_layer``, ``lora_A``, ``lora_B``, wired as z = base(a) + lora_B(s·lora_A(a)), so its
+    parameter gradients are theirs (:meth:`row_views`): for an output row b_r of sample n,
 
     * W₀, b₀: the base :class:`Linear` with input a_n and row b_r;
-    * A:      a ``Linear(in, rank, bias=False)`` with input a_n and row s·Bᵀb_r
+    * A:      ``lora_A = Linear(in, rank, bias=False)`` with input a_n and row s·Bᵀb_r
       (∂⟨b, s B A a⟩/∂A = s Bᵀ b aᵀ);
-    * B:      a ``Linear(rank, out, bias=False)`` with input s·A a_n and row b_r
+    * B:      ``lora_B = Linear(rank, out, bias=False)`` with input s·A a_n and row b_r
       (∂⟨b, s B A a⟩/∂B = b (s A a)ᵀ).
 
     Every curvature — exact, K-FAC (one Kronecker block per adapter, factors of those
@@ -63,20 +66,20 @@ class LoRALinear(CompositeLayer):
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = True):
-        self.base = Linear(in_features, out_features, bias)
-        self.in_features, self.out_features = self.base.in_features, self.base.out_features
+        base = Linear(in_features, out_features, bias)
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = _positive_int(rank, "rank", "LoRALinear")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
                 or alpha <= 0:
             raise ValueError(f"LoRALinear alpha must be a positive finite number, got {alpha!r}.")
         self.alpha = float(alpha)
         self.scaling = self.alpha / self.rank
-        self.bias = self.base.bias
-        self.param_shapes = self.base.param_shapes + ((self.rank, self.in_features),
-                                                      (self.out_features, self.rank))
-        self.trainable = (False,) * len(self.base.param_shapes) + (True, True)
-        self._view_A = Linear(self.in_features, self.rank, bias=False)
-        self._view_B = Linear(self.rank, self.out_features, bias=False)
+        self.bias = base.bias
+        self._register([("base", base),
+                        ("lora_A", Linear(self.in_features, self.rank, bias=False)),
+                        ("lora_B", Linear(self.rank, self.out_features, bias=False))])
+        self.base = base
+        base.trainable = (False,) * len(base.param_shapes)  # PEFT freezes the base layer
 
     def __repr__(self) -> str:
         return (f"LoRALinear({self.in_features}, {self.out_features}, rank={self.rank}, "
@@ -86,8 +89,8 @@ class LoRALinear(CompositeLayer):
         try:
             return self.base.out_shape(in_shape)
         except ValueError:
-            raise ValueError(f"{self!r} expects per-sample input shape ({self.in_features},), got "
-                             f"{tuple(in_shape)}.") from None
+            raise ValueError(f"{self!r} expects per-sample input shape ({self.in_features},) (or "
+                             f"(T, {self.in_features}) for sequences), got {tuple(in_shape)}.") from None
 
     def init_params(self, rng):
         base = self.base.init_params(rng)
@@ -95,38 +98,16 @@ class LoRALinear(CompositeLayer):
         A = rng.uniform(-bound, bound, size=(self.rank, self.in_features))
         return base + [A, _zeros_like_host(A, (self.out_features, self.rank))]
 
-    def forward(self, params, x):
-        nb = len(self.base.param_shapes)
-        A, Bm = params[nb], params[nb + 1]
-        z, _ = self.base.forward(params[:nb], x)
-        h = x @ A.T  # (N, rank)
-        return z + self.scaling * (h @ Bm.T), (x, h, Bm)
+    def compose(self, params, x):
+        z, c_base = self._fwd("base", params, x)
+        h, c_A = self._fwd("lora_A", params, x)
+        u, c_B = self._fwd("lora_B", params, self.scaling * h)  # lora_B's input: s·A a
+        return z + u, (c_base, c_A, c_B)
 
-    def backward(self, params, cache, B):
-        nb = len(self.base.param_shapes)
-        N, K, d = B.shape
-        Bf = B.reshape(N * K, d)
-        # Bf (W₀ + s B A) without forming the (out × in) update: two thin GEMMs
-        out = Bf @ params[0] + ((self.scaling * Bf) @ params[nb + 1]) @ params[nb]
-        return out.reshape(N, K, -1)
-
-    def row_views(self, cache, B, active):
-        x, h, Bm = cache
-        nb = len(self.base.param_shapes)
-        if len(active) != nb + 2:
-            raise ValueError(f"{self!r} has {nb + 2} parameter tensors, got a selection of {len(active)}.")
-        views = self.base.row_views(x, B, tuple(active[:nb])) if any(active[:nb]) else []
-        if active[nb]:
-            N, K, d = B.shape
-            rows_A = (B.reshape(N * K, d) @ (self.scaling * Bm)).reshape(N, K, self.rank)
-            views.append((self._view_A, x, rows_A))
-        if active[nb + 1]:
-            views.append((self._view_B, self.scaling * h, B))
-        return views
-
-    def check_subset(self, active):
-        nb = len(self.base.param_shapes)
-        self.base.check_subset(tuple(active[:nb]))
+    def pull_back(self, ctx, inner, B):
+        c_base, c_A, c_B = inner
+        B_in = self._back(ctx, "base", c_base, B)
+        return B_in + self._back(ctx, "lora_A", c_A, self.scaling * self._back(ctx, "lora_B", c_B, B))
 
 
 def _zeros_like_host(a, shape):

@@ -17,7 +17,9 @@ class Sequential:
     (PyTorch's shape, row-major) then bias.  The output must be (N, C): end a CNN with
     ``Flatten()`` and a ``Linear``.
 
-    Computation runs in θ's dtype (float64 by default, float32 allowed); X is cast to it.
+    Computation runs in θ's dtype (float64 by default, float32 allowed); X is cast to it —
+    except for a model that starts with an :class:`~refngd.nn.Embedding`, whose X holds
+    integer token indices (N, *S) and is passed on as it is.
     """
 
     def __init__(self, *layers: Layer):
@@ -90,7 +92,20 @@ class Sequential:
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, theta, X):
-        check_float_array("X", X)
+        for i, layer in enumerate(self.layers[1:], 1):
+            if layer.integer_input:
+                raise ValueError(f"layer {i}: {layer!r} reads integer indices and must be the "
+                                 "first layer of the Sequential.")
+        if self.layers[0].integer_input:
+            xp = namespace(X)
+            if getattr(X, "dtype", None) is None or X.dtype.kind not in "iu":
+                raise TypeError(f"X must hold integer indices for {self.layers[0]!r}, got "
+                                f"{getattr(X, 'dtype', type(X).__name__)}; use X.astype(int).")
+            if X.size and (int(xp.min(X)) < 0 or int(xp.max(X)) >= self.layers[0].num_embeddings):
+                raise ValueError(f"indices in X must lie in [0, {self.layers[0].num_embeddings}) "
+                                 f"for {self.layers[0]!r}, got [{int(xp.min(X))}, {int(xp.max(X))}].")
+        else:
+            check_float_array("X", X)
         if X.ndim < 2 or X.shape[0] < 1:
             raise ValueError(f"X must be a batch of shape (N, ...) with N >= 1, got {tuple(X.shape)}.")
         shape = tuple(X.shape[1:])
@@ -103,7 +118,7 @@ class Sequential:
             raise ValueError(
                 f"the model output per sample has shape {shape}; refngd needs (C,): end with Flatten()."
             )
-        return X.astype(theta.dtype, copy=False)
+        return X if self.layers[0].integer_input else X.astype(theta.dtype, copy=False)
 
     def forward(self, theta: Array, X: Array) -> Array:
         """Model outputs Z = f(X; θ), shape (N, C)."""
@@ -171,20 +186,23 @@ class Linearization:
         for i in range(len(self._steps) - 1, first - 1, -1):
             layer, p, cache, start, stop = self._steps[i]
             active = selected(i)
-            if active is not None and any(active):
+            # one step: the selected tensors' row views (a Composite's from one pass through
+            # its sub-layers) and the rows at the layer's input — not needed below the first
+            # selected layer
+            views, B_in = layer.backward_views(p, cache, B, active or (), need_input=i > first)
+            if views:
                 pos = start if subset is None else subset.starts[i]
                 tensors = [t for t, on in enumerate(active) if on]  # selected tensors, θ order
-                views, j = [], 0
-                for prim, c, b in layer.row_views(cache, B, active):
+                recs, j = [], 0
+                for prim, c, b in views:  # θ order
                     size = num_elements(prim.param_shapes)
                     # ``part``: the layer's index of the view's first tensor (stable whatever
                     # else is selected, so K-FAC can key per-view input factors by it)
-                    views.append(LayerRows(prim, p, c, b, pos, pos + size, i, tensors[j]))
+                    recs.append(LayerRows(prim, p, c, b, pos, pos + size, i, tensors[j]))
                     pos += size
                     j += len(prim.param_shapes)
-                records.extend(reversed(views))
-            if i > first:  # the input of the first selected layer needs no cotangent
-                B = layer.backward(p, cache, B)
+                records.extend(reversed(recs))
+            B = B_in
         records.reverse()
         P = self.model.num_params if subset is None else subset.num_params
         return RowSet(records, N, cotangents.shape[1], P, self.theta.dtype, subset)
