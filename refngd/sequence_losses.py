@@ -40,6 +40,8 @@ class PerToken(_Loss):
     loss : CrossEntropy, MSELoss or BCEWithLogits instance (its ``reduction`` is used).
     num_tokens : T; the model output per sample has T·C entries.
 
+    Notes
+    -----
     Targets: ``(N, T)`` integer labels for ``CrossEntropy``, ``(N, T, C)`` floats for the
     other two.
     """

@@ -79,6 +79,8 @@ class AdamQLR(Optimizer):
     betas, eps : Adam's (0.9, 0.999), 10⁻⁸.   weight_decay : γ, decoupled.
     lr_scale : multiplies the chosen step (1 = the paper's method).
 
+    Notes
+    -----
     Every step costs one extra forward pass (L(θ_t) for ρ) and one Jacobian-vector
     product (the rows of the exact Fisher applied to d).
     """

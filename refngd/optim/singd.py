@@ -115,6 +115,8 @@ class INGD(Optimizer):
     fisher_type : rows of the K-FAC factors: ``"empirical"`` (default, as ``singd``),
         ``"type-2"`` or ``"mc"`` (needs ``rng``).   kfac_approx : Conv2d ``"expand"``/``"reduce"``.
 
+    Notes
+    -----
     Needs a :class:`refngd.nn.Sequential` of Linear / Conv2d layers.  The state holds per
     parametric layer ``K``, ``C``, ``m_K``, ``m_C`` (lists, in layer order).
     """

@@ -96,6 +96,8 @@ class SIRFShampoo(Optimizer):
     momentum : α₁ (0.9).   alpha2 : α₂, Riemannian momentum of the factors (0.5).
     damping : λ (10⁻³).   weight_decay : κ (0).   update_every : T (1).
 
+    Notes
+    -----
     Works for any model: every parameter array of :func:`refngd.optim.base.param_blocks`
     (a :class:`refngd.FunctionModel` is one vector, one factor) gets its own factors.
     The state holds per array the list of factors ``K`` and momenta ``m``.
