@@ -43,3 +43,23 @@ def test_torch_import_detection(text, imports):
     # a docs file that imports torch in any spelling must be skipped without torch
     # (``import numpy as np, torch`` once failed the README's test command on a fresh machine)
     assert bool(TORCH.search(text)) is imports
+
+
+def test_design_citations_point_to_existing_sections():
+    # the code and docs cite "docs/design.md §N"; each such section must exist, and no file
+    # may cite the team's notes that users never get (upper-case, outside docs/)
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^## §(\d+) ", design, re.M))
+    assert sections == {str(i) for i in range(1, 7)}
+    files = [ROOT / "README.md", ROOT / "setup.cfg"] + [
+        p for d in ("refngd", "docs", "tests", "examples", "benchmarks") for p in (ROOT / d).rglob("*")
+        if p.suffix in (".py", ".md") and p != pathlib.Path(__file__)]
+    team_notes = "DESIGN" + ".md"
+    cited = 0
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert team_notes not in text and "../shared/" not in text, path
+        for num in re.findall(r"design\.md`?\s*§(\d+)", text):
+            assert num in sections, f"{path.name} cites docs/design.md §{num}, which does not exist"
+            cited += 1
+    assert cited > 10
