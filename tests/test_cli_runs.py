@@ -198,3 +198,22 @@ def test_one_epoch_is_singular(tmp_path, capsys):
                  "--no-plots", *TINY]) == 0
     out = capsys.readouterr().out
     assert "1 epoch of batch" in out and "1 epochs" not in out
+
+
+@pytest.mark.parametrize("values", [(0.62, 0.8, 1.27), (0.05, 0.3, 4.0), (0.7, 0.8, 0.95)])
+def test_gamma_axis_is_labelled_on_both_sides_of_one(values):
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from refngd.experiments.plots import _log_ratio_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], values)
+    _log_ratio_axis(ax)
+    fig.canvas.draw()
+    labels = [float(t.get_text()) for t in ax.get_yticklabels() if t.get_text()]
+    lo, hi = ax.get_ylim()
+    assert 1.0 in labels and any(v > 1 for v in labels) and any(v < 1 for v in labels)
+    assert all(lo <= v <= hi for v in labels) and lo <= min(values) and hi >= max(values)
+    plt.close(fig)
