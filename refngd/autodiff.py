@@ -38,6 +38,8 @@ class FunctionModel:
     def __init__(self, f: Callable, theta: Array):
         if is_cupy(theta):
             raise TypeError("FunctionModel runs on NumPy only (HIPS autograd has no GPU backend).")
+        if not callable(f):
+            raise TypeError(f"f must be a function f(theta, X) -> outputs (N, C), got {type(f).__name__}.")
         check_float_array("theta", theta, ndim=1)
         self.f = f
         self.num_params = int(theta.shape[0])

@@ -135,8 +135,9 @@ def _missing_extras(config, plots: bool) -> tuple[list[str], list[str]]:
         errors.append(f"the bundled digits need scikit-learn, which is not installed: {extra} "
                       "(or pass your own data with --data PATH.npz).")
     if config.progress is not False and find_spec("tqdm") is None:
+        if config.progress or sys.stderr.isatty():  # bars were wanted (None: on a terminal)
+            notes.append(f"tqdm is not installed: no progress bars ({extra}).")
         config.progress = False
-        notes.append(f"tqdm is not installed: no progress bars ({extra}).")
     if plots and find_spec("matplotlib") is None:
         notes.append(f"matplotlib is not installed: no plots, the JSON record and table only ({extra}).")
     return errors, notes
