@@ -104,10 +104,11 @@ class RunOutput:
 
     def method_done(self, method: str, rec: dict) -> None:
         """Record one finished method and rewrite ``compare.json`` atomically."""
-        self.finished[method] = rec
-        partial = {**self._header, "complete": False, "finished_methods": list(self.finished),
-                   "methods": self.finished}
+        finished = {**self.finished, method: rec}
+        partial = {**self._header, "complete": False, "finished_methods": list(finished),
+                   "methods": finished}
         save_json(partial, self.record_path)
+        self.finished = finished  # only once it is on disk: the interrupt message must be true
 
     def interrupted_message(self) -> str:
         """The one line printed when the run is interrupted."""
