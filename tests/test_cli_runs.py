@@ -132,8 +132,11 @@ def test_sigint_keeps_the_finished_methods(tmp_path):
     pytest.importorskip("sklearn")
     out = tmp_path / "res"
     # SGD finishes in seconds; 40 epochs of exact NGD take far longer: interrupt during NGD
+    # SIG_DFL in the child: a test run started in the background of a non-interactive shell
+    # inherits an *ignored* SIGINT, and Python then never raises KeyboardInterrupt
     proc = _cli(["compare", "--methods", "sgd,ngd", "--lr", "0.1", "--epochs", "40",
-                 "--no-progress", "--no-gamma", "--no-plots", "--out", str(out)])
+                 "--no-progress", "--no-gamma", "--no-plots", "--out", str(out)],
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     record = out / "compare.json"
     try:
         deadline = time.monotonic() + 240
