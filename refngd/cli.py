@@ -177,6 +177,7 @@ def main(argv=None) -> int:
         return 130
     record["config"]["blas_threads"] = args.threads or None
     record["complete"] = True
+    record["config"]["out_folder"] = out.folder  # where it went (a fresh sibling if --out held files)
     print()
     print(format_results(record))
     paths = write_outputs(record, out.folder, plots=plots)

@@ -90,6 +90,7 @@ def test_earlier_run_is_never_overwritten_or_mixed(tmp_path, capsys):
     assert sorted(os.listdir(fresh)) == ["compare.json", "table.md"]  # no stale PNG beside it
     rec = load_json(str(fresh / "compare.json"))
     assert rec["complete"] is True and list(rec["methods"]) == ["sgd"]
+    assert rec["config"]["out_folder"] == str(fresh) and rec["config"]["out"] == str(out)
     # a third run goes to res-3
     assert RunOutput(str(out)).folder == str(tmp_path / "res-3")
 
