@@ -56,8 +56,8 @@ def ngd_flops(widths, N, C) -> float:
 def methods(model, theta, loss, X, y, lam):
     return {
         "ngd": lambda: updates.ngd(model, theta, loss, X, y, lam),
-        "ef": lambda: updates.ef(model, theta, loss, X, y, lam),
-        "ief": lambda: updates.ief(model, theta, loss, X, y, lam),
+        "ef": lambda: updates.ef(model, theta, loss, X, y, lam, form="tikhonov"),
+        "ief": lambda: updates.ief(model, theta, loss, X, y, lam, form="tikhonov"),
         "sf (K=1)": lambda: updates.sf(model, theta, loss, X, y, lam, mc_samples=1, rng=0),
     }
 

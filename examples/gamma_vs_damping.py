@@ -22,6 +22,7 @@ from refngd import losses, nn, updates
 from refngd.curvature import Fisher
 from refngd.metrics import gamma_ratio
 from refngd.experiments.data import load_digits
+from refngd.experiments.plots import STYLE  # the colours of `refngd compare`'s figures
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/gamma_vs_damping.png")
@@ -75,7 +76,8 @@ assert abs(ratios["NGD"][0] - best) < 1e-6 * best
 # --- figure -------------------------------------------------------------------------
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for name, r in ratios.items():
-    ax.plot(dampings, r, "o-", ms=3, label=name)
+    color, ls = STYLE[name.lower().replace("-", "")]
+    ax.plot(dampings, r, marker="o", ms=3, color=color, ls=ls, label=name)
 ax.axhline(best, color="k", ls="--", lw=0.8, label="undamped NGD (optimum)")
 ax.axhline(1.0, color="gray", ls=":", lw=0.8, label="SGD")
 ax.set_xscale("log")

@@ -19,6 +19,7 @@ import numpy as np
 import refngd
 from refngd import losses, nn, updates
 from refngd.metrics import relative_error
+from refngd.experiments.plots import STYLE  # the colours of `refngd compare`'s figures
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/least_squares_one_step.png")
@@ -77,8 +78,10 @@ assert sgd_curve[-1] > loss_star * (1 + 1e-3), "SGD should not have converged ye
 
 # --- figure -------------------------------------------------------------------------
 fig, ax = plt.subplots(figsize=(6, 3.8))
-ax.semilogy(np.maximum(sgd_curve - loss_star, 1e-16), "o-", ms=3, label=f"SGD, best lr = {best_lr:g}")
-ax.semilogy(np.maximum(ngd_curve - loss_star, 1e-16), "s-", ms=3, label="exact NGD, lr = 1")
+ax.semilogy(np.maximum(sgd_curve - loss_star, 1e-16), "o-", ms=3, color=STYLE["sgd"][0],
+            label=f"SGD, best lr = {best_lr:g}")
+ax.semilogy(np.maximum(ngd_curve - loss_star, 1e-16), "s-", ms=3, color=STYLE["ngd"][0],
+            label="exact NGD, lr = 1")
 ax.set_xlabel("step")
 ax.set_ylabel("loss − least-squares optimum")
 ax.set_title("Linear least squares: NGD converges in one step")

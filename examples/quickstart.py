@@ -2,11 +2,16 @@
 
     python examples/quickstart.py
 """
+import argparse
+
 import numpy as np
 
 import refngd
 from refngd import losses, metrics, nn, updates
 from refngd.curvature import Fisher
+
+# no options: an unknown one (e.g. --out) is an error, not silently ignored
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
 
 rng = np.random.default_rng(0)
 model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))

@@ -6,6 +6,7 @@ refngd run on models that the layer library does not offer (NumPy only).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import autograd
@@ -38,6 +39,8 @@ class FunctionModel:
     def __init__(self, f: Callable, theta: Array):
         if is_cupy(theta):
             raise TypeError("FunctionModel runs on NumPy only (HIPS autograd has no GPU backend).")
+        if not callable(f):
+            raise TypeError(f"f must be a function f(theta, X) -> outputs (N, C), got {type(f).__name__}.")
         check_float_array("theta", theta, ndim=1)
         self.f = f
         self.num_params = int(theta.shape[0])
@@ -84,7 +87,18 @@ class FunctionLinearization:
         """Per-sample Jacobians (N, C, P) from ``autograd.jacobian``."""
         if self._J is None:
             X = self.X
-            Jfull = autograd.jacobian(lambda t: self.model.f(t, X))(self.theta)  # (N, C, P)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                Jfull = autograd.jacobian(lambda t: self.model.f(t, X))(self.theta)  # (N, C, P)
+            if any("independent of input" in str(w.message) for w in caught):
+                # autograd only warns; its zero Jacobian would make every derivative wrong
+                raise TypeError(
+                    "the output of f does not depend on theta as autograd sees it: f must be written "
+                    "with autograd.numpy (import autograd.numpy as np), not plain numpy, whose "
+                    "functions (np.dot, np.tanh, ...) autograd cannot trace. If f really ignores "
+                    "theta, there is nothing to differentiate.")
+            for w in caught:  # pass every other warning on unchanged
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._J = anp.asarray(Jfull)
         return self._J
 

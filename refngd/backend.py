@@ -107,12 +107,21 @@ def to_float(a: Any) -> float:
 def check_float_array(name: str, a: Any, ndim: int | None = None, finite: bool = True):
     """Validate a floating-point array and return it unchanged.
 
-    Raises ``TypeError`` for a non-float dtype, ``ValueError`` for a wrong ``ndim`` or
-    for NaN/Inf entries (when ``finite``).
+    Raises ``TypeError`` for a non-array, a masked array or ``numpy.matrix`` (whose
+    operators mean something else: masks are ignored by the linear algebra, ``*`` is a
+    matrix product) and a non-float dtype; ``ValueError`` for a wrong ``ndim`` or for
+    NaN/Inf entries (when ``finite``).
     """
-    xp = namespace(a)
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; refngd would ignore the mask. Drop the masked "
+                        f"rows or fill them ({name}.filled(value)) and pass a plain array.")
+    if isinstance(a, np.matrix):
+        raise TypeError(f"{name} is a numpy.matrix, whose * and shapes differ from arrays; "
+                        f"pass numpy.asarray({name}) instead.")
     if not hasattr(a, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(a).__name__}.")
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}; "
+                        f"convert with numpy.asarray({name}, dtype=float).")
+    xp = namespace(a)
     if a.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} has dtype {a.dtype}; refngd works in float64 (default) or float32. "
@@ -219,6 +228,10 @@ class PSDFactor:
 
     def __init__(self, A: Array, shift: float = 0.0, rtol: float | None = None,
                  projected: bool = False):
+        if not np.isfinite(shift):
+            # e.g. damping 1e308 divided by a loss constant c < 1: an overflow, not a singularity
+            raise ValueError(f"the damping overflows float64 here (diagonal shift {shift}); use a "
+                             "damping of a sensible size relative to the curvature (e.g. 1e-3).")
         xp = namespace(A)
         A = xp.asarray(A, dtype=xp.float64)
         n = A.shape[0]

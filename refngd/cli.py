@@ -22,20 +22,41 @@ def _lr_override(text: str):
     return (method.strip().lower() or None), lrs
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}.") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}.")
-    return v
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum`` (a bad value exits 2 with the usage)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}.") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}.")
+        return v
+
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for options that have a real default (not None / off)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .experiments.compare import DEFAULT_METHODS, METHODS
 
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="refngd", description="refngd: exact natural-gradient methods.")
+    parser.add_argument("--version", action="version", version=f"refngd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     cmp = sub.add_parser(
@@ -44,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "AdaFisher and FAdam side by side (each at the best of five learning rates), "
                      "evaluate the approximation quality γ(d)/γ(g) of Wu et al. (2024) along the "
                      "way, print a table and write results/ (JSON record and PNG plots)."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     cmp.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                      help=f"comma-separated methods, from: {', '.join(METHODS)}")
     cmp.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="network")
@@ -56,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--lr", type=_lr_override, action="append", default=[], metavar="METHOD=LR[:LR...]",
                      help="learning rate(s) instead of a method's default grid; repeatable; a bare "
                           "LR applies to every method")
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the split, θ₀, batches and sampling")
+    cmp.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the split, θ₀, batches and sampling")
     cmp.add_argument("--seeds", type=_positive_int, default=1,
                      help="run everything for K seeds (seed, seed+1, …) and report mean ± sd")
     cmp.add_argument("--out", default="results", help="output folder")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bars")
     cmp.add_argument("--no-gamma", action="store_true", help="skip the γ-ratio evaluation")
     cmp.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    cmp.add_argument("--threads", type=int, default=1,
+    cmp.add_argument("--threads", type=_nonnegative_int, default=1,
                      help="BLAS threads during the run (0: the library's default). One is fastest "
                           "for these small matrices and immune to oversubscribed machines")
     cmp.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
@@ -93,8 +114,6 @@ def compare_config(args, parser):
 
 def _blas_threads(n: int):
     """Limit BLAS threads to ``n`` (threadpoolctl, a scikit-learn dependency) while running."""
-    if n < 0:
-        raise SystemExit("refngd compare: error: --threads must be >= 0.")
     if n == 0:
         return contextlib.nullcontext()
     try:
@@ -104,6 +123,28 @@ def _blas_threads(n: int):
     return threadpool_limits(limits=n, user_api="blas")
 
 
+def _missing_extras(config, plots: bool) -> tuple[list[str], list[str]]:
+    """What ``refngd compare`` needs from the ``cli`` extra: (fatal errors, notes).
+
+    scikit-learn is needed for the bundled digits; without tqdm the run has no progress
+    bars and without matplotlib no plots (both noted, the run goes on).
+    """
+    from importlib.util import find_spec
+
+    extra = "pip install 'refngd[cli]'"
+    errors, notes = [], []
+    if config.data is None and find_spec("sklearn") is None:
+        errors.append(f"the bundled digits need scikit-learn, which is not installed: {extra} "
+                      "(or pass your own data with --data PATH.npz).")
+    if config.progress is not False and find_spec("tqdm") is None:
+        if config.progress or sys.stderr.isatty():  # bars were wanted (None: on a terminal)
+            notes.append(f"tqdm is not installed: no progress bars ({extra}).")
+        config.progress = False
+    if plots and find_spec("matplotlib") is None:
+        notes.append(f"matplotlib is not installed: no plots, the JSON record and table only ({extra}).")
+    return errors, notes
+
+
 def main(argv=None) -> int:
     """Entry point of the ``refngd`` console script; returns the exit status."""
     parser = build_parser()
@@ -111,22 +152,37 @@ def main(argv=None) -> int:
     config = compare_config(args, parser.compare_parser)
     from .experiments.compare import format_results, run_compare, write_outputs
     from .experiments.data import DataError
+    from .experiments.run_output import OutputError, RunOutput
 
+    errors, notes = _missing_extras(config, plots=not args.no_plots)
+    if errors:
+        print(f"refngd compare: error: {errors[0]}", file=sys.stderr)
+        return 2
+    plots = not args.no_plots and not any("matplotlib" in n for n in notes)
+    try:  # before any work: a bad --out must not cost a whole run
+        out = RunOutput(config.out)
+    except OutputError as err:
+        parser.compare_parser.error(str(err))
+    for line in notes + ([out.note] if out.note else []):
+        print(f"refngd compare: {line}", file=sys.stderr)
+    out.start(config)
     t0 = time.perf_counter()
     try:
         with _blas_threads(args.threads):
-            record = run_compare(config)
+            record = run_compare(config, on_method=out.method_done)
     except (DataError, FileNotFoundError) as err:
+        out.discard_if_empty()
         print(f"refngd compare: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{out.interrupted_message()}", file=sys.stderr)
+        return 130
     record["config"]["blas_threads"] = args.threads or None
+    record["complete"] = True
+    record["config"]["out_folder"] = out.folder  # where it went (a fresh sibling if --out held files)
     print()
     print(format_results(record))
-    try:
-        paths = write_outputs(record, config.out, plots=not args.no_plots)
-    except ImportError as err:
-        print(f"refngd compare: {err} Writing the JSON record only.", file=sys.stderr)
-        paths = write_outputs(record, config.out, plots=False)
+    paths = write_outputs(record, out.folder, plots=plots)
     print()
     print(f"wrote {', '.join(paths)}")
     print(f"total {time.perf_counter() - t0:.1f} s")

@@ -7,23 +7,8 @@ All of them are one backward pass of row cotangents (docs/design.md §2) through
 from __future__ import annotations
 
 from .backend import Array, check_float_array, namespace
-
-
-def _check_model(model) -> None:
-    if not hasattr(model, "linearize"):
-        raise TypeError(
-            f"model must be a refngd.nn.Sequential or a refngd.FunctionModel, got {type(model).__name__}."
-        )
-
-
-def _check_loss(loss) -> None:
-    if isinstance(loss, type):
-        raise TypeError(f"pass a loss instance, e.g. {loss.__name__}(), not the class {loss.__name__}.")
-    if not (hasattr(loss, "output_gradient") and hasattr(loss, "scale")):
-        raise TypeError(
-            "loss must be a refngd.losses loss (CrossEntropy(), MSELoss(), BCEWithLogits()), "
-            f"got {loss!r}."
-        )
+from .validation import check_loss as _check_loss
+from .validation import check_model as _check_model
 
 
 def _identity_rows(Z: Array) -> Array:

@@ -135,9 +135,14 @@ class _Loss:
         return 1.0 / (N * C) if self._per_element_mean else 1.0 / N
 
     def per_sample(self, Z: Array, y: Any) -> Array:
-        """Per-sample losses l_n, shape (N,), never reduced."""
+        """Per-sample losses l_n, shape (N,), never reduced.
+
+        Raises ``ValueError`` when a loss is too large for the dtype (e.g. logits of
+        ±1e308, MSE residuals of 1e200): such a value cannot be represented, and an
+        ``inf`` would silently poison every sum it enters.
+        """
         y = self.check_targets(Z, y)
-        return self._per_sample(Z, y)
+        return self._finite(self._per_sample(Z, y), "per-sample losses", Z)
 
     def __call__(self, Z: Array, y: Any) -> Array:
         """Batch loss L = c Σ_n l_n as a 0-d array (equals the PyTorch loss)."""
@@ -148,7 +153,18 @@ class _Loss:
     def output_gradient(self, Z: Array, y: Any) -> Array:
         """Output gradients e_n = ∂l_n/∂z_n of the *unreduced* l_n, shape (N, C)."""
         y = self.check_targets(Z, y)
-        return self._gradient(Z, y)
+        return self._finite(self._gradient(Z, y), "output gradients", Z)
+
+    def _finite(self, values: Array, what: str, Z: Array) -> Array:
+        """``values`` unchanged, or a clear error when they overflowed (Z and y are finite)."""
+        xp = namespace(values)
+        if not bool(xp.all(xp.isfinite(values))):
+            raise ValueError(
+                f"{self!r}: the {what} are NaN or Inf: they overflow {Z.dtype} (largest |output| "
+                f"{float(xp.max(xp.abs(Z))):.3g}). The true values cannot be represented; rescale "
+                "the outputs and targets (e.g. standardise the data) or lower the learning rate."
+            )
+        return values
 
     def output_hessian(self, Z: Array) -> Array:
         """Output Hessians H_n = ∂²l_n/∂z_n², shape (N, C, C); independent of y."""

@@ -18,6 +18,26 @@ def _check_pair(names: tuple[str, str], a: Array, b: Array, ndim: int | None = 1
                          f"{tuple(a.shape)} and {tuple(b.shape)}.")
 
 
+def _max_abs(a: Array) -> float:
+    xp = namespace(a)
+    return to_float(xp.max(xp.abs(a))) if a.size else 0.0
+
+
+def _check_fisher(fisher, P: int) -> None:
+    """A curvature operator or a dense (P, P) array — anything else gets a clear error."""
+    if hasattr(fisher, "quadratic_form") or hasattr(fisher, "matvec"):
+        shape = getattr(fisher, "shape", (P, P))
+    elif hasattr(fisher, "ndim") and hasattr(fisher, "shape"):
+        check_float_array("fisher", fisher, ndim=2)
+        shape = tuple(fisher.shape)
+    else:
+        raise TypeError(f"fisher must be a refngd curvature (e.g. refngd.curvature.Fisher) or a dense "
+                        f"(P, P) array, got {type(fisher).__name__}.")
+    if tuple(shape) != (P, P):
+        raise ValueError(f"fisher has shape {tuple(shape)} but d and g have P = {P} entries; "
+                         f"pass the ({P}, {P}) Fisher of the same parameters.")
+
+
 def _quadratic_form(fisher, d: Array) -> float:
     if hasattr(fisher, "quadratic_form"):
         return fisher.quadratic_form(d)  # c‖U d‖² for the row curvatures: never negative
@@ -49,40 +69,72 @@ def gamma(d: Array, fisher, g: Array) -> float:
     Returns
     -------
     float
-        γ(d); ``inf`` when d is orthogonal to g (no first-order decrease).
+        γ(d); ``inf`` when d is orthogonal to g (no first-order decrease) or zero.
 
     Raises
     ------
     ValueError
-        For NaN/Inf, mismatched shapes, or dᵀFd < 0 beyond round-off.
+        For NaN/Inf, mismatched shapes, a zero gradient g (γ is undefined), a Fisher of
+        the wrong size, or dᵀFd < 0 beyond round-off.
+
+    Notes
+    -----
+    Computed in the scaled form γ(d) = √(d̂ᵀFd̂) / (|d̂ᵀĝ| · s_g) with d̂ = d/s_d,
+    ĝ = g/s_g and s = max|·|, so that the scale invariance holds exactly even at
+    scales like 1e±200 where dᵀFd itself would overflow or underflow.
     """
     _check_pair(("d", "g"), d, g)
-    q = _quadratic_form(fisher, d)
-    dg = abs(to_float(d @ g))
-    return math.inf if dg == 0 else math.sqrt(max(q, 0.0)) / dg
+    _check_fisher(fisher, d.shape[0])
+    s_d, s_g = _max_abs(d), _max_abs(g)
+    if s_g == 0:
+        raise ValueError("g is zero: γ(d) = √(dᵀFd)/|dᵀg| is undefined without a gradient.")
+    if s_d == 0:
+        return math.inf
+    d_hat, g_hat = d / s_d, g / s_g
+    q = _quadratic_form(fisher, d_hat)
+    dg = abs(to_float(d_hat @ g_hat))
+    return math.inf if dg == 0 else (math.sqrt(max(q, 0.0)) / dg) / s_g
 
 
 def gamma_ratio(d: Array, fisher, g: Array) -> float:
-    """γ(d) / γ(g): the indicator relative to SGD's direction; below 1 beats SGD."""
-    return gamma(d, fisher, g) / gamma(g, fisher, g)
+    """γ(d) / γ(g): the indicator relative to SGD's direction; below 1 beats SGD.
+
+    Raises ``ValueError`` when gᵀFg = 0 (γ(g) = 0): the Fisher vanishes along the
+    gradient — e.g. saturated logits where it underflows to 0 — and the ratio is undefined.
+    """
+    gg = gamma(g, fisher, g)
+    if gg == 0:
+        raise ValueError("gᵀFg = 0: the Fisher vanishes along the gradient (saturated outputs, "
+                         "where it underflows to 0?), so γ(g) = 0 and γ(d)/γ(g) is undefined.")
+    return gamma(d, fisher, g) / gg
 
 
 def cosine_similarity(a: Array, b: Array) -> float:
-    """⟨a, b⟩ / (‖a‖ ‖b‖); raises for a zero vector, NaN/Inf or mismatched shapes."""
+    """⟨a, b⟩ / (‖a‖ ‖b‖); raises for a zero vector, NaN/Inf or mismatched shapes.
+
+    Each vector is first divided by its largest |entry|, so any scale (1e−200, 1e200)
+    gives the same result.
+    """
     _check_pair(("a", "b"), a, b)
     xp = namespace(a, b)
-    na, nb = to_float(xp.linalg.norm(a)), to_float(xp.linalg.norm(b))
-    if na == 0 or nb == 0:
+    sa, sb = _max_abs(a), _max_abs(b)
+    if sa == 0 or sb == 0:
         raise ValueError("cosine similarity of a zero vector is undefined.")
-    return to_float(a @ b) / (na * nb)
+    a, b = a / sa, b / sb
+    return to_float(a @ b) / (to_float(xp.linalg.norm(a)) * to_float(xp.linalg.norm(b)))
 
 
 def relative_error(a: Array, reference: Array) -> float:
     """‖a − reference‖ / ‖reference‖ (Euclidean; Frobenius for matrices); raises for a zero
-    reference, NaN/Inf or mismatched shapes (no broadcasting of (P, 1) against (P,))."""
+    reference, NaN/Inf or mismatched shapes (no broadcasting of (P, 1) against (P,)).
+
+    Both arrays are divided by the larger of their largest |entries| first, so the
+    result is the same at any common scale (no overflow at 1e200, no underflow at 1e−200).
+    """
     _check_pair(("a", "reference"), a, reference, ndim=None)
     xp = namespace(a, reference)
-    nr = to_float(xp.linalg.norm(reference))
-    if nr == 0:
+    if _max_abs(reference) == 0:
         raise ValueError("relative error against a zero reference is undefined.")
-    return to_float(xp.linalg.norm(a - reference)) / nr
+    s = max(_max_abs(a), _max_abs(reference))
+    a, reference = a / s, reference / s
+    return to_float(xp.linalg.norm(a - reference)) / to_float(xp.linalg.norm(reference))

@@ -13,9 +13,12 @@ Two dampings for EF and iEF (``form=``)
 With G = [g_1 … g_N]ᵀ the per-sample gradients of the *unreduced* losses, F̃ = c GᵀG and
 g = c Gᵀ1:
 
-* ``"tikhonov"``: (F̃ + λI)⁻¹ g — damping added to the P × P matrix (Wu et al. 2024, eq. 4).
-* ``"gram"``: the paper's form (Wu et al. 2024, eq. 5 and 8) Gᵀ(GGᵀ + λI)⁻¹ 1 for EF,
-  Gᵀ(GGᵀ + λI)⁻¹ s with s_n = ‖e_n‖² for iEF — damping added to the N × N Gram matrix.
+* ``"gram"`` (the default): the paper's form (Wu et al. 2024, eq. 5 and 8)
+  Gᵀ(GGᵀ + λI)⁻¹ 1 for EF, Gᵀ(GGᵀ + λI)⁻¹ s with s_n = ‖e_n‖² for iEF — damping added
+  to the N × N Gram matrix.  The same default as :class:`refngd.optim.EF` / ``IEF`` and
+  ``refngd compare``.
+* ``"tikhonov"``: (F̃ + λI)⁻¹ g — damping added to the P × P matrix (Wu et al. 2024,
+  eq. 4), as for every other curvature's ``solve``.
 
 By the push-through identity (cGᵀG + λI)⁻¹ cGᵀ = Gᵀ(GGᵀ + (λ/c) I)⁻¹, so for EF the two
 forms coincide when λ_gram = λ_tikhonov / c.  For iEF the Tikhonov form equals
@@ -30,12 +33,16 @@ from .backend import Array, PSDFactor, check_damping, namespace
 from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from .derivatives import gradient_from
 from .subsets import resolve_params
+from .validation import check_loss, linearization_for
 
 _FORMS = ("tikhonov", "gram")
 
 
-def _lin(model, theta, X, linearization):
-    return linearization if linearization is not None else model.linearize(theta, X)
+def _lin(model, theta, X, linearization, loss=None):
+    """The checked linearisation of every update (:func:`refngd.validation.linearization_for`)."""
+    if loss is not None:
+        check_loss(loss)
+    return linearization_for(model, theta, X, linearization)
 
 
 def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None, params=None) -> Array:
@@ -84,15 +91,16 @@ def _sq_norms(e: Array) -> Array:
     return (e * e).sum(axis=1)
 
 
-def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
+def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
        linearization=None, params=None) -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4 and 5).
 
-    ``form="tikhonov"``: (F̃ + λI)⁻¹ g.  ``form="gram"``: Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
+    ``form="gram"`` (default, the paper's): Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
+    ``form="tikhonov"``: (F̃ + λI)⁻¹ g.
     See the module docstring for the relation between the two.
     """
     _check_form(form)
-    lin = _lin(model, theta, X, linearization)
+    lin = _lin(model, theta, X, linearization, loss)
     F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
     xp = namespace(lin.outputs)
     ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
@@ -102,16 +110,16 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     return F.natural_gradient(damping)
 
 
-def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
+def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
         linearization=None, params=None) -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; the iEF matrix is eq. 14).
 
+    ``form="gram"`` (default, the paper's): Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².
     ``form="tikhonov"``: (F̃* + λI)⁻¹ g with F̃* = c Σ g_n g_nᵀ/‖e_n‖².
-    ``form="gram"``: Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².
     See the module docstring for the relation between the two.
     """
     _check_form(form)
-    lin = _lin(model, theta, X, linearization)
+    lin = _lin(model, theta, X, linearization, loss)
     e = loss.output_gradient(lin.outputs, y)
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)

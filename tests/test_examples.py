@@ -48,3 +48,17 @@ def test_quickstart_runs(tmp_path):
     proc = _run([str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "NGD" in proc.stdout
+
+
+def test_quickstart_refuses_unknown_options(tmp_path):
+    # quickstart writes no figure: ``--out x.png`` must be an error, not silently ignored
+    proc = _run([str(ROOT / "examples" / "quickstart.py"), "--out", "x.png"], cwd=tmp_path)
+    assert proc.returncode == 2 and "unrecognized arguments: --out" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", ["gamma_vs_damping", "least_squares_one_step"])
+def test_example_figures_use_the_compare_colours(name):
+    # the same method has the same colour in every figure of the project
+    source = (ROOT / "examples" / f"{name}.py").read_text()
+    assert "from refngd.experiments.plots import STYLE" in source and "STYLE[" in source

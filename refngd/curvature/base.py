@@ -14,6 +14,7 @@ from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_
                        lstsq_ridge, namespace)
 from ..derivatives import gradient_from
 from ..subsets import resolve_params
+from ..validation import check_loss, linearization_for
 
 
 class CurvatureOperator(ABC):
@@ -39,6 +40,9 @@ class CurvatureOperator(ABC):
         """(F + damping·I)⁻¹ g."""
 
     def __matmul__(self, v: Array) -> Array:
+        if not hasattr(v, "ndim") or not hasattr(v, "dtype"):
+            raise TypeError(f"F @ v needs a NumPy or CuPy array v of shape (P,) or (P, k), got "
+                            f"{type(v).__name__}; convert with numpy.asarray(v, dtype=float).")
         if v.ndim == 2:
             xp = namespace(v)
             return xp.stack([self.matvec(v[:, j]) for j in range(v.shape[1])], axis=1)
@@ -86,8 +90,9 @@ class RowCurvature(CurvatureOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
                  params=None):
+        check_loss(loss)
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
-        self.lin = linearization if linearization is not None else model.linearize(theta, X)
+        self.lin = linearization_for(model, theta, X, linearization)
         self.outputs = self.lin.outputs
         self.c = float(loss.scale(self.outputs))
         self.subset = resolve_params(model, params)

@@ -85,6 +85,9 @@ class EKFAC(KroneckerOperator):
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
             kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params, **kw)
         else:
+            if not isinstance(kfac, KFAC):
+                raise TypeError(f"kfac must be a refngd.curvature.KFAC (whose factors EKFAC reuses), "
+                                f"got {type(kfac).__name__}; build one with KFAC(model, theta, loss, X, y).")
             # The factors come from ``kfac``: an option that contradicts them is an error,
             # not something to ignore silently.
             clash = [f"{k}={v!r} (kfac has {getattr(kfac, k)!r})" for k, v in options.items()

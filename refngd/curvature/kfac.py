@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..backend import Array, as_generator, check_damping, namespace
 from ..nn.conv import Conv2d
 from ..nn.base import BiasRows
+from ..validation import check_loss, linearization_for
 from ..nn.linear import Linear
 from ..subsets import resolve_params
 from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
@@ -236,7 +237,8 @@ class KFAC(KroneckerOperator):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
         self.mc_samples = int(mc_samples)
-        self.lin = linearization if linearization is not None else model.linearize(theta, X)
+        check_loss(loss)
+        self.lin = linearization_for(model, theta, X, linearization)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z))
         self.subset = resolve_params(model, params)

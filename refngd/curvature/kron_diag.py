@@ -16,6 +16,7 @@ from .base import CurvatureOperator
 from .kfac import (LayerFactors, check_options, fisher_cotangents, input_rows, output_rows,
                    parametric_rows, shares_weights)
 from ..subsets import resolve_params
+from ..validation import check_loss, linearization_for
 
 
 def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool) -> None:
@@ -45,7 +46,8 @@ class KroneckerDiagonal(CurvatureOperator):
                  linearization=None, params=None):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
-        lin = linearization if linearization is not None else model.linearize(theta, X)
+        check_loss(loss)
+        lin = linearization_for(model, theta, X, linearization)
         Z = lin.outputs
         xp = namespace(Z)
         self.c = float(loss.scale(Z))

@@ -156,6 +156,11 @@ class CompareConfig:
     test_fraction: float = 0.2
 
     def check(self) -> None:
+        if self.data is not None and (not isinstance(self.data, str) or not self.data.strip()):
+            raise ValueError(f"--data needs the path of an .npz file, got {self.data!r}; "
+                             "leave --data out to use the bundled digits.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}.")
@@ -178,19 +183,24 @@ class CompareConfig:
         return tuple(self.lr.get(method, METHODS[method].lr_grid))
 
 
-def run_compare(config: CompareConfig, log=print) -> dict:
+def run_compare(config: CompareConfig, log=print, on_method: Callable | None = None) -> dict:
     """Run the comparison of ``config``; returns its record (write it with :func:`write_outputs`).
 
-    ``log`` receives the progress lines (``print`` by default).  With ``config.seeds > 1``
-    the whole comparison runs once per seed and the record aggregates them
-    (:func:`aggregate_seeds`).
+    ``log`` receives the progress lines (``print`` by default); ``on_method(key, rec)`` is
+    called as each method finishes (``refngd compare`` saves it at once:
+    :class:`refngd.experiments.run_output.RunOutput`).  With ``config.seeds > 1`` the
+    whole comparison runs once per seed (``on_method`` then gets keys ``"seed S/METHOD"``)
+    and the record aggregates them (:func:`aggregate_seeds`).
     """
     config.check()
     if config.seeds > 1:
         records = []
         for k in range(config.seeds):
             log(f"— seed {config.seed + k} ({k + 1} of {config.seeds}) —")
-            records.append(run_compare(replace(config, seed=config.seed + k, seeds=1), log))
+            seed = config.seed + k
+            hook = None if on_method is None else (
+                lambda m, rec, seed=seed: on_method(f"seed {seed}/{m}", rec))
+            records.append(run_compare(replace(config, seed=seed, seeds=1), log, hook))
         return aggregate_seeds(records)
     t_start = time.perf_counter()
     data = (load_npz(config.data, config.test_fraction, config.seed) if config.data
@@ -200,7 +210,8 @@ def run_compare(config: CompareConfig, log=print) -> dict:
     theta0 = model.init(as_generator(config.seed))
     log(f"refngd compare: {data.name} ({data.X_train.shape[0]} train / {data.X_test.shape[0]} test, "
         f"{data.num_classes} classes), {config.model} with {model.num_params} parameters, "
-        f"{config.epochs} epochs of batch {config.batch_size}, seed {config.seed}")
+        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} of batch {config.batch_size}, "
+        f"seed {config.seed}")
     trajectory = "sgd" if "sgd" in config.methods else config.methods[0]
     per_epoch = math.ceil(data.X_train.shape[0] / config.batch_size)
     total = config.epochs * per_epoch if config.max_steps is None else min(config.max_steps, config.epochs * per_epoch)
@@ -240,6 +251,8 @@ def run_compare(config: CompareConfig, log=print) -> dict:
         if m == trajectory:
             checkpoints = res.checkpoints
         methods_rec[m] = rec
+        if on_method is not None:
+            on_method(m, rec)
     if outer is not None:
         outer.close()
 

@@ -76,9 +76,9 @@ def load_npz(path: str, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         raise DataError(f"data file {path!r} does not exist.")
     try:
         archive = np.load(path, allow_pickle=False)
-    except Exception as err:  # numpy raises several types for a non-npz file
-        raise DataError(f"could not read {path!r} as a NumPy .npz archive ({err}); "
-                        "save your data with numpy.savez(path, X=X, y=y).") from None
+    except Exception:  # numpy raises several types (and suggests unsafe loading) for a non-npz file
+        raise DataError(f"{path!r} is not a NumPy .npz archive (or it is corrupt); "
+                        f"save your data with {_SAVE}.") from None
     if not hasattr(archive, "files"):
         raise DataError(f"{path!r} holds a single array, not an .npz archive; "
                         "save your data with numpy.savez(path, X=X, y=y).")
@@ -90,14 +90,32 @@ def load_npz(path: str, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
                             "save your data with numpy.savez(path, X=X, y=y).")
         if ("X_test" in keys) != ("y_test" in keys):
             raise DataError(f"{path!r} must have both X_test and y_test, or neither.")
-        X, y = check_arrays(archive["X"], archive["y"], "X", "y")
+        X, y = check_arrays(_read(archive, "X", path), _read(archive, "y", path), "X", "y")
         name = os.path.basename(path)
         if "X_test" in keys:
-            Xt, yt = check_arrays(archive["X_test"], archive["y_test"], "X_test", "y_test")
+            Xt, yt = check_arrays(_read(archive, "X_test", path), _read(archive, "y_test", path),
+                                  "X_test", "y_test")
             if Xt.shape[1:] != X.shape[1:]:
                 raise DataError(f"X_test has per-sample shape {Xt.shape[1:]} but X has {X.shape[1:]}.")
             return _finish(name, X, y, Xt, yt)
     return split_and_standardize(name, X, y, test_fraction, seed)
+
+
+_SAVE = "numpy.savez(path, X=X, y=y) from plain numeric arrays"
+
+
+def _read(archive, key: str, path: str):
+    """One array of the archive; pickled (object) arrays are refused, never unpickled."""
+    try:
+        return archive[key]
+    except ValueError as err:
+        if "allow_pickle" not in str(err) and "pickle" not in str(err):
+            raise DataError(f"could not read array {key!r} of {path!r}; save your data with {_SAVE}.") from None
+        raise DataError(f"array {key!r} of {path!r} holds pickled Python objects; refngd never "
+                        "unpickles data (loading a pickle can run arbitrary code). Convert it to a "
+                        f"numeric array and save it with {_SAVE}.") from None
+    except Exception:  # a damaged member of the zip archive
+        raise DataError(f"array {key!r} of {path!r} is corrupt; save your data again with {_SAVE}.") from None
 
 
 def check_arrays(X, y, xname: str = "X", yname: str = "y"):
@@ -147,10 +165,20 @@ def _finish(name, X, y, Xt, yt) -> Dataset:
     unknown = np.setdiff1d(np.unique(yt), classes)
     if unknown.size:
         raise DataError(f"the test labels {unknown.tolist()} do not occur in the training labels.")
-    mean = X.mean(axis=0)
-    std = X.std(axis=0)
+    # Standardise in a scaled form: dividing each feature by its largest |training value|
+    # first leaves (x − mean)/std unchanged mathematically, but keeps the mean and the
+    # squares of the standard deviation finite for data of any magnitude (1e200, 1e308).
+    scale = np.abs(X).max(axis=0)
+    scale = np.where(scale > 0, scale, 1.0)
+    Xs, Xts = X / scale, Xt / scale
+    mean = Xs.mean(axis=0)
+    std = Xs.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # constant features (e.g. digits' border pixels) stay 0
-    return Dataset(name, (X - mean) / std, np.searchsorted(classes, y), (Xt - mean) / std,
+    X_std, Xt_std = (Xs - mean) / std, (Xts - mean) / std
+    if not (np.all(np.isfinite(X_std)) and np.all(np.isfinite(Xt_std))):
+        raise DataError("the features overflow float64 when standardised: the test features are "
+                        "far outside the training range (by a factor near 1e308); check the data.")
+    return Dataset(name, X_std, np.searchsorted(classes, y), Xt_std,
                    np.searchsorted(classes, yt), int(classes.size), classes.tolist())
 
 

@@ -77,14 +77,28 @@ def plot_loss(record: dict, path: str, x: str = "step") -> str:
     return _finish(plt, fig, ax, path)
 
 
-def _plain_log_axis(ax) -> None:
-    """Plain numbers on a log y axis, major and minor ticks alike (also above 1)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+def _log_ratio_axis(ax) -> None:
+    """A log y axis for ratios around 1 with plain-number labels on both sides of 1.
 
-    plain = FuncFormatter(lambda v, _: f"{v:.2g}")
-    ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-    ax.yaxis.set_minor_formatter(plain)
+    Ratios often span less than a decade (e.g. 0.6–1.3), where matplotlib's log axis
+    labels only the decades: nothing would be labelled above 1.  Ticks at m × 10^k, with
+    mantissas m the finer the narrower the span, keep labels above and below 1.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    lo, hi = min(lo, 0.8), max(hi, 1.25)  # 1 (the SGD line) and a labelled tick either side
+    ax.set_ylim(lo, hi)
+    span = hi / lo
+    mant = ((1, 1.1, 1.2, 1.3, 1.5, 1.7, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if span < 3
+            else (1, 1.5, 2, 3, 5, 7) if span < 10 else (1, 2, 5))
+    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+             for m in mant if lo <= m * 10.0**e <= hi]
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_gamma(record: dict, path: str) -> str | None:
@@ -101,8 +115,7 @@ def plot_gamma(record: dict, path: str) -> str | None:
         ax.errorbar(steps, ys, yerr=np.nan_to_num(se), marker="o", capsize=2,
                     label=LABELS.get(method, method), **_style(method))
     ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
-    ax.set_yscale("log")
-    _plain_log_axis(ax)
+    _log_ratio_axis(ax)
     ax.set_xlabel(f"checkpoint (step of the {gam['trajectory'].upper()} run)")
     ax.set_ylabel(f"E1: γ̄(d) / γ̄(g) at λ = {gam['e1_damping']:g}")
     ax.set_title("approximation quality (Wu et al. 2024, E1); lower is better", fontsize=10)
@@ -123,8 +136,7 @@ def plot_gamma_damping(record: dict, path: str) -> str | None:
                 label=LABELS.get(method, method), **_style(method))
     ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    _plain_log_axis(ax)
+    _log_ratio_axis(ax)
     ax.set_xlabel("damping λ in (M + λI)⁻¹, the same for every method (P × P convention)")
     ax.set_ylabel("E3: γ̄(d) / γ̄(g)")
     ax.set_title(f"damping sweep at the last checkpoint (step {last['step']}); lower is better",

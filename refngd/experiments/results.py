@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -32,12 +33,36 @@ def jsonable(obj):
 
 
 def save_json(record: dict, path: str) -> None:
-    """Write ``record`` (see :func:`jsonable`) to ``path``, creating its folder."""
+    """Write ``record`` (see :func:`jsonable`) to ``path`` atomically, creating its folder.
+
+    The JSON goes to a temporary file beside ``path`` that then replaces it in one
+    ``os.replace``: a reader (or an interrupted run) sees the old file or the new one,
+    never half a file.
+    """
+    text = json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (atomic)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(jsonable(record), f, indent=1, allow_nan=False)
-        f.write("\n")
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private
+        os.replace(tmp, path)
+    except BaseException:  # also KeyboardInterrupt: leave no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_json(path: str) -> dict:

@@ -138,7 +138,7 @@ class Sequential:
                 f"the model outputs contain NaN or Inf (overflow in {x.dtype}); check the "
                 "scale of theta and X."
             )
-        return Linearization(self, theta, x, steps)
+        return Linearization(self, theta, x, steps, X)
 
 
 class Linearization:
@@ -147,10 +147,13 @@ class Linearization:
     Attributes
     ----------
     outputs : (N, C) model outputs z_n.
+    theta, X : the point and batch it was built for (checked when it is reused:
+        :func:`refngd.validation.linearization_for`).
     """
 
-    def __init__(self, model, theta, outputs, steps):
+    def __init__(self, model, theta, outputs, steps, X=None):
         self.model, self.theta, self.outputs, self._steps = model, theta, outputs, steps
+        self.X = X
 
     def backprop(self, cotangents: Array, params=None) -> RowSet:
         """Back-propagate R = N·K output-space rows ``cotangents`` (N, K, C) once.

@@ -51,6 +51,7 @@ from .base import (
     check_int,
     check_lr,
     check_nonnegative,
+    check_positive,
     check_unit_interval,
     evaluate_batch,
     norm,
@@ -112,7 +113,8 @@ class AdaFisher(Optimizer):
                  weight_decay: float = 0.0, decoupled: bool = False, fisher_type: str = "empirical"):
         self.lr = check_lr(lr)
         self.beta = check_unit_interval(beta, "beta")
-        self.damping = check_nonnegative(damping, "damping")
+        self.damping = check_positive(damping, "damping")  # F̃ = G⊗A + λ divides the step; its
+        # min-max normalised factors are 0 at their smallest entries, so λ = 0 would divide by 0
         if not isinstance(gammas, (tuple, list)) or len(gammas) != 2:
             raise ValueError(f"gammas must be a pair (gamma_old, gamma_new), got {gammas!r}.")
         self.gammas = (check_nonnegative(gammas[0], "gamma_old"), check_nonnegative(gammas[1], "gamma_new"))

@@ -106,7 +106,8 @@ class Adam(Optimizer):
         θ_t = θ_{t−1} − lr · m̂_t / (√v̂_t + ε)
 
     ``weight_decay`` adds λθ to g (coupled L2, as ``torch.optim.Adam``); use
-    :class:`AdamW` for decoupled weight decay.
+    :class:`AdamW` for decoupled weight decay.  ``eps = 0`` is allowed: a coordinate whose
+    gradients have all been exactly 0 has m = v = 0 and takes no step (0, not 0/0 = NaN).
     """
 
     name = "adam"
@@ -132,7 +133,9 @@ class Adam(Optimizer):
         t = state["step"] + 1
         m = b1 * state["exp_avg"] + (1 - b1) * g
         v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
-        d = (m / (1 - b1**t)) / (xp.sqrt(v / (1 - b2**t)) + self.eps)
+        denom = xp.sqrt(v / (1 - b2**t)) + self.eps
+        ok = denom > 0  # false only where v = 0, hence m = 0: no step there, not 0/0
+        d = xp.where(ok, (m / (1 - b1**t)) / xp.where(ok, denom, 1.0), 0.0)
         return d, m, v
 
     def step(self, theta, state, model, loss, X, y, rng=None):
@@ -180,7 +183,8 @@ class Adafactor(Optimizer):
         X_t = X_{t−1} − α_t Û_t
 
     Defaults are the paper's: ε₁ = 10⁻³⁰, ε₂ = 10⁻³, d = 1, decay_rate = 0.8, no
-    momentum.  ``beta1`` > 0 adds the optional first moment of the clipped, scaled step,
+    momentum; ``eps1 = 0`` is allowed (a coordinate with V̂ = 0 has G = 0 and takes no step,
+    not 0/0).  ``beta1`` > 0 adds the optional first moment of the clipped, scaled step,
     m_t = β₁ m_{t−1} + (1 − β₁) α_t Û_t (m₀ = 0), and then X_t = X_{t−1} − m_t.  A
     :class:`refngd.FunctionModel` has no parameter shapes: θ is one vector block.
     """
@@ -229,7 +233,8 @@ class Adafactor(Optimizer):
             else:
                 V = G2 if prev is None else beta2 * prev[0] + (1 - beta2) * G2
                 factors.append((V,))
-            U = G / xp.sqrt(V)
+            ok = V > 0  # V = 0 (possible with eps1 = 0) only where G = 0: U = 0 there, not 0/0
+            U = xp.where(ok, G / xp.sqrt(xp.where(ok, V, 1.0)), 0.0)
             U = U / max(1.0, rms(U) / self.clip_threshold)
             alpha = max(self.eps2, rms(theta[start:stop])) * rho if self.scale_parameter else rho
             parts.append(alpha * U)

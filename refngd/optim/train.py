@@ -115,19 +115,19 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
         raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
     if on_divergence not in ("warn", "ignore", "raise"):
         raise ValueError(f"on_divergence must be 'warn', 'ignore' or 'raise', got {on_divergence!r}.")
-    X_host, y_host = to_numpy(X), to_numpy(y)
+    X_host, y_host = _check_data("X", "y", X, y)
     N = X_host.shape[0]
-    if y_host.shape[0] != N:
-        raise ValueError(f"X has {N} rows but y has {y_host.shape[0]}.")
     if (X_test is None) != (y_test is None):
         raise ValueError("pass both X_test and y_test, or neither.")
+    if X_test is not None:
+        _check_data("X_test", "y_test", X_test, y_test)
     data_rng, opt_rng = _streams(rng)
     per_epoch = math.ceil(N / batch_size)
     total = epochs * per_epoch if max_steps is None else min(int(max_steps), epochs * per_epoch)
     eval_every = per_epoch if eval_every is None else int(eval_every)
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every!r}.")
-    want = {int(s) for s in checkpoints}
+    want = _check_checkpoints(checkpoints)
 
     state = optimizer.init(theta) if state is None else state
     log: dict[str, list] = {"step": [], "epoch": [], "time": [], "loss": [], "accuracy": []}
@@ -204,6 +204,44 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
     return TrainResult(theta, state, log, evals, config, stopped, kept)
 
 
+def _check_data(xname: str, yname: str, X, y) -> tuple[np.ndarray, np.ndarray]:
+    """Host copies of (X, y), checked *before* training: a NaN found after two steps as
+    "diverged" would be reported as the optimizer's fault."""
+    X_host, y_host = to_numpy(X), to_numpy(y)
+    if X_host.ndim < 1 or X_host.shape[0] == 0:
+        raise ValueError(f"{xname} is empty (shape {X_host.shape}); training needs at least one sample.")
+    if y_host.ndim < 1 or y_host.shape[0] != X_host.shape[0]:
+        raise ValueError(f"{xname} has {X_host.shape[0]} rows but {yname} has shape {y_host.shape}; "
+                         "pass one target per row.")
+    for name, a in ((xname, X_host), (yname, y_host)):
+        if a.dtype.kind == "f":
+            bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
+                raise ValueError(f"{name} contains NaN or Inf in {rows.size} row(s) ({shown}); "
+                                 "remove or impute them before training.")
+    return X_host, y_host
+
+
+def _check_checkpoints(checkpoints) -> set:
+    """Checkpoint steps as a set of ints; anything but whole numbers >= 0 is an error."""
+    try:
+        items = list(checkpoints)
+    except TypeError:
+        raise TypeError(f"checkpoints must be a list of step numbers, got {checkpoints!r}.") from None
+    want = set()
+    for s in items:
+        ok = isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_))
+        if not ok and isinstance(s, (float, np.floating)) and float(s).is_integer():
+            ok = True  # 3.0 is step 3; 2.5 is no step
+        if not ok or s < 0:
+            raise ValueError(f"checkpoints must be whole step numbers >= 0 (0 = the initial θ), "
+                             f"got {s!r}.")
+        want.add(int(s))
+    return want
+
+
 def dataset_metrics(model, theta, loss, X, y) -> tuple[float, float]:
     """(loss, accuracy) on a whole data set, in chunks of :data:`EVAL_CHUNK` rows.
 
@@ -219,12 +257,12 @@ def dataset_metrics(model, theta, loss, X, y) -> tuple[float, float]:
         yb = to_device(y[s:s + EVAL_CHUNK], like=theta)
         try:
             Z = model.forward(theta, Xb)
-        except ValueError as err:
+            c = float(loss.scale(Z))
+            per_sample += to_float(loss(Z, yb)) / c  # Σ_n l_n over the chunk
+        except ValueError as err:  # outputs or losses overflowed: a diverged θ
             if "NaN or Inf" in str(err):
                 return math.inf, math.nan
             raise
-        c = float(loss.scale(Z))
-        per_sample += to_float(loss(Z, yb)) / c  # Σ_n l_n over the chunk
         acc = batch_accuracy(Z, yb)
         if not math.isnan(acc):
             correct += acc * Z.shape[0]
