@@ -308,9 +308,9 @@ def test_updates_on_subsets_are_dense_subset_solves(kind):
         assert_close(updates.sf(model, theta, loss, X, y, lam, mc_samples=SF_K,
                                 rng=np.random.default_rng(SF_SEED), params=params),
                      solve("SampledFisher"), 1e-9)
-        assert_close(updates.ef(model, theta, loss, X, y, lam, params=params),
+        assert_close(updates.ef(model, theta, loss, X, y, lam, form="tikhonov", params=params),
                      solve("EmpiricalFisher"), 1e-9)
-        assert_close(updates.ief(model, theta, loss, X, y, lam, params=params),
+        assert_close(updates.ief(model, theta, loss, X, y, lam, form="tikhonov", params=params),
                      solve("ImprovedEmpiricalFisher"), 1e-9)
         # the paper's forms: Gᵀ(GGᵀ + λI)⁻¹ 1 and Gᵀ(GGᵀ + λI)⁻¹ s with the subset's G
         K = GS @ GS.T + lam * np.eye(6)
