@@ -39,14 +39,15 @@ def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None) -> Ar
     return gradient_from(_lin(model, theta, X, linearization), loss, y)
 
 
-def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None) -> Array:
+def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None,
+        convention="refngd") -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
 
     F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`), solved through the
     Woodbury identity on its NC × NC Gram matrix.
     """
     lin = _lin(model, theta, X, linearization)
-    F = Fisher(model, theta, loss, X, y, linearization=lin, with_gradient=True)
+    F = Fisher(model, theta, loss, X, y, linearization=lin, with_gradient=True, convention=convention)
     return F.natural_gradient(damping)
 
 
@@ -125,22 +126,24 @@ from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions tha
 
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-         damping_mode: str = "tikhonov", linearization=None) -> Array:
+         damping_mode: str = "tikhonov", linearization=None, convention="refngd") -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
     ``damping_mode="tikhonov"`` damps every block exactly, (G ⊗ A + λI)⁻¹;
     ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹.
+    ``convention`` selects a library's factors and loss scaling (:mod:`refngd.conventions`).
     """
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-             kfac_approx=kfac_approx, bias=bias, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping, damping_mode=damping_mode)
+             kfac_approx=kfac_approx, bias=bias, linearization=lin, convention=convention)
+    g = gradient_from(lin, loss, y) * F.convention.alpha(loss, lin.outputs)
+    return F.solve(g, damping, damping_mode=damping_mode)
 
 
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
           mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-          linearization=None) -> Array:
+          linearization=None, convention="refngd") -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
@@ -148,5 +151,6 @@ def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_
     """
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-              kfac_approx=kfac_approx, bias=bias, linearization=lin)
-    return F.solve(gradient_from(lin, loss, y), damping)
+              kfac_approx=kfac_approx, bias=bias, linearization=lin, convention=convention)
+    g = gradient_from(lin, loss, y) * F.kfac.convention.alpha(loss, lin.outputs)
+    return F.solve(g, damping)

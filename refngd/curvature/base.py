@@ -76,14 +76,19 @@ class RowCurvature(CurvatureOperator):
     linearization : optional result of ``model.linearize(theta, X)`` to reuse a forward pass
     with_gradient : also back-propagate each sample's loss gradient e_n as one extra row in
         the same pass, for :meth:`natural_gradient` (needs ``y``)
+    convention : ``"refngd"`` (default) or a library preset (:mod:`refngd.conventions`); it
+        may rescale c by the library's α (its objective is α × the PyTorch loss)
     """
 
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
-                 with_gradient: bool = False):
+                 with_gradient: bool = False, convention="refngd"):
+        from .. import conventions
+
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         self.outputs = self.lin.outputs
-        self.c = float(loss.scale(self.outputs))
+        self.convention = conventions.get(convention)
+        self.c = float(loss.scale(self.outputs)) * self.convention.alpha(loss, self.outputs)
         self.num_params = int(theta.shape[0])
         self.dtype = theta.dtype
         S = self.cotangents()
@@ -207,7 +212,9 @@ class RowCurvature(CurvatureOperator):
         if self._joint is not None:
             ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
             return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
-        return gradient_from(self.lin, self.loss, self.y)
+        g = gradient_from(self.lin, self.loss, self.y)
+        alpha = self.convention.alpha(self.loss, self.outputs)
+        return g if alpha == 1.0 else g * alpha
 
     def natural_gradient(self, damping: float) -> Array:
         """(F + λI)⁻¹ g for this batch's loss gradient g, from one joint backward pass.

@@ -41,12 +41,13 @@ class EKFAC(KroneckerOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
                  mc_samples: int | None = None, rng=None, kfac_approx: str | None = None,
-                 bias: str | None = None, linearization=None, kfac: KFAC | None = None):
+                 bias: str | None = None, linearization=None, kfac: KFAC | None = None,
+                 convention=None):
         options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
-                   "bias": bias}
+                   "bias": bias, "convention": convention}
         if kfac is None:
             defaults = {"fisher_type": "type-2", "mc_samples": 1, "kfac_approx": "expand",
-                        "bias": "separate"}
+                        "bias": "separate", "convention": "refngd"}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
             kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, **kw)
         else:

@@ -32,8 +32,9 @@ class Fisher(RowCurvature):
     on the natural gradient method", §9.2).  The labels ``y`` are not used.
     """
 
-    def __init__(self, model, theta, loss, X, y=None, linearization=None, with_gradient=False):
-        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
+    def __init__(self, model, theta, loss, X, y=None, linearization=None, with_gradient=False,
+                 convention="refngd"):
+        super().__init__(model, theta, loss, X, y, linearization, with_gradient, convention)
 
     def cotangents(self) -> Array:
         return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
@@ -49,12 +50,12 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, with_gradient=False):
+                 linearization=None, with_gradient=False, convention="refngd"):
         if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)
-        super().__init__(model, theta, loss, X, y, linearization, with_gradient)
+        super().__init__(model, theta, loss, X, y, linearization, with_gradient, convention)
 
     def cotangents(self) -> Array:
         E = self.loss.sampled_output_gradients(self.outputs, self.rng, self.mc_samples)
