@@ -1,0 +1,195 @@
+"""Presets of refngd.conventions against the installed libraries, number for number.
+
+Each test runs the library itself (skipped when it is not installed; pin: the ``validate``
+extra) on an MLP and a CNN — a Linear layer without bias, Conv2d layers with T > 1 output
+locations — for CrossEntropyLoss, MSELoss and BCEWithLogitsLoss where the library supports
+them, with both reductions, and requires agreement to 1e-10 in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import refngd  # noqa: E402
+from refngd import conventions, interop  # noqa: E402
+from refngd.curvature import EKFAC, KFAC, EmpiricalFisher, Fisher  # noqa: E402
+
+RTOL = 1e-10
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def make(kind, C=3):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4, bias=False),
+                                  torch.nn.ReLU(), torch.nn.Linear(4, C))
+        shape = (4,)
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(),
+                                  torch.nn.Conv2d(3, 2, 2, stride=2, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Flatten(), torch.nn.Linear(2 * 2 * 2, C))
+        shape = (2, 4, 4)
+    return net.double(), shape
+
+
+def batch(shape, lname, N=6, C=3, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((N,) + shape)
+    if lname == "CrossEntropyLoss":
+        y = rng.integers(0, C, N)
+    elif lname == "MSELoss":
+        y = rng.standard_normal((N, C))
+    else:  # binary targets: what curvlinops' BCE Hessian factor supports
+        y = rng.integers(0, 2, (N, C)).astype(float)
+    return X, y
+
+
+CASES = [(k, l, r) for k in ("mlp", "cnn") for l in ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
+         for r in ("mean", "sum")]
+
+
+# --------------------------------------------------------------------------- curvlinops
+@pytest.fixture(scope="module")
+def curvlinops():
+    return pytest.importorskip("curvlinops")
+
+
+@pytest.mark.parametrize("kind,lname,red", CASES)
+def test_curvlinops_exact_and_kfac(curvlinops, kind, lname, red):
+    net, shape = make(kind)
+    X, y = batch(shape, lname)
+    model, theta = interop.from_torch(net)
+    lm = getattr(torch.nn, lname)(reduction=red)
+    loss = interop.from_torch_loss(lm)
+    data = [(torch.tensor(X), torch.tensor(y))]
+    params = list(net.parameters())
+    eye = torch.eye(theta.size, dtype=torch.float64)
+    kw = dict(convention="curvlinops")
+    ggn = (curvlinops.GGNLinearOperator(net, lm, params, data) @ eye).numpy()
+    assert rel(Fisher(model, theta, loss, X, y, **kw).dense(), ggn) < RTOL
+    ef = (curvlinops.EFLinearOperator(net, lm, params, data) @ eye).numpy()
+    assert rel(EmpiricalFisher(model, theta, loss, X, y, **kw).dense(), ef) < RTOL
+    for ftype in ("type-2", "empirical"):
+        for approx in ("expand", "reduce"):
+            for sep in (True, False):
+                op = curvlinops.KFACLinearOperator(net, lm, params, data, fisher_type=ftype,
+                                                   kfac_approx=approx, separate_weight_and_bias=sep,
+                                                   check_deterministic=False)
+                ours = KFAC(model, theta, loss, X, y, fisher_type=ftype, kfac_approx=approx,
+                            bias="separate" if sep else "joint", **kw)
+                assert rel(ours.dense(), (op @ eye).numpy()) < RTOL, (ftype, approx, sep)
+    # EKFAC (expand; see test_curvlinops_ekfac_reduce_is_basis_dependent for reduce)
+    op = curvlinops.EKFACLinearOperator(net, lm, params, data, fisher_type="type-2")
+    assert rel(EKFAC(model, theta, loss, X, y, **kw).dense(), (op @ eye).numpy()) < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_curvlinops_damped_inverses(curvlinops, kind):
+    """use_exact_damping = refngd 'tikhonov'; heuristic damping = 'factored' under the preset
+    (the bias block reuses the weight's π), which differs from refngd's own 'factored'."""
+    net, shape = make(kind)
+    X, y = batch(shape, "CrossEntropyLoss")
+    model, theta = interop.from_torch(net)
+    lm = torch.nn.CrossEntropyLoss()
+    loss = interop.from_torch_loss(lm)
+    data = [(torch.tensor(X), torch.tensor(y))]
+    op = curvlinops.KFACLinearOperator(net, lm, list(net.parameters()), data, fisher_type="type-2")
+    g = refngd.gradient(model, theta, loss, X, y)
+    lam = 1e-2
+    exact = (curvlinops.KFACInverseLinearOperator(op, damping=lam, use_exact_damping=True)
+             @ torch.tensor(g)).numpy()
+    heur = (curvlinops.KFACInverseLinearOperator(op, damping=lam, use_heuristic_damping=True)
+            @ torch.tensor(g)).numpy()
+    ours = KFAC(model, theta, loss, X, y, convention="curvlinops")
+    assert rel(ours.solve(g, lam), exact) < RTOL
+    assert rel(ours.solve(g, lam, damping_mode="factored"), heur) < RTOL
+    default = KFAC(model, theta, loss, X, y).solve(g, lam, damping_mode="factored")
+    assert rel(default, heur) > 1e-6   # refngd's own π for the bias: a real difference
+
+
+# --------------------------------------------------------------------------- BackPACK
+@pytest.fixture(scope="module")
+def backpack():
+    return pytest.importorskip("backpack")
+
+
+@pytest.mark.parametrize("kind,lname,red", [c for c in CASES if c[1] != "BCEWithLogitsLoss"]
+                         + [("mlp", "BCEWithLogitsLoss", "mean"), ("cnn", "BCEWithLogitsLoss", "sum")])
+def test_backpack(backpack, kind, lname, red):
+    from backpack.extensions import KFLR, BatchGrad, DiagGGNExact
+
+    C = 1 if lname == "BCEWithLogitsLoss" else 3   # BackPACK's BCE: one output only
+    net, shape = make(kind, C)
+    X, y = batch(shape, lname, C=C)
+    model, theta = interop.from_torch(net)
+    lm = getattr(torch.nn, lname)(reduction=red)
+    loss = interop.from_torch_loss(lm)
+    net, lme = backpack.extend(net), backpack.extend(lm)
+    with backpack.backpack(BatchGrad(), DiagGGNExact(), KFLR()):
+        lme(net(torch.tensor(X)), torch.tensor(y)).backward()
+    N = X.shape[0]
+    bg = torch.cat([p.grad_batch.reshape(N, -1) for p in net.parameters()], 1).numpy()
+    Z = model.forward(theta, X)
+    G = conventions.per_sample_gradients(refngd.per_sample_gradients(model, theta, loss, X, y),
+                                         loss, Z, "backpack")
+    assert rel(G, bg) < RTOL
+    dg = torch.cat([p.diag_ggn_exact.reshape(-1) for p in net.parameters()]).numpy()
+    assert rel(Fisher(model, theta, loss, X, y, convention="backpack").diagonal(), dg) < RTOL
+    ours = KFAC(model, theta, loss, X, y, convention="backpack")
+    mods = [m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for f, m in zip(ours.factors(), mods):
+        Gb, Ab = (t.numpy() for t in m.weight.kflr)
+        assert rel(f.G, Gb) < RTOL and rel(f.A, Ab) < RTOL
+        if m.bias is not None:
+            assert rel(f.G, m.bias.kflr[0].numpy()) < RTOL
+    if kind == "cnn":  # neither of refngd's own Conv2d variants is BackPACK's
+        conv0 = mods[0]
+        for approx in ("expand", "reduce"):
+            f = KFAC(model, theta, loss, X, y, kfac_approx=approx).factors()[0]
+            kron = np.kron(f.G, f.A)
+            theirs = np.kron(*(t.numpy() for t in conv0.weight.kflr))
+            assert rel(kron, theirs) > 0.5
+
+
+# --------------------------------------------------------------------------- tutorial
+def tutorial_factors(net, X, y):
+    """The simplified K-FAC as tutorials write it: hooks on weight.grad of the batch loss."""
+    net.zero_grad()
+    torch.nn.CrossEntropyLoss()(net(torch.tensor(X)), torch.tensor(y)).backward()
+    out = []
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            gw = m.weight.grad.reshape(m.weight.shape[0], -1)
+            out.append((gw @ gw.T / gw.shape[0], gw.T @ gw / gw.shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_tutorial_preset_matches_hand_written_code(kind):
+    net, shape = make(kind)
+    X, y = batch(shape, "CrossEntropyLoss")
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(torch.nn.CrossEntropyLoss())
+    ours = KFAC(model, theta, loss, X, y, convention="tutorial").factors()
+    for f, (G, A) in zip(ours, tutorial_factors(net, X, y)):
+        assert rel(f.G, G.numpy()) < RTOL and rel(f.A, A.numpy()) < RTOL
+    F = Fisher(model, theta, loss, X, y).dense()
+    K = KFAC(model, theta, loss, X, y, convention="tutorial").dense()
+    assert rel(K, F) > 0.5   # far from the Fisher it is meant to approximate
+
+
+# --------------------------------------------------------------------------- registry
+def test_describe_lists_every_preset_and_refuses_unknown_names():
+    for name in ("refngd", "curvlinops", "backpack", "nngeometry", "asdl", "kfac-jax", "laplace",
+                 "tutorial"):
+        text = conventions.describe(name)
+        assert name in text and ("verified" in text or "transcribed" in text)
+    assert "[G_reduce, T·A_expand]" in conventions.describe("backpack")
+    with pytest.raises(ValueError, match="unknown convention 'pytorch'.*curvlinops"):
+        conventions.get("pytorch")
