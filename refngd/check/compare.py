@@ -97,7 +97,7 @@ class Report:
                        f"{'cosine':>9s}  verdict"]
         for b in self.blocks:
             lines.append(f"{b.name:{w}s}  {str(b.shape):>12s}  {b.rel_error:10.3e}  {b.max_abs:10.3e}  "
-                         f"{b.cosine:9.6f}  {'ok' if b.passed else 'MISMATCH'}")
+                         f"{b.cosine:9.6f}  {'ok' if b.passed else 'MISMATCH'}".replace("      nan", "        —"))
         lines.append(f"tolerance: relative error <= {self.rtol:.1e} ({self.rtol_reason})")
         lines += list(self.notes)
         if self.passed:
@@ -138,6 +138,16 @@ def _scalar_fit(c: np.ndarray, r: np.ndarray, tol: float):
     if alpha != 0 and float(np.linalg.norm(c - alpha * r)) <= tol * abs(alpha) * math.sqrt(rr):
         return alpha
     return None
+
+
+def _block_context(context: Mapping | None, key: str) -> dict:
+    """The context for one block: a value given as a mapping is looked up by block name."""
+    out = {}
+    for k, v in (context or {}).items():
+        v = v.get(key) if isinstance(v, Mapping) else v
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def _constants(context: Mapping | None) -> list:
@@ -187,8 +197,8 @@ def _factorisations(n: int, layout) -> list:
 
 
 def _vec_perm(p: int, q: int) -> np.ndarray:
-    """Index map from row-major vec of a (p, q) matrix to its column-major vec."""
-    return np.arange(p * q).reshape(p, q).T.reshape(-1)
+    """For each row-major index i·q + j of a (p, q) matrix, its column-major index j·p + i."""
+    return np.arange(p * q).reshape(q, p).T.reshape(-1)
 
 
 def _structural(c: np.ndarray, r: np.ndarray, tol: float, context, layout) -> str | None:
@@ -198,7 +208,7 @@ def _structural(c: np.ndarray, r: np.ndarray, tol: float, context, layout) -> st
     for p, q in _factorisations(n, layout):
         if p * q != n:
             continue
-        perm = _vec_perm(p, q)
+        perm = _vec_perm(p, q)  # candidate index (column-major) of each row-major entry
         c2 = c[np.ix_(perm, perm)] if sq else c[..., perm]
         alpha = _scalar_fit(c2, r, tol)
         if alpha is not None:
@@ -240,10 +250,11 @@ def _shape_cause(c: np.ndarray, r: np.ndarray, tol: float) -> str:
 
 def _diagnose(c, r, tol, context, layout, alternatives: Mapping) -> str | None:
     if c.shape != r.shape:
+        cause = _shape_cause(c, r, tol)
         for name, alt in alternatives.items():
             if alt is not None and alt.shape == c.shape and _close(c, alt, tol):
-                return f"the candidate equals {name}"
-        return _shape_cause(c, r, tol)
+                return f"{cause} — the candidate equals {name}"
+        return cause
     for name, alt in alternatives.items():
         if alt is not None and _close(c, alt, tol):
             return f"the candidate equals {name}"
@@ -267,10 +278,15 @@ def _as_blocks(name: str, a, blocks) -> dict:
     if blocks is None:
         return {"all": arr}
     out = {}
+    sq = arr.ndim == 2 and arr.shape[0] == arr.shape[1]
+    mask = np.ones(arr.shape, dtype=bool) if sq else None
     for key, sl in blocks.items():
         s = sl if isinstance(sl, slice) else slice(*sl)
-        sq = arr.ndim == 2 and arr.shape[0] == arr.shape[1]
         out[key] = arr[s, s] if sq else arr[..., s]
+        if sq:
+            mask[s, s] = False
+    if sq and mask.any():  # a P × P matrix: the cross-layer blocks are checked too
+        out["off-diagonal"] = np.where(mask, arr, 0.0).astype(arr.dtype)
     return out
 
 
@@ -316,7 +332,8 @@ def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float 
         c = cand[key].astype(np.float64)
         r = r.astype(np.float64)
         if c.shape != r.shape:
-            diag = _diagnose(c, r, rtol, context, None, {n: a.get(key) for n, a in alts.items()})
+            diag = _diagnose(c, r, rtol, _block_context(context, key), None,
+                             {n: a.get(key) for n, a in alts.items()})
             results.append(BlockResult(key, tuple(c.shape), math.inf, math.inf, float("nan"), False, diag))
             continue
         nr = float(np.linalg.norm(r))
@@ -326,7 +343,7 @@ def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float 
         ok = err <= rtol
         diag = None
         if not ok:
-            diag = _diagnose(c, r, rtol, context, (layouts or {}).get(key),
+            diag = _diagnose(c, r, rtol, _block_context(context, key), (layouts or {}).get(key),
                              {n: a.get(key) for n, a in alts.items()})
         results.append(BlockResult(key, tuple(r.shape), err, float(np.abs(c - r).max(initial=0.0)),
                                    cos, ok, diag))
