@@ -33,8 +33,9 @@ class Convention:
     ----------
     name, library : preset name and the library (with the version it was established on).
     loss_scale : ``"one"`` (the PyTorch loss with its reduction, c as refngd), or
-        ``"per-example-mean"`` (1/N Σ_n, whatever the loss's reduction; the MSE as
-        ½‖z − y‖², i.e. Gaussian variance 1) or ``"sum-half-mse"`` (Σ_n, MSE as ½‖z − y‖²).
+        ``"per-example-mean"`` (1/N Σ_n, whatever the loss's reduction; the MSE's model a
+        Gaussian of variance 1, i.e. ½‖z − y‖², for the Fisher), ``"sum-half-mse"`` (Σ_n,
+        MSE as ½‖z − y‖²) or ``"batch-mean"`` (1/N Σ_n of PyTorch's per-sample loss).
     per_sample : ``"g_n"`` (refngd: gradients of the unreduced losses) or ``"c*g_n"``
         (gradients of each sample's term of the reduced loss).
     conv_kfac : ``"refngd"`` (``expand`` / ``reduce`` as Eschenhagen et al. 2023) or
@@ -60,19 +61,24 @@ class Convention:
     status: str = "verified"
     sources: tuple = field(default=())
 
-    def alpha(self, loss, Z) -> float:
+    def alpha(self, loss, Z, empirical: bool = False) -> float:
         """α with (library's curvature) = α × (refngd's): a factor on the loss constant c.
 
         Z : the (N, C) outputs (only their shape is used, through ``loss.scale``).
+        empirical : True for curvatures built from the observed labels (EF, iEF, the
+            gradient): libraries apply the MSE's ½ to their model's likelihood, not
+            necessarily to the user's loss (asdl's EF has no ½, its Fisher does).
         """
         if self.loss_scale == "one":
             return 1.0
         c, N = float(loss.scale(Z)), Z.shape[0]
         half = 0.5 if type(loss).__name__ == "MSELoss" else 1.0
         if self.loss_scale == "per-example-mean":
-            return half / (N * c)
+            return (1.0 if empirical else half) / (N * c)
         if self.loss_scale == "sum-half-mse":
             return half / c
+        if self.loss_scale == "batch-mean":
+            return 1.0 / (N * c)
         raise ValueError(f"unknown loss_scale {self.loss_scale!r}.")
 
 
@@ -113,47 +119,60 @@ PRESETS: dict = {p.name: p for p in (
         sources=("backpack/extensions/secondorder/{kflr,hbp}", "backpack/extensions/firstorder/batch_grad")),
     Convention(
         "nngeometry", "nngeometry 0.4",
-        loss_scale="per-example-mean", status="transcribed",
+        loss_scale="per-example-mean",
         differences=(
-            "FIM(...) is (1/N) Σ_n J_nᵀ H_n J_n whatever the loss's reduction, with "
-            "variant='regression' taking H_n = I (MSE as ½‖z − y‖²): α = 1/(N·c), times ½ for MSE.",
-            "classif_logits factors H_n by a Cholesky of the multinomial covariance with a float32 "
-            "ε added to a denominator: agreement with the exact Fisher is ~1e-7, not 1e-15.",
-            "PMatKFAC uses a joint bias (ā = [a; 1]) and expand for Conv2d; its factors are "
-            "√C·T·A and G/(√C·T) of refngd's (C outputs, T locations), same product.",
-            "PMatKFAC.to_torch() builds the dense matrix in float32.",
+            "FIM(...) is (1/N) Σ_n J_nᵀ H_n J_n whatever the loss's reduction, and "
+            "variant='regression' takes H_n = I (the MSE as ½‖z − y‖², Gaussian variance 1): "
+            "α = 1/(N·c), times ½ for MSELoss.",
+            "PMatKFAC uses a joint bias (ā = [a; 1]; pass bias='joint') and expand for Conv2d; "
+            "its factors are √M·T·A and G/(√M·T) of refngd's (M = C − 1 rows for CE, C for "
+            "MSE/BCE; T output locations): the same product G ⊗ A.",
+            "variant='classif_logits' builds its Cholesky factor with the default dtype: with "
+            "float64 models set torch.set_default_dtype(torch.float64), otherwise it fails (and "
+            "its ε guard is float32's).",
         ),
         sources=("nngeometry/metrics.py (FIM)", "nngeometry/backend/torch_hooks/torch_hooks.py "
                  "(get_kfac_blocks)", "nngeometry/backend/torch_hooks/grads.py (kfac_xx, kfac_gg)")),
     Convention(
-        "asdl", "asdfghjkl / asdl 0.1", status="transcribed",
+        "asdl", "asdfghjkl 0.1a5 (import asdl)",
+        loss_scale="per-example-mean",
         differences=(
-            "fisher_exact / fisher_mc / fisher_emp with loss_type 'cross_entropy' or 'mse': "
-            "see describe() notes; not verified here.",
+            "Fisher (fisher_exact, fisher_mc) and EF (fisher_emp) are (1/data_size) Σ_n over the "
+            "batch, whatever the loss's reduction (data_size = N here): α = 1/(N·c).",
+            "loss_type='mse': the Fisher takes H_n = I (½‖z − y‖², variance 1): a further ½; the "
+            "EF uses the user's loss as given (no ½).",
+            "SHAPE_KRON factors equal refngd's 'expand' K-FAC (A as refngd, B = α·G) for Linear "
+            "and Conv2d, weight and bias kept separate.",
         ),
-        sources=("asdl/fisher.py",)),
+        sources=("asdl/fisher.py (FisherMaker.forward_and_backward, FisherExactMSE)",)),
     Convention(
-        "kfac-jax", "kfac-jax 0.0.8", status="transcribed",
+        "kfac-jax", "kfac-jax 0.0.8", loss_scale="batch-mean", status="transcribed",
         differences=(
-            "Losses are registered negative log-likelihoods averaged over the batch: "
-            "register_normal_predictive_distribution uses variance ½ by default (= PyTorch's "
-            "MSE), register_softmax_cross_entropy_loss the categorical; the curvature is that "
-            "of the batch-mean loss (c = 1/N, not 1/(N·C) for MSE).",
-            "Dense layers: joint bias ([a; 1]); parameters are (in, out) in JAX, so vec(W) is "
-            "column-major relative to PyTorch's (out, in): map orders (docs/validating.md).",
+            "Losses are registered negative log-likelihoods of the batch-mean loss: "
+            "register_normal_predictive_distribution with the default variance ½ matches "
+            "PyTorch's MSE per sample, register_softmax_cross_entropy_loss the categorical; "
+            "the curvature is that of (1/N) Σ_n l_n (c = 1/N even for the MSE, not 1/(N·C)).",
+            "Dense layers: joint bias ([a; 1]); JAX stores kernels as (in, out), so vec(W) is "
+            "column-major relative to PyTorch's (out, in): transpose kernels when mapping θ "
+            "(docs/validating.md). Not run here (jax is not installed); no preset transform.",
         ),
-        sources=("kfac_jax/_src/loss_functions.py", "kfac_jax/_src/tag_graph_matcher.py")),
+        sources=("kfac_jax/_src/loss_functions.py", "kfac_jax/_src/curvature_blocks.py")),
     Convention(
-        "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse", status="transcribed",
+        "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse",
         differences=(
-            "The log-likelihood is summed over the data: curvature = Σ_n, i.e. α = 1/c "
-            "(N× refngd's for a mean-reduced CrossEntropyLoss).",
-            "likelihood='regression' uses ½‖z − y‖² (Gaussian variance 1 scaled by sigma_noise): "
-            "the GGN is ½ of refngd's MSE GGN with reduction='sum'.",
-            "KronLaplace uses K-FAC with a separate bias from its backend (BackPACK / curvlinops "
-            "/ ASDL), so Conv2d factors follow that backend's convention.",
+            "The log-likelihood is summed over the data (its backends run losses with "
+            "reduction='sum'): curvature and EF = Σ_n, α = 1/c (N× refngd's for a mean "
+            "CrossEntropyLoss) — verified through its curvlinops backend (CurvlinopsGGN, "
+            "CurvlinopsEF, classification).",
+            "likelihood='regression' multiplies the MSE(sum) GGN and EF by ½ (a Gaussian of "
+            "variance 1): transcribed from CurvatureInterface.factor, not run here (its "
+            "regression path fails under torch 2.13's functorch).",
+            "KronLaplace takes its K-FAC from the backend (BackPACK / curvlinops / ASDL), so "
+            "Conv2d factors follow that backend's convention.",
+            "With a float64 model set torch.set_default_dtype(torch.float64): laplace creates "
+            "intermediates in the default dtype (float32 limits agreement to ~3e-8).",
         ),
-        sources=("laplace/baselaplace.py", "laplace/curvature/*.py")),
+        sources=("laplace/curvature/curvature.py (factor)", "laplace/curvature/curvlinops.py")),
     Convention(
         "tutorial", "the widespread 'simplified K-FAC'", kfac_factors="tutorial", status="verified",
         differences=(

@@ -193,3 +193,86 @@ def test_describe_lists_every_preset_and_refuses_unknown_names():
     assert "[G_reduce, T·A_expand]" in conventions.describe("backpack")
     with pytest.raises(ValueError, match="unknown convention 'pytorch'.*curvlinops"):
         conventions.get("pytorch")
+
+
+# --------------------------------------------------------------------------- nngeometry
+@pytest.fixture()
+def float64_default():
+    """nngeometry's classif_logits builds a helper matrix in the default dtype."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+NNG_VARIANTS = {"CrossEntropyLoss": "classif_logits", "MSELoss": "regression",
+                "BCEWithLogitsLoss": "classif_binary_logits"}
+
+
+@pytest.mark.parametrize("kind,lname,red", CASES)
+def test_nngeometry(float64_default, kind, lname, red):
+    pytest.importorskip("nngeometry")
+    from nngeometry.metrics import FIM
+    from nngeometry.object import PMatDense, PMatKFAC
+    from torch.utils.data import DataLoader, TensorDataset
+
+    net, shape = make(kind)
+    X, y = batch(shape, lname)
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(getattr(torch.nn, lname)(reduction=red))
+    loader = DataLoader(TensorDataset(torch.tensor(X), torch.tensor(y)), batch_size=len(X))
+    F = FIM(net, loader, PMatDense, variant=NNG_VARIANTS[lname]).to_torch().numpy()
+    assert rel(Fisher(model, theta, loss, X, y, convention="nngeometry").dense(), F) < RTOL
+    K = FIM(net, loader, PMatKFAC, variant=NNG_VARIANTS[lname])
+    ours = KFAC(model, theta, loss, X, y, bias="joint", convention="nngeometry")
+    assert rel(ours.dense(), K.to_torch().numpy()) < RTOL
+    M = 2 if lname == "CrossEntropyLoss" else 3       # rows per sample: C − 1 for CE, C otherwise
+    T = {"mlp": [1, 1, 1], "cnn": [16, 4, 1]}[kind]
+    for (a, g), f, t in zip(K.data.values(), ours.factors(), T):
+        s = np.sqrt(M) * t
+        assert rel(a.numpy(), s * f.A) < RTOL and rel(g.numpy(), f.G / s) < RTOL
+
+
+# --------------------------------------------------------------------------- asdl
+@pytest.mark.parametrize("kind,lname,red", [c for c in CASES if c[1] != "BCEWithLogitsLoss"])
+def test_asdl(float64_default, kind, lname, red):
+    asdl = pytest.importorskip("asdl")
+    import torch.nn.functional as tF
+
+    net, shape = make(kind)
+    X, y = batch(shape, lname)
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(getattr(torch.nn, lname)(reduction=red))
+    lt, lf = ((asdl.LOSS_CROSS_ENTROPY, tF.cross_entropy) if lname == "CrossEntropyLoss"
+              else (asdl.LOSS_MSE, tF.mse_loss))
+    mods = [m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    for ftype, cls, rtype in ((asdl.FISHER_EXACT, Fisher, "type-2"),
+                              (asdl.FISHER_EMP, EmpiricalFisher, "empirical")):
+        cfg = asdl.FisherConfig(fisher_type=ftype, fisher_shapes=[asdl.SHAPE_FULL, asdl.SHAPE_KRON],
+                                loss_type=lt, data_size=len(X))
+        maker = asdl.get_fisher_maker(net, cfg)
+        out = maker.setup_model_call(net, torch.tensor(X))
+        maker.setup_loss_call(lf, out, torch.tensor(y))
+        maker.forward_and_backward()
+        F = cls(model, theta, loss, X, y, convention="asdl").dense()
+        assert rel(F, net.fisher.data.numpy()) < RTOL
+        ours = KFAC(model, theta, loss, X, y, fisher_type=rtype, convention="asdl").factors()
+        for m, f in zip(mods, ours):
+            assert rel(f.A, m.fisher.kron.A.numpy()) < RTOL and rel(f.G, m.fisher.kron.B.numpy()) < RTOL
+
+
+# --------------------------------------------------------------------------- laplace
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_laplace_classification_through_curvlinops_backend(float64_default, red):
+    """Needs float64 as torch's default dtype: laplace builds intermediates in it (with
+    float32 the agreement is only ~3e-8)."""
+    pytest.importorskip("laplace")
+    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+
+    net, shape = make("mlp")
+    X, y = batch(shape, "CrossEntropyLoss")
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(torch.nn.CrossEntropyLoss(reduction=red))
+    for backend, cls in ((CurvlinopsGGN, Fisher), (CurvlinopsEF, EmpiricalFisher)):
+        _, H = backend(net, likelihood="classification").full(torch.tensor(X), torch.tensor(y))
+        assert rel(cls(model, theta, loss, X, y, convention="laplace").dense(), H.detach().numpy()) < RTOL

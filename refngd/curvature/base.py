@@ -64,8 +64,10 @@ class CurvatureOperator(ABC):
 class RowCurvature(CurvatureOperator):
     """F = c · UᵀU for R = N·K row cotangents back-propagated once (docs/design.md §2).
 
-    Subclasses define :meth:`cotangents`, the (N, K, C) output-space rows.  Construction
-    runs one forward pass (or reuses ``linearization``) and one backward pass of the rows.
+    Subclasses define :meth:`cotangents`, the (N, K, C) output-space rows, and set
+    ``label_based`` when the rows use the observed labels (EF, iEF; see conventions).
+    Construction runs one forward pass (or reuses ``linearization``) and one backward pass
+    of the rows.
 
     Parameters
     ----------
@@ -80,6 +82,8 @@ class RowCurvature(CurvatureOperator):
         may rescale c by the library's α (its objective is α × the PyTorch loss)
     """
 
+    label_based = False
+
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
                  with_gradient: bool = False, convention="refngd"):
         from .. import conventions
@@ -88,7 +92,8 @@ class RowCurvature(CurvatureOperator):
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         self.outputs = self.lin.outputs
         self.convention = conventions.get(convention)
-        self.c = float(loss.scale(self.outputs)) * self.convention.alpha(loss, self.outputs)
+        self.c = float(loss.scale(self.outputs)) * self.convention.alpha(loss, self.outputs,
+                                                                          self.label_based)
         self.num_params = int(theta.shape[0])
         self.dtype = theta.dtype
         S = self.cotangents()
@@ -213,7 +218,7 @@ class RowCurvature(CurvatureOperator):
             ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
             return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
         g = gradient_from(self.lin, self.loss, self.y)
-        alpha = self.convention.alpha(self.loss, self.outputs)
+        alpha = self.convention.alpha(self.loss, self.outputs, empirical=True)
         return g if alpha == 1.0 else g * alpha
 
     def natural_gradient(self, damping: float) -> Array:

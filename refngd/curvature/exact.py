@@ -69,6 +69,8 @@ class EmpiricalFisher(RowCurvature):
     2019, "Limitations of the empirical Fisher approximation", eq. 5).
     """
 
+    label_based = True
+
     def cotangents(self) -> Array:
         return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
 
@@ -79,6 +81,8 @@ class ImprovedEmpiricalFisher(RowCurvature):
     One row per sample, s_n = e_n / ‖e_n‖.  A perfectly learnt sample (e_n = 0, so
     g_n = 0) contributes nothing: its row is set to 0 rather than 0/0.
     """
+
+    label_based = True
 
     def cotangents(self) -> Array:
         xp = namespace(self.outputs)

@@ -197,7 +197,7 @@ class KFAC(KroneckerOperator):
         self.mc_samples = int(mc_samples)
         self.lin = linearization if linearization is not None else model.linearize(theta, X)
         Z = self.lin.outputs
-        self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z)
+        self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
         self.num_params, self.dtype = int(theta.shape[0]), theta.dtype
         self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng))
         cache = _INPUT_FACTORS.setdefault(self.lin, {})
