@@ -110,7 +110,7 @@ PRESETS: dict = {p.name: p for p in (
         differences=(
             "BatchGrad (per-sample gradients) is c·g_n, the gradient of each sample's term of "
             "the reduced loss; refngd's per_sample_gradients are g_n (no c).",
-            "SumGradSquared is Σ_n (c·g_n)² = c·diag(EF) for c = 1, c²·Σ g_n² in general.",
+            "SumGradSquared is Σ_n (c·g_n)² = c·diag(EF) (refngd's EF carries one c).",
             "KFLR (type-2 K-FAC) of a Linear layer equals refngd's with bias='separate'.",
             "KFLR / KFAC of a Conv2d layer is [G_reduce, T·A_expand] (T output locations), bias "
             "factor G_reduce: neither refngd's 'expand' nor 'reduce'.",

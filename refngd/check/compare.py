@@ -153,9 +153,13 @@ def _block_context(context: Mapping | None, key: str) -> dict:
 def _constants(context: Mapping | None) -> list:
     """(value, name, explanation) of the factors worth naming, from N, C, K, T in context."""
     ctx = {k: v for k, v in (context or {}).items() if isinstance(v, (int, float)) and v > 1}
-    out = [(2.0, "2", "the MSE's factor 2 (a ½‖z − y‖² convention, Gaussian variance 1 instead of ½)"),
-           (4.0, "4", "the MSE's factor 2 applied twice (e.g. in both e_n and the Hessian)"),
-           (math.sqrt(2), "√2", "the MSE's Hessian square root √2·I taken as I")]
+    if (context or {}).get("loss", "MSELoss") == "MSELoss":
+        out = [(2.0, "2", "the MSE's factor 2 (a ½‖z − y‖² convention, Gaussian variance 1 instead of ½)"),
+               (4.0, "4", "the MSE's factor 2 applied twice (e.g. in both e_n and the Hessian)"),
+               (math.sqrt(2), "√2", "the MSE's Hessian square root √2·I taken as I")]
+    else:
+        out = [(2.0, "2", "a term counted twice (or a ½ missing)"), (4.0, "4", "a factor 2 applied twice"),
+               (math.sqrt(2), "√2", "a square root of 2 in the rows (a Hessian factor)")]
     why = {"N": "the batch size: sum vs mean reduction, or a mean-reduced loss averaged again",
            "C": "the output dimension: MSE/BCE 'mean' divides by N·C, a per-sample mean only by N",
            "K": "the number of Monte-Carlo samples: a missing 1/K (or 1/√K on the rows)",
@@ -304,7 +308,9 @@ def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float 
     blocks : optional name → slice (or (start, stop)) of θ: splits a (P,) vector, the last
         axis of an (N, P) array, or the diagonal blocks of a (P, P) matrix.
     rtol : relative-error tolerance; default by the candidate's dtype (:func:`default_rtol`).
-    context : sizes used to name constant factors: ``{"N": 8, "C": 3, "K": 1, "T": 16}``.
+    context : sizes used to name constant factors, ``{"N": 8, "C": 3, "K": 1, "T": 16}``
+        (a value may be a mapping block name → value, e.g. T per layer), and ``"loss"``, the
+        loss's class name (the factor-2 hints speak of the MSE only for ``"MSELoss"``).
     layouts : name → (d_out, d_in) of a weight block, for the row/column-major vec test
         (without it every factorisation of the block's length is tried).
     alternatives : description → array (or mapping like ``reference``) of known wrong

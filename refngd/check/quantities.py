@@ -65,7 +65,7 @@ class Twin:
 
     def context(self) -> dict:
         Z = self.model.forward(self.theta, self.X)
-        ctx = {"N": int(Z.shape[0]), "C": int(Z.shape[1])}
+        ctx = {"N": int(Z.shape[0]), "C": int(Z.shape[1]), "loss": type(self.loss).__name__}
         K = int(self.options.get("mc_samples", 1))
         if K > 1:
             ctx["K"] = K
