@@ -122,7 +122,7 @@ def backpack():
 @pytest.mark.parametrize("kind,lname,red", [c for c in CASES if c[1] != "BCEWithLogitsLoss"]
                          + [("mlp", "BCEWithLogitsLoss", "mean"), ("cnn", "BCEWithLogitsLoss", "sum")])
 def test_backpack(backpack, kind, lname, red):
-    from backpack.extensions import KFLR, BatchGrad, DiagGGNExact
+    from backpack.extensions import KFLR, BatchGrad, DiagGGNExact, SumGradSquared
 
     C = 1 if lname == "BCEWithLogitsLoss" else 3   # BackPACK's BCE: one output only
     net, shape = make(kind, C)
@@ -131,7 +131,7 @@ def test_backpack(backpack, kind, lname, red):
     lm = getattr(torch.nn, lname)(reduction=red)
     loss = interop.from_torch_loss(lm)
     net, lme = backpack.extend(net), backpack.extend(lm)
-    with backpack.backpack(BatchGrad(), DiagGGNExact(), KFLR()):
+    with backpack.backpack(BatchGrad(), DiagGGNExact(), KFLR(), SumGradSquared()):
         lme(net(torch.tensor(X)), torch.tensor(y)).backward()
     N = X.shape[0]
     bg = torch.cat([p.grad_batch.reshape(N, -1) for p in net.parameters()], 1).numpy()
@@ -139,6 +139,9 @@ def test_backpack(backpack, kind, lname, red):
     G = conventions.per_sample_gradients(refngd.per_sample_gradients(model, theta, loss, X, y),
                                          loss, Z, "backpack")
     assert rel(G, bg) < RTOL
+    sgs = torch.cat([p.sum_grad_squared.reshape(-1) for p in net.parameters()]).numpy()
+    c = loss.scale(Z)
+    assert rel(c * EmpiricalFisher(model, theta, loss, X, y).diagonal(), sgs) < RTOL
     dg = torch.cat([p.diag_ggn_exact.reshape(-1) for p in net.parameters()]).numpy()
     assert rel(Fisher(model, theta, loss, X, y, convention="backpack").diagonal(), dg) < RTOL
     ours = KFAC(model, theta, loss, X, y, convention="backpack")
@@ -262,14 +265,14 @@ def test_asdl(float64_default, kind, lname, red):
 
 
 # --------------------------------------------------------------------------- laplace
-@pytest.mark.parametrize("red", ["mean", "sum"])
-def test_laplace_classification_through_curvlinops_backend(float64_default, red):
+@pytest.mark.parametrize("kind,red", [("mlp", "mean"), ("cnn", "sum")])
+def test_laplace_classification_through_curvlinops_backend(float64_default, kind, red):
     """Needs float64 as torch's default dtype: laplace builds intermediates in it (with
     float32 the agreement is only ~3e-8)."""
     pytest.importorskip("laplace")
     from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
 
-    net, shape = make("mlp")
+    net, shape = make(kind)
     X, y = batch(shape, "CrossEntropyLoss")
     model, theta = interop.from_torch(net)
     loss = interop.from_torch_loss(torch.nn.CrossEntropyLoss(reduction=red))

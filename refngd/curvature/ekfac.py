@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 
+from .. import conventions
 from ..backend import Array, check_damping, namespace
 from ..nn.linear import Linear
 from .kfac import KFAC, input_rows, output_rows
@@ -53,8 +54,12 @@ class EKFAC(KroneckerOperator):
         else:
             # The factors come from ``kfac``: an option that contradicts them is an error,
             # not something to ignore silently.
-            clash = [f"{k}={v!r} (kfac has {getattr(kfac, k)!r})" for k, v in options.items()
-                     if v is not None and v != getattr(kfac, k, v)]
+            have = {k: getattr(kfac, k, v) for k, v in options.items()}
+            if options["convention"] is not None:  # compare presets by name
+                options["convention"] = conventions.get(options["convention"]).name
+                have["convention"] = kfac.convention.name
+            clash = [f"{k}={v!r} (kfac has {have[k]!r})" for k, v in options.items()
+                     if v is not None and v != have[k]]
             if clash or rng is not None or linearization is not None:
                 raise ValueError(
                     "EKFAC(..., kfac=k) reuses k's factors; do not also pass "
