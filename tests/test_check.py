@@ -105,6 +105,7 @@ def test_transposed_vec_and_swapped_kronecker(cnn):
         swapped[s, s] = np.kron(f.A, f.G)
     report = check.validate(net, CE, X, y, "kfac", swapped)
     assert "A ⊗ G in place of G ⊗ A" in report.diagnosis and "column-major" in report.diagnosis
+    assert "for each weight" in report.diagnosis and "0.weight, 3.weight" in report.diagnosis
     g = check.validate(net, CE, X, y, "gradient", np.zeros(theta.size)).blocks  # shapes only
     assert len(g) == 4
     grad = Fisher(model, theta, loss, X, y).gradient()
@@ -211,3 +212,14 @@ def test_refngd_pair_instead_of_torch_model():
     X, y = np.random.default_rng(1).standard_normal((4, 3)), np.array([0, 1, 1, 0])
     F = Fisher(model, theta, losses.CrossEntropy(), X, y).dense()
     assert check.validate((model, theta), losses.CrossEntropy(), X, y, "fisher", F).passed
+
+
+def test_block_diagonal_where_the_full_fisher_was_meant(cnn):
+    net, model, theta, X, y = cnn
+    loss = interop.from_torch_loss(CE)
+    F = Fisher(model, theta, loss, X, y).dense()
+    blockdiag = np.zeros_like(F)
+    for s in (slice(0, 54), slice(54, 57), slice(57, 201), slice(201, 204)):
+        blockdiag[s, s] = F[s, s]
+    d = check.validate(net, CE, X, y, "fisher", blockdiag).diagnosis
+    assert "only block 'off-diagonal'" in d and "block-diagonal where the full matrix was meant" in d

@@ -113,6 +113,27 @@ def test_curvlinops_damped_inverses(curvlinops, kind):
     assert rel(default, heur) > 1e-6   # refngd's own π for the bias: a real difference
 
 
+@pytest.mark.parametrize("kind,lname", [("mlp", "CrossEntropyLoss"), ("cnn", "MSELoss")])
+def test_curvlinops_monte_carlo_fisher_within_the_sample_size_tolerance(curvlinops, kind, lname):
+    """FisherMCLinearOperator draws its own labels: it must lie within refngd.check's
+    Monte-Carlo tolerance (from refngd's own estimates at the same N and K) of the exact
+    Fisher, and twice it must not."""
+    from refngd import check
+
+    net, shape = make(kind)
+    X, y = batch(shape, lname, N=8)
+    lm = getattr(torch.nn, lname)()
+    data = [(torch.tensor(X), torch.tensor(y))]
+    K = 32
+    op = curvlinops.FisherMCLinearOperator(net, lm, list(net.parameters()), data, mc_samples=K, seed=7)
+    P = sum(p.numel() for p in net.parameters())
+    F_mc = (op @ torch.eye(P, dtype=torch.float64)).numpy()
+    r = check.validate(net, lm, X, y, "sampled_fisher", F_mc, convention="curvlinops", mc_samples=K)
+    assert r.passed, str(r)
+    assert not check.validate(net, lm, X, y, "sampled_fisher", 2 * F_mc, convention="curvlinops",
+                              mc_samples=K).passed
+
+
 # --------------------------------------------------------------------------- BackPACK
 @pytest.fixture(scope="module")
 def backpack():

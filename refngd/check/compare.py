@@ -22,6 +22,7 @@ Everything is computed on the host in float64: this is a reporting module.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -30,6 +31,8 @@ import numpy as np
 from ..backend import to_numpy
 
 __all__ = ["compare", "Report", "BlockResult", "default_rtol"]
+
+_SHAPES = re.compile(r"for a \(\d+, \d+\) weight")
 
 #: default relative tolerances by the candidate's dtype; ~1e3·ε covers the round-off of
 #: the GEMMs, Cholesky and eigendecompositions in both the candidate and the reference
@@ -86,6 +89,9 @@ class Report:
             return f"only block {bad[0].name!r} is wrong, the other {len(self.blocks) - 1} match: {what}."
         if known and len(known) == len(bad) and len({b.diagnosis for b in bad}) == 1:
             return bad[0].diagnosis + "."
+        causes = {_SHAPES.sub("for each weight", b.diagnosis or "") for b in bad}
+        if known and len(known) == len(bad) and len(causes) == 1:
+            return f"{causes.pop()}, in blocks {', '.join(b.name for b in bad)}."
         if not known:
             return None
         return "; ".join(f"{b.name}: {b.diagnosis or 'no recognisable cause'}" for b in bad) + "."
@@ -262,6 +268,9 @@ def _diagnose(c, r, tol, context, layout, alternatives: Mapping) -> str | None:
     for name, alt in alternatives.items():
         if alt is not None and _close(c, alt, tol):
             return f"the candidate equals {name}"
+    if not np.any(c):
+        return ("the candidate is zero here: a block left out (e.g. block-diagonal where the full "
+                "matrix was meant, or a layer skipped)")
     alpha = _scalar_fit(c, r, tol)
     if alpha is not None:
         return _name_factor(alpha, tol, context)
