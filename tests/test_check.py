@@ -223,3 +223,17 @@ def test_block_diagonal_where_the_full_fisher_was_meant(cnn):
         blockdiag[s, s] = F[s, s]
     d = check.validate(net, CE, X, y, "fisher", blockdiag).diagnosis
     assert "only block 'off-diagonal'" in d and "block-diagonal where the full matrix was meant" in d
+
+
+def test_gamma_of_a_direction(cnn):
+    """γ(d) for the K-FAC direction: the candidate computed with torch's Fisher quadratic form."""
+    net, model, theta, X, y = cnn
+    loss = interop.from_torch_loss(CE)
+    from refngd import updates
+    d = updates.kfac(model, theta, loss, X, y, 1e-2)
+    F = Fisher(model, theta, loss, X, y)
+    g = F.gradient()
+    gam = float(np.sqrt(d @ F.dense() @ d) / abs(d @ g))
+    assert check.validate(net, CE, X, y, "gamma", gam, v=d).passed
+    r = check.validate(net, CE, X, y, "gamma", gam * np.sqrt(2), v=d)
+    assert "√2" in r.diagnosis

@@ -118,6 +118,8 @@ class Report:
 def _host(name: str, a) -> np.ndarray:
     if hasattr(a, "detach"):  # a torch tensor: no torch import needed here
         a = a.detach().cpu().numpy()
+    if isinstance(a, float):  # a scalar quantity such as γ
+        a = np.float64(a)
     a = to_numpy(a)
     if a.dtype not in (np.float64, np.float32):
         raise TypeError(f"{name} must be a float64 or float32 array, got dtype {a.dtype}.")

@@ -135,10 +135,10 @@ def _damping(twin: Twin) -> float:
     return lam
 
 
-def _vector(twin: Twin):
+def _vector(twin: Twin, what: str = "the vector your code multiplied"):
     v = twin.options.get("v")
     if v is None:
-        raise ValueError("quantity 'fisher_matvec' needs v= (the vector your code multiplied).")
+        raise ValueError(f"this quantity needs v= ({what}).")
     return v
 
 
@@ -161,6 +161,12 @@ def reference(twin: Twin, quantity: str):
     if quantity == "fisher_matvec":
         v = _vector(t)
         return _exact(Fisher, t) @ v, {EF_FOR_F: _exact(EmpiricalFisher, t) @ v}, True
+    if quantity == "gamma":
+        from ..metrics import gamma
+
+        d = _vector(t, "the direction d whose γ(d) = √(dᵀFd)/|dᵀg| your code computed")
+        F = _exact(Fisher, t)
+        return float(gamma(d, F, F.gradient())), {}, False
     if quantity == "empirical_fisher":
         return _exact(EmpiricalFisher, t).dense(), {F_FOR_EF: _exact(Fisher, t).dense()}, True
     if quantity == "ief":
@@ -240,5 +246,5 @@ def mc_tolerance(t: Twin, trials: int = 16) -> tuple:
 
 
 QUANTITIES = ("per_sample_gradients", "gradient", "fisher", "ggn", "fisher_diagonal", "fisher_matvec",
-              "empirical_fisher", "ief", "sampled_fisher", "kfac_factors", "kfac", "ekfac",
+              "gamma", "empirical_fisher", "ief", "sampled_fisher", "kfac_factors", "kfac", "ekfac",
               "ngd_update", "ef_update", "ief_update", "kfac_update", "ekfac_update")

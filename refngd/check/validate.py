@@ -66,7 +66,8 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
         ``ekfac``, ``sampled_fisher`` (P, P), ``fisher_diagonal``, ``fisher_matvec`` (P,),
         ``kfac_factors`` (a dict ``{"<layer>.A": A, "<layer>.G": G}``, layer names as in
         ``named_parameters``), ``ngd_update``, ``ef_update``, ``ief_update``,
-        ``kfac_update``, ``ekfac_update`` (P,; need ``damping``).
+        ``kfac_update``, ``ekfac_update`` (P,; need ``damping``), ``gamma`` (a float:
+        γ(v) = √(vᵀFv)/|vᵀg| of Wu et al. 2024, eq. 15, for the direction ``v``).
     candidate : your value (NumPy, CuPy or torch), θ in ``parameters_to_vector`` order.
     convention : a preset of :mod:`refngd.conventions` — the library you mean to match.
     rtol : tolerance on the relative error; default by dtype (1e-10 float64, 1e-4 float32),
