@@ -148,15 +148,20 @@ PRESETS: dict = {p.name: p for p in (
     Convention(
         "kfac-jax", "kfac-jax 0.0.8", loss_scale="batch-mean", status="transcribed",
         differences=(
-            "Losses are registered negative log-likelihoods of the batch-mean loss: "
-            "register_normal_predictive_distribution with the default variance ½ matches "
-            "PyTorch's MSE per sample, register_softmax_cross_entropy_loss the categorical; "
-            "the curvature is that of (1/N) Σ_n l_n (c = 1/N even for the MSE, not 1/(N·C)).",
-            "Dense layers: joint bias ([a; 1]); JAX stores kernels as (in, out), so vec(W) is "
-            "column-major relative to PyTorch's (out, in): transpose kernels when mapping θ "
-            "(docs/validating.md). Not run here (jax is not installed); no preset transform.",
+            "Registered losses are sums over the batch divided by batch_size: "
+            "register_squared_error_loss is Σ‖t − z‖²/N and register_normal_predictive_"
+            "distribution (variance ½ by default) the same NLL; register_softmax_cross_entropy_"
+            "loss Σ CE/N. So c = 1/N even for the squared error (PyTorch's MSELoss 'mean' has "
+            "1/(N·C)): α = 1/(N·c).",
+            "Dense layers: the bias joins the weight (ā = [a; 1]; pass bias='joint'); JAX "
+            "stores kernels as (in, out), so vec(W) is column-major relative to PyTorch's "
+            "(out, in): transpose kernels when mapping θ (docs/validating.md).",
+            "Read from the installed source (loss_functions.py); not run here: kfac-jax 0.0.8 "
+            "needs tensorflow-probability's JAX substrate, whose release on the index does not "
+            "import with jax 0.10.",
         ),
-        sources=("kfac_jax/_src/loss_functions.py", "kfac_jax/_src/curvature_blocks.py")),
+        sources=("kfac_jax/_src/loss_functions.py (register_* docstrings and normalisation)",
+                 "kfac_jax/_src/curvature_blocks/kronecker_factored.py (ones column)")),
     Convention(
         "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse",
         differences=(
