@@ -237,3 +237,14 @@ def test_gamma_of_a_direction(cnn):
     assert check.validate(net, CE, X, y, "gamma", gam, v=d).passed
     r = check.validate(net, CE, X, y, "gamma", gam * np.sqrt(2), v=d)
     assert "√2" in r.diagnosis
+
+
+def test_full_matrix_where_a_block_diagonal_was_meant(cnn):
+    net, model, theta, X, y = cnn
+    loss = interop.from_torch_loss(CE)
+    d = check.validate(net, CE, X, y, "kfac", Fisher(model, theta, loss, X, y).dense()).diagnosis
+    assert "the exact Fisher (no Kronecker factorisation)" in d
+    K = KFAC(model, theta, loss, X, y).dense()
+    K[0, 60] = K[60, 0] = 1.0                 # one cross-layer entry
+    d = check.validate(net, CE, X, y, "kfac", K).diagnosis
+    assert "only block 'off-diagonal'" in d and "reference is zero here" in d

@@ -273,6 +273,9 @@ def _diagnose(c, r, tol, context, layout, alternatives: Mapping) -> str | None:
     if not np.any(c):
         return ("the candidate is zero here: a block left out (e.g. block-diagonal where the full "
                 "matrix was meant, or a layer skipped)")
+    if not np.any(r):
+        return ("the reference is zero here but the candidate is not: e.g. cross-layer (off-diagonal) "
+                "entries where the approximation is block-diagonal, or entries for a frozen layer")
     alpha = _scalar_fit(c, r, tol)
     if alpha is not None:
         return _name_factor(alpha, tol, context)
