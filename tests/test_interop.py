@@ -172,3 +172,19 @@ def test_to_array_refuses_non_tensors():
         interop.to_array(np.zeros(3))
     a = interop.to_array(torch.arange(3.0, dtype=torch.float64))
     assert a.dtype == np.float64 and a.tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA build of torch and a GPU")
+def test_cuda_tensors_become_cupy_arrays_without_a_host_copy():
+    cupy = pytest.importorskip("cupy")
+    net = torch_mlp().cuda()
+    model, theta = interop.from_torch(net)
+    assert isinstance(theta, cupy.ndarray)
+    ref = parameters_to_vector(net.parameters()).detach()
+    assert cupy.array_equal(theta, cupy.from_dlpack(ref))
+    back = interop.to_torch(model, theta)
+    assert next(back.parameters()).is_cuda
+    assert torch.equal(parameters_to_vector(back.parameters()).detach(), ref)
+    X = cupy.random.default_rng(0).standard_normal((3, 5))
+    out = model.forward(theta, X)
+    assert cupy.allclose(out, cupy.from_dlpack(net(torch.from_dlpack(X)).detach()), rtol=1e-12)
