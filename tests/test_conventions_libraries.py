@@ -300,3 +300,23 @@ def test_laplace_classification_through_curvlinops_backend(float64_default, kind
     for backend, cls in ((CurvlinopsGGN, Fisher), (CurvlinopsEF, EmpiricalFisher)):
         _, H = backend(net, likelihood="classification").full(torch.tensor(X), torch.tensor(y))
         assert rel(cls(model, theta, loss, X, y, convention="laplace").dense(), H.detach().numpy()) < RTOL
+
+
+def test_float32_library_output_passes_with_the_float32_tolerance(curvlinops):
+    """A float32 model's GGN from curvlinops: judged against refngd's float64 reference
+    with the float32 tolerance (1e-4), and a factor 2 is still caught."""
+    from refngd import check
+
+    net, shape = make("cnn")
+    net = net.float()
+    X, y = batch(shape, "CrossEntropyLoss")
+    lm = torch.nn.CrossEntropyLoss()
+    data = [(torch.tensor(X, dtype=torch.float32), torch.tensor(y))]
+    P = sum(p.numel() for p in net.parameters())
+    ggn = (curvlinops.GGNLinearOperator(net, lm, list(net.parameters()), data)
+           @ torch.eye(P)).numpy()
+    assert ggn.dtype == np.float32
+    r = check.validate(net, lm, X, y, "fisher", ggn, convention="curvlinops")
+    assert r.passed and r.rtol == 1e-4
+    assert max(b.rel_error for b in r.blocks) > 1e-9          # float32 round-off is visible
+    assert "factor 2" in check.validate(net, lm, X, y, "fisher", 2 * ggn).diagnosis

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import conventions
+from ..backend import namespace
 from .compare import Report, compare
 from .quantities import QUANTITIES, Twin, mc_tolerance, reference
 
@@ -44,6 +45,9 @@ def make_twin(model, loss, X, y, convention="refngd", **options) -> Twin:
         from ..interop import from_torch_loss
 
         loss = from_torch_loss(loss)
+    # The reference is computed in float64 whatever the model's dtype: a float32 candidate is
+    # judged against exact numbers with a float32 tolerance, not against float32 round-off.
+    theta = theta.astype(namespace(theta).float64, copy=False)
     X, y = _as_array(X), _as_array(y)
     if "v" in options:
         options["v"] = _as_array(options["v"])
@@ -70,7 +74,8 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
         γ(v) = √(vᵀFv)/|vᵀg| of Wu et al. 2024, eq. 15, for the direction ``v``).
     candidate : your value (NumPy, CuPy or torch), θ in ``parameters_to_vector`` order.
     convention : a preset of :mod:`refngd.conventions` — the library you mean to match.
-    rtol : tolerance on the relative error; default by dtype (1e-10 float64, 1e-4 float32),
+    rtol : tolerance on the relative error; default by the candidate's dtype (1e-10
+        float64, 1e-4 float32 — the reference itself is always computed in float64),
         for ``sampled_fisher`` from the spread of refngd's own estimates at this N and K.
     damping, v, mc_samples, fisher_type, kfac_approx, bias, damping_mode, form, rng :
         the options your code used (refngd's names; see :class:`refngd.curvature.KFAC`).
