@@ -102,6 +102,9 @@ PRESETS: dict = {p.name: p for p in (
             "the bias block its own π. Reproduced by KFAC.solve(..., damping_mode='factored').",
             "Its default damping (no heuristic, no exact) is (G + λI)⁻¹ ⊗ (A + λI)⁻¹: neither "
             "of refngd's modes; use_exact_damping=True equals refngd's 'tikhonov'.",
+            "EKFAC with kfac_approx='reduce' agrees only when every Conv2d's A_reduce has full "
+            "rank: otherwise the re-estimated diagonal depends on the arbitrary eigenbasis of "
+            "A's null space (both libraries project exact per-sample gradients), and they differ.",
         ),
         sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",)),
     Convention(

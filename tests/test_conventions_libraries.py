@@ -89,6 +89,27 @@ def test_curvlinops_exact_and_kfac(curvlinops, kind, lname, red):
     assert rel(EKFAC(model, theta, loss, X, y, **kw).dense(), (op @ eye).numpy()) < 1e-9
 
 
+def test_curvlinops_ekfac_reduce_is_basis_dependent(curvlinops):
+    """EKFAC with kfac_approx='reduce' on a Conv2d layer: the exact per-sample gradients have
+    components outside the span of A_reduce's rows, where any eigenbasis is as good as any
+    other — so when A_reduce is rank-deficient (N < D) the re-estimated diagonal depends on
+    that arbitrary choice and refngd and curvlinops differ (by a few %).  With A_reduce of
+    full rank the basis is unique up to degenerate eigenvalues and both agree to round-off."""
+    net, shape = make("cnn")
+    lm = torch.nn.CrossEntropyLoss()
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(lm)
+    eye = torch.eye(theta.size, dtype=torch.float64)
+    errs = {}
+    for N in (4, 40):                           # D = 2·3·3 = 18 for the first Conv2d
+        X, y = batch(shape, "CrossEntropyLoss", N=N)
+        op = curvlinops.EKFACLinearOperator(net, lm, list(net.parameters()),
+                                            [(torch.tensor(X), torch.tensor(y))],
+                                            fisher_type="type-2", kfac_approx="reduce")
+        errs[N] = rel(EKFAC(model, theta, loss, X, y, kfac_approx="reduce").dense(), (op @ eye).numpy())
+    assert errs[40] < 1e-9 and errs[4] > 1e-4, errs
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_curvlinops_damped_inverses(curvlinops, kind):
     """use_exact_damping = refngd 'tikhonov'; heuristic damping = 'factored' under the preset
