@@ -47,6 +47,7 @@ class Convention:
         ``"weight"`` (factored damping of the bias block is (G + √λ/π_W I), π_W the weight's).
     differences : human-readable list of every way it differs from ``"refngd"``.
     status : ``"verified"`` (tested against the installed library) or ``"transcribed"``.
+    verified_by : how (and how far) a verified preset is tested.
     sources : where the facts come from.
     """
 
@@ -60,6 +61,7 @@ class Convention:
     differences: tuple = ()
     status: str = "verified"
     sources: tuple = field(default=())
+    verified_by: str = "tested against the installed library, tests/test_conventions_libraries.py"
 
     def alpha(self, loss, Z, empirical: bool = False) -> float:
         """α with (library's curvature) = α × (refngd's): a factor on the loss constant c.
@@ -84,7 +86,7 @@ class Convention:
 
 _REFNGD = Convention(
     "refngd", "refngd",
-    differences=(),
+    differences=(), verified_by="refngd's own test suite (docs/conventions.md)",
     sources=("docs/conventions.md", "docs/kfac.md"))
 
 PRESETS: dict = {p.name: p for p in (
@@ -167,6 +169,8 @@ PRESETS: dict = {p.name: p for p in (
                  "kfac_jax/_src/curvature_blocks/kronecker_factored.py (ones column)")),
     Convention(
         "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse",
+        verified_by="partly: classification GGN and EF through its curvlinops backend, "
+                    "tests/test_conventions_libraries.py; regression transcribed",
         differences=(
             "The log-likelihood is summed over the data (its backends run losses with "
             "reduction='sum'): curvature and EF = Σ_n, α = 1/c (N× refngd's for a mean "
@@ -183,11 +187,13 @@ PRESETS: dict = {p.name: p for p in (
         sources=("laplace/curvature/curvature.py (factor)", "laplace/curvature/curvlinops.py")),
     Convention(
         "tutorial", "the widespread 'simplified K-FAC'", kfac_factors="tutorial", status="verified",
+        verified_by="tested against hand-written PyTorch code of the recipe, "
+                    "tests/test_conventions_libraries.py",
         differences=(
             "K-FAC factors from the aggregated weight gradient ∇W of the batch loss: "
             "G = ∇W∇Wᵀ/d_out (d_out × d_out), A = ∇Wᵀ∇W/d_out (d_in × d_in), bias block "
-            "∇b∇bᵀ/d_out — no per-sample statistics, rank one per factor, not an estimate "
-            "of any Fisher (docs/validating.md shows how far it is).",
+            "∇b∇bᵀ/d_out — no per-sample statistics, both factors from one matrix (rank ≤ "
+            "rank ∇W), not an estimate of any Fisher (docs/validating.md shows how far it is).",
             "The running average (β = 0.99 from zero) of such code is left out: one step of it "
             "is (1 − β) times these factors.",
         ),
@@ -215,9 +221,8 @@ def get(name) -> Convention:
 def describe(name) -> str:
     """Every way convention ``name`` differs from refngd's default, as readable text."""
     conv = get(name)
-    head = f"convention {conv.name!r}: {conv.library} ({conv.status}"
-    head += ", tested against the installed library)" if conv.status == "verified" else \
-        ", transcribed from its source, not run here)"
+    how = conv.verified_by if conv.status == "verified" else "read from its source, not run here"
+    head = f"convention {conv.name!r}: {conv.library} ({conv.status}: {how})"
     if not conv.differences:
         return head + "\n  refngd's default: docs/conventions.md and docs/kfac.md."
     lines = [head] + [f"  - {d}" for d in conv.differences]
