@@ -131,7 +131,8 @@ PRESETS: dict = {p.name: p for p in (
             "α = 1/(N·c), times ½ for MSELoss.",
             "PMatKFAC uses a joint bias (ā = [a; 1]; pass bias='joint') and expand for Conv2d; "
             "its factors are √M·T·A and G/(√M·T) of refngd's (M = C − 1 rows for CE, C for "
-            "MSE/BCE; T output locations): the same product G ⊗ A.",
+            "MSE/BCE; T output locations): the same product G ⊗ A. PMatEKFAC (after "
+            "update_diag) equals refngd's EKFAC with bias='joint'.",
             "variant='classif_logits' builds its Cholesky factor with the default dtype: with "
             "float64 models set torch.set_default_dtype(torch.float64), otherwise it fails (and "
             "its ε guard is float32's).",

@@ -258,7 +258,7 @@ NNG_VARIANTS = {"CrossEntropyLoss": "classif_logits", "MSELoss": "regression",
 def test_nngeometry(float64_default, kind, lname, red):
     pytest.importorskip("nngeometry")
     from nngeometry.metrics import FIM
-    from nngeometry.object import PMatDense, PMatKFAC
+    from nngeometry.object import PMatDense, PMatEKFAC, PMatKFAC
     from torch.utils.data import DataLoader, TensorDataset
 
     net, shape = make(kind)
@@ -276,6 +276,10 @@ def test_nngeometry(float64_default, kind, lname, red):
     for (a, g), f, t in zip(K.data.values(), ours.factors(), T):
         s = np.sqrt(M) * t
         assert rel(a.numpy(), s * f.A) < RTOL and rel(g.numpy(), f.G / s) < RTOL
+    E = FIM(net, loader, PMatEKFAC, variant=NNG_VARIANTS[lname])
+    E.update_diag(loader)                      # EKFAC's re-estimated diagonal
+    ek = EKFAC(model, theta, loss, X, y, bias="joint", convention="nngeometry")
+    assert rel(ek.dense(), E.to_torch().numpy()) < 1e-9
 
 
 # --------------------------------------------------------------------------- asdl
