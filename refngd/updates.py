@@ -3,7 +3,9 @@
 Every function is called as ``f(model, theta, loss, X, y, ...)`` and returns a (P,)
 direction d with the sign of the gradient, approximating F⁻¹ g: a step is θ − lr·d.
 Pass ``linearization=model.linearize(theta, X)`` to several of them to share one forward
-pass.
+pass.  ``convention=`` (:mod:`refngd.conventions`) computes a library's update: its α scales
+the curvature and the gradient alike (the paper-defined ``form="gram"`` has no c and is
+unaffected).
 
 Two dampings for EF and iEF (``form=``)
 ---------------------------------------
@@ -52,14 +54,14 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
 
 
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
-       rng=None, linearization=None) -> Array:
+       rng=None, linearization=None, convention="refngd") -> Array:
     """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
 
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
     """
     lin = _lin(model, theta, X, linearization)
     F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin,
-                      with_gradient=True)
+                      with_gradient=True, convention=convention)
     return F.natural_gradient(damping)
 
 
@@ -78,7 +80,7 @@ def _sq_norms(e: Array) -> Array:
 
 
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
-       linearization=None) -> Array:
+       linearization=None, convention="refngd") -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4).
 
     ``form="tikhonov"``: (F̃ + λI)⁻¹ g.  ``form="gram"``: Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
@@ -86,7 +88,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     """
     _check_form(form)
     lin = _lin(model, theta, X, linearization)
-    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, convention=convention)
     xp = namespace(lin.outputs)
     ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
     if form == "gram":
@@ -96,7 +98,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "tikhonov",
-        linearization=None) -> Array:
+        linearization=None, convention="refngd") -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 7–8).
 
     ``form="tikhonov"``: (F̃* + λI)⁻¹ g with F̃* = c Σ g_n g_nᵀ/‖e_n‖².
@@ -109,7 +111,7 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
         return _gram_form(F, _sq_norms(e), damping)
-    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, convention=convention)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
     xp = namespace(e)
     return F.solve_row_space(F.c * xp.sqrt(_sq_norms(e))[:, None], damping)
@@ -137,7 +139,7 @@ def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_t
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
              kfac_approx=kfac_approx, bias=bias, linearization=lin, convention=convention)
-    g = gradient_from(lin, loss, y) * F.convention.alpha(loss, lin.outputs)
+    g = gradient_from(lin, loss, y) * (F.c / float(loss.scale(lin.outputs)))  # α of the convention
     return F.solve(g, damping, damping_mode=damping_mode)
 
 
@@ -152,5 +154,5 @@ def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
               kfac_approx=kfac_approx, bias=bias, linearization=lin, convention=convention)
-    g = gradient_from(lin, loss, y) * F.kfac.convention.alpha(loss, lin.outputs)
+    g = gradient_from(lin, loss, y) * (F.c / float(loss.scale(lin.outputs)))  # α of the convention
     return F.solve(g, damping)

@@ -195,9 +195,9 @@ def _update(t: Twin, method: str):
     if method == "ngd":
         return updates.ngd(*base, convention=t.convention)
     if method == "ef":
-        return updates.ef(*base, form=o.get("form", "tikhonov"))
+        return updates.ef(*base, form=o.get("form", "tikhonov"), convention=t.convention)
     if method == "ief":
-        return updates.ief(*base, form=o.get("form", "tikhonov"))
+        return updates.ief(*base, form=o.get("form", "tikhonov"), convention=t.convention)
     if method == "kfac":
         return updates.kfac(*base, damping_mode=o.get("damping_mode", "tikhonov"),
                             convention=t.convention, **t.kfac_kw)

@@ -212,13 +212,17 @@ class RowCurvature(CurvatureOperator):
         return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
 
     def gradient(self) -> Array:
-        """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (from the extra rows if present)."""
+        """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (from the extra rows if present).
+
+        Under a convention, c includes its α: the gradient of the library's objective, the
+        same g that :meth:`natural_gradient` preconditions.
+        """
         xp = namespace(self.outputs)
         if self._joint is not None:
             ones = xp.ones((self.rows.N, 1), dtype=self.dtype)
             return self.c * self._joint.take(self._K, self._K + 1).rmatvec(ones)
         g = gradient_from(self.lin, self.loss, self.y)
-        alpha = self.convention.alpha(self.loss, self.outputs, empirical=True)
+        alpha = self.c / float(self.loss.scale(self.outputs))  # a convention's α, as in c
         return g if alpha == 1.0 else g * alpha
 
     def natural_gradient(self, damping: float) -> Array:
