@@ -170,16 +170,16 @@ PRESETS: dict = {p.name: p for p in (
                  "kfac_jax/_src/curvature_blocks/kronecker_factored.py (ones column)")),
     Convention(
         "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse",
-        verified_by="partly: classification GGN and EF through its curvlinops backend, "
-                    "tests/test_conventions_libraries.py; regression transcribed",
+        verified_by="GGN and EF through its curvlinops (classification) and BackPACK "
+                    "(classification, regression) backends, tests/test_conventions_libraries.py",
         differences=(
             "The log-likelihood is summed over the data (its backends run losses with "
             "reduction='sum'): curvature and EF = Σ_n, α = 1/c (N× refngd's for a mean "
-            "CrossEntropyLoss) — verified through its curvlinops backend (CurvlinopsGGN, "
-            "CurvlinopsEF, classification).",
+            "CrossEntropyLoss).",
             "likelihood='regression' multiplies the MSE(sum) GGN and EF by ½ (a Gaussian of "
-            "variance 1): transcribed from CurvatureInterface.factor, not run here (its "
-            "regression path fails under torch 2.13's functorch).",
+            "variance 1; CurvatureInterface.factor). Its curvlinops backend's regression path "
+            "fails under torch 2.13's functorch; the BackPACK backend (needs model.output_size) "
+            "runs and agrees.",
             "KronLaplace takes its K-FAC from the backend (BackPACK / curvlinops / ASDL), so "
             "Conv2d factors follow that backend's convention.",
             "With a float64 model set torch.set_default_dtype(torch.float64): laplace creates "

@@ -345,3 +345,23 @@ def test_float32_library_output_passes_with_the_float32_tolerance(curvlinops):
     assert r.passed and r.rtol == 1e-4
     assert max(b.rel_error for b in r.blocks) > 1e-9          # float32 round-off is visible
     assert "factor 2" in check.validate(net, lm, X, y, "fisher", 2 * ggn).diagnosis
+
+
+@pytest.mark.parametrize("lname,lik,red", [("CrossEntropyLoss", "classification", "mean"),
+                                           ("MSELoss", "regression", "mean"),
+                                           ("MSELoss", "regression", "sum")])
+def test_laplace_through_backpack_backend(float64_default, lname, lik, red):
+    """Regression: laplace's GGN and EF are ½ of refngd's MSE(sum) ones (its Gaussian has
+    variance 1); its BackPACK backend needs ``model.output_size``."""
+    pytest.importorskip("laplace")
+    pytest.importorskip("backpack")
+    from laplace.curvature import BackPackEF, BackPackGGN
+
+    net, shape = make("mlp")
+    net.output_size = 3
+    X, y = batch(shape, lname)
+    model, theta = interop.from_torch(net)
+    loss = interop.from_torch_loss(getattr(torch.nn, lname)(reduction=red))
+    for backend, cls in ((BackPackGGN, Fisher), (BackPackEF, EmpiricalFisher)):
+        _, H = backend(net, likelihood=lik).full(torch.tensor(X), torch.tensor(y))
+        assert rel(cls(model, theta, loss, X, y, convention="laplace").dense(), H.detach().numpy()) < RTOL
