@@ -3,7 +3,8 @@
 The workflow: build the model in PyTorch, copy its parameters into a refngd θ with
 ``parameters_to_vector`` (the same order, docs/conventions.md), compute a quantity both
 ways and look at ``refngd.metrics.relative_error``.  Round-off gives ~1e-15 in float64;
-a missing factor gives an error of order one.  Part (c) plants such a bug on purpose.
+a missing factor gives an error of order one.  Part (c) plants such a bug on purpose, and
+part (d) lets ``refngd.check.validate`` name it (docs/validating.md).
 
     python examples/validate_pytorch.py [--out examples_out/validate_pytorch.png]
 """
@@ -96,6 +97,15 @@ print(f"\n{'check':24s} relative error")
 for name, err in errors.items():
     print(f"{name:24s} {err:.2e}")
 print(f"\nrefngd G / buggy G = {ratio:.1f} = N² = {N * N}: the mean-loss backward divides b_n by N.")
+
+# --- (d) the same check in one call: refngd.check.validate names the cause ---------------
+from refngd import check  # noqa: E402
+
+candidate = {"0.A": A_bug[0], "0.G": G_bug[0], "2.A": A_bug[1], "2.G": G_bug[1]}
+report = check.validate(net, torch.nn.CrossEntropyLoss(), X, y, "kfac_factors", candidate,
+                        fisher_type="empirical")
+print(f"\nrefngd.check.validate: {report.diagnosis}")
+assert not report.passed and "1/N² = 1/1024" in report.diagnosis
 
 # The checks this example is about: agreement to round-off (the damped solve in (b) may
 # amplify it ~100x, hence 1e-10, not 1e-15), and the bug caught (an error of order one).

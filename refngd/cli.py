@@ -1,4 +1,4 @@
-"""The ``refngd`` command line: ``refngd compare`` (also ``python -m refngd compare``)."""
+"""The ``refngd`` command line: ``refngd compare`` and ``refngd check`` (also ``python -m refngd ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "for these small matrices and immune to oversubscribed machines")
     cmp.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
     parser.compare_parser = cmp
+    from .check.cli import add_check_parser
+
+    add_check_parser(sub)
     return parser
 
 
@@ -149,6 +152,10 @@ def main(argv=None) -> int:
     """Entry point of the ``refngd`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from .check.cli import run_check
+
+        return run_check(args)
     config = compare_config(args, parser.compare_parser)
     from .experiments.compare import format_results, run_compare, write_outputs
     from .experiments.data import DataError

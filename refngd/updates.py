@@ -7,6 +7,9 @@ pass.  ``params=`` restricts every update to a parameter subset S (docs/subsets.
 ``None``: the model's trainable parameters): the direction is then (F[S, S] + λI)⁻¹ g[S],
 a vector of length |S| in θ's order — step with ``theta[mask] -= lr * d``, or
 ``theta - lr * subset.embed(d)`` for ``subset = refngd.subsets.resolve_params(model, mask)``.
+``convention=`` (:mod:`refngd.conventions`) computes a library's update: its α scales
+the curvature and the gradient alike (the paper-defined ``form="gram"`` has no c and is
+unaffected).
 
 Two dampings for EF and iEF (``form=``)
 ---------------------------------------
@@ -52,7 +55,7 @@ def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None, param
 
 
 def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None,
-        params=None) -> Array:
+        params=None, convention="refngd") -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
 
     F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`).  The gradient lies in
@@ -61,19 +64,19 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
     accurate as K for every λ ≥ 0, and λ = 0 gives the minimum-norm F⁺g.
     """
     lin = _lin(model, theta, X, linearization)
-    F = Fisher(model, theta, loss, X, y, linearization=lin, params=params)
+    F = Fisher(model, theta, loss, X, y, linearization=lin, params=params, convention=convention)
     return F.natural_gradient(damping)
 
 
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
-       rng=None, linearization=None, params=None) -> Array:
+       rng=None, linearization=None, params=None, convention="refngd") -> Array:
     """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
 
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
     """
     lin = _lin(model, theta, X, linearization)
     F = SampledFisher(model, theta, loss, X, y, mc_samples=mc_samples, rng=rng, linearization=lin,
-                      params=params)
+                      params=params, convention=convention)
     return F.natural_gradient(damping)
 
 
@@ -92,7 +95,7 @@ def _sq_norms(e: Array) -> Array:
 
 
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
-       linearization=None, params=None) -> Array:
+       linearization=None, params=None, convention="refngd") -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4 and 5).
 
     ``form="gram"`` (default, the paper's): Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
@@ -101,7 +104,8 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     """
     _check_form(form)
     lin = _lin(model, theta, X, linearization, loss)
-    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
+    F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
+                        convention=convention)
     xp = namespace(lin.outputs)
     ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
     if form == "gram":
@@ -111,7 +115,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
 
 
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
-        linearization=None, params=None) -> Array:
+        linearization=None, params=None, convention="refngd") -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; the iEF matrix is eq. 14).
 
     ``form="gram"`` (default, the paper's): Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².
@@ -124,7 +128,8 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
         return _gram_form(F, _sq_norms(e), damping)
-    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
+    F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
+                                convention=convention)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
     return F.natural_gradient(damping)
 
@@ -140,22 +145,26 @@ from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions tha
 
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-         damping_mode: str = "tikhonov", linearization=None, params=None) -> Array:
+         damping_mode: str = "tikhonov", linearization=None, params=None,
+         convention="refngd") -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
     ``damping_mode="tikhonov"`` damps every block exactly, (G ⊗ A + λI)⁻¹;
     ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹.
+    ``convention`` selects a library's factors and loss scaling (:mod:`refngd.conventions`).
     """
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-             kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params)
-    return F.solve(gradient_from(lin, loss, y, params=F.subset), damping, damping_mode=damping_mode)
+             kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
+             convention=convention)
+    g = gradient_from(lin, loss, y, params=F.subset) * (F.c / float(loss.scale(lin.outputs)))  # α
+    return F.solve(g, damping, damping_mode=damping_mode)
 
 
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
           mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-          linearization=None, params=None) -> Array:
+          linearization=None, params=None, convention="refngd") -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
@@ -163,5 +172,7 @@ def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_
     """
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
-              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params)
-    return F.solve(gradient_from(lin, loss, y, params=F.subset), damping)
+              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
+              convention=convention)
+    g = gradient_from(lin, loss, y, params=F.subset) * (F.c / float(loss.scale(lin.outputs)))  # α
+    return F.solve(g, damping)

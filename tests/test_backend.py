@@ -37,6 +37,8 @@ NUMPY_ALLOWED = frozenset({
     "experiments/results.py",  # saving / loading results files (host I/O)
     "experiments/plots.py",    # matplotlib figures (host only)
     "experiments/data.py",     # data set loading and preprocessing on the host
+    "check/compare.py",        # validation reports: candidates are judged on the host in float64
+    "check/files.py",          # `refngd check`: reading .npz / .json / state_dict files on the host
 })
 
 

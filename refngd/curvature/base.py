@@ -71,8 +71,10 @@ class RowCurvature(CurvatureOperator):
     """F = c · UᵀU for R = N·K row cotangents back-propagated once (docs/design.md §2).
 
     Subclasses define :meth:`cotangents`, the (N, K, C) output-space rows, and
-    :meth:`gradient_coefficients`, the batch gradient written in those rows.  Construction
-    runs one forward pass (or reuses ``linearization``) and one backward pass of the rows.
+    :meth:`gradient_coefficients`, the batch gradient written in those rows, and set
+    ``label_based`` when the rows use the observed labels (EF, iEF; see conventions).
+    Construction runs one forward pass (or reuses ``linearization``) and one backward pass
+    of the rows.
 
     Parameters
     ----------
@@ -86,15 +88,23 @@ class RowCurvature(CurvatureOperator):
         submatrix F[S, S] (P = |S|), every vector it takes or returns has length |S|, and
         no row work is spent on the other parameters.  ``self.subset`` holds the
         :class:`refngd.subsets.ParamSubset` (``None`` for all of θ).
+    convention : ``"refngd"`` (default) or a library preset (:mod:`refngd.conventions`); it
+        may rescale c by the library's α (its objective is α × the PyTorch loss)
     """
 
+    label_based = False
+
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
-                 params=None):
+                 params=None, convention="refngd"):
+        from .. import conventions
+
         check_loss(loss)
         self.model, self.theta, self.loss, self.y = model, theta, loss, y
         self.lin = linearization_for(model, theta, X, linearization)
         self.outputs = self.lin.outputs
-        self.c = float(loss.scale(self.outputs))
+        self.convention = conventions.get(convention)
+        self.c = float(loss.scale(self.outputs)) * self.convention.alpha(loss, self.outputs,
+                                                                          self.label_based)
         self.subset = resolve_params(model, params)
         self.num_params = int(theta.shape[0]) if self.subset is None else self.subset.num_params
         self.dtype = theta.dtype
@@ -201,8 +211,14 @@ class RowCurvature(CurvatureOperator):
         return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
 
     def gradient(self) -> Array:
-        """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (needs ``y``)."""
-        return gradient_from(self.lin, self.loss, self.y, params=self.subset)
+        """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (needs ``y``).
+
+        Under a convention, c includes its α: the gradient of the library's objective, the
+        same g that :meth:`natural_gradient` preconditions.
+        """
+        g = gradient_from(self.lin, self.loss, self.y, params=self.subset)
+        alpha = self.c / float(self.loss.scale(self.outputs))  # a convention's α, as in c
+        return g if alpha == 1.0 else g * alpha
 
     def natural_gradient(self, damping: float) -> Array:
         """(F + λI)⁻¹ g for this batch's loss gradient g, accurate at every λ ≥ 0.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 
+from .. import conventions
 from ..backend import Array, check_damping, namespace
 from ..nn.linear import Linear
 from .kfac import KFAC, input_rows, output_rows
@@ -76,12 +77,12 @@ class EKFAC(KroneckerOperator):
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
                  mc_samples: int | None = None, rng=None, kfac_approx: str | None = None,
                  bias: str | None = None, linearization=None, kfac: KFAC | None = None,
-                 params=None):
+                 params=None, convention=None):
         options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
-                   "bias": bias}
+                   "bias": bias, "convention": convention}
         if kfac is None:
             defaults = {"fisher_type": "type-2", "mc_samples": 1, "kfac_approx": "expand",
-                        "bias": "separate"}
+                        "bias": "separate", "convention": "refngd"}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
             kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params, **kw)
         else:
@@ -90,8 +91,12 @@ class EKFAC(KroneckerOperator):
                                 f"got {type(kfac).__name__}; build one with KFAC(model, theta, loss, X, y).")
             # The factors come from ``kfac``: an option that contradicts them is an error,
             # not something to ignore silently.
-            clash = [f"{k}={v!r} (kfac has {getattr(kfac, k)!r})" for k, v in options.items()
-                     if v is not None and v != getattr(kfac, k, v)]
+            have = {k: getattr(kfac, k, v) for k, v in options.items()}
+            if options["convention"] is not None:  # compare presets by name
+                options["convention"] = conventions.get(options["convention"]).name
+                have["convention"] = kfac.convention.name
+            clash = [f"{k}={v!r} (kfac has {have[k]!r})" for k, v in options.items()
+                     if v is not None and v != have[k]]
             if clash or rng is not None or linearization is not None or params is not None:
                 raise ValueError(
                     "EKFAC(..., kfac=k) reuses k's factors; do not also pass "

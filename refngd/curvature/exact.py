@@ -32,8 +32,9 @@ class Fisher(RowCurvature):
     on the natural gradient method", §9.2).  The labels ``y`` are not used.
     """
 
-    def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None):
-        super().__init__(model, theta, loss, X, y, linearization, params)
+    def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None,
+                 convention="refngd"):
+        super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
         return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
@@ -53,12 +54,12 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, params=None):
+                 linearization=None, params=None, convention="refngd"):
         if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
         self.mc_samples = int(mc_samples)
         self.rng = as_generator(rng)
-        super().__init__(model, theta, loss, X, y, linearization, params)
+        super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
         #: the sampled targets ŷ_nk, leading shape (N, K)
@@ -92,6 +93,8 @@ class EmpiricalFisher(RowCurvature):
     2019, "Limitations of the empirical Fisher approximation", eq. 5).
     """
 
+    label_based = True
+
     def cotangents(self) -> Array:
         return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
 
@@ -108,6 +111,8 @@ class ImprovedEmpiricalFisher(RowCurvature):
     One row per sample, s_n = e_n / ‖e_n‖.  A perfectly learnt sample (e_n = 0, so
     g_n = 0) contributes nothing: its row is set to 0 rather than 0/0.
     """
+
+    label_based = True
 
     def cotangents(self) -> Array:
         xp = namespace(self.outputs)

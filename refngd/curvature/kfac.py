@@ -26,12 +26,14 @@ import math
 import weakref
 from dataclasses import dataclass
 
+from .. import conventions
 from ..backend import Array, as_generator, check_damping, namespace
 from ..nn.conv import Conv2d
 from ..nn.base import BiasRows
 from ..validation import check_loss, linearization_for
 from ..nn.linear import Linear
 from ..subsets import resolve_params
+from .convention_rules import apply_convention
 from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -222,6 +224,8 @@ class KFAC(KroneckerOperator):
         submatrix of the full K-FAC on S, acting on subset-length vectors.  A layer with its
         weight selected and its bias not gets the weight block G ⊗ A (with ``bias="joint"``
         too: the submatrix of the joint block); a bias without its weight is refused.
+    convention : ``"refngd"`` (default) or another library's preset, e.g. ``"backpack"``
+        (:mod:`refngd.conventions`; ``refngd.conventions.describe(name)`` lists the differences).
 
     Notes
     -----
@@ -233,14 +237,15 @@ class KFAC(KroneckerOperator):
 
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
                  mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-                 linearization=None, params=None):
+                 linearization=None, params=None, convention="refngd"):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
+        self.convention = conventions.get(convention)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
         self.mc_samples = int(mc_samples)
         check_loss(loss)
         self.lin = linearization_for(model, theta, X, linearization)
         Z = self.lin.outputs
-        self.c = float(loss.scale(Z))
+        self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
         self.subset = resolve_params(model, params)
         self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
                                       params=self.subset)
@@ -261,6 +266,7 @@ class KFAC(KroneckerOperator):
             self.blocks += build_blocks(e, A, G, bias, True, xp)
             self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop, A.F, G.F,
                                               bias if e.layer.bias else None, approx))
+        apply_convention(self, self.convention, model, loss, y)
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Array) -> Array:
@@ -300,7 +306,15 @@ class KFAC(KroneckerOperator):
         return pi_correction(blk.A.F, blk.G.F)
 
     def _factored_damping(self, blk: Block, damping: float):
-        """(γ_G, γ_A) = (√λ/π, π√λ): the block becomes (G + γ_G I) ⊗ (A + γ_A I)."""
+        """(γ_G, γ_A) = (√λ/π, π√λ): the block becomes (G + γ_G I) ⊗ (A + γ_A I).
+
+        Under a convention with ``bias_damping="weight"`` (curvlinops) a separate bias block
+        is (G + √λ/π_W I) ⊗ [1], π_W the π of its layer's weight block.
+        """
+        if blk.kind == "b" and getattr(self, "convention", None) is not None \
+                and self.convention.bias_damping == "weight":
+            w = next(b for b in self.blocks if b.kind == "w" and b.start == blk.start)
+            return math.sqrt(damping) / self._pi(w), 0.0
         p, s = self._pi(blk), math.sqrt(damping)
         return s / p, s * p
 

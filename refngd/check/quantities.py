@@ -1,0 +1,250 @@
+"""The quantities ``validate`` can check: refngd's reference and the known wrong answers.
+
+Each entry computes, for a twin (model, θ, loss, batch, convention), the reference value
+and a few *alternatives* — the answers a typical bug produces (the EF where the Fisher was
+meant, ``reduce`` where ``expand`` was meant, the tutorial K-FAC, the other bias mode) —
+which :func:`refngd.check.compare` names when a candidate equals one of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .. import conventions, updates
+from ..backend import as_generator, namespace
+from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
+from ..derivatives import gradient, per_sample_gradients
+from ..nn.conv import Conv2d
+from ..nn.linear import Linear
+
+
+@dataclass
+class Twin:
+    """Everything a quantity needs: the refngd model and θ, the loss, the batch, options."""
+
+    model: object
+    theta: object
+    loss: object
+    X: object
+    y: object
+    convention: object
+    prefixes: list            # per parametric layer, its name ("0", "2.1", ...)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def kfac_kw(self) -> dict:
+        o = self.options
+        return dict(fisher_type=o.get("fisher_type", "type-2"), kfac_approx=o.get("kfac_approx", "expand"),
+                    bias=o.get("bias", "separate"), mc_samples=o.get("mc_samples", 1),
+                    rng=o.get("rng", 0) if o.get("fisher_type") == "mc" else None)
+
+    def param_blocks(self) -> dict:
+        """name → (start, stop) of every weight and bias block of θ (PyTorch names)."""
+        out, i = {}, 0
+        for layer, (start, stop) in zip(self.model.layers, self.model.slices):
+            if stop == start:
+                continue
+            name = self.prefixes[i]
+            i += 1
+            w = start + math.prod(layer.param_shapes[0])
+            out[f"{name}.weight"] = (start, w)
+            if stop > w:
+                out[f"{name}.bias"] = (w, stop)
+        return out
+
+    def layouts(self) -> dict:
+        """name → (d_out, D) of every weight block, for the row/column-major vec test."""
+        out, i = {}, 0
+        for layer in self.model.layers:
+            if isinstance(layer, (Linear, Conv2d)):
+                d_out = layer.out_features if isinstance(layer, Linear) else layer.out_channels
+                D = layer.in_features if isinstance(layer, Linear) else layer.D
+                out[f"{self.prefixes[i]}.weight"] = (d_out, D)
+                i += 1
+        return out
+
+    def context(self) -> dict:
+        Z = self.model.forward(self.theta, self.X)
+        ctx = {"N": int(Z.shape[0]), "C": int(Z.shape[1]), "loss": type(self.loss).__name__}
+        K = int(self.options.get("mc_samples", 1))
+        if K > 1:
+            ctx["K"] = K
+        T = {}
+        lin = self.model.linearize(self.theta, self.X)
+        rows = lin.backprop(namespace(Z).zeros((Z.shape[0], 1, Z.shape[1]), dtype=Z.dtype))
+        i = 0
+        for e in rows.layers:
+            if isinstance(e.layer, Conv2d):
+                t = int(e.cache[0].shape[2])
+                for s in ("A", "G", "weight", "bias"):
+                    T[f"{self.prefixes[i]}.{s}"] = t
+            if isinstance(e.layer, (Linear, Conv2d)):
+                i += 1
+        if T:
+            ctx["T"] = T
+        return ctx
+
+
+def _factors(K: KFAC, twin: Twin) -> dict:
+    out = {}
+    for f, name in zip(K.factors(), twin.prefixes):
+        out[f"{name}.A"], out[f"{name}.G"] = f.A, f.G
+    return out
+
+
+def _kfac(twin: Twin, **over) -> KFAC:
+    kw = {**twin.kfac_kw, **over}
+    conv = over.pop("convention", twin.convention)
+    kw.pop("convention", None)
+    return KFAC(twin.model, twin.theta, twin.loss, twin.X, twin.y, convention=conv, **kw)
+
+
+def _has_conv(twin: Twin) -> bool:
+    return any(isinstance(l, Conv2d) for l in twin.model.layers)
+
+
+def _kfac_alternatives(twin: Twin, get) -> dict:
+    """The K-FAC answers of the common mistakes, through ``get(kfac_object)``."""
+    kw = twin.kfac_kw
+    alts = {}
+    if _has_conv(twin):
+        other = "reduce" if kw["kfac_approx"] == "expand" else "expand"
+        alts[f"kfac_approx={other!r} where {kw['kfac_approx']!r} was meant (Conv2d)"] = \
+            get(_kfac(twin, kfac_approx=other))
+        if twin.convention.conv_kfac != "backpack":
+            alts["BackPACK's Conv2d factors [G_reduce, T·A_expand]"] = get(_kfac(twin, convention="backpack"))
+    if kw["fisher_type"] != "empirical" and twin.y is not None:
+        alts["the empirical-Fisher K-FAC (rows e_n) where the Fisher was meant"] = \
+            get(_kfac(twin, fisher_type="empirical"))
+    if twin.y is not None and twin.convention.kfac_factors != "tutorial":
+        alts["the tutorial's simplified K-FAC (factors of the aggregated gradient ∇W)"] = \
+            get(_kfac(twin, convention="tutorial"))
+    other_bias = "joint" if kw["bias"] == "separate" else "separate"
+    alts[f"bias={other_bias!r} where {kw['bias']!r} was meant"] = get(_kfac(twin, bias=other_bias))
+    return alts
+
+
+def _exact(cls, twin, **kw):
+    return cls(twin.model, twin.theta, twin.loss, twin.X, twin.y, convention=twin.convention, **kw)
+
+
+def _damping(twin: Twin) -> float:
+    lam = twin.options.get("damping")
+    if lam is None:
+        raise ValueError("this quantity is an update direction: pass damping= (the λ your code used).")
+    return lam
+
+
+def _vector(twin: Twin, what: str = "the vector your code multiplied"):
+    v = twin.options.get("v")
+    if v is None:
+        raise ValueError(f"this quantity needs v= ({what}).")
+    return v
+
+
+EF_FOR_F = "the empirical Fisher (EF, observed labels) where the Fisher was meant"
+F_FOR_EF = "the Fisher where the empirical Fisher (EF) was meant"
+
+
+def reference(twin: Twin, quantity: str):
+    """(reference, alternatives, blocked) for ``quantity``; ``blocked``: split along θ."""
+    t, conv = twin, twin.convention
+    if quantity == "per_sample_gradients":
+        G = per_sample_gradients(t.model, t.theta, t.loss, t.X, t.y)
+        return conventions.per_sample_gradients(G, t.loss, t.model.forward(t.theta, t.X), conv), {}, True
+    if quantity == "gradient":
+        return _exact(Fisher, t).gradient(), {}, True
+    if quantity in ("fisher", "ggn"):
+        return _exact(Fisher, t).dense(), {EF_FOR_F: _exact(EmpiricalFisher, t).dense()}, True
+    if quantity == "fisher_diagonal":
+        return _exact(Fisher, t).diagonal(), {EF_FOR_F: _exact(EmpiricalFisher, t).diagonal()}, True
+    if quantity == "fisher_matvec":
+        v = _vector(t)
+        return _exact(Fisher, t) @ v, {EF_FOR_F: _exact(EmpiricalFisher, t) @ v}, True
+    if quantity == "gamma":
+        from ..metrics import gamma
+
+        d = _vector(t, "the direction d whose γ(d) = √(dᵀFd)/|dᵀg| your code computed")
+        F = _exact(Fisher, t)
+        return float(gamma(d, F, F.gradient())), {}, False
+    if quantity == "empirical_fisher":
+        return _exact(EmpiricalFisher, t).dense(), {F_FOR_EF: _exact(Fisher, t).dense()}, True
+    if quantity == "ief":
+        return (_exact(ImprovedEmpiricalFisher, t).dense(),
+                {"the empirical Fisher (EF) where the iEF was meant": _exact(EmpiricalFisher, t).dense()}, True)
+    if quantity == "sampled_fisher":
+        return _exact(Fisher, t).dense(), {EF_FOR_F: _exact(EmpiricalFisher, t).dense()}, True
+    if quantity == "kfac_factors":
+        return _factors(_kfac(t), t), _kfac_alternatives(t, lambda k: _factors(k, t)), False
+    if quantity == "kfac":
+        alts = _kfac_alternatives(t, lambda k: k.dense())
+        alts["the exact Fisher (no Kronecker factorisation)"] = _exact(Fisher, t).dense()
+        return _kfac(t).dense(), alts, True
+    if quantity == "ekfac":
+        k = _kfac(t)
+        return EKFAC(t.model, t.theta, t.loss, t.X, t.y, kfac=k).dense(), {"K-FAC where EKFAC was meant": k.dense()}, True
+    if quantity.endswith("_update"):
+        return _update(t, quantity[:-7]), _update_alternatives(t, quantity[:-7]), True
+    raise ValueError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
+
+
+def _update(t: Twin, method: str):
+    lam = _damping(t)
+    o = t.options
+    base = (t.model, t.theta, t.loss, t.X, t.y, lam)
+    if method == "ngd":
+        return updates.ngd(*base, convention=t.convention)
+    if method == "ef":
+        return updates.ef(*base, form=o.get("form", "tikhonov"), convention=t.convention)
+    if method == "ief":
+        return updates.ief(*base, form=o.get("form", "tikhonov"), convention=t.convention)
+    if method == "kfac":
+        return updates.kfac(*base, damping_mode=o.get("damping_mode", "tikhonov"),
+                            convention=t.convention, **t.kfac_kw)
+    if method == "ekfac":
+        return updates.ekfac(*base, convention=t.convention, **t.kfac_kw)
+    raise ValueError(f"unknown update {method!r}_update; choose ngd, ef, ief, kfac or ekfac.")
+
+
+def _update_alternatives(t: Twin, method: str) -> dict:
+    lam = _damping(t)
+    base = (t.model, t.theta, t.loss, t.X, t.y, lam)
+    alts = {"the plain gradient (no preconditioning)": gradient(t.model, t.theta, t.loss, t.X, t.y)}
+    if method == "ngd":
+        alts["the EF update where the natural gradient was meant"] = updates.ef(*base)
+    if method in ("ef", "ief"):
+        other = "gram" if t.options.get("form", "tikhonov") == "tikhonov" else "tikhonov"
+        alts[f"form={other!r} (the other damping) where {t.options.get('form', 'tikhonov')!r} was meant"] = \
+            getattr(updates, method)(*base, form=other)
+    if method == "kfac":
+        other = "factored" if t.options.get("damping_mode", "tikhonov") == "tikhonov" else "tikhonov"
+        alts[f"damping_mode={other!r} where the other was meant"] = updates.kfac(
+            *base, damping_mode=other, convention=t.convention, **t.kfac_kw)
+    return alts
+
+
+def mc_tolerance(t: Twin, trials: int = 16) -> tuple:
+    """(rtol, reason) for a sampled Fisher: from refngd's own estimates' spread around F.
+
+    A correct Monte-Carlo candidate's relative error is a draw from the distribution of
+    ‖F̂ − F‖/‖F‖ at this N and K; ``trials`` independent refngd estimates give its mean m
+    and standard deviation s, and the tolerance m + 6 s (never below their maximum).
+    """
+    K = int(t.options.get("mc_samples", 1))
+    F = _exact(Fisher, t).dense()
+    xp = namespace(F)
+    rng = as_generator(t.options.get("rng", 0))
+    errs = []
+    for _ in range(trials):
+        Fh = _exact(SampledFisher, t, mc_samples=K, rng=rng).dense()
+        errs.append(float(xp.linalg.norm(Fh - F) / xp.linalg.norm(F)))
+    m = sum(errs) / trials
+    s = (sum((e - m) ** 2 for e in errs) / (trials - 1)) ** 0.5
+    tol = max(m + 6 * s, max(errs))
+    return tol, (f"Monte-Carlo, N = {t.X.shape[0]}, K = {K}: refngd's own {trials} estimates have "
+                 f"relative error {m:.3g} ± {s:.2g}; tolerance mean + 6 sd")
+
+
+QUANTITIES = ("per_sample_gradients", "gradient", "fisher", "ggn", "fisher_diagonal", "fisher_matvec",
+              "gamma", "empirical_fisher", "ief", "sampled_fisher", "kfac_factors", "kfac", "ekfac",
+              "ngd_update", "ef_update", "ief_update", "kfac_update", "ekfac_update")
