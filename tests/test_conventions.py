@@ -53,7 +53,7 @@ def test_convention_scales_everything_that_carries_c(setup):
     np.testing.assert_allclose(ef.dense(), C * EmpiricalFisher(model, theta, loss, X, Y).dense(), rtol=1e-13)
     np.testing.assert_allclose(ef.gradient(), C * ref.gradient(), rtol=1e-13)
     np.testing.assert_allclose(nng.gradient(), a * ref.gradient(), rtol=1e-13)  # ½-MSE objective
-    joint = Fisher(model, theta, loss, X, Y, convention="nngeometry", with_gradient=True)
+    joint = Fisher(model, theta, loss, X, Y, convention="nngeometry")
     np.testing.assert_allclose(joint.natural_gradient(0.1), nng.solve(nng.gradient(), 0.1), rtol=1e-9)
     k = KFAC(model, theta, loss, X, Y, convention="nngeometry")
     np.testing.assert_allclose(k.dense(), a * KFAC(model, theta, loss, X, Y).dense(), rtol=1e-13)
@@ -69,8 +69,11 @@ def test_backpack_equals_refngd_on_linear_layers_and_updates_accept_conventions(
     d = updates.ngd(model, theta, loss, X, y, 1e-2, convention="laplace")   # α = N on F and g
     np.testing.assert_allclose(d, updates.ngd(model, theta, loss, X, y, 1e-2 / N), rtol=1e-9)
     for upd in (updates.ef, updates.ief):
-        np.testing.assert_allclose(upd(model, theta, loss, X, y, 1e-2, convention="laplace"),
-                                   upd(model, theta, loss, X, y, 1e-2 / N), rtol=1e-9)
+        np.testing.assert_allclose(upd(model, theta, loss, X, y, 1e-2, form="tikhonov", convention="laplace"),
+                                   upd(model, theta, loss, X, y, 1e-2 / N, form="tikhonov"), rtol=1e-9)
+        # the paper's Gram form has no c, so no convention changes it
+        np.testing.assert_allclose(upd(model, theta, loss, X, y, 1e-2, form="gram", convention="laplace"),
+                                   upd(model, theta, loss, X, y, 1e-2, form="gram"), rtol=1e-12)
     np.testing.assert_allclose(updates.sf(model, theta, loss, X, y, 1e-2, rng=3, convention="laplace"),
                                updates.sf(model, theta, loss, X, y, 1e-2 / N, rng=3), rtol=1e-9)
     e = updates.ekfac(model, theta, loss, X, y, 1e-2, convention="laplace")
