@@ -17,7 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ["validate_pytorch", "least_squares_one_step", "gamma_vs_damping", "kfac_exact_cases"]
 # the textbook gallery (docs/gallery.md): each asserts the claim its docstring states
 TEXTBOOK = ["geometry_2d", "fisher_vs_hessian", "ef_limitations", "ief_toy", "kfac_vs_simplified",
-            "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table", "tiny_vit_ief"]
+            "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table", "tiny_vit_ief",
+            "transformer_kfac"]
 EXAMPLES += TEXTBOOK
 NEEDS = {"validate_pytorch": "torch"}      # the script exits 0 with a message without it
 NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief"}  # the bundled digits
