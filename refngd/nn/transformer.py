@@ -72,8 +72,14 @@ class TransformerEncoderLayer(Composite):
         return (f"TransformerEncoderLayer({self.d_model}, {self.nhead}, dim_feedforward="
                 f"{self.dim_feedforward}, activation={self.activation!r}, "
                 f"layer_norm_eps={self.layer_norm_eps}, norm_first={self.norm_first}, bias={self.bias}"
-                + (f", lora_rank={attn.lora_rank}" if (attn := self.children["self_attn"]).lora_targets
-                   else "") + ")")
+                f"{self._lora_repr()})")
+
+    def _lora_repr(self) -> str:
+        attn = self.children["self_attn"]
+        if not attn.lora_targets:
+            return ""
+        return (f", lora_rank={attn.lora_rank}, lora_alpha={attn.lora_alpha:g}, "
+                f"lora_targets={attn.lora_targets}")
 
     def out_shape(self, in_shape):
         return self.children["self_attn"].out_shape(in_shape)
