@@ -7,7 +7,8 @@ of its merged weight, Hu et al. 2022 eq. 3) — no refngd code, no LoRA wiring. 
 forward, Jacobian, J·v, Jᵀ·w, the exact Fisher of the adapters against the autograd
 Fisher and as the submatrix of the full one (1e-10), the default selection (adapters
 only), parameter order and initialisation, K-FAC on the adapters as the submatrix of a
-larger K-FAC subset, and the errors.
+larger K-FAC subset, and the errors; optionally, outputs and Jacobian against PyTorch's
+attention kernel on the merged weights (what PEFT runs).
 """
 from __future__ import annotations
 
@@ -201,3 +202,34 @@ def test_bad_lora_options_are_refused():
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         nn.MultiheadAttention(D, HEADS, lora_rank=0)
     assert "lora_rank=2" in repr(nn.TransformerEncoderLayer(D, HEADS, FF, lora_rank=2))
+
+
+def test_against_torch_merged_weights():
+    """PyTorch's own attention kernel on the merged weights (what PEFT's LoRA for
+    ``nn.MultiheadAttention`` runs: merge, forward, unmerge): outputs and Jacobian."""
+    torch = pytest.importorskip("torch")
+    F_t = torch.nn.functional
+    mha = nn.MultiheadAttention(D, HEADS, lora_rank=RANK, lora_alpha=ALPHA)
+    model = nn.Sequential(mha, nn.Flatten())
+    rng = np.random.default_rng(11)
+    theta = model.init(rng) + 0.3 * rng.standard_normal(model.num_params)
+    X = rng.standard_normal((3, T, D))
+    shapes = mha.param_shapes
+
+    def f(th):
+        p, i = [], 0
+        for s in shapes:
+            n = int(np.prod(s))
+            p.append(th[i:i + n].reshape(s))
+            i += n
+        W_in, b_in, A_in, B_in, W_o, b_o, A_o, B_o = p
+        x = torch.tensor(X).transpose(0, 1)  # PyTorch's kernel is sequence-first
+        out = F_t.multi_head_attention_forward(
+            x, x, x, D, HEADS, W_in + S * B_in @ A_in, b_in, None, None, False, 0.0,
+            W_o + S * B_o @ A_o, b_o, training=False, need_weights=False)[0]
+        return out.transpose(0, 1).reshape(X.shape[0], -1)
+
+    th = torch.tensor(theta)
+    assert rel_err(model.forward(theta, X), f(th).numpy()) < EXACT
+    J_t = torch.autograd.functional.jacobian(f, th).numpy()  # (N, T·D, P)
+    assert rel_err(refngd.jacobian(model, theta, X), J_t) < EXACT
