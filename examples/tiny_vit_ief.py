@@ -39,7 +39,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-import refngd
 from refngd import losses, nn
 from refngd.curvature import Fisher
 from refngd.derivatives import gradient_from
