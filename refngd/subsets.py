@@ -96,18 +96,34 @@ def peft_mask(model) -> Array:
     """The parameters PEFT trains: the adapters of every LoRA layer and the prompt embeddings.
 
     A host boolean array (P,) selecting the default-trainable tensors of the model's
-    :class:`refngd.nn.LoRALinear` (A and B) and :class:`refngd.nn.PromptPrefix` layers and
-    nothing else — what ``peft.get_peft_model`` leaves with ``requires_grad``.
+    :class:`refngd.nn.LoRALinear` (A and B) and :class:`refngd.nn.PromptPrefix` layers —
+    also inside composite layers (LoRA on a :class:`refngd.nn.MultiheadAttention`'s
+    projections) — and nothing else: what ``peft.get_peft_model`` leaves with
+    ``requires_grad``.
     """
-    from .nn.peft import LoRALinear, PromptPrefix  # here: nn imports this module
-
     m = trainable_mask(model)
     for layer, (start, stop) in zip(model.layers, model.slices):
-        if not isinstance(layer, (LoRALinear, PromptPrefix)):
-            m[start:stop] = False
+        flags = _peft_flags(layer)
+        i = start
+        for shape, on in zip(layer.param_shapes, flags):
+            size = math.prod(shape)
+            m[i:i + size] &= on
+            i += size
     if not bool(m.any()):
         raise ValueError("peft_mask: the model has no LoRALinear or PromptPrefix layer.")
     return m
+
+
+def _peft_flags(layer) -> tuple[bool, ...]:
+    """Per tensor of ``layer``: does it belong to a LoRA or prompt layer (at any depth)?"""
+    from .nn.composite import Composite  # here: nn imports this module
+    from .nn.peft import LoRALinear, PromptPrefix
+
+    if isinstance(layer, (LoRALinear, PromptPrefix)):
+        return (True,) * len(layer.param_shapes)
+    if isinstance(layer, Composite):
+        return tuple(f for c in layer.children.values() for f in _peft_flags(c))
+    return (False,) * len(layer.param_shapes)
 
 
 def resolve_params(model, params) -> ParamSubset | None:

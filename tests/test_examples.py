@@ -17,9 +17,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ["validate_pytorch", "least_squares_one_step", "gamma_vs_damping", "kfac_exact_cases"]
 # the textbook gallery (docs/gallery.md): each asserts the claim its docstring states
 TEXTBOOK = ["geometry_2d", "fisher_vs_hessian", "ef_limitations", "ief_toy", "kfac_vs_simplified",
-            "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table"]
+            "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table", "tiny_vit_ief",
+            "transformer_kfac"]
 EXAMPLES += TEXTBOOK
 NEEDS = {"validate_pytorch": "torch"}      # the script exits 0 with a message without it
+NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief"}  # the bundled digits
 
 
 def _run(args, cwd):
@@ -31,7 +33,7 @@ def _run(args, cwd):
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs_and_writes_figure(name, tmp_path):
     pytest.importorskip("matplotlib")
-    if name == "gamma_vs_damping":
+    if name in NEEDS_SKLEARN:
         pytest.importorskip("sklearn")
     out = tmp_path / "fig" / f"{name}.png"
     proc = _run([str(ROOT / "examples" / f"{name}.py"), "--out", str(out)], cwd=tmp_path)

@@ -84,3 +84,17 @@ def test_planted_kfac_factor_fails_kfac_vs_simplified(tmp_path, monkeypatch):
     monkeypatch.setattr(kfac_module, "output_rows", lambda *a: 2 ** 0.5 * original(*a))
     with pytest.raises(AssertionError, match="exact"):
         _run_example("kfac_vs_simplified", tmp_path, monkeypatch)
+
+
+def test_planted_reduce_factor_fails_transformer_kfac(tmp_path, monkeypatch):
+    """K-FAC-reduce's input factor off by a factor 2 is caught by its exact (pooled) case."""
+    import refngd.curvature.kfac as kfac_module
+    original = kfac_module.input_rows
+
+    def planted(layer, cache, approx, joint):
+        a, scale = original(layer, cache, approx, joint)
+        return a, scale * (2.0 if approx == "reduce" else 1.0)
+
+    monkeypatch.setattr(kfac_module, "input_rows", planted)
+    with pytest.raises(AssertionError, match="reduce"):
+        _run_example("transformer_kfac", tmp_path, monkeypatch)

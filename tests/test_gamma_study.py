@@ -164,3 +164,34 @@ def test_seed_statistics_never_drop_a_failed_seed():
     assert _stats([1.0, 3.0])["mean"] == 2.0 and _stats([1.0, 3.0])["sd"] == pytest.approx(math.sqrt(2))
     assert _stats([1.0, math.inf])["mean"] == math.inf
     assert _stats([1.0, None])["mean"] is None
+
+
+def test_params_subset_is_the_study_of_the_submatrix():
+    """``params=S``: every γ is that of the subset problem — F[S, S], g[S] from the full
+    dense matrices, directions (M[S, S] + λI)⁻¹ g[S] — and params=None follows the
+    model's default selection (the frozen LoRA base is left out)."""
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.LoRALinear(7, 5, 2, 4.0), nn.Tanh(),
+                          nn.Linear(5, 4))
+    th = model.init(rng) + 0.3 * rng.standard_normal(model.num_params)
+    X, y, loss = rng.standard_normal((20, 6)), rng.integers(0, 4, 20), CrossEntropy()
+    m = refngd.subsets.peft_mask(model) | (np.arange(model.num_params) >= model.slices[4][0])
+    out = batch_gammas(model, th, loss, X, y, dampings=DAMPINGS, rng=np.random.default_rng(1),
+                       params=m)
+    F = Fisher(model, th, loss, X, y, params="all").dense()[np.ix_(m, m)]
+    g = refngd.gradient(model, th, loss, X, y)[m]
+    G = refngd.per_sample_gradients(model, th, loss, X, y)[:, m]
+    c = loss.scale(model.forward(th, X))
+    Kd = KFAC(model, th, loss, X, y, params=m).dense()
+    Fop = Fisher(model, th, loss, X, y, params=m)
+    eye = np.eye(int(m.sum()))
+    for i, lam in enumerate(DAMPINGS):
+        for name, M in (("ngd", F), ("ef", c * G.T @ G), ("kfac", Kd)):
+            d = np.linalg.solve(M + lam * eye, g)
+            assert math.isclose(out[name][i], gamma(d, Fop, g), rel_tol=1e-7), (name, lam)
+    assert math.isclose(out["gamma_sgd"], float(np.sqrt(g @ F @ g) / (g @ g)), rel_tol=1e-10)
+    default = batch_gammas(model, th, loss, X, y, methods=("ngd",), dampings=DAMPINGS)
+    trainable = model.trainable_mask()
+    assert not trainable.all()  # the LoRA base is frozen
+    assert default == batch_gammas(model, th, loss, X, y, methods=("ngd",), dampings=DAMPINGS,
+                                   params=trainable)

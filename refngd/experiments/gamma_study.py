@@ -48,6 +48,7 @@ from ..backend import SingularSystemError, eigh_range, namespace, to_float
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, SampledFisher
 from ..derivatives import gradient_from
 from ..metrics import gamma
+from ..subsets import resolve_params
 
 GAMMA_METHODS = ("ngd", "ef", "ief", "sf", "kfac", "ekfac")
 #: absolute dampings of the E3 grid (P × P Tikhonov convention of the loss as trained)
@@ -58,13 +59,17 @@ E1_DAMPING = 1e-8
 
 
 def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAULT_DAMPINGS,
-                 rng=None, kfac_fisher_type: str = "type-2") -> dict:
+                 rng=None, kfac_fisher_type: str = "type-2", params=None) -> dict:
     """γ of every method's direction at every damping, on one batch.
 
     Returns ``{"dampings": [...], "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) (None when the
     Gram matrix is singular), "imbalance": gradient-norm imbalance, method: [γ(d_λ)]}``;
     γ is ``inf`` where a direction has no first-order descent (dᵀg = 0) or its solve
     failed.  ``rng`` (a NumPy Generator) is needed for ``"sf"``.
+
+    ``params`` (docs/subsets.md; default the model's trainable tensors, as the curvature
+    classes): the parameter subset S the whole study works on — F = F[S, S], g = g[S],
+    every direction and the imbalance on S (LoRA adapters, a last layer).
     """
     unknown = [m for m in methods if m not in GAMMA_METHODS]
     if unknown:
@@ -72,18 +77,20 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
     dampings = [float(v) for v in dampings]
     if not dampings or not all(math.isfinite(v) and v > 0 for v in dampings):
         raise ValueError("dampings must be a non-empty list of positive finite numbers.")
+    sub = resolve_params(model, params)
     lin = model.linearize(theta, X)
-    g = gradient_from(lin, loss, y)
-    F = Fisher(model, theta, loss, X, y, linearization=lin)
+    g = gradient_from(lin, loss, y, params=sub)
+    sel = dict(linearization=lin, params="all" if sub is None else sub)
+    F = Fisher(model, theta, loss, X, y, **sel)
     try:
         gamma_star = gamma(F.natural_gradient(0.0), F, g)
     except SingularSystemError:
         gamma_star = None
-    EF = EmpiricalFisher(model, theta, loss, X, y, linearization=lin)
+    EF = EmpiricalFisher(model, theta, loss, X, y, **sel)
     out = {"dampings": dampings, "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star,
            "imbalance": gradient_norm_imbalance(EF)}
     for method in methods:
-        dirs = _directions(method, model, theta, loss, X, y, lin, F, EF, g, dampings, rng,
+        dirs = _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng,
                            kfac_fisher_type)
         out[method] = [gamma(d, F, g) if d is not None else math.inf for d in dirs]
     return out
@@ -105,20 +112,20 @@ def gradient_norm_imbalance(EF: EmpiricalFisher) -> float | None:
     return None if mean == 0 else to_float(sq.max()) / mean
 
 
-def _directions(method, model, theta, loss, X, y, lin, F, EF, g, dampings, rng, kfac_fisher_type):
+def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, kfac_fisher_type):
     """The method's direction at every (absolute, P × P Tikhonov) damping."""
     if method == "ngd":
         return F.natural_gradient_sweep(dampings)
     if method == "sf":
         if rng is None:
             raise TypeError("the sampled Fisher needs rng=numpy.random.default_rng(seed).")
-        SF = SampledFisher(model, theta, loss, X, y, rng=rng, linearization=lin)
+        SF = SampledFisher(model, theta, loss, X, y, rng=rng, **sel)
         return SF.natural_gradient_sweep(dampings)
     if method == "ef":
         return EF.natural_gradient_sweep(dampings)  # Gram form (eq. 5) at λ_gram = λ/c
     if method == "ief":
         return _ief_gram_sweep(EF, loss, y, dampings)
-    kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, linearization=lin)
+    kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, **sel)
     op = kf if method == "kfac" else EKFAC(model, theta, loss, X, y, kfac=kf)
     dirs = []
     for lam in dampings:

@@ -9,6 +9,11 @@
 
 so its row primitives are those of two weight-shared Linear layers (refngd.nn.shared),
 with the rows reaching each projection pulled back through the attention.
+
+With ``lora_rank=r`` a projection is a :class:`refngd.nn.LoRALinear` instead (Hu et al.
+2022, eq. 3; PEFT's LoRA for ``nn.MultiheadAttention``: one adapter pair on the packed
+in-projection, A (r, E) and B (3E, r), and one on the out-projection), whose frozen base
+holds PyTorch's projection and whose adapters are the default selection.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ from ..backend import namespace
 from .base import Layer, host_full
 from .composite import Composite
 from .linear import Linear
+from .peft import LoRALinear
+
+#: the projections LoRA can adapt, in θ order
+LORA_TARGETS = ("in_proj", "out_proj")
 
 
 class ScaledDotProductAttention(Layer):
@@ -104,11 +113,29 @@ class MultiheadAttention(Composite):
     Only ``batch_first=True`` (refngd layers are batch-first; transpose a (T, N, E) input),
     ``dropout=0`` (curvature needs a deterministic function), and the defaults of
     ``add_bias_kv``, ``add_zero_attn``, ``kdim``, ``vdim``; others raise ``ValueError``.
+
+    **LoRA on the projections** (refngd's keyword-only extension; Hu et al. 2022, eq. 3 and
+    §4.1): ``lora_rank=r`` makes each projection named in ``lora_targets`` (default both,
+    ``"in_proj"`` and ``"out_proj"``) a :class:`refngd.nn.LoRALinear` with scaling
+    s = ``lora_alpha`` / r (``lora_alpha=None``: α = r, s = 1).  The in-projection gets one
+    adapter pair on the packed [q | k | v] matrix, as PEFT's LoRA for
+    ``nn.MultiheadAttention`` does.  Parameters, θ order (each adapter pair right after its
+    projection's bias)::
+
+        in_proj_weight (3E, E), in_proj_bias (3E,), [in A (r, E), in B (3E, r)],
+        out_proj.weight (E, E), out_proj.bias (E,), [out A (r, E), out B (E, r)]
+
+    A ~ U(±1/√E) and B = 0 (PEFT's initialisation, so the layer starts as its base); the
+    projections' weights and biases are frozen (``trainable`` is the adapters alone, and
+    :func:`refngd.subsets.peft_mask` selects them).  The row views are the base and
+    adapter Linears of :class:`refngd.nn.LoRALinear`, so every curvature (K-FAC included:
+    one block per adapter) applies unchanged.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
-                 batch_first: bool = True):
+                 batch_first: bool = True, *, lora_rank: int | None = None,
+                 lora_alpha: float | None = None, lora_targets=LORA_TARGETS):
         E, h = _check_dims(embed_dim, num_heads, "MultiheadAttention")
         _refuse_dropout(dropout, "MultiheadAttention")
         _refuse_seq_first(batch_first, "MultiheadAttention")
@@ -117,12 +144,25 @@ class MultiheadAttention(Composite):
                              "than embed_dim are not supported (refngd's attention is "
                              "self-attention with PyTorch's packed in-projection).")
         self.embed_dim, self.num_heads, self.bias = E, h, bool(bias)
-        self._register([("in_proj", Linear(E, 3 * E, bias=self.bias)),
+        self.lora_targets = _lora_targets(lora_rank, lora_alpha, lora_targets)
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
+
+        def proj(name, d_out):
+            if name not in self.lora_targets:
+                return Linear(E, d_out, bias=self.bias)
+            alpha = lora_rank if lora_alpha is None else lora_alpha
+            return LoRALinear(E, d_out, lora_rank, alpha, bias=self.bias)
+
+        self._register([("in_proj", proj("in_proj", 3 * E)),
                         ("attn", ScaledDotProductAttention(E, h)),
-                        ("out_proj", Linear(E, E, bias=self.bias))])
+                        ("out_proj", proj("out_proj", E))])
+        if self.lora_targets:
+            self.lora_alpha = self.children[self.lora_targets[0]].alpha
 
     def __repr__(self) -> str:
-        return f"MultiheadAttention({self.embed_dim}, {self.num_heads}, bias={self.bias})"
+        lora = (f", lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha:g}, "
+                f"lora_targets={self.lora_targets}") if self.lora_targets else ""
+        return f"MultiheadAttention({self.embed_dim}, {self.num_heads}, bias={self.bias}{lora})"
 
     def out_shape(self, in_shape):
         in_shape = tuple(in_shape)
@@ -134,12 +174,15 @@ class MultiheadAttention(Composite):
     def init_params(self, rng):
         E = self.embed_dim
         bound = math.sqrt(6.0 / (E + 3 * E))  # xavier_uniform_ on the (3E, E) in_proj_weight
-        out = [rng.uniform(-bound, bound, size=(3 * E, E))]
-        if self.bias:
-            out.append(host_full((3 * E,), 0.0))
-        out.append(rng.uniform(-1 / math.sqrt(E), 1 / math.sqrt(E), size=(E, E)))
-        if self.bias:
-            out.append(host_full((E,), 0.0))
+        out = []
+        for name, d_out, b in (("in_proj", 3 * E, bound), ("out_proj", E, 1 / math.sqrt(E))):
+            out.append(rng.uniform(-b, b, size=(d_out, E)))
+            if self.bias:
+                out.append(host_full((d_out,), 0.0))
+            if name in self.lora_targets:  # PEFT: A ~ kaiming_uniform_(a=√5) = U(±1/√E), B = 0
+                r = self.lora_rank
+                out += [rng.uniform(-1 / math.sqrt(E), 1 / math.sqrt(E), size=(r, E)),
+                        host_full((d_out, r), 0.0)]
         return out
 
     def compose(self, params, x):
@@ -153,6 +196,23 @@ class MultiheadAttention(Composite):
         B = self._back(ctx, "out_proj", c_out, B)
         B = self._back(ctx, "attn", c_attn, B)
         return self._back(ctx, "in_proj", c_in, B)
+
+
+def _lora_targets(rank, alpha, targets) -> tuple[str, ...]:
+    """The validated projections to adapt: () without ``lora_rank``, else in θ order."""
+    if rank is None:
+        if alpha is not None:
+            raise ValueError("MultiheadAttention: lora_alpha without lora_rank; pass lora_rank=r "
+                             "to put LoRA adapters on the projections.")
+        return ()
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad or not targets:
+        raise ValueError(f"MultiheadAttention lora_targets must be a non-empty selection of "
+                         f"{LORA_TARGETS}, got {targets!r}.")
+    return tuple(t for t in LORA_TARGETS if t in targets)
 
 
 def _refuse_dropout(dropout, owner: str) -> None:

@@ -13,7 +13,7 @@ for y = u + F(u) the rows at u are B + J_Fᵀ B.
 from __future__ import annotations
 
 from .activations import GELU, ReLU
-from .attention import MultiheadAttention, _refuse_dropout, _refuse_seq_first
+from .attention import LORA_TARGETS, MultiheadAttention, _refuse_dropout, _refuse_seq_first
 from .composite import Composite
 from .linear import Linear
 from .norm import LayerNorm
@@ -35,17 +35,27 @@ class TransformerEncoderLayer(Composite):
     other value is refused — curvature needs a deterministic function; ``batch_first``
     defaults to True and False is refused; ``activation`` is ``"relu"`` or ``"gelu"``
     (exact GELU, as PyTorch's string), not a callable.
+
+    ``lora_rank``, ``lora_alpha``, ``lora_targets`` (keyword-only, refngd's extension) put
+    LoRA adapters on the attention's projections, as :class:`MultiheadAttention`'s: the
+    ``self_attn`` tensors are then those listed there (adapters right after each
+    projection's bias), followed by ``linear1.weight`` … ``norm2.bias`` as above.  The
+    projections' bases are frozen; the feed-forward and LayerNorm tensors keep their
+    default (trainable), and :func:`refngd.subsets.peft_mask` selects the adapters alone.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.0, activation: str = "relu", layer_norm_eps: float = 1e-5,
-                 batch_first: bool = True, norm_first: bool = False, bias: bool = True):
+                 batch_first: bool = True, norm_first: bool = False, bias: bool = True, *,
+                 lora_rank: int | None = None, lora_alpha: float | None = None,
+                 lora_targets=LORA_TARGETS):
         _refuse_dropout(dropout, "TransformerEncoderLayer")
         _refuse_seq_first(batch_first, "TransformerEncoderLayer")
         if activation not in ("relu", "gelu"):
             raise ValueError(f"TransformerEncoderLayer activation must be 'relu' or 'gelu', got "
                              f"{activation!r}.")
-        attn = MultiheadAttention(d_model, nhead, bias=bias)
+        attn = MultiheadAttention(d_model, nhead, bias=bias, lora_rank=lora_rank,
+                                  lora_alpha=lora_alpha, lora_targets=lora_targets)
         self.d_model, self.nhead, self.dim_feedforward = attn.embed_dim, nhead, dim_feedforward
         self.activation, self.norm_first, self.bias = activation, bool(norm_first), bool(bias)
         self.layer_norm_eps = layer_norm_eps
@@ -61,7 +71,15 @@ class TransformerEncoderLayer(Composite):
     def __repr__(self) -> str:
         return (f"TransformerEncoderLayer({self.d_model}, {self.nhead}, dim_feedforward="
                 f"{self.dim_feedforward}, activation={self.activation!r}, "
-                f"layer_norm_eps={self.layer_norm_eps}, norm_first={self.norm_first}, bias={self.bias})")
+                f"layer_norm_eps={self.layer_norm_eps}, norm_first={self.norm_first}, bias={self.bias}"
+                f"{self._lora_repr()})")
+
+    def _lora_repr(self) -> str:
+        attn = self.children["self_attn"]
+        if not attn.lora_targets:
+            return ""
+        return (f", lora_rank={attn.lora_rank}, lora_alpha={attn.lora_alpha:g}, "
+                f"lora_targets={attn.lora_targets}")
 
     def out_shape(self, in_shape):
         return self.children["self_attn"].out_shape(in_shape)
