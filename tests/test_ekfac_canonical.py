@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from devices import gpu_available
 
 from refngd import nn, optim
 from refngd.curvature import EKFAC
@@ -117,16 +118,9 @@ def test_cluster_indicator():
     assert groups == [(0,), (1, 3, 5), (2, 4)]
 
 
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 @pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
 @pytest.mark.parametrize("kind,approx", [("mlp", "expand"), ("cnn", "reduce")])
 def test_ekfac_optimizer_cpu_and_cupy_agree(kind, approx, loss_name):

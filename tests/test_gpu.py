@@ -6,6 +6,7 @@ moving the GPU ones back to the host.
 """
 import numpy as np
 import pytest
+from devices import gpu_available
 
 import refngd
 from refngd import losses, nn, updates
@@ -13,16 +14,8 @@ from refngd.backend import to_numpy
 from refngd.curvature import KFAC, EmpiricalFisher, Fisher, SampledFisher
 
 
-def _gpu_available():
-    try:
-        import cupy
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+pytestmark = pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 TOL = dict(rtol=1e-9, atol=1e-12)
 
 

@@ -14,6 +14,7 @@ import autograd.numpy as anp
 from autograd.scipy.special import logsumexp
 import numpy as np
 import pytest
+from devices import gpu_available
 
 import refngd
 from refngd import nn, optim, updates
@@ -423,16 +424,9 @@ def test_function_model_works_with_exact_family():
     close(grad(model, theta, CrossEntropy(), X, y), g, 1e-10)
 
 
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 @pytest.mark.parametrize("make", ALL)
 def test_optimizers_run_on_cupy(make):
     """Same step on CuPy arrays as on NumPy (docs/design.md §5): optimizers follow θ's device."""

@@ -1,19 +1,12 @@
 """The root-free, inverse-free and AdamQLR optimizers on CuPy arrays (skipped without a GPU)."""
 import numpy as np
 import pytest
+from devices import gpu_available
 
 from refngd import optim
 
 import handmlp
 
-
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 MAKERS = [lambda: optim.RFRMSProp(lr=0.1, momentum=0.9), lambda: optim.RFAdam(lr=1.0),
@@ -21,7 +14,7 @@ MAKERS = [lambda: optim.RFRMSProp(lr=0.1, momentum=0.9), lambda: optim.RFAdam(lr
           lambda: optim.SIRFShampoo(lr=0.03), lambda: optim.AdamQLR()]
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 @pytest.mark.parametrize("make", MAKERS)
 def test_same_steps_on_cupy(make):
     import cupy

@@ -17,6 +17,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from devices import gpu_available
 
 import refngd
 from refngd import nn, updates
@@ -481,16 +482,9 @@ def test_layers_without_partial_support_refuse_partial_masks():
 
 
 # ================================================================ CuPy (skipped without a GPU)
-def _gpu_available():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="needs CuPy and a GPU")
+@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a GPU")
 def test_subsets_on_cupy_match_numpy():
     import cupy
 
