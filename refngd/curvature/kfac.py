@@ -211,7 +211,7 @@ class KFAC(KroneckerOperator):
         self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = _INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
-        self.blocks, self._factors = [], []
+        self.blocks, self._pending, self._factor_list = [], [], None
         for idx, e in parametric_rows(model, self.rows):
             joint = bias == "joint" and e.layer.bias
             approx = kfac_approx if isinstance(e.layer, Conv2d) else None
@@ -221,8 +221,20 @@ class KFAC(KroneckerOperator):
             A = cache[key]
             G = KronFactor(output_rows(e.layer, e.B, approx), self.c)
             self.blocks += build_blocks(e, A, G, bias, True, xp)
-            self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop, A.F, G.F,
-                                              bias if e.layer.bias else None, approx))
+            self._pending.append((idx, e, A, G, bias if e.layer.bias else None, approx))
+
+    @property
+    def _factors(self) -> list:
+        """The :class:`LayerFactors`, formed on first use: a solve with thin bases never
+        needs the d × d matrices A and G (:attr:`KronFactor.F`)."""
+        if self._factor_list is None:
+            self._factor_list = [LayerFactors(i, e.layer, e.start, e.stop, A.F, G.F, b, ap)
+                                 for i, e, A, G, b, ap in self._pending]
+        return self._factor_list
+
+    @_factors.setter
+    def _factors(self, value: list) -> None:
+        self._factor_list = value
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Array) -> Array:
