@@ -339,7 +339,7 @@ def plan_rows(curv, X, K: int) -> None:
     """Check a :class:`~refngd.curvature.base.RowCurvature`'s backward pass of N·K rows and
     (R < P) its Gram route against the budget, before the rows are back-propagated."""
     xp = array_module(curv.theta)
-    if available(xp)[0] is None:
+    if available(xp)[0] is None or not hasattr(X, "shape"):
         return
     N = int(curv.outputs.shape[0])
     est = gram_route_estimate(curv.model, tuple(X.shape[1:]), K, curv.theta.dtype.itemsize,
@@ -361,3 +361,13 @@ def plan_dense(curv, route: str) -> None:
     N, K, P = curv.rows.N, curv.rows.K, curv.num_params
     est = dense_estimate(curv.model, K, curv.theta.dtype.itemsize, P, route, curv.subset)
     check(f"{_ROUTE_NAMES[route]} (R = {N * K}, P = {P})", est, N, xp)
+
+
+def plan_square(P: int, xp, what: str, largest_block: int = 0) -> None:
+    """Check a dense P × P float64 result (K-FAC's and EKFAC's ``dense()``): the matrix, its
+    cast to the model's dtype, and the largest block's Kronecker product and eigenbasis."""
+    if available(xp)[0] is None:
+        return
+    check(f"{what} (P = {P})", lambda _: {"P x P matrix and its copy": 2 * P * P * _F8,
+                                          "largest Kronecker block": 2 * largest_block ** 2 * _F8},
+          None, xp)

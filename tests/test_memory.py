@@ -244,3 +244,18 @@ def test_free_memory_is_read_on_linux():
     if free is None:
         pytest.skip("no /proc/meminfo or sysconf on this platform")
     assert isinstance(free, int) and free > 0
+
+
+def test_kfac_and_ekfac_dense_are_planned():
+    from refngd.curvature import EKFAC, KFAC
+
+    model, shape, theta, X, y = problem(small_mlp, 5)
+    P = model.num_params
+    for cls in (KFAC, EKFAC):
+        C = cls(model, theta, LOSS, X, y)
+        with memory.budget(P * P * 8):  # the P × P result fits, with its copy it does not
+            with pytest.raises(MemoryPlanError, match=f"dense {cls.__name__} matrix") as info:
+                C.dense()
+        assert info.value.fits is None and "batch" not in str(info.value).split("available")[1]
+        with memory.budget(3 * P * P * 8):
+            assert C.dense().shape == (P, P)

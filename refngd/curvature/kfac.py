@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass
 
 from ..backend import Array, as_generator, check_damping, namespace
+from ..memory import plan_square
 from ..nn.conv import Conv2d
 from ..nn.base import BiasRows
 from ..nn.linear import Linear
@@ -243,6 +244,8 @@ class KFAC(KroneckerOperator):
 
     def dense(self) -> Array:
         xp = self._xp()
+        plan_square(self.num_params, xp, f"the dense {type(self).__name__} matrix",
+                    max(b.size for b in self.blocks))  # refngd.memory: fail early
         out = xp.zeros((self.num_params, self.num_params), dtype=xp.float64)
         for blk in self.blocks:
             i = blk.index(xp).reshape(-1)
