@@ -214,13 +214,15 @@ def _layer_plan(model, in_shape: tuple, subset) -> list[tuple]:
     return plan[first:]
 
 
-def _backward_extra(layer, in_shape, out_size) -> int:
-    """Elements per row, beyond the result, that ``layer.backward`` allocates."""
+def _backward_extra(layer, in_shape, out_size, R: int) -> int:
+    """Elements, beyond the result, that ``layer.backward`` allocates for R rows."""
     from .nn.conv import Conv2d
 
-    if isinstance(layer, Conv2d):  # the (C_out, R·T) copy of the rows and the padded output
-        (ph, pw), (_, H, W) = layer.padding, in_shape
-        return out_size + layer.in_channels * (H + 2 * ph) * (W + 2 * pw)
+    if isinstance(layer, Conv2d):  # the (C_out, R·T) copy of the rows, the padded output,
+        (ph, pw), (_, H, W) = layer.padding, in_shape  # and one block of the product Y
+        T = out_size // layer.out_channels
+        block = min(R, max(1, _conv_chunk_elems() // (layer.D * T))) * layer.D * T
+        return R * (out_size + layer.in_channels * (H + 2 * ph) * (W + 2 * pw)) + block
     return 0
 
 
@@ -254,9 +256,9 @@ def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
 
     * ``rows``: the rows kept at the output of every parametric layer, Σ_l N·K·out_l·s
       (s = the model's itemsize) — the RowSet;
-    * ``backward``: the largest transient of the backward pass: the rows in flight and
-      what one layer's backward allocates (Conv2d: a copy of the rows and the padded
-      input-shaped output);
+    * ``backward temporaries``: the largest transient of the backward pass: the rows in
+      flight and what one layer's backward allocates (Conv2d: a copy of the rows, the
+      padded input-shaped output and one block of its product);
     * ``Gram route`` (R = N·K < P only): the R × R float64 Gram matrix and its
       factorisation — K, K + μI (with its identity temporary) and the Cholesky factor,
       4·8·R² — or, while the Gram is being summed, one layer's Gram temporaries (Conv2d's
@@ -276,23 +278,23 @@ def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
         return est_dense
     plan = _layer_plan(model, in_shape, subset)
     stored_per_row = sum(p[2] for p in plan if p[4])
-    transient_per_row = 0
-    for j, (layer, in_size, out_size, shape, stored) in enumerate(plan):
-        if j == 0:
-            continue  # no cotangent for the input of the first selected layer
-        t = (0 if stored else out_size) + in_size + _backward_extra(layer, shape, out_size)
-        transient_per_row = max(transient_per_row, t)
+
+    def transient(R: int) -> int:  # elements: rows in flight and one layer's backward
+        return max((R * ((0 if stored else out_size) + in_size)
+                    + _backward_extra(layer, shape, out_size, R)
+                    for j, (layer, in_size, out_size, shape, stored) in enumerate(plan)
+                    if j > 0), default=0)  # no cotangent for the first selected layer's input
 
     def est(N: int) -> dict[str, int]:
         R = N * K
         parts = {"rows' per-layer buffers": R * stored_per_row * itemsize,
-                 "backward temporaries": R * transient_per_row * itemsize}
+                 "backward temporaries": transient(R) * itemsize}
         if gram and R < P:
             summing = R * R * _F8 + max((_gram_temporaries(p[0], p[3], p[2], N, K, itemsize)
                                          for p in plan if p[4]), default=0)
             factor = 4 * R * R * _F8
             parts["backward temporaries"] = 0  # freed before the Gram is formed
-            parts["Gram route"] = max(summing, factor, R * transient_per_row * itemsize)
+            parts["Gram route"] = max(summing, factor, transient(R) * itemsize)
             parts["parameter-space vectors"] = 2 * P * _F8  # Uᵀw and its per-layer blocks
         return parts
     return est
