@@ -17,7 +17,7 @@ Measured, against the exact Fisher (refngd.curvature.Fisher) on a Tanh MLP:
    never worse than K-FAC — and the per-parameter diagonal of the Fisher, which the same
    tutorials present as "EKFAC";
 2. the γ ratio γ(d)/γ(g) (Wu et al. 2024, eq. 15; lower = closer to the natural gradient)
-   at each method's best damping on the grid of refngd.experiments.gamma_study;
+   at each method's best damping on the shared absolute grid of refngd.experiments.gamma_study;
 3. training curves (full batch, each at its best learning rate of a small grid).
 
 The tutorial preconditioner is run through refngd's own K-FAC solver
@@ -35,7 +35,8 @@ import numpy as np
 
 import refngd
 from refngd import curvature, losses, nn
-from refngd.experiments.gamma_study import DEFAULT_TAUS, gamma_ratios
+from refngd.backend import SingularSystemError
+from refngd.experiments.gamma_study import DEFAULT_DAMPINGS, batch_gammas, e3_summary
 from refngd.metrics import gamma
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,8 +100,14 @@ def block_errors(model, theta, X, y):
 
 
 def best_gamma(op, F, g):
-    s = op.trace() / op.num_params
-    return min(gamma(op.solve(g, tau * s), F, g) for tau in DEFAULT_TAUS) / gamma(g, F, g)
+    """Best γ(d)/γ(g) over the same absolute damping grid the γ study uses for every method."""
+    values = []
+    for lam in DEFAULT_DAMPINGS:
+        try:
+            values.append(gamma(op.solve(g, lam), F, g))
+        except SingularSystemError:  # a rank-deficient factor at a tiny damping
+            pass
+    return min(values) / gamma(g, F, g)
 
 
 # --- 1 and 2: against batch size (width 16) and width (N = 32) -----------------------------
@@ -114,7 +121,7 @@ for N in Ns:
     F = curvature.Fisher(model, theta, loss, X, y)
     g = refngd.gradient(model, theta, loss, X, y)
     kf = curvature.KFAC(model, theta, loss, X, y)
-    real = gamma_ratios(model, theta, loss, X, y, methods=("kfac",))["kfac"]["best_ratio"]
+    real = e3_summary([batch_gammas(model, theta, loss, X, y, methods=("kfac",))])["kfac"]["best_ratio"]
     gam.append({"K-FAC": real, "tutorial": best_gamma(kf.with_factors(tutorial_factors(kf, g)), F, g)})
 for h in widths:
     model = nn.Sequential(nn.Linear(D, h), nn.Tanh(), nn.Linear(h, C))
