@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, eigh_range,
                        lstsq_ridge, namespace)
 from ..derivatives import gradient_from
+from ..memory import plan_dense, plan_rows
 from ..subsets import resolve_params
 from ..validation import check_loss, linearization_for
 
@@ -108,7 +109,9 @@ class RowCurvature(CurvatureOperator):
         self.subset = resolve_params(model, params)
         self.num_params = int(theta.shape[0]) if self.subset is None else self.subset.num_params
         self.dtype = theta.dtype
-        self.rows = self.lin.backprop(self.cotangents(), params=self.subset)
+        cot = self.cotangents()
+        plan_rows(self, X, cot.shape[1])  # refngd.memory: fail early, not in swap
+        self.rows = self.lin.backprop(cot, params=self.subset)
         self._gram = None
         self._F64 = None
 
@@ -133,9 +136,11 @@ class RowCurvature(CurvatureOperator):
 
     def row_matrix(self) -> Array:
         """U as a dense (R, P) array (rows r = n·K + k) — small models only."""
+        plan_dense(self, "rows")
         return self.rows.dense().reshape(self.rows.R, self.num_params)
 
     def dense(self) -> Array:
+        plan_dense(self, "dense")
         U = self.row_matrix()
         return self.c * (U.T @ U)
 
@@ -169,6 +174,7 @@ class RowCurvature(CurvatureOperator):
     def _dense64(self) -> Array:
         """F = c UᵀU in float64 for the P ≤ R route (cached; U has R·P ≤ R² entries)."""
         if self._F64 is None:
+            plan_dense(self, "factor")
             xp = namespace(self.outputs)
             U = self.row_matrix().astype(xp.float64, copy=False)
             self._F64 = self.c * (U.T @ U)
@@ -276,6 +282,7 @@ class RowCurvature(CurvatureOperator):
         check_float_array("w0", w0)
         xp = namespace(w0)
         if not self._uses_gram():
+            plan_dense(self, "lstsq")
             U = self.row_matrix().astype(xp.float64, copy=False)
             return lstsq_ridge(U, w0.reshape(-1).astype(xp.float64) / self.c,
                                lam / self.c).astype(self.dtype, copy=False)

@@ -20,6 +20,7 @@ import copy
 
 from .. import conventions
 from ..backend import Array, check_damping, namespace
+from ..memory import plan_square
 from ..nn.linear import Linear
 from .kfac import KFAC, input_rows, output_rows
 from .kronecker import KroneckerOperator, _log_sum, eig_solve
@@ -217,6 +218,8 @@ class EKFAC(KroneckerOperator):
 
     def dense(self) -> Array:
         xp = self._xp()
+        plan_square(self.num_params, xp, f"the dense {type(self).__name__} matrix",
+                    max(b.size for b in self.blocks))  # refngd.memory: fail early
         out = xp.zeros((self.num_params, self.num_params), dtype=xp.float64)
         for blk, s in self._pairs():
             (_, UG, _), (_, UA, _) = blk.eig()

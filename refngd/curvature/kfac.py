@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from .. import conventions
 from ..backend import Array, as_generator, check_damping, namespace
+from ..memory import plan_square
 from ..nn.conv import Conv2d
 from ..nn.base import BiasRows
 from ..validation import check_loss, linearization_for
@@ -252,7 +253,7 @@ class KFAC(KroneckerOperator):
         self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = _INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
-        self.blocks, self._factors = [], []
+        self.blocks, self._pending, self._factor_list = [], [], None
         for idx, e in parametric_rows(model, self.rows):
             joint = bias == "joint" and e.layer.bias
             approx = kfac_approx if shares_weights(e.layer, e.cache) else None
@@ -264,9 +265,21 @@ class KFAC(KroneckerOperator):
             A = cache[key]
             G = KronFactor(output_rows(e.layer, e.B, approx), self.c)
             self.blocks += build_blocks(e, A, G, bias, True, xp)
-            self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop, A.F, G.F,
-                                              bias if e.layer.bias else None, approx))
+            self._pending.append((idx, e, A, G, bias if e.layer.bias else None, approx))
         apply_convention(self, self.convention, model, loss, y)
+
+    @property
+    def _factors(self) -> list:
+        """The :class:`LayerFactors`, formed on first use: a solve with thin bases never
+        needs the d × d matrices A and G (:attr:`KronFactor.F`)."""
+        if self._factor_list is None:
+            self._factor_list = [LayerFactors(i, e.layer, e.start, e.stop, A.F, G.F, b, ap)
+                                 for i, e, A, G, b, ap in self._pending]
+        return self._factor_list
+
+    @_factors.setter
+    def _factors(self, value: list) -> None:
+        self._factor_list = value
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Array) -> Array:
@@ -275,6 +288,8 @@ class KFAC(KroneckerOperator):
 
     def dense(self) -> Array:
         xp = self._xp()
+        plan_square(self.num_params, xp, f"the dense {type(self).__name__} matrix",
+                    max(b.size for b in self.blocks))  # refngd.memory: fail early
         out = xp.zeros((self.num_params, self.num_params), dtype=xp.float64)
         for blk in self.blocks:
             i = blk.index(xp).reshape(-1)

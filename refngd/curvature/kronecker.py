@@ -47,9 +47,22 @@ class KronFactor:
 
     def __init__(self, M: Array, scale: float):
         self.M, self.scale = M, float(scale)
-        self.F = self.scale * (M.T @ M)  # one GEMM (a symmetric rank-k update)
-        self.dim = self.F.shape[0]
+        self.dim = M.shape[1]
+        self._F = None
         self._eig: dict = {}
+
+    @property
+    def F(self) -> Array:
+        """scale · MᵀM (d × d), formed on first use (one symmetric rank-k update).
+
+        Lazy because a solve with a thin basis never needs it: a Linear(2048, 10) input
+        factor from 64 rows costs 2048²·64 multiply-adds to form and its thin basis 16×
+        fewer — forming it eagerly made K-FAC slower than exact NGD on a small CNN
+        (docs/benchmarks.md).
+        """
+        if self._F is None:
+            self._F = self.scale * (self.M.T @ self.M)
+        return self._F
 
     @classmethod
     def from_matrix(cls, F: Array, eig=None) -> "KronFactor":
@@ -59,7 +72,7 @@ class KronFactor:
         computed earlier and kept; ``w`` may be ``None`` where only the basis is used.
         """
         self = cls.__new__(cls)
-        self.M, self.scale, self.F, self.dim, self._eig = None, 1.0, F, F.shape[0], {}
+        self.M, self.scale, self._F, self.dim, self._eig = None, 1.0, F, F.shape[0], {}
         if eig is not None:
             self._eig[False] = (eig[0], eig[1], True)
         return self
@@ -67,7 +80,7 @@ class KronFactor:
     def eig(self, thin: bool = True):
         thin = bool(thin) and self.M is not None and self.M.shape[0] < self.dim
         if thin not in self._eig:
-            xp = namespace(self.F)
+            xp = namespace(self.M if self.M is not None else self.F)
             if thin:
                 Q, R = _qr(self.M.T)
                 w, V = eigh(self.scale * (R @ R.T))
@@ -196,7 +209,8 @@ class KroneckerOperator(CurvatureOperator):
         return list(self._factors)
 
     def _xp(self):
-        return namespace(self.blocks[0].G.F)
+        G = self.blocks[0].G
+        return namespace(G.M if G.M is not None else G.F)
 
     def _map(self, v: Array, fn) -> Array:
         """Apply ``fn(block, V)`` to every block of v (as float64 matrices); returns (P,)."""

@@ -1,0 +1,375 @@
+"""Memory planning: estimate the peak memory of a route before allocating it.
+
+The exact curvatures of refngd are exact because they form large things: the R × R Gram
+matrix and its factorisation (R = N·K rows), the rows arriving at every parametric layer
+(one (N, K, *out_shape) buffer each), and, on the dense routes, U itself (R × P), UᵀU
+(P × P) or the stacked matrix [U; √μ I] ((R + P) × P) of the least-squares solve.  Run
+over the machine's memory, NumPy swaps or the process is killed, and CuPy raises an
+out-of-memory error deep inside a kernel.  Instead, the curvature classes ask this module
+first (:func:`check`) and raise :class:`MemoryPlanError`, which says what was needed,
+what is free, and the largest batch that fits.
+
+Estimates count the arrays the code allocates (their ``nbytes``), not the allocator's
+overhead; they are upper estimates within a small factor of the measured peak (tests
+check 0.5–2×, see tests/test_memory.py).
+
+What is compared with the estimate — the *budget* — is, in order of precedence:
+
+1. :func:`set_budget` / the :func:`budget` context manager: a number of bytes, a string
+   such as ``"512MB"`` or ``"2GiB"``, or ``"off"`` to disable planning;
+2. the environment variable ``REFNGD_MEMORY_BUDGET`` (same values);
+3. otherwise the free memory of the device that holds the arrays: for NumPy the
+   machine's ``MemAvailable`` (``/proc/meminfo`` on Linux, ``sysconf`` elsewhere;
+   no check when neither exists), for CuPy the device's free memory plus the free
+   blocks of CuPy's memory pool.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from typing import Callable
+
+from .backend import get_backend, is_cupy
+
+ENV_VAR = "REFNGD_MEMORY_BUDGET"
+_OFF = ("off", "none", "false", "no", "disable", "disabled")
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+_UNSET = object()
+_budget = _UNSET  #: module-level setting (see set_budget); _UNSET defers to the environment
+
+
+class MemoryPlanError(MemoryError):
+    """A route would need more memory than is free (or than the budget allows).
+
+    Attributes: ``what`` (the route), ``needed`` and ``available`` (bytes), ``fits`` (the
+    largest batch size N that fits, 0 when none does; ``None`` when not computed),
+    ``parts`` (the estimate's breakdown, bytes by name).
+    """
+
+    def __init__(self, what: str, needed: int, available: int, source: str, N: int | None,
+                 fits: int | None, parts: dict[str, int]):
+        self.what, self.needed, self.available, self.fits = what, needed, available, fits
+        self.source, self.parts = source, parts
+        detail = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if v)
+        msg = (f"{what} needs about {format_bytes(needed)} ({detail}) but only "
+               f"{format_bytes(available)} is available ({source}).")
+        if fits is not None and N is not None:
+            if fits > 0:
+                msg += f" A batch of N = {fits} fits (this one has N = {N}): split the batch."
+            else:
+                msg += (" No batch size fits: the parameter-dimension part alone is too large; "
+                        "use the Gram route or a parameter subset (params=).")
+        msg += (f" To plan against another budget set {ENV_VAR} (e.g. '8GB', or 'off' to "
+                "disable) or call refngd.memory.set_budget(...).")
+        super().__init__(msg)
+
+
+# ---------------------------------------------------------------------------- budget
+def parse_bytes(value) -> int | None:
+    """A budget as bytes: an int/float, or a string like ``"1.5GB"``, ``"512MiB"``, ``"2e9"``.
+
+    Returns ``None`` for ``"off"`` (and ``False``); raises ``ValueError`` otherwise.
+    """
+    if value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a memory budget must be >= 0 bytes, got {value!r}.")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", value.lower())
+        if m and m.group(2) in _UNITS:
+            try:
+                return int(float(m.group(1)) * _UNITS[m.group(2)])
+            except ValueError:
+                pass
+    raise ValueError(f"cannot read {value!r} as a memory budget; use bytes (an int) or a string "
+                     "such as '512MB', '2GiB', or 'off'.")
+
+
+def set_budget(value=None):
+    """Set the memory budget for planning; returns the previous setting.
+
+    ``None``: defer to ``REFNGD_MEMORY_BUDGET`` and then to the free memory (the default);
+    ``"off"``: never check; otherwise bytes (int) or a string such as ``"2GB"``.
+    """
+    global _budget
+    previous = None if _budget is _UNSET else _budget
+    if value is None:
+        _budget = _UNSET
+    else:
+        parsed = parse_bytes(value)
+        _budget = "off" if parsed is None else parsed
+    return previous
+
+
+@contextlib.contextmanager
+def budget(value):
+    """``with refngd.memory.budget("100MB"): ...`` — :func:`set_budget` for a block."""
+    previous = set_budget(value)
+    try:
+        yield
+    finally:
+        set_budget(previous)
+
+
+def free_bytes(xp) -> int | None:
+    """Free memory of ``xp``'s device in bytes, or ``None`` when it cannot be read."""
+    if xp is not get_backend("numpy"):
+        try:
+            free, _ = xp.cuda.runtime.memGetInfo()
+            return int(free) + int(xp.get_default_memory_pool().free_bytes())
+        except Exception:  # pragma: no cover - depends on the device
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # other POSIX systems (free pages only: an underestimate of what is reclaimable)
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def available(xp) -> tuple[int | None, str]:
+    """The budget in force and where it comes from; ``(None, ...)`` means: do not check."""
+    if _budget is not _UNSET:
+        return (None, "planning off") if _budget == "off" else (_budget, "refngd.memory.set_budget")
+    env = os.environ.get(ENV_VAR)
+    if env is not None and env.strip():
+        return parse_bytes(env), ENV_VAR
+    device = "the GPU's free memory" if xp is not get_backend("numpy") else "MemAvailable"
+    return free_bytes(xp), device
+
+
+def check(what: str, estimate: Callable[[int], dict[str, int]], N: int | None, xp) -> dict[str, int]:
+    """Raise :class:`MemoryPlanError` when ``estimate(N)`` exceeds the budget.
+
+    ``estimate`` maps a batch size to the estimate's parts (bytes by name); it is
+    evaluated again by bisection to find the largest batch that fits.  Returns the parts.
+    """
+    parts = estimate(N)
+    need = sum(parts.values())
+    avail, source = available(xp)
+    if avail is None or need <= avail:
+        return parts
+    fits = None
+    if N is not None:
+        lo, hi = 0, N  # need(lo) fits (or lo = 0), need(hi) does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if sum(estimate(mid).values()) <= avail else (lo, mid)
+        fits = lo
+    raise MemoryPlanError(what, need, avail, source, N, fits, parts)
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GB`` style (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n} TB"  # pragma: no cover
+
+
+def array_module(a):
+    """NumPy or CuPy, for one array (without numpy imported here)."""
+    return get_backend("cupy" if is_cupy(a) else "numpy")
+
+
+# ------------------------------------------------------------------------ estimates
+#: float64 bytes: the Gram matrix and every factorisation are float64 (docs/design.md §2)
+_F8 = 8
+
+
+def _conv_chunk_elems() -> int:
+    from .nn.conv import _CHUNK_ELEMS
+
+    return _CHUNK_ELEMS
+
+
+def _layer_plan(model, in_shape: tuple, subset) -> list[tuple]:
+    """Per layer of a Sequential: (layer, in_size, out_size, in_shape, stored) in model order.
+
+    ``stored``: the layer holds selected parameters, so the rows at its output are kept
+    (one (N, K, *out_shape) buffer for the RowSet).  Layers before the first stored one
+    are not back-propagated through (they are dropped).
+    """
+    from .nn.base import ParametricLayer
+
+    plan, shape = [], tuple(in_shape)
+    for i, layer in enumerate(model.layers):
+        out = tuple(layer.out_shape(shape))
+        stored = isinstance(layer, ParametricLayer) and (
+            subset is None or any(subset.active[i]))
+        plan.append((layer, math.prod(shape), math.prod(out), shape, stored))
+        shape = out
+    first = next((i for i, p in enumerate(plan) if p[4]), len(plan))
+    return plan[first:]
+
+
+def _backward_extra(layer, in_shape, out_size, R: int) -> int:
+    """Elements, beyond the result, that ``layer.backward`` allocates for R rows."""
+    from .nn.conv import Conv2d
+
+    if isinstance(layer, Conv2d):  # the (C_out, R·T) copy of the rows, the padded output,
+        (ph, pw), (_, H, W) = layer.padding, in_shape  # and one block of the product Y
+        T = out_size // layer.out_channels
+        block = min(R, max(1, _conv_chunk_elems() // (layer.D * T))) * layer.D * T
+        return R * (out_size + layer.in_channels * (H + 2 * ph) * (W + 2 * pw)) + block
+    return 0
+
+
+def _gram_temporaries(layer, in_shape, out_size, N: int, K: int, itemsize: int) -> int:
+    """Bytes a layer's ``row_gram`` holds besides the accumulated Gram matrix."""
+    from .nn.conv import Conv2d, conv_gram_route
+
+    R = N * K
+    cast = itemsize != _F8  # float32 rows are cast to float64 copies first
+    if isinstance(layer, Conv2d):
+        Co, D = layer.out_channels, layer.D
+        T = out_size // Co
+        route = layer.gram_route or conv_gram_route(N, K, T, Co, D, layer.bias)
+        b = cast * (N * T * D + R * Co * T) * _F8
+        if route == "materialise":  # per-row gradients one block of channels at a time
+            step = max(1, _conv_chunk_elems() // max(1, R * D))
+            return b + (2 * R * R + R * min(step, Co) * D) * _F8
+        S = max(1, min(-(-N // 8), math.isqrt(_conv_chunk_elems() // (T * (T + Co * K)))))
+        return b + (3 * R * R + 2 * R * Co * T + S * S * T * (T + Co * K)) * _F8
+    # a Linear layer (and any other one): its R × R contribution and the input Gram
+    return (R * R + 2 * N * N + cast * R * out_size) * _F8
+
+
+def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
+                        subset=None, gram: bool = True, C: int | None = None
+                        ) -> Callable[[int], dict[str, int]]:
+    """Peak bytes of one backward pass of N·K rows and (``gram``) the Gram route, as a
+    function of N.
+
+    Parts (bytes):
+
+    * ``rows``: the rows kept at the output of every parametric layer, Σ_l N·K·out_l·s
+      (s = the model's itemsize) — the RowSet;
+    * ``backward temporaries``: the largest transient of the backward pass: the rows in
+      flight and what one layer's backward allocates (Conv2d: a copy of the rows, the
+      padded input-shaped output and one block of its product);
+    * ``Gram route`` (R = N·K < P only): the R × R float64 Gram matrix and its
+      factorisation — K, K + μI (with its identity temporary) and the Cholesky factor,
+      4·8·R² — or, while the Gram is being summed, one layer's Gram temporaries (Conv2d's
+      per-row gradients on the "materialise" route, its block products on the "spatial"
+      one), whichever is larger; the backward temporaries are freed by then;
+    * ``parameter-space vectors``: the direction Uᵀw and its per-layer blocks, 2·8·P.
+
+    For a model without ``layers`` (:class:`refngd.FunctionModel`) the rows are an
+    explicit U (N, K, P) computed from the Jacobian (N, C, P).
+    """
+    if not hasattr(model, "layers"):
+        def est_dense(N):
+            parts = {"Jacobian (N, C, P)": N * (C or K) * P * _F8, "rows U (N, K, P)": N * K * P * itemsize}
+            if gram and N * K < P:
+                parts["Gram matrix and factorisation"] = 4 * (N * K) ** 2 * _F8
+            return parts
+        return est_dense
+    plan = _layer_plan(model, in_shape, subset)
+    stored_per_row = sum(p[2] for p in plan if p[4])
+
+    def transient(R: int) -> int:  # elements: rows in flight and one layer's backward
+        return max((R * ((0 if stored else out_size) + in_size)
+                    + _backward_extra(layer, shape, out_size, R)
+                    for j, (layer, in_size, out_size, shape, stored) in enumerate(plan)
+                    if j > 0), default=0)  # no cotangent for the first selected layer's input
+
+    def est(N: int) -> dict[str, int]:
+        R = N * K
+        parts = {"rows' per-layer buffers": R * stored_per_row * itemsize,
+                 "backward temporaries": transient(R) * itemsize}
+        if gram and R < P:
+            summing = R * R * _F8 + max((_gram_temporaries(p[0], p[3], p[2], N, K, itemsize)
+                                         for p in plan if p[4]), default=0)
+            factor = 4 * R * R * _F8
+            parts["backward temporaries"] = 0  # freed before the Gram is formed
+            parts["Gram route"] = max(summing, factor, transient(R) * itemsize)
+            parts["parameter-space vectors"] = 2 * P * _F8  # Uᵀw and its per-layer blocks
+        return parts
+    return est
+
+
+def dense_estimate(model, K: int, itemsize: int, P: int, route: str, subset=None
+                   ) -> Callable[[int], dict[str, int]]:
+    """Bytes the dense routes allocate, as a function of N (R = N·K rows).
+
+    ``route``: ``"rows"`` — U (R × P) and one layer's per-row gradients while it is
+    filled in (:meth:`RowCurvature.row_matrix`); ``"dense"`` — plus c·UᵀU
+    (P × P, the model's dtype; NumPy scales the product in place); ``"factor"`` — U, its float64 copy, F = c UᵀU and its
+    factorisation (5 float64 P × P arrays: F, F + λI with its temporary, the factor);
+    ``"lstsq"`` — U, its float64 copy, and the QR factorisation of [U; √μ I]
+    ((R + P) × P: the stacked matrix, NumPy's working copy and Q, plus R and the
+    identity, P × P).
+    """
+    block = P
+    if hasattr(model, "layers"):  # one layer's per-row gradients and their concatenation
+        block = max((sum(math.prod(s) for s in layer.param_shapes) for layer in model.layers),
+                    default=P)
+        block = min(block, P)
+
+    def est(N: int) -> dict[str, int]:
+        R = N * K
+        cast = (itemsize != _F8) * R * P * _F8
+        parts = {"rows U (R x P)": R * P * itemsize}
+        if route == "rows" or route == "dense":
+            parts["per-row gradient temporaries"] = 2 * R * block * itemsize
+        if route == "dense":
+            parts["U^T U (P x P)"] = P * P * itemsize  # c·(UᵀU) reuses the temporary
+        elif route == "factor":
+            parts["float64 copy of U"] = cast
+            parts["F and its factorisation (P x P)"] = 5 * P * P * _F8
+        elif route == "lstsq":
+            parts["float64 copy of U"] = cast
+            parts["QR of [U; sqrt(mu) I]"] = (3 * (R + P) * P + 2 * P * P) * _F8
+        return parts
+    return est
+
+
+# ------------------------------------------------------------------ hooks for curvatures
+def plan_rows(curv, X, K: int) -> None:
+    """Check a :class:`~refngd.curvature.base.RowCurvature`'s backward pass of N·K rows and
+    (R < P) its Gram route against the budget, before the rows are back-propagated."""
+    xp = array_module(curv.theta)
+    if available(xp)[0] is None or not hasattr(X, "shape"):
+        return
+    N = int(curv.outputs.shape[0])
+    est = gram_route_estimate(curv.model, tuple(X.shape[1:]), K, curv.theta.dtype.itemsize,
+                              curv.num_params, curv.subset, C=int(curv.outputs.shape[1]))
+    check(f"the backward pass of R = {N * K} rows and the {N * K} x {N * K} Gram route",
+          est, N, xp)
+
+
+_ROUTE_NAMES = {"rows": "the dense row matrix U", "dense": "the dense P x P curvature",
+                "factor": "the P x P factorisation (P <= R route)",
+                "lstsq": "the QR least-squares solve (P <= R route)"}
+
+
+def plan_dense(curv, route: str) -> None:
+    """Check a dense route (:func:`dense_estimate`) of a RowCurvature against the budget."""
+    xp = array_module(curv.theta)
+    if available(xp)[0] is None:
+        return
+    N, K, P = curv.rows.N, curv.rows.K, curv.num_params
+    est = dense_estimate(curv.model, K, curv.theta.dtype.itemsize, P, route, curv.subset)
+    check(f"{_ROUTE_NAMES[route]} (R = {N * K}, P = {P})", est, N, xp)
+
+
+def plan_square(P: int, xp, what: str, largest_block: int = 0) -> None:
+    """Check a dense P × P float64 result (K-FAC's and EKFAC's ``dense()``): the matrix, its
+    cast to the model's dtype, and the largest block's Kronecker product and eigenbasis."""
+    if available(xp)[0] is None:
+        return
+    check(f"{what} (P = {P})", lambda _: {"P x P matrix and its copy": 2 * P * P * _F8,
+                                          "largest Kronecker block": 2 * largest_block ** 2 * _F8},
+          None, xp)
