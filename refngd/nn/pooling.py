@@ -14,6 +14,7 @@ first one in the window's row-major order on ties, as PyTorch's CPU kernel).
 from __future__ import annotations
 
 import operator
+from abc import abstractmethod
 
 from ..backend import namespace
 from .base import Layer
@@ -71,8 +72,9 @@ class _Window2d(Layer):
 class _Separable(Layer):
     """Y = P_h X P_wᵀ per sample and channel; subclasses build the two matrices."""
 
+    @abstractmethod
     def _matrices(self, xp, H: int, W: int, dtype):
-        raise NotImplementedError
+        """The (H_out, H) and (W_out, W) matrices P_h and P_w of the pooling."""
 
     def forward(self, params, x):
         xp = namespace(x)
