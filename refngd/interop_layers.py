@@ -200,7 +200,9 @@ def install(register, register_builder, unsupported) -> None:
     # ------------------------------------------------------------------ builders
     def build_batch_norm(l):
         cls = tnn.BatchNorm1d if isinstance(l, nn.BatchNorm1d) else tnn.BatchNorm2d
-        m = cls(l.num_features, eps=l.eps, affine=l.affine)
+        # float64 buffers: to_torch casts the whole model to θ's dtype afterwards, and a
+        # float32 default here would round the running statistics on the way.
+        m = cls(l.num_features, eps=l.eps, affine=l.affine, dtype=torch.float64)
         if l.affine and not l.bias:
             m.register_parameter("bias", None)  # refngd's bias=False; F.batch_norm takes None
         m.running_mean.copy_(torch.tensor(l.running_mean))
