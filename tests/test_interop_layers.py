@@ -217,3 +217,62 @@ def test_dropout_in_eval_mode_is_accepted():
     X = np.random.default_rng(1).standard_normal((3, 2, 4))
     np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
                                rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------- refngd check from files
+ARCHS = {
+    "post-norm relu": [
+        {"type": "Linear", "in_features": 4, "out_features": 8},
+        {"type": "TransformerEncoderLayer", "d_model": 8, "nhead": 2, "dim_feedforward": 12},
+        {"type": "LayerNorm", "normalized_shape": [8]}, {"type": "Flatten"},
+        {"type": "Linear", "in_features": 24, "out_features": C}],
+    "attention+lora": [
+        {"type": "Linear", "in_features": 4, "out_features": 6},
+        {"type": "MultiheadAttention", "embed_dim": 6, "num_heads": 3}, {"type": "GELU"},
+        {"type": "LoRALinear", "in_features": 6, "out_features": 5, "rank": 2, "alpha": 3.0},
+        {"type": "Flatten"}, {"type": "Linear", "in_features": 15, "out_features": C}],
+    "cnn bn pool": [
+        {"type": "Conv2d", "in_channels": 2, "out_channels": 3, "kernel_size": 3, "padding": 1},
+        {"type": "BatchNorm2d", "num_features": 3}, {"type": "ReLU"},
+        {"type": "MaxPool2d", "kernel_size": 2},
+        {"type": "AvgPool2d", "kernel_size": 2, "stride": 1, "padding": 1, "count_include_pad": False},
+        {"type": "AdaptiveAvgPool2d", "output_size": [2, None]}, {"type": "Flatten"},
+        {"type": "Linear", "in_features": 24, "out_features": 6},
+        {"type": "BatchNorm1d", "num_features": 6}, {"type": "Tanh"},
+        {"type": "Linear", "in_features": 6, "out_features": C}],
+    "embedding": [
+        {"type": "Embedding", "num_embeddings": 11, "embedding_dim": 4, "padding_idx": 0},
+        {"type": "LayerNorm", "normalized_shape": 4}, {"type": "Flatten"},
+        {"type": "Linear", "in_features": 24, "out_features": C}],
+}
+
+
+@pytest.mark.parametrize("case", ARCHS)
+def test_refngd_check_reads_the_new_layers_from_files(case, tmp_path):
+    """JSON architecture + torch state_dict (.pt, buffers included) + batch → the torch
+    Fisher (of the default-trainable parameters) passes, twice it fails."""
+    import json
+
+    from refngd.check.files import load_architecture
+    from refngd.cli import main
+
+    make, X = CASES[case]
+    net = make()
+    arch = {"layers": ARCHS[case], "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    model, _ = load_architecture(str(tmp_path / "arch.json"))
+    twin, theta = interop.from_torch(net)
+    assert repr(model) == repr(twin) and model.num_params == theta.size
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    np.savez(tmp_path / "batch.npz", X=X, y=Y)
+    for p in net.parameters():        # the CLI's default selection: refngd's trainable flags
+        p.requires_grad_(True)
+    if case == "attention+lora":
+        net[3].base_layer.requires_grad_(False)
+    F = torch_quantities(net, X, Y, "mean")[3]
+    np.savez(tmp_path / "good.npz", candidate=F)
+    np.savez(tmp_path / "bad.npz", candidate=2 * F)
+    args = ["check", "--arch", str(tmp_path / "arch.json"), "--weights", str(tmp_path / "w.pt"),
+            "--batch", str(tmp_path / "batch.npz"), "--quantity", "fisher"]
+    assert main(args + ["--candidate", str(tmp_path / "good.npz")]) == 0
+    assert main(args + ["--candidate", str(tmp_path / "bad.npz")]) == 1
