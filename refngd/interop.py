@@ -8,10 +8,13 @@
 
 Conversion is a *registry*: one converter per ``torch.nn`` module type, and one builder
 per refngd layer type for the way back.  A new refngd layer becomes convertible with one
-:func:`register` call (and one :func:`register_builder` for :func:`to_torch`) in this
-module; nothing else changes (``refngd check`` reads architectures from JSON without torch,
+:func:`register` call (and one :func:`register_builder` for :func:`to_torch`) here or in
+:mod:`refngd.interop_layers`; nothing else changes (``refngd check`` reads JSON without torch,
 through the table in :mod:`refngd.check.files`, which needs the layer's entry too).
-A module without a converter raises
+The converters of the normalisation, embedding, pooling, attention, Transformer and LoRA
+layers live in :mod:`refngd.interop_layers`, with the two small torch modules
+(:func:`self_attention_module`, :func:`lora_linear_module`) that stand in where
+``torch.nn`` has no single-input module.  A module without a converter raises
 :class:`UnsupportedModuleError` naming its type and its path in the model (``"2.1"``).
 
 Tensors: CPU tensors become NumPy arrays (copied, so that a later in-place update of the
