@@ -8,10 +8,13 @@
 
 Conversion is a *registry*: one converter per ``torch.nn`` module type, and one builder
 per refngd layer type for the way back.  A new refngd layer becomes convertible with one
-:func:`register` call (and one :func:`register_builder` for :func:`to_torch`) in this
-module; nothing else changes (``refngd check`` reads architectures from JSON without torch,
+:func:`register` call (and one :func:`register_builder` for :func:`to_torch`) here or in
+:mod:`refngd.interop_layers`; nothing else changes (``refngd check`` reads JSON without torch,
 through the table in :mod:`refngd.check.files`, which needs the layer's entry too).
-A module without a converter raises
+The converters of the normalisation, embedding, pooling, attention, Transformer and LoRA
+layers live in :mod:`refngd.interop_layers`, with the two small torch modules
+(:func:`self_attention_module`, :func:`lora_linear_module`) that stand in where
+``torch.nn`` has no single-input module.  A module without a converter raises
 :class:`UnsupportedModuleError` naming its type and its path in the model (``"2.1"``).
 
 Tensors: CPU tensors become NumPy arrays (copied, so that a later in-place update of the
@@ -28,7 +31,21 @@ from . import nn
 from .backend import Array, is_cupy
 
 __all__ = ["from_torch", "to_torch", "from_torch_loss", "to_array", "to_tensor", "register",
-           "register_builder", "UnsupportedModuleError"]
+           "register_builder", "UnsupportedModuleError", "self_attention_module",
+           "lora_linear_module"]
+
+
+def self_attention_module(embed_dim: int, num_heads: int, bias: bool = True):
+    """A torch self-attention module for ``nn.Sequential``: see :mod:`refngd.interop_layers`."""
+    from .interop_layers import self_attention_module as make
+    return make(embed_dim, num_heads, bias=bias)
+
+
+def lora_linear_module(in_features: int, out_features: int, rank: int, alpha: float,
+                       bias: bool = True):
+    """A minimal torch LoRA layer (PEFT's names): see :mod:`refngd.interop_layers`."""
+    from .interop_layers import lora_linear_module as make
+    return make(in_features, out_features, rank, alpha, bias=bias)
 
 
 class UnsupportedModuleError(TypeError):
@@ -163,6 +180,8 @@ def _load_defaults() -> None:
     register_builder(nn.GELU, lambda l: tnn.GELU(approximate=l.approximate))
     for r_type, t_type in ((nn.ReLU, tnn.ReLU), (nn.Tanh, tnn.Tanh), (nn.Sigmoid, tnn.Sigmoid)):
         register_builder(r_type, lambda l, t_type=t_type: t_type())
+    from .interop_layers import install  # LayerNorm ... TransformerEncoderLayer, LoRA
+    install(register, register_builder, _unsupported)
     _DEFAULTS_LOADED = True
 
 
@@ -176,7 +195,10 @@ def _walk(module, path: str, out: list) -> None:
     conv = next((fn for t, fn in _CONVERTERS.items() if type(module) is t), None)
     if conv is None:
         raise _unsupported(module, path)
-    out.extend(conv(module, path))
+    try:
+        out.extend(conv(module, path))
+    except ValueError as err:  # a refngd constructor refusing a setting: say where it is
+        raise _unsupported(module, path, str(err)) from None
 
 
 # --------------------------------------------------------------------------- models
@@ -186,7 +208,12 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     Parameters
     ----------
     module : ``torch.nn.Sequential`` (nested allowed) of modules with a registered
-        converter (Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid, GELU), or one such module.
+        converter, or one such module: Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid, GELU,
+        LayerNorm, BatchNorm1d/2d (``eval()`` mode; the running statistics are copied),
+        Embedding, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, MultiheadAttention (as
+        self-attention; :func:`self_attention_module` for use in ``nn.Sequential``),
+        TransformerEncoderLayer (``batch_first=True``, dropout 0 or ``eval()``) and
+        :func:`lora_linear_module` (docs/validating.md lists the settings).
 
     Returns
     -------
@@ -196,6 +223,9 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
         ``parameters_to_vector(module.parameters())``; a NumPy array (CPU) or a CuPy array
         (CUDA, through DLPack).  Memory of its own: later changes to the module do not
         change θ.
+
+    Each layer's ``trainable`` flags are the tensors' ``requires_grad``, so ``params=None``
+    in a curvature or update means the torch model's trainable parameters (docs/subsets.md).
     """
     torch = _torch()
     _load_defaults()
@@ -217,6 +247,9 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     dtype = dtypes.pop()
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"parameters must be float64 or float32, got {dtype}; call model.double().")
+    for layer, ts in pairs:  # requires_grad becomes the default selection
+        if ts:
+            layer.trainable = tuple(t.requires_grad for t in ts)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
 
@@ -225,7 +258,8 @@ def to_torch(model: nn.Sequential, theta: Array):
     """A ``torch.nn.Sequential`` equal to ``model`` with parameters θ (copied; θ's dtype).
 
     A CuPy θ gives a CUDA model (through DLPack).  ``from_torch(to_torch(model, θ))``
-    returns θ exactly.
+    returns θ exactly.  ``requires_grad`` is each layer's ``trainable`` flag; BatchNorm
+    layers carry their running statistics and are in ``eval()`` mode.
     """
     torch = _torch()
     _load_defaults()
@@ -241,6 +275,9 @@ def to_torch(model: nn.Sequential, theta: Array):
     net = torch.nn.Sequential(*mods).to(dtype=t.dtype, device=t.device)
     with torch.no_grad():
         torch.nn.utils.vector_to_parameters(t, net.parameters())
+    for layer, mod in zip(model.layers, mods):
+        for p, on in zip(mod.parameters(), getattr(layer, "trainable", ())):
+            p.requires_grad_(bool(on))
     return net
 
 

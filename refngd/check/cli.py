@@ -52,7 +52,7 @@ def run_check(args) -> int:
     try:
         model, loss = load_architecture(args.arch)
         theta = load_weights(args.weights, model)
-        X, y = load_batch(args.batch, theta.dtype)
+        X, y = load_batch(args.batch, theta.dtype, integer=model.layers[0].integer_input)
         input_shape_ok(model, theta, X)
         candidate, v = load_candidate(args.candidate, args.quantity)
         twin = make_twin((model, theta), loss, X, y, args.convention, damping=args.damping, v=v,

@@ -4,12 +4,15 @@ Formats (docs/validating.md, "From files"):
 
 * architecture ``.json``: ``{"layers": [{"type": "Conv2d", "in_channels": 1, ...}, ...],
   "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}`` — PyTorch's class names
-  and constructor arguments, in ``nn.Sequential`` order;
+  and constructor arguments, in ``nn.Sequential`` order (``LoRALinear`` is refngd's;
+  BatchNorm layers may carry ``running_mean`` / ``running_var`` lists);
 * weights ``.npz`` with one array ``theta`` (``parameters_to_vector`` order) or one array
-  per parameter named as in PyTorch's ``state_dict`` (``"0.weight"``, ``"0.bias"``, ...), or
-  a PyTorch ``state_dict`` file (``.pt`` / ``.pth``) read with
-  ``torch.load(weights_only=True)`` — never an arbitrary unpickle;
-* batch ``.npz`` with ``X`` and ``y``;
+  per parameter named as in PyTorch's ``state_dict`` (``"0.weight"``, ``"0.bias"``,
+  ``"1.self_attn.in_proj_weight"``, ...; BatchNorm's ``running_mean`` / ``running_var``
+  buffers are read, ``num_batches_tracked`` ignored), or a PyTorch ``state_dict`` file
+  (``.pt`` / ``.pth``) read with ``torch.load(weights_only=True)`` — never an arbitrary
+  unpickle;
+* batch ``.npz`` with ``X`` and ``y`` (integer ``X`` for a model starting with Embedding);
 * candidate ``.npz`` with ``candidate`` (an array), or, for ``kfac_factors``, one array per
   factor (``"0.A"``, ``"0.G"``, ...); optionally ``v`` for ``fisher_matvec``.
 
@@ -38,6 +41,27 @@ _LAYERS = {
     "Tanh": (nn.Tanh, (), ()),
     "Sigmoid": (nn.Sigmoid, (), ()),
     "GELU": (nn.GELU, (), ("approximate",)),
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape",), ("eps", "elementwise_affine", "bias")),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features",),
+                    ("eps", "momentum", "affine", "track_running_stats", "bias", "running_mean",
+                     "running_var")),
+    "BatchNorm2d": (nn.BatchNorm2d, ("num_features",),
+                    ("eps", "momentum", "affine", "track_running_stats", "bias", "running_mean",
+                     "running_var")),
+    "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim"),
+                  ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")),
+    "AvgPool2d": (nn.AvgPool2d, ("kernel_size",),
+                  ("stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")),
+    "MaxPool2d": (nn.MaxPool2d, ("kernel_size",),
+                  ("stride", "padding", "dilation", "return_indices", "ceil_mode")),
+    "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",), ()),
+    "MultiheadAttention": (nn.MultiheadAttention, ("embed_dim", "num_heads"),
+                           ("dropout", "bias", "add_bias_kv", "add_zero_attn", "kdim", "vdim",
+                            "batch_first")),
+    "TransformerEncoderLayer": (nn.TransformerEncoderLayer, ("d_model", "nhead"),
+                                ("dim_feedforward", "dropout", "activation", "layer_norm_eps",
+                                 "batch_first", "norm_first", "bias")),
+    "LoRALinear": (nn.LoRALinear, ("in_features", "out_features", "rank", "alpha"), ("bias",)),
 }
 _LOSSES = {"CrossEntropyLoss": losses.CrossEntropy, "MSELoss": losses.MSELoss,
            "BCEWithLogitsLoss": losses.BCEWithLogits}
@@ -74,8 +98,14 @@ def load_architecture(path: str):
                                   + ("; " if unknown and missing else "")
                                   + (f"unsupported arguments {sorted(unknown)}" if unknown else "") + ".")
         args.pop("inplace", None)
+        stats = [args.pop(k, None) for k in ("running_mean", "running_var")]
         try:
-            layers.append(cls(*[args.pop(k) for k in required], **args))
+            layer = cls(*[args.pop(k) for k in required], **args)
+            if any(s is not None for s in stats):
+                if None in stats:
+                    raise ValueError("give both running_mean and running_var, or neither.")
+                layer.set_running_stats(np.asarray(stats[0], float), np.asarray(stats[1], float))
+            layers.append(layer)
         except (TypeError, ValueError) as err:
             raise FileFormatError(f"{path!r}, layer {i} ({kind}): {err}") from None
     loss_spec = spec.get("loss")
@@ -124,6 +154,7 @@ def load_weights(path: str, model) -> np.ndarray:
         arrays = {k: v.detach().numpy() for k, v in state.items()}
     else:
         arrays = _npz(path, "weights")
+    arrays = _take_running_stats(arrays, model, path)
     if "theta" in arrays:
         theta = _float("theta", arrays["theta"]).reshape(-1)
         if theta.size != model.num_params:
@@ -132,7 +163,7 @@ def load_weights(path: str, model) -> np.ndarray:
         return theta
     parts = []
     for i, layer in enumerate(model.layers):
-        for shape, kind in zip(layer.param_shapes, ("weight", "bias")):
+        for shape, kind in zip(layer.param_shapes, param_names(layer)):
             key = f"{i}.{kind}"
             if key not in arrays:
                 raise FileFormatError(f"weights file {path!r} has no {key!r} (expected "
@@ -151,16 +182,67 @@ def load_weights(path: str, model) -> np.ndarray:
 
 
 def _keys(model) -> list:
-    return [f"{i}.{k}" for i, l in enumerate(model.layers) for _, k in zip(l.param_shapes, ("weight", "bias"))]
+    return [f"{i}.{k}" for i, l in enumerate(model.layers) for _, k in zip(l.param_shapes, param_names(l))]
 
 
-def load_batch(path: str, dtype) -> tuple:
+def _mha_names(layer) -> list:
+    return (["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"] if layer.bias
+            else ["in_proj_weight", "out_proj.weight"])
+
+
+def param_names(layer) -> list:
+    """PyTorch's ``state_dict`` names of a layer's parameters, in θ order (prefix ``i.``)."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return _mha_names(layer)
+    if isinstance(layer, nn.TransformerEncoderLayer):
+        subs = [("self_attn", _mha_names(layer.children["self_attn"]))]
+        wb = ["weight", "bias"] if layer.bias else ["weight"]
+        subs += [(name, wb) for name in ("linear1", "linear2", "norm1", "norm2")]
+        return [f"{name}.{k}" for name, keys in subs for k in keys]
+    if isinstance(layer, nn.LoRALinear):  # refngd.interop.lora_linear_module's names
+        return (["base_layer.weight"] + (["base_layer.bias"] if layer.bias else [])
+                + ["lora_A.weight", "lora_B.weight"])
+    if isinstance(layer, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)):
+        return ["weight", "bias"][:len(layer.param_shapes)]
+    return ["weight", "bias"] if len(layer.param_shapes) == 2 else ["weight"]
+
+
+def _take_running_stats(arrays: dict, model, path: str) -> dict:
+    """Apply BatchNorm buffers found among the named arrays; return the other arrays (a
+    self-attention wrapper's ``i.attn.*`` names read as ``nn.MultiheadAttention``'s ``i.*``)."""
+    arrays = dict(arrays)
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, nn.MultiheadAttention):
+            for k in _mha_names(layer):
+                if f"{i}.attn.{k}" in arrays and f"{i}.{k}" not in arrays:
+                    arrays[f"{i}.{k}"] = arrays.pop(f"{i}.attn.{k}")
+        keys = [f"{i}.running_mean", f"{i}.running_var"]
+        arrays.pop(f"{i}.num_batches_tracked", None)  # a training counter: not used in eval
+        if not isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) or not any(k in arrays for k in keys):
+            continue
+        if not all(k in arrays for k in keys):
+            raise FileFormatError(f"weights file {path!r} has one of {keys} but not both.")
+        try:
+            layer.set_running_stats(np.asarray(arrays.pop(keys[0]), float),
+                                    np.asarray(arrays.pop(keys[1]), float))
+        except ValueError as err:
+            raise FileFormatError(f"weights file {path!r}, layer {i}: {err}") from None
+    return arrays
+
+
+def load_batch(path: str, dtype, integer: bool = False) -> tuple:
+    """(X, y); X cast to ``dtype``, or kept as integer indices with ``integer=True``."""
     data = _npz(path, "batch")
     if "X" not in data or "y" not in data:
         raise FileFormatError(f"batch file {path!r} needs arrays 'X' and 'y', has {sorted(data)}.")
     X = data["X"]
     if not np.issubdtype(X.dtype, np.number):
         raise FileFormatError(f"X has dtype {X.dtype}; expected numbers.")
+    if integer:
+        if X.dtype.kind not in "iu":
+            raise FileFormatError(f"X has dtype {X.dtype}; the first layer is an Embedding, which "
+                                  "reads integer token indices.")
+        return X, data["y"]
     return X.astype(dtype, copy=False), data["y"]
 
 
