@@ -195,3 +195,22 @@ def test_params_subset_is_the_study_of_the_submatrix():
     assert not trainable.all()  # the LoRA base is frozen
     assert default == batch_gammas(model, th, loss, X, y, methods=("ngd",), dampings=DAMPINGS,
                                    params=trainable)
+
+
+def test_gamma_star_without_a_solve_where_the_gram_matrix_is_singular():
+    """Duplicate samples make K singular: γ* = 1/√(c·aᵀΠa) equals 1/√(gᵀF⁺g) from a dense
+    pseudo-inverse with an explicit threshold."""
+    rng = np.random.default_rng(5)
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4))
+    th = model.init(rng)
+    X = rng.standard_normal((10, 6))
+    X[-1] = X[0]
+    y = rng.integers(0, 4, 10)
+    y[-1] = y[0]
+    out = batch_gammas(model, th, CrossEntropy(), X, y, methods=("ngd",), dampings=(1e-6,))
+    F = Fisher(model, th, CrossEntropy(), X, y).dense()
+    g = refngd.gradient(model, th, CrossEntropy(), X, y)
+    w, V = np.linalg.eigh(F)
+    keep = w > 1e-10 * w.max()
+    Fp = (V[:, keep] / w[keep]) @ V[:, keep].T
+    assert out["gamma_star"] == pytest.approx(1 / math.sqrt(g @ Fp @ g), rel=1e-8)

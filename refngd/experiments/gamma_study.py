@@ -62,8 +62,8 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
                  rng=None, kfac_fisher_type: str = "type-2", params=None) -> dict:
     """γ of every method's direction at every damping, on one batch.
 
-    Returns ``{"dampings": [...], "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) (None when the
-    Gram matrix is singular), "imbalance": gradient-norm imbalance, method: [γ(d_λ)]}``;
+    Returns ``{"dampings": [...], "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) (see
+    :func:`_gamma_star`), "imbalance": gradient-norm imbalance, method: [γ(d_λ)]}``;
     γ is ``inf`` where a direction has no first-order descent (dᵀg = 0) or its solve
     failed.  ``rng`` (a NumPy Generator) is needed for ``"sf"``.
 
@@ -82,10 +82,7 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
     g = gradient_from(lin, loss, y, params=sub)
     sel = dict(linearization=lin, params="all" if sub is None else sub)
     F = Fisher(model, theta, loss, X, y, **sel)
-    try:
-        gamma_star = gamma(F.natural_gradient(0.0), F, g)
-    except SingularSystemError:
-        gamma_star = None
+    gamma_star = _gamma_star(F, g)
     EF = EmpiricalFisher(model, theta, loss, X, y, **sel)
     out = {"dampings": dampings, "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star,
            "imbalance": gradient_norm_imbalance(EF)}
@@ -94,6 +91,28 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
                            kfac_fisher_type)
         out[method] = [gamma(d, F, g) if d is not None else math.inf for d in dirs]
     return out
+
+
+def _gamma_star(F: Fisher, g) -> float | None:
+    """γ* = γ(F⁺g) = 1/√(gᵀF⁺g), the optimum every direction is measured against.
+
+    From F⁺g itself where the Gram matrix K can be factored.  Where K is singular to
+    working precision (late in training a confident sample's C − 1 rows are of size
+    √p_c, giving eigenvalues ~1e-14), the same number without a solve: g = Uᵀ(c·a), so
+    gᵀF⁺g = c²aᵀU(cUᵀU)⁺Uᵀa = c·aᵀΠa with Π the projector onto range(K), taken as K's
+    numerical range.  None only where part of e_n lies outside its rows' span (r ≠ 0).
+    """
+    try:
+        return gamma(F.natural_gradient(0.0), F, g)
+    except SingularSystemError:
+        a, r = F.gradient_coefficients()
+        xp = namespace(a)
+        if bool(xp.any(r != 0)):
+            return None
+        w, V = eigh_range(F.gram())
+        Va = V.T @ a.reshape(-1).astype(xp.float64)
+        q = F.c * to_float((Va * Va).sum())
+        return None if q <= 0 else 1.0 / math.sqrt(q)
 
 
 def gradient_norm_imbalance(EF: EmpiricalFisher) -> float | None:
