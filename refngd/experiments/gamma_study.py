@@ -39,6 +39,10 @@ The protocols (:func:`batch_gammas` on each batch, then):
   absolute damping grid, the same for every method.
 * **best over damping** (refngd's own summary, not the paper's): the smallest E3 ratio per
   method, flagged when it sits on the edge of the grid.
+* **a given direction** (:func:`direction_gammas`, :func:`direction_summary`; refngd's
+  own): γ̄(d)/γ̄(g) and γ̄(d)/γ̄* of a direction built elsewhere — an optimizer's
+  state-dependent ``opt.direction(θ, state, ...)``, scored by ``refngd compare`` at the
+  method's own checkpoints.
 """
 from __future__ import annotations
 
