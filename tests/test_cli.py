@@ -38,6 +38,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert rec["methods"]["ngd"]["lr_grid"] == [0.1]
     gam = rec["gamma"]
     assert gam["trajectory"] == "sgd" and [c["step"] for c in gam["checkpoints"]] == [0, 1, 2, 3, 4]
+    assert "own_trajectory" not in gam and "own checkpoints" not in text  # no opt-in method
     for c in gam["checkpoints"]:
         ngd = c["e3"]["ngd"]["best_ratio"]
         for m in ("ef", "ief", "sf", "kfac", "ekfac"):  # exact NGD minimises γ

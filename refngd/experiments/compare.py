@@ -14,6 +14,9 @@ The experiment, in order:
    EKFAC and exact NGD under Wu et al.'s protocols (:mod:`refngd.experiments.gamma_study`):
    E1 (near-zero damping, γ̄_X/γ̄_SGD ± standard error and γ̄_X/γ̄*) and E3 (one absolute
    damping grid, the same for every method), and refngd's "best over damping" summary;
+   the opt-in methods whose direction depends on their optimizer state
+   (:data:`OWN_TRAJECTORY_METHODS`) are scored E1-style at the same step numbers of
+   *their own* best run, with the state recorded there (``gamma.own_trajectory``);
 5. a table, a JSON record and PNG plots; with ``seeds > 1`` all of it once per seed and
    a table of mean ± standard deviation over the seeds.
 
@@ -35,8 +38,8 @@ from ..losses import CrossEntropy
 from ..optim.adafisher import AdaFisher
 from ..optim.baselines import SGD, Adafactor, Adam, AdamW
 from .data import load_digits, load_npz
-from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping, e1_summary,
-                          e3_summary)
+from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping,
+                          direction_gammas, direction_summary, e1_summary, e3_summary)
 from ..optim.fadam import FAdam
 from .models import build_model
 from ..optim.natural import EF, IEF, NGD, SF
@@ -128,6 +131,9 @@ def _second_order_adaptive_methods() -> dict:
 
 
 METHODS.update(_second_order_adaptive_methods())
+#: methods whose direction depends on their optimizer state (``opt.direction(θ, state, ...)``):
+#: the γ study scores them at checkpoints of their *own* best run (``gamma.own_trajectory``)
+OWN_TRAJECTORY_METHODS = tuple(_second_order_adaptive_methods())
 
 DEFAULT_METHODS = ("sgd", "adam", "ngd", "ef", "ief", "sf", "kfac", "ekfac", "adafisher", "fadam")
 
@@ -221,19 +227,21 @@ def run_compare(config: CompareConfig, log=print, on_method: Callable | None = N
 
     runs = [(m, lr) for m in config.methods for lr in config.grid(m)]
     outer = progress_bar(len(runs), config.progress, "compare", "run", leave=True)
-    methods_rec, checkpoints = {}, {}
+    methods_rec, checkpoints, own_runs = {}, {}, {}
     for m in config.methods:
         spec = METHODS[m]
         rec = {"label": spec.label, "settings": spec.settings, "lr_grid": list(config.grid(m)),
                "runs": [], "best_lr": None, "best": None}
         best_res = None
+        own = config.gamma and m in OWN_TRAJECTORY_METHODS  # score it at its own checkpoints
         for lr in config.grid(m):
             opt = spec.make(lr)
             res = train(model, theta0, loss, data.X_train, data.y_train, opt, epochs=config.epochs,
                         batch_size=config.batch_size, max_steps=config.max_steps, rng=config.seed,
                         X_test=data.X_test, y_test=data.y_test, eval_every=eval_every,
                         progress=config.progress, desc=f"{spec.label} lr={lr:g}",
-                        checkpoints=ck_steps if m == trajectory else (), on_divergence="ignore")
+                        checkpoints=ck_steps if m == trajectory or own else (), on_divergence="ignore",
+                        record_state=own)
             rec["runs"].append({"lr": lr, "final_train_loss": res.final_train_loss,
                                 "test_accuracy": res.evals["test_accuracy"][-1],
                                 "seconds_per_step": res.seconds_per_step, "steps": res.steps,
@@ -250,6 +258,8 @@ def run_compare(config: CompareConfig, log=print, on_method: Callable | None = N
                    optimizer=spec.make(lr).hyperparameters())
         if m == trajectory:
             checkpoints = res.checkpoints
+        if own:
+            own_runs[m] = (lr, res.checkpoints, res.checkpoint_states)
         methods_rec[m] = rec
         if on_method is not None:
             on_method(m, rec)
@@ -270,14 +280,18 @@ def run_compare(config: CompareConfig, log=print, on_method: Callable | None = N
         "methods": methods_rec,
     }
     if config.gamma:
-        record["gamma"] = _gamma_study(config, model, loss, data, checkpoints, trajectory, log)
+        record["gamma"] = _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs)
     record["table"] = summary_rows(record)
     record["seconds_total"] = time.perf_counter() - t_start
     return record
 
 
-def _gamma_study(config, model, loss, data, checkpoints, trajectory, log) -> dict:
-    """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints."""
+def _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs=None) -> dict:
+    """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints.
+
+    ``own_runs``: {method: (best lr, {step: θ}, {step: state})} of the state-dependent
+    methods, scored E1-style at their own checkpoints (``"own_trajectory"``).
+    """
     rng = as_generator(config.seed + 1)
     N = data.X_train.shape[0]
     n = min(config.batch_size, N)
@@ -302,13 +316,36 @@ def _gamma_study(config, model, loss, data, checkpoints, trajectory, log) -> dic
     if bar is not None:
         bar.close()
     last = rows[-1] if rows else {"e1": {}, "e3": {}}
-    return {"trajectory": trajectory, "methods": list(config.gamma_methods),
-            "batch_size": n, "batches": len(batches), "dampings": dampings,
-            "e1_damping": config.e1_damping,
-            "damping_convention": f"absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
-                                  f"loss as trained ({type(loss).__name__}, reduction="
-                                  f"{loss.reduction!r}); Gram forms use λ/c",
-            "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
+    out = {"trajectory": trajectory, "methods": list(config.gamma_methods),
+           "batch_size": n, "batches": len(batches), "dampings": dampings,
+           "e1_damping": config.e1_damping,
+           "damping_convention": f"absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
+                                 f"loss as trained ({type(loss).__name__}, reduction="
+                                 f"{loss.reduction!r}); Gram forms use λ/c",
+           "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
+    if own_runs:
+        out["own_trajectory"] = {m: _own_trajectory(config, model, loss, data, batches, m, *run)
+                                 for m, run in own_runs.items()}
+    return out
+
+
+def _own_trajectory(config, model, loss, data, batches, method, lr, thetas, states) -> dict:
+    """γ̄(d)/γ̄(g) ± s.e. and γ̄(d)/γ̄* of ``opt.direction(θ_k, state_k, ...)`` at the
+    method's own checkpoints, on the study's fixed batches (the exact Fisher at θ_k)."""
+    opt = METHODS[method].make(lr)
+    rows = []
+    for step in sorted(states):
+        theta, state = thetas[step], states[step]
+        per = []
+        for k, b in enumerate(batches):
+            X, y = data.X_train[b], data.y_train[b]
+            d = opt.direction(theta, state, model, loss, X, y, rng=as_generator(config.seed + 100 + k))
+            per.append(direction_gammas(model, theta, loss, X, y, d))
+        rows.append({"step": step, **direction_summary(per)})
+    return {"label": METHODS[method].label, "lr": lr,
+            "direction": "opt.direction(θ, state, ...) with the state recorded at the checkpoint "
+                         "of the method's own best run (its own damping)",
+            "checkpoints": rows}
 
 
 # ------------------------------------------------------------------------- seeds
@@ -436,7 +473,10 @@ def format_results(record: dict) -> str:
         text.append("* best learning rate on the edge of its grid.")
     gam = record.get("gamma")
     if gam and gam["checkpoints"]:
-        text += ["", _format_e1(gam), "", _format_last(gam)]
+        text += ["", _format_e1(gam)]
+        if gam.get("own_trajectory"):
+            text += ["", _format_own(gam)]
+        text += ["", _format_last(gam)]
     return "\n".join(text)
 
 
@@ -454,6 +494,25 @@ def _format_e1(gam: dict) -> str:
                       f"(Wu et al.'s first evaluation: ratio of mean γ over {gam['batches']} fixed batches "
                       f"of {gam['batch_size']} ± standard error, checkpoints of the "
                       f"{_label(gam['trajectory'])} run; below 1 beats SGD)"])
+
+
+def _format_own(gam: dict) -> str:
+    """E1-style ratios of the state-dependent methods at their own runs' checkpoints."""
+    own = gam["own_trajectory"]
+    steps = sorted({c["step"] for rec in own.values() for c in rec["checkpoints"]})
+    head = ["E1-style, own checkpoints"] + [f"step {s}" for s in steps]
+    body = []
+    for rec in own.values():
+        at = {c["step"]: c for c in rec["checkpoints"]}
+        body.append([f"{rec['label']} γ̄/γ̄(g)"] + [_pm(at[s]["mean_ratio"], at[s]["stderr"]) if s in at else "—"
+                                                   for s in steps])
+        body.append([f"{rec['label']} γ̄/γ̄*"] + [fmt(at[s]["optimal_ratio"], ".3f") if s in at else "—"
+                                                 for s in steps])
+    return "\n".join([format_table(head, body, "l" + "r" * len(steps)),
+                      f"(at each method's OWN checkpoints: θ and optimizer state at these steps of its "
+                      f"own best run, so θ differs from the {_label(gam['trajectory'])} checkpoints "
+                      f"above; its direction with its own damping, on the same {gam['batches']} "
+                      f"batches of {gam['batch_size']} ± standard error; step 0 is the initial state)"])
 
 
 def _format_last(gam: dict) -> str:

@@ -39,6 +39,10 @@ The protocols (:func:`batch_gammas` on each batch, then):
   absolute damping grid, the same for every method.
 * **best over damping** (refngd's own summary, not the paper's): the smallest E3 ratio per
   method, flagged when it sits on the edge of the grid.
+* **a given direction** (:func:`direction_gammas`, :func:`direction_summary`; refngd's
+  own): γ̄(d)/γ̄(g) and γ̄(d)/γ̄* of a direction built elsewhere — an optimizer's
+  state-dependent ``opt.direction(θ, state, ...)``, scored by ``refngd compare`` at the
+  method's own checkpoints.
 """
 from __future__ import annotations
 
@@ -206,6 +210,39 @@ def e1_summary(batches: list[dict], damping: float) -> dict:
     return out
 
 
+def direction_gammas(model, theta, loss, X, y, d) -> dict:
+    """γ of one given direction ``d`` on one batch, beside γ(g) and γ* (as :func:`batch_gammas`).
+
+    For directions that depend on an optimizer's state (RF-Adam, IKFAC, AdamQLR, ...:
+    ``opt.direction(θ, state, ...)``), which :func:`batch_gammas` cannot build from θ
+    alone.  Returns ``{"gamma": γ(d), "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) or None}``
+    with F the exact Fisher of the batch at θ (all trainable parameters).
+    """
+    lin = model.linearize(theta, X)
+    g = gradient_from(lin, loss, y)
+    F = Fisher(model, theta, loss, X, y, linearization=lin)
+    try:
+        gamma_star = gamma(F.natural_gradient(0.0), F, g)
+    except SingularSystemError:
+        gamma_star = None
+    return {"gamma": gamma(d, F, g), "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star}
+
+
+def direction_summary(batches: list[dict]) -> dict:
+    """E1-style ratios of :func:`direction_gammas` results over batches.
+
+    ``{"mean_ratio": γ̄(d)/γ̄(g), "stderr" (delta method over the batches; None for one),
+    "optimal_ratio": γ̄(d)/γ̄* (None where γ* is undefined)}``.
+    """
+    if not batches:
+        raise ValueError("direction_summary needs at least one batch.")
+    x = [b["gamma"] for b in batches]
+    stars = [b["gamma_star"] for b in batches]
+    ratio, se = _ratio_of_means(x, [b["gamma_sgd"] for b in batches])
+    optimal = _ratio_of_means(x, stars)[0] if all(v is not None for v in stars) else None
+    return {"mean_ratio": ratio, "stderr": se, "stderr_over": "batches", "optimal_ratio": optimal}
+
+
 def e3_summary(batches: list[dict]) -> dict:
     """The paper's third evaluation: γ̄_X(λ)/γ̄_SGD over the shared damping grid, per method.
 
@@ -255,4 +292,5 @@ def _mean(values) -> float | None:
 
 
 __all__ = ["GAMMA_METHODS", "DEFAULT_DAMPINGS", "E1_DAMPING", "batch_gammas",
-           "gradient_norm_imbalance", "e1_summary", "e3_summary", "best_over_damping"]
+           "gradient_norm_imbalance", "e1_summary", "e3_summary", "best_over_damping",
+           "direction_gammas", "direction_summary"]

@@ -5,6 +5,7 @@ Host-side driver (bookkeeping, timing, logging); the arithmetic happens in the o
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -36,6 +37,9 @@ class TrainResult:
         taken at step 0, every ``eval_every`` steps and at the end.
     stopped : ``None``, or the message explaining an early stop (NaN/Inf, singular solve).
     checkpoints : {step: θ} for the requested checkpoint steps that were reached.
+    checkpoint_states : {step: optimizer state} at the same steps (a deep copy, the state
+        *after* that step, i.e. the one the next step starts from), only with
+        ``record_state=True``; otherwise empty.
     config : the run's settings (optimizer name and hyper-parameters, batch size, ...).
     """
 
@@ -46,6 +50,7 @@ class TrainResult:
     config: dict
     stopped: str | None = None
     checkpoints: dict = field(default_factory=dict)
+    checkpoint_states: dict = field(default_factory=dict)
 
     @property
     def diverged(self) -> bool:
@@ -83,7 +88,8 @@ class TrainResult:
 def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: int = 64,
           max_steps: int | None = None, rng=0, X_test=None, y_test=None,
           eval_every: int | None = None, progress: bool | None = None, desc: str | None = None,
-          checkpoints=(), state: dict | None = None, on_divergence: str = "warn") -> TrainResult:
+          checkpoints=(), state: dict | None = None, on_divergence: str = "warn",
+          record_state: bool = False) -> TrainResult:
     """Train ``model`` from ``theta`` with ``optimizer`` on (X, y) in shuffled mini-batches.
 
     Parameters
@@ -101,6 +107,9 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
     progress : tqdm progress bar; ``None`` shows it only when stderr is a terminal.
     checkpoints : step numbers at which to keep a copy of θ (step 0 = the initial θ).
     state : resume from an optimizer state instead of ``optimizer.init(theta)``.
+    record_state : also keep a deep copy of the optimizer state at every checkpoint
+        (``result.checkpoint_states``): what a state-dependent direction such as
+        ``RFAdam.direction(θ, state, ...)`` needs to be scored at that checkpoint.
     on_divergence : ``"warn"`` (default), ``"ignore"`` or ``"raise"`` when the loss or θ
         becomes NaN/Inf, or a step's linear solve is numerically singular (a run that has
         blown up); training stops either way, keeps the last finite θ, and
@@ -135,6 +144,7 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
     if X_test is not None:
         evals.update(test_loss=[], test_accuracy=[])
     kept = {0: theta.copy()} if 0 in want else {}
+    kept_states = {0: copy.deepcopy(state)} if record_state and 0 in want else {}
     config = {"optimizer": getattr(optimizer, "name", type(optimizer).__name__),
               "hyperparameters": optimizer.hyperparameters() if hasattr(optimizer, "hyperparameters") else {},
               "epochs": int(epochs), "batch_size": int(batch_size), "max_steps": max_steps,
@@ -187,6 +197,8 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
                 _append(log, step, epoch + (i + 1) / per_epoch, elapsed, info)
                 if step in want:
                     kept[step] = theta.copy()
+                    if record_state:  # a copy: a step may update arrays of the state in place
+                        kept_states[step] = copy.deepcopy(state)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{info.get('loss', math.nan):.4f}", refresh=False)
@@ -201,7 +213,7 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
             raise FloatingPointError(stopped)
         if on_divergence == "warn":
             warnings.warn(stopped, RuntimeWarning, stacklevel=2)
-    return TrainResult(theta, state, log, evals, config, stopped, kept)
+    return TrainResult(theta, state, log, evals, config, stopped, kept, kept_states)
 
 
 def _check_data(xname: str, yname: str, X, y) -> tuple[np.ndarray, np.ndarray]:
