@@ -27,7 +27,7 @@ NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief"}  # the bundled digits
 def _run(args, cwd):
     env = dict(os.environ, MPLBACKEND="Agg")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)  # generous: a loaded 2-core machine runs them 3–10× slower
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
