@@ -262,3 +262,35 @@ def test_gamma_star_closed_form_for_cross_entropy():
     py = p[np.arange(len(y)), y]
     expect = 1 / np.sqrt(Fi.c * np.sum((1 - py) / py))
     assert gamma(Fi.natural_gradient(0.0), Fi, Fi.gradient()) == pytest.approx(expect, rel=1e-10)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_transformer_ngd_at_every_damping_against_high_precision_woodbury(norm_first):
+    """The tiny Transformer classifier (patch Linear → encoder block → LayerNorm → Flatten →
+    Linear) under MSE (sum): with H_n = 2I the rows are U = √2·J exactly, so a 90-digit
+    Woodbury solve (1/λ)(g − Uᵀ(λ/c·I + K)⁻¹U g) — λ = 0: (1/c)UᵀK⁻²U g — is an independent
+    reference (another formula, at a precision where its cancellation is harmless)."""
+    from test_transformer_curvature import transformer
+
+    model, _, theta, X, _ = transformer(norm_first)
+    y = np.random.default_rng(7).standard_normal((X.shape[0], 3))
+    loss = MSELoss("sum")
+    J = refngd.jacobian(model, theta, X)                           # (N, C, P), float64
+    Z = model.forward(theta, X)
+    N, C, P = J.shape
+    with mpmath.workdps(DPS):
+        U = mpmath.sqrt(2) * mpmath.matrix(J.reshape(N * C, P).tolist())
+        e = mpmath.matrix([2 * (mpmath.mpf(float(Z[n, i])) - mpmath.mpf(float(y[n, i])))
+                           for n in range(N) for i in range(C)])
+        g = (U.T * e) / mpmath.sqrt(2)                              # c = 1: g = Σ_n J_nᵀ e_n
+        K, Ug = U * U.T, U * g
+        assert N * C < P
+        for lam in DAMPINGS:
+            if lam > 0:
+                w = mpmath.lu_solve(K + mpmath.mpf(lam) * mpmath.eye(N * C), Ug)
+                ref = (g - U.T * w) / mpmath.mpf(lam)
+            else:
+                ref = U.T * mpmath.lu_solve(K, mpmath.lu_solve(K, Ug))
+            ref = np.array(ref.tolist(), dtype=float)[:, 0]
+            d = updates.ngd(model, theta, loss, X, y, damping=lam)
+            assert _rel(d, ref) <= TOL, (lam, _rel(d, ref))
