@@ -22,6 +22,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from numerics import assert_close, unpack
 
 import refngd
 from refngd import nn
@@ -40,15 +41,6 @@ needs_conv = pytest.mark.skipif(not HAS_CONV, reason="refngd.nn.Conv2d not avail
 MODELS = ["mlp", pytest.param("cnn", marks=needs_conv)]
 
 
-def assert_close(actual, expected, tol=EXACT):
-    """Entrywise |a − e| ≤ tol · max|e| (a relative tolerance on the scale of the array)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
-
-
 # ------------------------------------------------------------------------- the oracle
 def c_by_hand(name: str, reduction: str, N: int, C: int) -> float:
     """c of L = c Σ l_n, written out independently of ``loss.scale`` (PyTorch's rules)."""
@@ -65,15 +57,6 @@ def loss_oracle(name: str, z, t):
     if name == "mse":
         return anp.sum((z - t) ** 2)
     return anp.sum(anp.logaddexp(0.0, z) - t * z)
-
-
-def unpack(theta, shapes):
-    out, i = [], 0
-    for s in shapes:
-        size = int(np.prod(s))
-        out.append(anp.reshape(theta[i:i + size], s))
-        i += size
-    return out
 
 
 def make_targets(name, rng, N, C):

@@ -182,7 +182,7 @@ def test_lora_twin_freezes_the_base_by_default():
     assert layer.trainable == (False, False, True, True)
 
 
-def _refused(net, *patterns):
+def assert_refused(net, *patterns):
     with pytest.raises(interop.UnsupportedModuleError) as err:
         interop.from_torch(net)
     for pat in patterns:
@@ -191,21 +191,21 @@ def _refused(net, *patterns):
 
 def test_unsupported_settings_name_module_and_path():
     inner = tnn.Sequential(tnn.Linear(4, 3), tnn.BatchNorm1d(3))
-    _refused(tnn.Sequential(tnn.Flatten(), inner).double(), "BatchNorm1d at '1.1'", "eval()")
-    _refused(tnn.Sequential(tnn.Linear(4, 8), tnn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
+    assert_refused(tnn.Sequential(tnn.Flatten(), inner).double(), "BatchNorm1d at '1.1'", "eval()")
+    assert_refused(tnn.Sequential(tnn.Linear(4, 8), tnn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
              "TransformerEncoderLayer at '1'", "dropout.p=0.1")
-    _refused(tnn.Sequential(tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)),
+    assert_refused(tnn.Sequential(tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)),
              "TransformerEncoderLayer at '0'", "batch_first=False")
-    _refused(tnn.Sequential(tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True,
+    assert_refused(tnn.Sequential(tnn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True,
                                                         activation=torch.tanh)),
              "TransformerEncoderLayer at '0'", "activation")
-    _refused(tnn.Sequential(tnn.Embedding(5, 2, max_norm=1.0)), "Embedding at '0'", "max_norm")
-    _refused(tnn.Sequential(tnn.Conv2d(1, 1, 1), tnn.MaxPool2d(2, return_indices=True)),
+    assert_refused(tnn.Sequential(tnn.Embedding(5, 2, max_norm=1.0)), "Embedding at '0'", "max_norm")
+    assert_refused(tnn.Sequential(tnn.Conv2d(1, 1, 1), tnn.MaxPool2d(2, return_indices=True)),
              "MaxPool2d at '1'", "return_indices")
-    _refused(tnn.MultiheadAttention(4, 2, kdim=3, batch_first=True), "MultiheadAttention at the top",
+    assert_refused(tnn.MultiheadAttention(4, 2, kdim=3, batch_first=True), "MultiheadAttention at the top",
              "kdim")
     bn = tnn.BatchNorm2d(2, track_running_stats=False).eval()
-    _refused(tnn.Sequential(tnn.Conv2d(1, 2, 1), bn), "BatchNorm2d at '1'", "track_running_stats")
+    assert_refused(tnn.Sequential(tnn.Conv2d(1, 2, 1), bn), "BatchNorm2d at '1'", "track_running_stats")
 
 
 def test_dropout_in_eval_mode_is_accepted():

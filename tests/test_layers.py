@@ -15,6 +15,7 @@ import autograd.numpy as anp
 from autograd.tracer import getval
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import refngd
 from refngd import nn
@@ -25,14 +26,6 @@ import layer_oracles as R
 EXACT = 1e-10
 # 6th-order stencil at h = 1e-3: truncation ~1e-15, round-off ~1e-12 relative (measured ≤ 2e-12)
 FD_TOL = 1e-10
-
-
-def assert_close(actual, expected, tol=EXACT):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
 
 
 # ----------------------------------------------------------------------------- cases

@@ -9,6 +9,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from numerics import assert_close, unpack
 
 import refngd
 from refngd import nn
@@ -18,23 +19,6 @@ from refngd.subsets import peft_mask, resolve_params
 
 EXACT = 1e-10
 FD = 1e-7  # central differences, step 1e-5: truncation ~1e-10·|f'''|, round-off ~1e-11/1e-5
-
-
-def assert_close(actual, expected, tol=EXACT):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
-
-
-def unpack(theta, shapes):
-    out, i = [], 0
-    for s in shapes:
-        size = int(np.prod(s))
-        out.append(anp.reshape(theta[i:i + size], s))
-        i += size
-    return out
 
 
 def lora_problem(bias=True, rank=3, alpha=6.0, N=5):

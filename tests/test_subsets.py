@@ -17,6 +17,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from numerics import assert_close, unpack
 from devices import gpu_available
 
 import refngd
@@ -28,24 +29,6 @@ from refngd.subsets import ParamSubset, peft_mask, resolve_params
 
 EXACT = 1e-10
 SF_SEED, SF_K = 5, 3
-
-
-def assert_close(actual, expected, tol=EXACT):
-    """Entrywise |a − e| ≤ tol · max|e|."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
-
-
-def unpack(theta, shapes):
-    out, i = [], 0
-    for s in shapes:
-        size = int(np.prod(s))
-        out.append(anp.reshape(theta[i:i + size], s))
-        i += size
-    return out
 
 
 # ------------------------------------------------------------------------- problems
@@ -348,7 +331,7 @@ def test_embed_and_select():
 PRIMITIVES = ("row_gram", "row_dot", "row_sum", "row_grads", "row_sq_sum")
 
 
-def forbid(monkeypatch, obj, names):
+def expect_never_called(monkeypatch, obj, names):
     def boom(*a, **k):
         raise AssertionError(f"frozen {obj!r} did work")
     for n in names:
@@ -365,9 +348,9 @@ def test_frozen_tensors_do_no_row_work(cls, monkeypatch):
     y = np.arange(5) % 3
     lin = model.linearize(theta, X)
     first, lora, last = model.layers[0], model.layers[2], model.layers[4]
-    forbid(monkeypatch, first, PRIMITIVES + ("backward",))
-    forbid(monkeypatch, lora.base, PRIMITIVES)
-    forbid(monkeypatch, last, PRIMITIVES)
+    expect_never_called(monkeypatch, first, PRIMITIVES + ("backward",))
+    expect_never_called(monkeypatch, lora.base, PRIMITIVES)
+    expect_never_called(monkeypatch, last, PRIMITIVES)
     op = cls(model, theta, loss, X, y, linearization=lin, params=peft_mask(model))
     v = np.ones(op.shape[0])
     op.dense(), op @ v, op.diagonal(), op.solve(v, 0.1)
@@ -381,7 +364,7 @@ def test_backprop_stops_at_first_selected_layer(monkeypatch):
     model, _, theta, X = mlp(3)
     lin = model.linearize(theta, X)
     for layer in model.layers[:4]:
-        forbid(monkeypatch, layer, ("backward",))
+        expect_never_called(monkeypatch, layer, ("backward",))
     rows = lin.backprop(np.ones((3, 1, 3)), params=[4])
     assert [e.index for e in rows.layers] == [4] and rows.P == 21
 

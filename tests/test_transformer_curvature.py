@@ -13,6 +13,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import refngd
 from refngd import nn
@@ -24,14 +25,6 @@ import layer_oracles as R
 
 EXACT = 1e-10
 N, T, PATCH, D, HEADS, FF, C = 5, 4, 3, 4, 2, 6, 3
-
-
-def assert_close(actual, expected, tol=EXACT):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
 
 
 def ce_oracle(z, t):

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import refngd
 from refngd import metrics, nn, updates
@@ -21,15 +22,6 @@ from refngd.losses import BCEWithLogits, CrossEntropy, MSELoss
 LOSSES = {"cross_entropy": CrossEntropy, "mse": MSELoss, "bce_with_logits": BCEWithLogits}
 LOSS_RED = [(name, red) for name in LOSSES for red in ("mean", "sum")]
 SEED, K = 11, 3
-
-
-def assert_close(actual, expected, tol=1e-10):
-    """Entrywise |a − e| ≤ tol · max|e|."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-300)
-    err = float(np.abs(actual - expected).max(initial=0.0))
-    assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x scale {scale:.3e}"
 
 
 def c_by_hand(name, reduction, N, C):

@@ -185,17 +185,13 @@ class MultiheadAttention(Composite):
                         host_full((d_out, r), 0.0)]
         return out
 
+    _CHAIN = ("in_proj", "attn", "out_proj")
+
     def compose(self, params, x):
-        qkv, c_in = self._fwd("in_proj", params, x)
-        o, c_attn = self._fwd("attn", params, qkv)
-        y, c_out = self._fwd("out_proj", params, o)
-        return y, (c_in, c_attn, c_out)
+        return self._fwd_chain(self._CHAIN, params, x)
 
     def pull_back(self, ctx, inner, B):
-        c_in, c_attn, c_out = inner
-        B = self._back(ctx, "out_proj", c_out, B)
-        B = self._back(ctx, "attn", c_attn, B)
-        return self._back(ctx, "in_proj", c_in, B)
+        return self._back_chain(ctx, self._CHAIN, inner, B)
 
 
 def _lora_targets(rank, alpha, targets) -> tuple[str, ...]:

@@ -119,6 +119,20 @@ class Composite(ParametricLayer):
             ctx.views[name] = views
         return B_in
 
+    def _fwd_chain(self, names: tuple, params: list, x: Array):
+        """Sub-layers ``names`` applied in order: ``(output, their caches)``."""
+        caches = []
+        for name in names:
+            x, cache = self._fwd(name, params, x)
+            caches.append(cache)
+        return x, tuple(caches)
+
+    def _back_chain(self, ctx: _Pass, names: tuple, caches: tuple, B: Array) -> Array:
+        """Rows B pulled back through the chain ``names`` (the reverse of :meth:`_fwd_chain`)."""
+        for name, cache in zip(reversed(names), reversed(caches)):
+            B = self._back(ctx, name, cache, B)
+        return B
+
     @abstractmethod
     def compose(self, params: list, x: Array) -> tuple[Array, Any]:
         """The forward graph: ``(output, inner cache)``."""

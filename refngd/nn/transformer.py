@@ -85,17 +85,13 @@ class TransformerEncoderLayer(Composite):
         return self.children["self_attn"].out_shape(in_shape)
 
     # ------------------------------------------------------------------ the block
+    _FF = ("linear1", "act", "linear2")
+
     def _ff(self, params, u):
-        a, c1 = self._fwd("linear1", params, u)
-        s, ca = self._fwd("act", params, a)
-        f, c2 = self._fwd("linear2", params, s)
-        return f, (c1, ca, c2)
+        return self._fwd_chain(self._FF, params, u)
 
     def _ff_back(self, ctx, cache, B):
-        c1, ca, c2 = cache
-        B = self._back(ctx, "linear2", c2, B)
-        B = self._back(ctx, "act", ca, B)
-        return self._back(ctx, "linear1", c1, B)
+        return self._back_chain(ctx, self._FF, cache, B)
 
     def compose(self, params, x):
         if self.norm_first:
