@@ -102,11 +102,15 @@ class ParametricLayer(Layer):
 
     @trainable.setter
     def trainable(self, flags) -> None:
+        self._trainable = self._trainable_flags(flags)
+
+    def _trainable_flags(self, flags) -> tuple[bool, ...]:
+        """``flags`` as one bool per parameter tensor, or a clear error."""
         flags = tuple(bool(f) for f in flags)
         if len(flags) != len(self.param_shapes):
             raise ValueError(f"{self!r}.trainable needs one bool per parameter tensor "
                              f"({len(self.param_shapes)}), got {len(flags)}.")
-        self._trainable = flags
+        return flags
 
     def restrict(self, active: tuple[bool, ...]) -> "ParametricLayer":
         """Row primitives of the tensors with ``active[t]`` only (some, not all, selected).

@@ -71,11 +71,7 @@ class Composite(ParametricLayer):
 
     @trainable.setter
     def trainable(self, flags) -> None:
-        flags = tuple(bool(f) for f in flags)
-        if len(flags) != len(self.param_shapes):
-            raise ValueError(f"{self!r}.trainable needs one bool per parameter tensor "
-                             f"({len(self.param_shapes)}), got {len(flags)}.")
-        for name, sub in self._split(flags).items():
+        for name, sub in self._split(self._trainable_flags(flags)).items():
             self.children[name].trainable = sub
 
     def _split(self, active) -> dict[str, tuple[bool, ...]]:
