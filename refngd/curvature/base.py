@@ -245,11 +245,19 @@ class RowCurvature(CurvatureOperator):
         xp = namespace(self.outputs)
         a, r = self.gradient_coefficients()
         d = self.solve_row_space(self.c * a, lam)
-        if bool(xp.any(r != 0)):
-            rows_r = self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False), params=self.subset)
-            h = self.c * rows_r.rmatvec(xp.ones((self.rows.N, 1), dtype=self.dtype))
-            d = d + self.solve(h, lam)
-        return d
+        h = self._residual_gradient(r)
+        return d if h is None else d + self.solve(h, lam)
+
+    def _residual_gradient(self, r: Array):
+        """c Σ_n J_nᵀ r_n, the gradient's part outside the rows' span (None when r = 0).
+
+        One more backward pass, of one row per sample — only when a residual exists.
+        """
+        xp = namespace(r)
+        if not bool(xp.any(r != 0)):
+            return None
+        rows_r = self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False), params=self.subset)
+        return self.c * rows_r.rmatvec(xp.ones((self.rows.N, 1), dtype=self.dtype))
 
     def solve_row_space(self, w0: Array, damping: float) -> Array:
         """(F + λI)⁻¹ Uᵀ w0 for a right-hand side given by row weights w0 (N, K).
@@ -295,18 +303,23 @@ class RowCurvature(CurvatureOperator):
         With K = V diag(w) Vᵀ: d(λ) = Uᵀ V diag(1/(w + λ/c)) Vᵀ a — the row-space route,
         accurate at every λ: K's numerically null directions, which Uᵀ annihilates in exact
         arithmetic, are dropped (:func:`refngd.backend.eigh_range`) rather than divided by
-        λ/c.  P ≤ R: one :meth:`natural_gradient` per λ.
+        λ/c.  A residual (:meth:`gradient_coefficients`) is back-propagated once and swept
+        with :meth:`solve_sweep`.  P ≤ R: one :meth:`natural_gradient` per λ.
         """
         lams = [check_damping(lam, allow_zero=False) for lam in dampings]
+        if not self._uses_gram():
+            return [self.natural_gradient(lam) for lam in lams]
         xp = namespace(self.outputs)
         a, r = self.gradient_coefficients()
-        if not self._uses_gram() or bool(xp.any(r != 0)):
-            return [self.natural_gradient(lam) for lam in lams]
         w, V = eigh_range(self.gram())  # K's numerical null space is annihilated by Uᵀ
         Vta = V.T @ a.reshape(-1).astype(xp.float64)
         N, K = self.rows.N, self.rows.K
-        return [self.rows.rmatvec((V @ (Vta / (w + lam / self.c))).reshape(N, K).astype(self.dtype))
-                for lam in lams]
+        out = [self.rows.rmatvec((V @ (Vta / (w + lam / self.c))).reshape(N, K).astype(self.dtype))
+               for lam in lams]
+        h = self._residual_gradient(r)
+        if h is not None:
+            out = [d + dh for d, dh in zip(out, self.solve_sweep(h, lams))]
+        return out
 
     def solve_sweep(self, g: Array, dampings) -> list[Array]:
         """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
