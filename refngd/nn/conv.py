@@ -148,33 +148,50 @@ class Conv2d(ParametricLayer):
 
     # ----------------------------------------------------------------- forward/backward
     def _im2col(self, x):
-        """Patches as columns Āᵀ (N, D, T), D in the weight's (in, kh, kw) order.
+        """Patches as columns Āᵀ, one (D, N·T) matrix, D in the weight's (in, kh, kw) order.
 
-        One strided view of the padded input and one copy; the (D, T) layout keeps the
-        output locations contiguous, which makes both the copy and the forward GEMM fast.
+        One strided view of the zero-padded input and one copy.  Columns ordered (n, t)
+        make the forward pass, Uᵀw and U v single 2-d GEMMs over all samples (a batched
+        product of N (C_out × D)(D × T) GEMMs ran at half the rate on 2 cores), and keep
+        the output locations contiguous for the copy.
+        """
+        xp = namespace(x)
+        N, _, H, W = x.shape
+        _, Ho, Wo = self.out_shape(x.shape[1:])
+        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        if ph or pw:  # zeros + one slice assignment: a fraction of the time of a generic pad
+            padded = xp.zeros((N, self.in_channels, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+            padded[:, :, ph:ph + H, pw:pw + W] = x
+            x = padded
+        sN, sC, sH, sW = x.strides
+        view = xp.lib.stride_tricks.as_strided(
+            x, shape=(self.in_channels,) + self.kernel_size + (N, Ho, Wo),
+            strides=(sC, sH * dh, sW * dw, sN, sH * sh, sW * sw))
+        return view.reshape(self.D, N * Ho * Wo), (Ho, Wo)  # reshape copies the view
+
+    @staticmethod
+    def _cols_matrix(cols):
+        """The (D, N·T) matrix behind the cached (N, D, T) columns (a view, no copy)."""
+        return cols.transpose(1, 0, 2).reshape(cols.shape[1], -1)
+
+    def forward(self, params, x):
+        """z_n = W_mat Āₙᵀ (+ b): one GEMM over the im2col columns of all samples.
+
+        The cache holds the columns Āᵀ as an (N, D, T) view of the (D, N·T) matrix and
+        the input's spatial shape (H, W).
         """
         xp = namespace(x)
         N = x.shape[0]
-        _, Ho, Wo = self.out_shape(x.shape[1:])
-        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        if ph or pw:
-            x = xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        sN, sC, sH, sW = x.strides
-        view = xp.lib.stride_tricks.as_strided(
-            x, shape=(N, self.in_channels) + self.kernel_size + (Ho, Wo),
-            strides=(sN, sC, sH * dh, sW * dw, sH * sh, sW * sw))
-        return view.reshape(N, self.D, Ho * Wo), (Ho, Wo)  # reshape copies the view
-
-    def forward(self, params, x):
-        """z_n = W_mat Āₙᵀ (+ b): one batched GEMM over the im2col columns.
-
-        The cache holds the columns Āᵀ (N, D, T) and the input's spatial shape (H, W).
-        """
-        cols, (Ho, Wo) = self._im2col(x)
-        z = params[0].reshape(self.out_channels, self.D) @ cols  # (N, C_out, T)
+        cols2, (Ho, Wo) = self._im2col(x)
+        Co, T = self.out_channels, Ho * Wo
+        Z = (params[0].reshape(Co, self.D) @ cols2).reshape(Co, N, T).transpose(1, 0, 2)
+        z = xp.empty((N, Co, T), dtype=Z.dtype)  # the (n, o, t) layout, bias added on the way
         if self.bias:
-            z = z + params[1][:, None]
-        return z.reshape(x.shape[0], self.out_channels, Ho, Wo), (cols, tuple(x.shape[2:]))
+            xp.add(Z, params[1][:, None].astype(Z.dtype, copy=False), out=z)
+        else:
+            z[...] = Z
+        cols = cols2.reshape(self.D, N, T).transpose(1, 0, 2)
+        return z.reshape(N, Co, Ho, Wo), (cols, tuple(x.shape[2:]))
 
     def backward(self, params, cache, B):
         """Transposed convolution (col2im of W_matᵀ b_r): one GEMM, then a shifted add per offset.
@@ -224,17 +241,24 @@ class Conv2d(ParametricLayer):
         return shared_row_grads(*self._rows(cache, B), self.bias)
 
     def row_dot(self, cache, B, V):
+        xp = namespace(B)
         cols, (N, K) = cache[0], B.shape[:2]
-        M = V[0].reshape(self.out_channels, self.D) @ cols  # (N, C_out, T): V_W ā_nt
+        Co, T = self.out_channels, cols.shape[2]
+        # V_W ā_nt for every (n, t): one GEMM, then the (n, o, t) layout of the rows
+        M = (V[0].reshape(Co, self.D) @ self._cols_matrix(cols)).reshape(Co, N, T)
+        M = xp.ascontiguousarray(M.transpose(1, 0, 2))
         if self.bias:
-            M = M + V[1][:, None]
+            M += V[1][:, None]
         return (B.reshape(N, K, -1) @ M.reshape(N, -1, 1))[..., 0]
 
     def row_sum(self, cache, B, w):
         xp = namespace(B)
         cols, (N, K) = cache[0], B.shape[:2]
-        v = (w[:, None, :] @ B.reshape(N, K, -1)).reshape(N, self.out_channels, -1)
-        blocks = [xp.einsum("not,ndt->od", v, cols, optimize=True).reshape(self.param_shapes[0])]
+        Co = self.out_channels
+        v = (w[:, None, :] @ B.reshape(N, K, -1)).reshape(N, Co, -1)  # Σ_k w_nk b_nk
+        # Σ_n v_n Ā_n as one (C_out × N·T)(N·T × D) GEMM
+        vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
+        blocks = [(vt @ self._cols_matrix(cols).T).reshape(self.param_shapes[0])]
         if self.bias:
             blocks.append(v.sum(axis=(0, 2)))
         return blocks
