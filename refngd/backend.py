@@ -12,7 +12,9 @@ route subtracts two nearly equal vectors when the damping is small.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 from typing import Any
 
@@ -103,6 +105,96 @@ def to_float(a: Any) -> float:
     return float(to_numpy(a))
 
 
+# ------------------------------------------------------------ host reads of device values
+# Reading a value computed on a GPU (float(x), bool(x)) waits for every queued kernel: a
+# host synchronisation, which stalls a launch-bound step.  Every check that needs a value
+# on the host reads it through host_values; inside one public call (@one_host_read) the
+# finiteness checks of device arrays are not read at once but queued and read with the
+# next value the computation itself needs (a Cholesky pivot range) or when the call ends
+# — a fixed, small number of synchronisations per call, whatever the number of layers.
+_host_reads = [0]
+_pending = threading.local()
+#: tests set this to queue the checks of NumPy arrays too (as on a GPU), to exercise the
+#: queued route on the CPU; NumPy checks are otherwise immediate (no synchronisation to save)
+_QUEUE_NUMPY_CHECKS = [False]
+
+
+def _queue():
+    """The queue of checks of the running public call, or None outside one."""
+    return getattr(_pending, "queue", None)
+
+
+def host_values(*values: Any) -> np.ndarray:
+    """Device scalars (0-d arrays, flags) as one float64 NumPy vector, in one transfer.
+
+    Queued checks (:func:`one_host_read`) are read in the same transfer, and the first
+    one that failed is raised before the values are returned.  On NumPy it costs
+    nothing.  :func:`host_read_count` counts the transfers.
+    """
+    q = _queue()
+    flags, errors = ([f for f, _ in q], [e for _, e in q]) if q else ([], [])
+    if q:
+        q.clear()
+    _host_reads[0] += 1
+    allv = flags + list(values)
+    out = np.empty(len(allv), dtype=np.float64)
+    on_gpu = [i for i, v in enumerate(allv) if is_cupy(v)]
+    if on_gpu:  # the one transfer
+        out[on_gpu] = _cupy.stack([allv[i].astype(_cupy.float64).reshape(()) for i in on_gpu]).get()
+    for i, v in enumerate(allv):
+        if not is_cupy(v):
+            out[i] = float(v)
+    for ok, err in zip(out[:len(flags)], errors):
+        if not ok:
+            raise err() if callable(err) and not isinstance(err, BaseException) else err
+    return out[len(flags):]
+
+
+def host_read_count() -> int:
+    """How many host reads (:func:`host_values`) have happened since the import."""
+    return _host_reads[0]
+
+
+def require(flag: Any, error, like: Any) -> None:
+    """Raise ``error`` unless ``flag`` (a 0-d boolean, possibly on a GPU) is true.
+
+    ``error``: an exception, or a function returning one (called only on failure, so
+    that a message may read device values).  Inside a :func:`one_host_read` call on GPU
+    arrays (``like``'s device) the check is queued and read with the next host read.
+    """
+    q = _queue()
+    if q is not None and (is_cupy(like) or _QUEUE_NUMPY_CHECKS[0]):
+        q.append((flag, error))
+    elif not host_values(flag)[0]:
+        raise error() if callable(error) and not isinstance(error, BaseException) else error
+
+
+def one_host_read(f):
+    """Decorator for a public entry point: its checks are read together (see above).
+
+    Only the outermost decorated call owns the queue.  When it returns, the checks still
+    queued are read (one transfer, only if there are any); when it raises, a failed
+    queued check is what is reported — it is the cause, the exception its consequence.
+    """
+    @functools.wraps(f)
+    def call(*args, **kwargs):
+        if _queue() is not None:
+            return f(*args, **kwargs)
+        _pending.queue = []
+        try:
+            out = f(*args, **kwargs)
+            if _pending.queue:
+                host_values()
+            return out
+        except Exception:
+            if _pending.queue:
+                host_values()  # raises a failed queued check: the cause of this exception
+            raise
+        finally:
+            _pending.queue = None
+    return call
+
+
 # --------------------------------------------------------------------------- checks
 def check_float_array(name: str, a: Any, ndim: int | None = None, finite: bool = True):
     """Validate a floating-point array and return it unchanged.
@@ -129,8 +221,9 @@ def check_float_array(name: str, a: Any, ndim: int | None = None, finite: bool =
         )
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {tuple(a.shape)}.")
-    if finite and not bool(xp.all(xp.isfinite(a))):
-        raise ValueError(f"{name} contains NaN or Inf; refngd refuses to propagate them.")
+    if finite:
+        require(xp.all(xp.isfinite(a)),
+                ValueError(f"{name} contains NaN or Inf; refngd refuses to propagate them."), a)
     return a
 
 
@@ -160,11 +253,12 @@ def _solve_triangular(xp, L, b, lower: bool, trans: int = 0):
     return cupyx.scipy.linalg.solve_triangular(L, b, lower=lower, trans=trans)
 
 
-def cholesky(A: Array):
-    """Lower Cholesky factor of a symmetric positive-definite matrix, or ``None``.
+def _cholesky_stats(A: Array):
+    """(L, stats): the lower Cholesky factor of A or None, and its checks read in one transfer.
 
-    Returns ``None`` (instead of raising, or of CuPy's silent NaNs) when ``A`` is not
-    numerically positive definite, so that callers can fall back to :func:`eigh_psd`.
+    ``stats`` = [L finite, min |L_ii|, max |L_ii|, max A_ii] (None when the
+    factorisation raised).  CuPy returns NaNs instead of raising for a matrix that is
+    not positive definite, hence the finiteness flag.
     """
     xp = namespace(A)
     try:
@@ -173,13 +267,30 @@ def cholesky(A: Array):
         # threads still spin) was measured 30–100× slower on 2 cores.
         L = xp.linalg.cholesky(A)
     except np.linalg.LinAlgError:
-        return None
-    if xp is not np and not bool(xp.all(xp.isfinite(L))):
-        return None
-    # Cholesky "succeeds" on matrices singular to working precision; reject pivots that
-    # are tiny relative to the largest so that the eigh fallback handles them.
+        return None, None
+    if not A.shape[0]:
+        return L, np.array([1.0, 1.0, 1.0, 0.0])
     d = xp.abs(xp.diagonal(L))
-    if d.size and float(d.min()) <= 1e-7 * float(d.max()):
+    finite = xp.all(xp.isfinite(L)) if xp is not np else True
+    return L, host_values(finite, d.min(), d.max(), xp.diagonal(A).max())
+
+
+def _accept_pivots(stats) -> bool:
+    """Cholesky "succeeds" on matrices singular to working precision: reject pivots that
+    are tiny relative to the largest, so that the ``eigh`` fallback handles them."""
+    finite, dmin, dmax = stats[0], stats[1], stats[2]
+    return bool(finite) and np.isfinite(dmax) and dmin > 1e-7 * dmax
+
+
+def cholesky(A: Array):
+    """Lower Cholesky factor of a symmetric positive-definite matrix, or ``None``.
+
+    Returns ``None`` (instead of raising, or of CuPy's silent NaNs) when ``A`` is not
+    numerically positive definite (a pivot below 1e-7 × the largest), so that callers
+    can fall back to :func:`eigh_psd`.  Its checks read the device once.
+    """
+    L, stats = _cholesky_stats(A)
+    if L is None or not _accept_pivots(stats):
         return None
     return L
 
@@ -236,10 +347,15 @@ class PSDFactor:
         A = xp.asarray(A, dtype=xp.float64)
         n = A.shape[0]
         self.xp, self.n, self.L = xp, n, None
-        M = A + shift * xp.eye(n, dtype=xp.float64) if shift else A
-        self.L = cholesky(M)
+        M = A
+        if shift:  # A + shift·I without an n × n identity temporary
+            M = A.copy()
+            M.reshape(-1)[::n + 1] += shift
+        self.L, stats = _cholesky_stats(M)
+        if self.L is not None and not _accept_pivots(stats):
+            self.L = None
         projected = bool(projected and shift and n)
-        if self.L is not None and projected and _may_have_null_space(A, self.L, shift):
+        if self.L is not None and projected and _may_have_null_space(stats, shift, n):
             self.L = None
         if self.L is None:
             w, self.V = eigh_range(A) if projected else eigh_psd(A)
@@ -261,20 +377,21 @@ class PSDFactor:
         return self.V @ ((self.V.T @ B) / w)
 
 
-def _may_have_null_space(A: Array, L: Array, shift: float) -> bool:
+def _may_have_null_space(stats, shift: float, n: int) -> bool:
     """Could A have a direction null to working precision, judged from chol(A + shift·I)?
 
-    Only a small shift matters (the error a null direction causes is ~ε‖A‖/shift, below
-    1e-12 for shift ≥ 1e-4·max diag A), and a null direction of A leaves a pivot² of order
-    ``shift`` (λ_min(A + shift·I) ≤ min pivot²; measured 1.6–15 × shift for generic
-    rank-deficient Gram matrices), while a direction with eigenvalue σ leaves ≥ σ + shift.
-    False alarms (an eigenvalue below ~100·shift) only cost an eigendecomposition.
+    ``stats`` are :func:`_cholesky_stats` of A + shift·I (min pivot, max A_ii; already
+    on the host).  Only a small shift matters (the error a null direction causes is
+    ~ε‖A‖/shift, below 1e-12 for shift ≥ 1e-4·max diag A), and a null direction of A
+    leaves a pivot² of order ``shift`` (λ_min(A + shift·I) ≤ min pivot²; measured
+    1.6–15 × shift for generic rank-deficient Gram matrices), while a direction with
+    eigenvalue σ leaves ≥ σ + shift.  False alarms (an eigenvalue below ~100·shift) only
+    cost an eigendecomposition.
     """
-    xp = namespace(A)
-    scale = float(xp.diagonal(A).max())
+    scale = stats[3] - shift  # max A_ii: the diagonal of A + shift·I, less the shift
     if shift >= 1e-4 * scale:
         return False
-    return float((xp.diagonal(L) ** 2).min()) <= 100 * shift + A.shape[0] * 2.3e-16 * scale
+    return stats[1] ** 2 <= 100 * shift + n * 2.3e-16 * scale
 
 
 def lstsq_ridge(U: Array, b: Array, mu: float) -> Array:

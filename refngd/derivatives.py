@@ -6,7 +6,7 @@ All of them are one backward pass of row cotangents (docs/design.md §2) through
 """
 from __future__ import annotations
 
-from .backend import Array, check_float_array, namespace
+from .backend import Array, check_float_array, namespace, one_host_read
 from .validation import check_loss as _check_loss
 from .validation import check_model as _check_model
 
@@ -17,6 +17,7 @@ def _identity_rows(Z: Array) -> Array:
     return xp.broadcast_to(xp.eye(C, dtype=Z.dtype), (N, C, C))
 
 
+@one_host_read
 def jacobian(model, theta: Array, X: Array) -> Array:
     """Per-sample output Jacobians J_n = ∂z_n/∂θ as a dense (N, C, P) array.
 
@@ -27,6 +28,7 @@ def jacobian(model, theta: Array, X: Array) -> Array:
     return lin.backprop(_identity_rows(lin.outputs)).dense()
 
 
+@one_host_read
 def jvp(model, theta: Array, X: Array, v: Array) -> Array:
     """Matrix-free J·v: returns (N, C) with rows J_n v, for a parameter vector v (P,)."""
     _check_model(model)
@@ -35,6 +37,7 @@ def jvp(model, theta: Array, X: Array, v: Array) -> Array:
     return lin.backprop(_identity_rows(lin.outputs)).matvec(v.astype(theta.dtype, copy=False))
 
 
+@one_host_read
 def vjp(model, theta: Array, X: Array, w: Array) -> Array:
     """Matrix-free Jᵀ·w = Σ_n J_nᵀ w_n for output-space weights w (N, C); returns (P,)."""
     _check_model(model)
@@ -46,6 +49,7 @@ def vjp(model, theta: Array, X: Array, w: Array) -> Array:
     return lin.backprop(w[:, None, :]).rmatvec(xp.ones((w.shape[0], 1), dtype=theta.dtype))
 
 
+@one_host_read
 def per_sample_gradients(model, theta: Array, loss, X: Array, y: Array) -> Array:
     """Gradients g_n = J_nᵀ e_n of the *unreduced* per-sample losses l_n, shape (N, P).
 
@@ -58,6 +62,7 @@ def per_sample_gradients(model, theta: Array, loss, X: Array, y: Array) -> Array
     return lin.backprop(e[:, None, :]).dense()[:, 0, :]
 
 
+@one_host_read
 def gradient(model, theta: Array, loss, X: Array, y: Array) -> Array:
     """Gradient g = c Σ_n J_nᵀ e_n of the reduced loss L = c Σ_n l_n, shape (P,)."""
     _check_model(model)
@@ -66,6 +71,7 @@ def gradient(model, theta: Array, loss, X: Array, y: Array) -> Array:
     return gradient_from(lin, loss, y)
 
 
+@one_host_read
 def gradient_from(lin, loss, y: Array, params=None) -> Array:
     """Batch gradient from an existing linearisation (reuses its forward pass).
 

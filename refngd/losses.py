@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .backend import Array, check_float_array, namespace, to_device
+from .backend import (Array, check_float_array, host_values, namespace, require,
+                      to_device)
 
 __all__ = ["CrossEntropy", "MSELoss", "BCEWithLogits"]
 
@@ -111,8 +112,8 @@ class _Loss:
         if y.dtype.kind != "f":
             raise TypeError(f"targets y must be floats, got dtype {y.dtype}; use y.astype(float).")
         xp = namespace(Z)
-        if not bool(xp.all(xp.isfinite(y))):
-            raise ValueError("targets y contain NaN or Inf; refngd refuses to propagate them.")
+        require(xp.all(xp.isfinite(y)),
+                ValueError("targets y contain NaN or Inf; refngd refuses to propagate them."), y)
         return y.astype(Z.dtype, copy=False)
 
     @staticmethod
@@ -158,12 +159,11 @@ class _Loss:
     def _finite(self, values: Array, what: str, Z: Array) -> Array:
         """``values`` unchanged, or a clear error when they overflowed (Z and y are finite)."""
         xp = namespace(values)
-        if not bool(xp.all(xp.isfinite(values))):
-            raise ValueError(
-                f"{self!r}: the {what} are NaN or Inf: they overflow {Z.dtype} (largest |output| "
-                f"{float(xp.max(xp.abs(Z))):.3g}). The true values cannot be represented; rescale "
-                "the outputs and targets (e.g. standardise the data) or lower the learning rate."
-            )
+        require(xp.all(xp.isfinite(values)), lambda: ValueError(
+            f"{self!r}: the {what} are NaN or Inf: they overflow {Z.dtype} (largest |output| "
+            f"{float(xp.max(xp.abs(Z))):.3g}). The true values cannot be represented; rescale "
+            "the outputs and targets (e.g. standardise the data) or lower the learning rate."),
+            values)
         return values
 
     def output_hessian(self, Z: Array) -> Array:
@@ -277,7 +277,7 @@ class CrossEntropy(_Loss):
                 f"labels must be integers, e.g. y.astype(int); got dtype {y.dtype}."
             )
         xp = namespace(Z)
-        if not bool(xp.all((y >= 0) & (y < C))):
+        if not host_values(xp.all((y >= 0) & (y < C)))[0]:
             raise ValueError(
                 f"labels must lie in [0, C) = [0, {C}); got min {int(y.min())}, "
                 f"max {int(y.max())}."
@@ -438,7 +438,7 @@ class BCEWithLogits(_Loss):
     def _check_y(self, Z: Array, y: Array) -> Array:
         y = self._check_float_targets(Z, y)
         xp = namespace(Z)
-        if not bool(xp.all((y >= 0) & (y <= 1))):
+        if not host_values(xp.all((y >= 0) & (y <= 1)))[0]:
             raise ValueError(
                 f"BCEWithLogits targets must lie in [0, 1], got values in "
                 f"[{float(y.min())}, {float(y.max())}]."

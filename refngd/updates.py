@@ -32,7 +32,7 @@ order.  docs/empirical_fisher.md derives this.
 """
 from __future__ import annotations
 
-from .backend import Array, PSDFactor, check_damping, namespace
+from .backend import Array, PSDFactor, check_damping, namespace, one_host_read
 from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from .derivatives import gradient_from
 from .subsets import resolve_params
@@ -48,12 +48,14 @@ def _lin(model, theta, X, linearization, loss=None):
     return linearization_for(model, theta, X, linearization)
 
 
+@one_host_read
 def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None, params=None) -> Array:
     """The plain gradient g = c Σ_n J_nᵀ e_n (the baseline every method is compared with)."""
     return gradient_from(_lin(model, theta, X, linearization), loss, y,
                          params=resolve_params(model, params))
 
 
+@one_host_read
 def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None,
         params=None, convention="refngd") -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
@@ -68,6 +70,7 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
     return F.natural_gradient(damping)
 
 
+@one_host_read
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
        rng=None, linearization=None, params=None, convention="refngd") -> Array:
     """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
@@ -94,6 +97,7 @@ def _sq_norms(e: Array) -> Array:
     return (e * e).sum(axis=1)
 
 
+@one_host_read
 def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
        linearization=None, params=None, convention="refngd") -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4 and 5).
@@ -114,6 +118,7 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     return F.natural_gradient(damping)
 
 
+@one_host_read
 def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
         linearization=None, params=None, convention="refngd") -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; the iEF matrix is eq. 14).
@@ -143,6 +148,7 @@ def _check_form(form: str) -> None:
 from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions that use it)
 
 
+@one_host_read
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
          damping_mode: str = "tikhonov", linearization=None, params=None,
@@ -162,6 +168,7 @@ def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_t
     return F.solve(g, damping, damping_mode=damping_mode)
 
 
+@one_host_read
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
           mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
           linearization=None, params=None, convention="refngd") -> Array:

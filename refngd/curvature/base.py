@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, eigh_range,
-                       lstsq_ridge, namespace)
+                       host_values, lstsq_ridge, namespace, one_host_read)
 from ..derivatives import gradient_from
 from ..memory import plan_dense, plan_rows
 from ..subsets import resolve_params
@@ -95,6 +95,7 @@ class RowCurvature(CurvatureOperator):
 
     label_based = False
 
+    @one_host_read
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
                  params=None, convention="refngd"):
         from .. import conventions
@@ -144,6 +145,7 @@ class RowCurvature(CurvatureOperator):
         U = self.row_matrix()
         return self.c * (U.T @ U)
 
+    @one_host_read
     def matvec(self, v: Array) -> Array:
         """F v = c Uᵀ(U v): one pass down and one up the rows, no P × P matrix."""
         self._check_vector("v", v)
@@ -180,6 +182,7 @@ class RowCurvature(CurvatureOperator):
             self._F64 = self.c * (U.T @ U)
         return self._F64
 
+    @one_host_read
     def solve(self, g: Array, damping: float) -> Array:
         """(F + λI)⁻¹ g for an arbitrary vector g, through the smaller of the R × R and P × P systems.
 
@@ -216,6 +219,7 @@ class RowCurvature(CurvatureOperator):
         Uw = self.rows.rmatvec(w.reshape(self.rows.N, self.rows.K).astype(self.dtype, copy=False))
         return ((g.astype(xp.float64) - Uw) / lam).astype(self.dtype, copy=False)
 
+    @one_host_read
     def gradient(self) -> Array:
         """The loss gradient g = c Σ_n J_nᵀ e_n of this batch (needs ``y``).
 
@@ -226,6 +230,7 @@ class RowCurvature(CurvatureOperator):
         alpha = self.c / float(self.loss.scale(self.outputs))  # a convention's α, as in c
         return g if alpha == 1.0 else g * alpha
 
+    @one_host_read
     def natural_gradient(self, damping: float) -> Array:
         """(F + λI)⁻¹ g for this batch's loss gradient g, accurate at every λ ≥ 0.
 
@@ -254,11 +259,12 @@ class RowCurvature(CurvatureOperator):
         One more backward pass, of one row per sample — only when a residual exists.
         """
         xp = namespace(r)
-        if not bool(xp.any(r != 0)):
+        if not host_values(xp.any(r != 0))[0]:
             return None
         rows_r = self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False), params=self.subset)
         return self.c * rows_r.rmatvec(xp.ones((self.rows.N, 1), dtype=self.dtype))
 
+    @one_host_read
     def solve_row_space(self, w0: Array, damping: float) -> Array:
         """(F + λI)⁻¹ Uᵀ w0 for a right-hand side given by row weights w0 (N, K).
 
@@ -297,6 +303,7 @@ class RowCurvature(CurvatureOperator):
         a = PSDFactor(self.gram(), shift=lam / self.c, projected=True).solve(w0.reshape(-1)) / self.c
         return self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
 
+    @one_host_read
     def natural_gradient_sweep(self, dampings) -> list[Array]:
         """:meth:`natural_gradient` for many λ > 0 from one ``eigh`` of the Gram matrix.
 
@@ -321,6 +328,7 @@ class RowCurvature(CurvatureOperator):
             out = [d + dh for d, dh in zip(out, self.solve_sweep(h, lams))]
         return out
 
+    @one_host_read
     def solve_sweep(self, g: Array, dampings) -> list[Array]:
         """(F + λI)⁻¹ g for many λ > 0 from one ``eigh`` of the Gram matrix.
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import Array, check_float_array, get_backend, namespace
+from ..backend import Array, check_float_array, get_backend, namespace, one_host_read, require
 from ..rows import LayerRows, RowSet
 from ..subsets import resolve_params, trainable_mask
 from .base import Layer, ParametricLayer, num_elements
@@ -124,6 +124,7 @@ class Sequential:
         """Model outputs Z = f(X; θ), shape (N, C)."""
         return self.linearize(theta, X).outputs
 
+    @one_host_read
     def linearize(self, theta: Array, X: Array) -> "Linearization":
         """Run the forward pass once and keep what every later backward pass needs."""
         params = self.unflatten(theta)
@@ -133,11 +134,9 @@ class Sequential:
             x, cache = layer.forward(p, x)
             steps.append((layer, p, cache, start, stop))
         xp = namespace(x)
-        if not bool(xp.all(xp.isfinite(x))):
-            raise ValueError(
-                f"the model outputs contain NaN or Inf (overflow in {x.dtype}); check the "
-                "scale of theta and X."
-            )
+        require(xp.all(xp.isfinite(x)), ValueError(
+            f"the model outputs contain NaN or Inf (overflow in {x.dtype}); check the "
+            "scale of theta and X."), x)
         return Linearization(self, theta, x, steps, X)
 
 
