@@ -18,6 +18,7 @@ diagonal of UᵀU, and (for small models) U itself.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,16 @@ class RowSet:
         out = xp.empty(self.P, dtype=xp.result_type(self.layers[0].B.dtype, w.dtype))
         for e in self.layers:
             i = e.start
+            into = getattr(e.layer, "row_sum_into", None)
+            if into is not None and out.dtype == e.B.dtype:
+                # the layer's blocks written in place: no temporary and no copy per block
+                blocks = []
+                for shape in e.layer.param_shapes:
+                    size = math.prod(shape)
+                    blocks.append(out[i:i + size].reshape(shape))
+                    i += size
+                into(e.cache, e.B, w, blocks)
+                continue
             for b in e.layer.row_sum(e.cache, e.B, w):
                 out[i:i + b.size] = b.reshape(-1)
                 i += b.size

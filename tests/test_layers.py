@@ -424,3 +424,27 @@ def test_embedding_and_projection_gram_routes(route):
     U = rows.dense().reshape(8, -1)
     assert_close(rows.gram(), U @ U.T)
     assert_close(U, np.einsum("nkc,ncp->nkp", S, refngd.jacobian(model, theta, X)).reshape(8, -1))
+
+
+@pytest.mark.parametrize("layer, in_shape", [
+    (nn.Linear(5, 4), (5,)), (nn.Linear(5, 4, bias=False), (5,)), (nn.Linear(5, 4), (3, 5)),
+    (nn.Conv2d(2, 3, 3, stride=2, padding=1), (2, 7, 6)), (nn.Conv2d(2, 3, 2, bias=False), (2, 4, 4)),
+])
+def test_row_sum_into_writes_row_sum(layer, in_shape):
+    """The in-place Uᵀw (written into views of the result vector) equals the block route."""
+    rng = np.random.default_rng(3)
+    N, K = 4, 3
+    params = layer.init_params(rng)
+    x = rng.standard_normal((N,) + in_shape)
+    z, cache = layer.forward(params, x)
+    B = rng.standard_normal((N, K) + z.shape[1:])
+    w = rng.standard_normal((N, K))
+    expected = np.concatenate([b.reshape(-1) for b in layer.row_sum(cache, B, w)])
+    out = np.full(expected.size, np.nan)
+    blocks, i = [], 0
+    for shape in layer.param_shapes:
+        size = int(np.prod(shape))
+        blocks.append(out[i:i + size].reshape(shape))
+        i += size
+    layer.row_sum_into(cache, B, w, blocks)
+    assert_close(out, expected, 1e-14)

@@ -44,6 +44,14 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return tuple(_int(v, name, minimum) for v in vals)
 
 
+def _reads(offset: int, stride: int, n_out: int, n_in: int) -> tuple[int, int, int]:
+    """Output positions t0 ≤ t < t1 whose input position t·stride + offset lies in
+    [0, n_in), and the first such input position (one kernel offset, one axis)."""
+    t0 = max(0, -(offset // stride)) if offset < 0 else 0
+    t1 = min(n_out, -(-(n_in - offset) // stride))
+    return t0, max(t0, t1), t0 * stride + offset
+
+
 def conv_gram_flops(N: int, K: int, T: int, C_out: int, D: int, bias: bool = True):
     """FLOP counts ``(materialise, spatial)`` of the two Gram routes: see
     :func:`refngd.nn.shared.gram_flops` (T output locations, D = C_in·kh·kw)."""
@@ -198,8 +206,9 @@ class Conv2d(ParametricLayer):
 
         Y = W_allᵀ Bᵀ stacks every kernel offset's W[:, :, i, j]ᵀ b_r (kh·kw·C_in rows, one
         product instead of kh·kw skinny ones: measured 1.4–1.8× faster on 2 cores); offset
-        (i, j)'s block is added to the input positions it reads.  Blocks of rows keep Y
-        near _CHUNK_ELEMS entries; no (R, D, T) column buffer is formed.
+        (i, j)'s block is added to the input positions it reads, clipped to the input (the
+        padding receives nothing), straight into the (R, C_in, H, W) result — no padded
+        buffer and no transposing copy.  Blocks of rows keep Y near _CHUNK_ELEMS entries.
         """
         xp = namespace(B)
         (H, W), (N, K, Co, Ho, Wo) = cache[1], B.shape
@@ -207,17 +216,20 @@ class Conv2d(ParametricLayer):
         (kh, kw), R, C, T = self.kernel_size, N * K, self.in_channels, Ho * Wo
         Bt = xp.ascontiguousarray(B.reshape(R, Co, T).transpose(1, 0, 2)).reshape(Co, -1)
         Wall = params[0].transpose(2, 3, 1, 0).reshape(kh * kw * C, Co)  # rows (i, j, c)
-        out = xp.zeros((C, R, H + 2 * ph, W + 2 * pw), dtype=Bt.dtype)
+        out = xp.zeros((R, C, H, W), dtype=Bt.dtype)
+        rows = [_reads(i * dh - ph, sh, Ho, H) for i in range(kh)]
+        cols = [_reads(j * dw - pw, sw, Wo, W) for j in range(kw)]
         step = max(1, _CHUNK_ELEMS // (self.D * T))
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             Y = (Wall @ Bt[:, r0 * T:r1 * T]).reshape(kh, kw, C, r1 - r0, Ho, Wo)
-            for i in range(kh):
-                for j in range(kw):
-                    out[:, r0:r1, i * dh:i * dh + sh * (Ho - 1) + 1:sh,
-                        j * dw:j * dw + sw * (Wo - 1) + 1:sw] += Y[i, j]
-        out = out[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
-        return xp.ascontiguousarray(out).reshape(N, K, C, H, W)
+            for i, (t0, t1, h) in enumerate(rows):
+                for j, (u0, u1, w) in enumerate(cols):
+                    if t0 < t1 and u0 < u1:
+                        out[r0:r1, :, h:h + sh * (t1 - t0 - 1) + 1:sh,
+                            w:w + sw * (u1 - u0 - 1) + 1:sw] += \
+                            Y[i, j, :, :, t0:t1, u0:u1].transpose(1, 0, 2, 3)
+        return out.reshape(N, K, C, H, W)
 
     def restrict(self, active):
         """Weight only: the same layer without bias (same cache); bias only: :class:`BiasRows`."""
@@ -262,6 +274,17 @@ class Conv2d(ParametricLayer):
         if self.bias:
             blocks.append(v.sum(axis=(0, 2)))
         return blocks
+
+    def row_sum_into(self, cache, B, w, out):
+        """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw)."""
+        xp = namespace(B)
+        cols, (N, K) = cache[0], B.shape[:2]
+        Co = self.out_channels
+        v = (w[:, None, :] @ B.reshape(N, K, -1)).reshape(N, Co, -1)
+        vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
+        xp.matmul(vt, self._cols_matrix(cols).T, out=out[0].reshape(Co, self.D))
+        if self.bias:
+            v.sum(axis=(0, 2), out=out[1])
 
     def row_sq_sum(self, cache, B):
         """Σ_r G_r ⊙ G_r from per-row gradients materialised a block of channels at a time."""

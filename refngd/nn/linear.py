@@ -166,6 +166,22 @@ class Linear(ParametricLayer):
             blocks.append(v.sum(axis=0))
         return blocks
 
+    def row_sum_into(self, cache, B, w, out):
+        """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw).
+
+        The weight block is one GEMM straight into the result vector — no (d_out × d_in)
+        temporary and no copy of it (2 × 15 MB for the 1.86 M-parameter MLP).
+        """
+        if cache.ndim > 2:
+            for o, b in zip(out, self.row_sum(cache, B, w)):
+                o[...] = b
+            return
+        xp = namespace(B)
+        v = B[:, 0, :] * w if B.shape[1] == 1 else (w[:, None, :] @ B)[:, 0, :]
+        xp.matmul(v.T, cache, out=out[0])
+        if self.bias:
+            v.sum(axis=0, out=out[1])
+
     def row_grads(self, cache, B):
         if cache.ndim > 2:
             return shared_row_grads(*self._seq(cache, B), self.bias)
