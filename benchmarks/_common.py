@@ -38,6 +38,38 @@ def matmul_rate(repeats: int, xp=np) -> float:
     return 2 * 1280 * 1024 * 1024 / best_time(lambda: A @ B, repeats) / 1e9
 
 
+def ngd_flops(widths, N: int, C: int) -> float:
+    """FLOPs of refngd's exact NGD step for an MLP with CE (multiply-add = 2; syrk m²k).
+
+    R = N(C − 1) rows, the CE Fisher's exact factor, in which the gradient is written
+    (g = Uᵀ(c·a), no gradient row): the forward pass; the rows through layers 2..L
+    (W_lᵀ b); one Gram syrk of R rows per layer and the N × N input Grams; the Cholesky
+    of R × R; and Uᵀw, a pass of N rows through the weight GEMMs.
+    """
+    R = N * (C - 1)
+    d_in = np.array(widths[:-1], float) + 1  # the bias column
+    d_out = np.array(widths[1:], float)
+    fwd = 2 * N * (d_in * d_out).sum()
+    back = 2 * R * (np.array(widths[1:-1], float) * d_out[1:]).sum()
+    gram = (R * R * d_out).sum() + (N * N * d_in).sum()
+    return fwd + back + gram + R ** 3 / 3 + 2 * N * (d_in * d_out).sum()
+
+
+def allocator_option(parser) -> None:
+    """``--keep-freed-memory``: :func:`refngd.backend.keep_freed_memory` before timing."""
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="let glibc keep freed memory for reuse (refngd.backend."
+                             "keep_freed_memory) — fewer page faults on fresh temporaries")
+
+
+def apply_allocator_option(args) -> str:
+    from refngd.backend import keep_freed_memory
+
+    if getattr(args, "keep_freed_memory", False):
+        return "malloc keeps freed memory" if keep_freed_memory() else "keep_freed_memory: not applied"
+    return "default malloc settings"
+
+
 def mlp(widths):
     """``Sequential`` of Linear layers with ReLU between them, e.g. [784, 1024, 1024, 10]."""
     from refngd import nn
@@ -48,3 +80,26 @@ def mlp(widths):
         if i < len(widths) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def best_in_blocks(fns: dict, blocks: int, per_block: int) -> dict:
+    """Best wall time of each ``fns[name]()``, timed in alternating blocks.
+
+    Every function runs ``per_block`` times in a row (after one untimed call), then the
+    next function, for ``blocks`` rounds.  Runs in a row keep each library's thread pool
+    warm — switching between NumPy's OpenBLAS and PyTorch's OpenMP after every call makes
+    each wait for the other's spinning threads on a 2-core machine — and the rounds spread
+    background load over all functions alike.
+    """
+    best = {name: float("inf") for name in fns}
+    for _ in range(blocks):
+        for name, f in fns.items():
+            synchronize()
+            f()
+            for _ in range(per_block):
+                synchronize()
+                t0 = time.perf_counter()
+                f()
+                synchronize()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best

@@ -16,7 +16,8 @@ import argparse
 
 import numpy as np
 
-from _common import best_time, matmul_rate, mlp  # benchmarks/_common.py, beside this script
+from _common import (allocator_option, apply_allocator_option, best_time,  # beside this
+                     matmul_rate, mlp, ngd_flops)                          # script
 
 from refngd import losses, updates
 from refngd.curvature import Fisher
@@ -34,23 +35,6 @@ def problem(widths, N, seed=0):
     X = to_device(rng.standard_normal((N, widths[0])), like=theta)
     y = to_device(rng.integers(0, widths[-1], N), like=theta)
     return model, theta, X, y
-
-
-def ngd_flops(widths, N, C) -> float:
-    """FLOPs of one exact NGD direction as refngd computes it (multiply-add = 2).
-
-    Cross-entropy: C − 1 Fisher rows and one gradient row per sample go through one joint
-    backward pass (R = N·C rows); their Gram matrix (syrk: R² d per layer) gives K and
-    U g; one Cholesky of the N(C−1) × N(C−1) block; one final Uᵀ·v.
-    """
-    R, RF = N * C, N * (C - 1)
-    d_in, d_out = np.array(widths[:-1], float), np.array(widths[1:], float)
-    fwd = 2 * N * (d_in * d_out).sum()
-    back_rows = 2 * R * (d_in[1:] * d_out[1:]).sum()            # rows through layers 2..L
-    gram = (R * R * d_out).sum() + (N * N * d_in).sum()           # syrk counts n²k
-    chol = RF ** 3 / 3
-    UTv = 2 * N * (d_in * d_out).sum() + 2 * R * d_out.sum()
-    return fwd + back_rows + gram + chol + UTv
 
 
 def methods(model, theta, loss, X, y, lam):
@@ -78,7 +62,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
     p.add_argument("--backend", choices=("numpy", "cupy"), default="numpy",
                    help="array module: cupy runs everything on the GPU")
+    allocator_option(p)
     args = p.parse_args(argv)
+    allocator = apply_allocator_option(args)
     global BACKEND
     BACKEND = args.backend
     reps = 3 if args.quick else 7
@@ -88,7 +74,7 @@ def main(argv=None):
     widths = [784, width, width, 10]
 
     rate = matmul_rate(reps, get_backend(args.backend))
-    print(f"backend: {args.backend}")
+    print(f"backend: {args.backend}; {allocator}")
     print(f"plain float64 A @ B (1280x1024 @ 1024x1024): {rate:.1f} GFLOP/s\n")
 
     model, theta, X, y = problem(widths, N)
@@ -124,7 +110,7 @@ def main(argv=None):
     for n in ([16, 32, 64, 128] if args.quick else [32, 64, 128, 256, 512]):
         m, th, Xn, yn = problem(widths, n)
         t = best_time(lambda: updates.ngd(m, th, loss, Xn, yn, lam), max(1, reps // 2))
-        print(f"{n:>6} {n * 10:>6} {t:9.4f} {ngd_flops(widths, n, 10) / t / 1e9:8.1f}")
+        print(f"{n:>6} {n * 9:>6} {t:9.4f} {ngd_flops(widths, n, 10) / t / 1e9:8.1f}")
     print(f"\nNGD time against width (batch {N}):")
     print(f"{'width':>6} {'params':>10} {'seconds':>9} {'GFLOP/s':>8}")
     for w in ([128, 256, 512] if args.quick else [256, 512, 1024, 2048]):

@@ -16,7 +16,7 @@ asynchronously; unsynchronised times would measure the launches only).  Figures:
 
 refngd (CuPy)
   * ``ngd N``: ``updates.ngd`` (forward pass included) at N = 128 and N = 2048, beside the
-    float64 FLOP floor: the step's FLOP count (``exact_ngd.ngd_flops``) divided by the
+    float64 FLOP floor: the step's FLOP count (``_common.ngd_flops``) divided by the
     float64 GEMM rate measured in the same run (an 8192² product);
   * its stages at N = 128: forward, cotangents, backward of the rows, Gram matrix,
     factor + solve, Uᵀw;
@@ -99,11 +99,11 @@ def gemm_rate(cupy, timer, n: int = 8192) -> float:
 
 def refngd_figures(xp, timer, widths, N, lam, with_stages: bool, record: dict):
     """refngd's figures on ``xp`` (CuPy; NumPy only in the script's own test)."""
-    from exact_ngd import ngd_flops  # benchmarks/exact_ngd.py
+    from _common import ngd_flops  # benchmarks/_common.py
 
     import refngd
     from refngd import losses, updates
-    from refngd.backend import PSDFactor, to_numpy
+    from refngd.backend import PSDFactor, host_read_count, to_numpy
     from refngd.curvature import KFAC
 
     rng = np.random.default_rng(0)
@@ -113,7 +113,9 @@ def refngd_figures(xp, timer, widths, N, lam, with_stages: bool, record: dict):
     X, y = xp.asarray(Xh), xp.asarray(yh)
     loss = losses.CrossEntropy()
     out = {}
+    reads = host_read_count()
     d = updates.ngd(model, theta, loss, X, y, lam)
+    out["ngd host reads"] = host_read_count() - reads  # synchronisations for checks, per step
     out["ngd"] = timer(lambda: updates.ngd(model, theta, loss, X, y, lam))
     out["ngd GFLOP"] = ngd_flops(widths, N, widths[-1]) / 1e9
     if with_stages:

@@ -20,6 +20,10 @@ primitive                  returns                 meaning
 ``row_sq_sum(cache, B)``   (P_layer,)              diag(UᵀU) = Σ_r u_r ⊙ u_r
 ========================  ======================  ===========================================
 
+A layer may also define ``row_sum_into(cache, B, w, out)``: :meth:`row_sum` written into
+``out``, views of the result vector shaped like ``param_shapes`` (Linear and Conv2d do:
+their weight block is then one GEMM straight into Uᵀw, with no temporary and no copy).
+
 Like HIPS autograd's primitives, each layer's derivatives sit right beside its forward.
 
 Parameter subsets (docs/subsets.md) enter through :meth:`ParametricLayer.row_views`: it
