@@ -32,7 +32,7 @@ order.  docs/empirical_fisher.md derives this.
 """
 from __future__ import annotations
 
-from .backend import Array, PSDFactor, check_damping, namespace, one_host_read
+from .backend import Array, PSDFactor, check_damping, host_values, namespace, one_host_read
 from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from .derivatives import gradient_from
 from .subsets import resolve_params
@@ -148,6 +148,23 @@ def _check_form(form: str) -> None:
 from .curvature import EKFAC, KFAC  # noqa: E402  (kept beside the functions that use it)
 
 
+def _kronecker_gradient(F, lin, loss, y) -> Array:
+    """The gradient that a K-FAC / EKFAC update preconditions, c Σ_n J_nᵀ e_n (c with α).
+
+    Type-2 rows are the columns of the output Hessian's factor F_n, and e_n = F_n a_n
+    (``loss.gradient_in_factor``), so g = c Uᵀa comes from the rows already
+    back-propagated for the factors: no second backward pass.  A residual r_n ≠ 0 (a
+    curvature that underflowed, docs/fisher.md) or another Fisher type: the gradient's
+    own backward pass.
+    """
+    if F.fisher_type == "type-2":
+        a, r = loss.gradient_in_factor(lin.outputs, y)
+        xp = namespace(a)
+        if a.shape[1] == F.rows.K and not host_values(xp.any(r != 0))[0]:
+            return F.c * F.rows.rmatvec(a.astype(F.dtype, copy=False))
+    return gradient_from(lin, loss, y, params=F.subset) * (F.c / float(loss.scale(lin.outputs)))
+
+
 @one_host_read
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
@@ -164,8 +181,7 @@ def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_t
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
              convention=convention)
-    g = gradient_from(lin, loss, y, params=F.subset) * (F.c / float(loss.scale(lin.outputs)))  # α
-    return F.solve(g, damping, damping_mode=damping_mode)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode)
 
 
 @one_host_read
@@ -181,5 +197,4 @@ def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
               kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
               convention=convention)
-    g = gradient_from(lin, loss, y, params=F.subset) * (F.c / float(loss.scale(lin.outputs)))  # α
-    return F.solve(g, damping)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping)

@@ -311,3 +311,34 @@ def test_errors():
     fm = refngd.FunctionModel(lambda th, x: x @ th.reshape(4, 3), np.zeros(12))
     with pytest.raises(TypeError, match="Sequential"):
         KFAC(fm, np.zeros(12), loss, X, y)
+
+
+@pytest.mark.parametrize("loss_name, underflow", [("ce", False), ("ce", True), ("mse", False),
+                                                   ("bce", False)])
+def test_update_gradient_from_the_type2_rows(loss_name, underflow):
+    """updates.kfac / ekfac write g = c Uᵀa in the type-2 rows (no second backward pass);
+    the result equals the solve of the gradient from its own backward pass, also where a
+    softmax probability underflowed (residual r ≠ 0: the gradient's own pass)."""
+    from numerics import assert_close
+
+    from refngd import losses
+    from refngd.curvature import EKFAC
+
+    rng = np.random.default_rng(11)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    theta = model.init(rng)
+    X = rng.standard_normal((5, 4))
+    loss, y = {"ce": (losses.CrossEntropy(), rng.integers(0, 3, 5)),
+               "mse": (losses.MSELoss(), rng.standard_normal((5, 3))),
+               "bce": (losses.BCEWithLogits(), (rng.random((5, 3)) < 0.5).astype(float))}[loss_name]
+    if underflow:  # sample 0: label 2 gets probability exp(-800) = 0 in float64
+        theta = theta.copy()
+        theta[-3:] = [400.0, 0.0, -400.0]
+        y = y.copy()
+        y[0] = 2
+        a, r = loss.gradient_in_factor(model.forward(theta, X), y)
+        assert np.any(r != 0)
+    g = refngd.gradient(model, theta, loss, X, y)
+    for cls, update in ((KFAC, updates.kfac), (EKFAC, updates.ekfac)):
+        expected = cls(model, theta, loss, X, y).solve(g, 1e-3)
+        assert_close(update(model, theta, loss, X, y, 1e-3), expected, 1e-12)
