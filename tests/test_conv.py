@@ -243,6 +243,9 @@ def test_network_rows_match_autograd(name, monkeypatch):
     np.testing.assert_allclose(rows.matvec(v), U @ v, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ Uf, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rows.sq_sum(), (U * U).sum(axis=(0, 1)), rtol=RTOL, atol=ATOL)
+    # the transposed convolution in blocks of one row (every block path of backward)
+    monkeypatch.setattr(conv_module, "_BACKWARD_CHUNK_ELEMS", 1)
+    np.testing.assert_allclose(lin.backprop(cot).dense(), U, rtol=RTOL, atol=ATOL)
     ref_gram = Uf @ Uf.T
     # both Gram routes, once unchunked and once with tiny chunks (every block path)
     for chunk in (conv_module._CHUNK_ELEMS, 1):

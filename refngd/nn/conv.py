@@ -26,6 +26,10 @@ from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
 
 #: rough bound (in array elements) on the temporaries of the chunked primitives
 _CHUNK_ELEMS = 1 << 22
+#: rows per block of the transposed convolution: its (kh·kw·C_in, rows·T) product is read
+#: back once per kernel offset, and 8 MB blocks stay in cache (on 2 cores, Conv2d(16, 32)
+#: with 576 rows: 57 ms with 32 MB blocks, 38–42 ms with 8 MB)
+_BACKWARD_CHUNK_ELEMS = 1 << 20
 
 
 def _int(value, name: str, minimum: int) -> int:
@@ -208,7 +212,8 @@ class Conv2d(ParametricLayer):
         product instead of kh·kw skinny ones: measured 1.4–1.8× faster on 2 cores); offset
         (i, j)'s block is added to the input positions it reads, clipped to the input (the
         padding receives nothing), straight into the (R, C_in, H, W) result — no padded
-        buffer and no transposing copy.  Blocks of rows keep Y near _CHUNK_ELEMS entries.
+        buffer and no transposing copy.  Blocks of rows keep Y near _BACKWARD_CHUNK_ELEMS
+        entries.
         """
         xp = namespace(B)
         (H, W), (N, K, Co, Ho, Wo) = cache[1], B.shape
@@ -219,7 +224,7 @@ class Conv2d(ParametricLayer):
         out = xp.zeros((R, C, H, W), dtype=Bt.dtype)
         rows = [_reads(i * dh - ph, sh, Ho, H) for i in range(kh)]
         cols = [_reads(j * dw - pw, sw, Wo, W) for j in range(kw)]
-        step = max(1, _CHUNK_ELEMS // (self.D * T))
+        step = max(1, _BACKWARD_CHUNK_ELEMS // (self.D * T))
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             Y = (Wall @ Bt[:, r0 * T:r1 * T]).reshape(kh, kw, C, r1 - r0, Ho, Wo)
