@@ -45,8 +45,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .backend import (Array, check_float_array, host_values, namespace, require,
-                      to_device)
+from .backend import Array, check_float_array, namespace, require, to_device
 
 __all__ = ["CrossEntropy", "MSELoss", "BCEWithLogits"]
 
@@ -277,11 +276,11 @@ class CrossEntropy(_Loss):
                 f"labels must be integers, e.g. y.astype(int); got dtype {y.dtype}."
             )
         xp = namespace(Z)
-        if not host_values(xp.all((y >= 0) & (y < C)))[0]:
-            raise ValueError(
-                f"labels must lie in [0, C) = [0, {C}); got min {int(y.min())}, "
-                f"max {int(y.max())}."
-            )
+        # may be queued (refngd.backend.require): out-of-range labels then only index
+        # (CuPy wraps them, NumPy raises IndexError) until the check is read and raised
+        require(xp.all((y >= 0) & (y < C)), lambda: ValueError(
+            f"labels must lie in [0, C) = [0, {C}); got min {int(y.min())}, "
+            f"max {int(y.max())}."), y)
         return y.astype(xp.int64, copy=False)
 
     def _per_sample(self, Z: Array, y: Array) -> Array:
@@ -438,11 +437,9 @@ class BCEWithLogits(_Loss):
     def _check_y(self, Z: Array, y: Array) -> Array:
         y = self._check_float_targets(Z, y)
         xp = namespace(Z)
-        if not host_values(xp.all((y >= 0) & (y <= 1)))[0]:
-            raise ValueError(
-                f"BCEWithLogits targets must lie in [0, 1], got values in "
-                f"[{float(y.min())}, {float(y.max())}]."
-            )
+        require(xp.all((y >= 0) & (y <= 1)), lambda: ValueError(
+            f"BCEWithLogits targets must lie in [0, 1], got values in "
+            f"[{float(y.min())}, {float(y.max())}]."), y)
         return y
 
     def _per_sample(self, Z: Array, y: Array) -> Array:

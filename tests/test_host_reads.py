@@ -35,9 +35,9 @@ def problem(depth):
 
 
 CALLS = {
-    "ngd": (lambda m, t, X, y: updates.ngd(m, t, losses.CrossEntropy(), X, y, 1e-3), 3),
-    "gradient": (lambda m, t, X, y: refngd.gradient(m, t, losses.CrossEntropy(), X, y), 2),
-    "ef": (lambda m, t, X, y: updates.ef(m, t, losses.CrossEntropy(), X, y, 1e-3), 2),
+    "ngd": (lambda m, t, X, y: updates.ngd(m, t, losses.CrossEntropy(), X, y, 1e-3), 2),
+    "gradient": (lambda m, t, X, y: refngd.gradient(m, t, losses.CrossEntropy(), X, y), 1),
+    "ef": (lambda m, t, X, y: updates.ef(m, t, losses.CrossEntropy(), X, y, 1e-3), 1),
     "kfac": (lambda m, t, X, y: updates.kfac(m, t, losses.CrossEntropy(), X, y, 1e-3), 2),
 }
 
@@ -77,6 +77,17 @@ def test_queued_failure_is_reported_not_its_consequence(queued):
     with pytest.raises(ValueError, match="theta contains NaN or Inf"):
         refngd.gradient(model, np.full_like(theta, np.inf), losses.CrossEntropy(), X * 0, y)
     assert backend._queue() is None  # the call's queue is gone after the error
+
+
+def test_queued_label_check_wins_over_the_index_error(queued):
+    """Out-of-range labels reach the indexing before their queued check is read (NumPy
+    raises IndexError there, CuPy wraps): the label error is what the user sees."""
+    model, theta, X, y = problem(2)
+    y[3] = 7
+    for f in (lambda: updates.ngd(model, theta, losses.CrossEntropy(), X, y, 1e-3),
+              lambda: refngd.gradient(model, theta, losses.CrossEntropy(), X, y)):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, C\) = \[0, 3\)"):
+            f()
 
 
 def test_checks_outside_a_call_are_immediate(queued):
