@@ -127,16 +127,17 @@ def _queue():
 def host_values(*values: Any) -> np.ndarray:
     """Device scalars (0-d arrays, flags) as one float64 NumPy vector, in one transfer.
 
-    Queued checks (:func:`one_host_read`) are read in the same transfer, and the first
-    one that failed is raised before the values are returned.  On NumPy it costs
-    nothing.  :func:`host_read_count` counts the transfers.
+    Queued checks (:func:`require`) and prefetched values (:func:`prefetch`) of the
+    running call are read in the same transfer; the first queued check that failed is
+    raised before the values are returned.  On NumPy it costs nothing.
+    :func:`host_read_count` counts the transfers.
     """
     q = _queue()
-    flags, errors = ([f for f, _ in q], [e for _, e in q]) if q else ([], [])
+    queued = list(q) if q else []
     if q:
         q.clear()
     _host_reads[0] += 1
-    allv = flags + list(values)
+    allv = [v for v, _ in queued] + list(values)
     out = np.empty(len(allv), dtype=np.float64)
     on_gpu = [i for i, v in enumerate(allv) if is_cupy(v)]
     if on_gpu:  # the one transfer
@@ -144,10 +145,47 @@ def host_values(*values: Any) -> np.ndarray:
     for i, v in enumerate(allv):
         if not is_cupy(v):
             out[i] = float(v)
-    for ok, err in zip(out[:len(flags)], errors):
-        if not ok:
-            raise err() if callable(err) and not isinstance(err, BaseException) else err
-    return out[len(flags):]
+    for value, (_, then) in zip(out, queued):
+        if isinstance(then, HostValue):
+            then._value = float(value)
+    for value, (_, then) in zip(out, queued):
+        if not isinstance(then, HostValue) and not value:
+            raise then() if callable(then) and not isinstance(then, BaseException) else then
+    return out[len(queued):]
+
+
+class HostValue:
+    """A device scalar whose host value is read with the next transfer (:func:`prefetch`)."""
+
+    def __init__(self, device_value: Any):
+        self._device, self._value = device_value, None
+
+    @property
+    def value(self) -> float:
+        """The value on the host; reads it now (one transfer) if no transfer has yet."""
+        if self._value is None:
+            q = _queue()
+            if q is not None and any(t is self for _, t in q):
+                host_values()  # reads it together with whatever else is queued
+            else:
+                self._value = float(host_values(self._device)[0])
+        return self._value
+
+
+def prefetch(value: Any, like: Any = None) -> HostValue:
+    """A :class:`HostValue` for a device scalar that a later step will need on the host.
+
+    Inside a :func:`one_host_read` call on GPU arrays it is read with the next transfer
+    (the one a Cholesky factorisation makes anyway), so that asking for ``.value`` later
+    costs no synchronisation of its own; otherwise it is read at once.
+    """
+    h = HostValue(value)
+    q = _queue()
+    if q is not None and (is_cupy(value if like is None else like) or _QUEUE_NUMPY_CHECKS[0]):
+        q.append((value, h))
+    else:
+        h._value = float(host_values(value)[0])
+    return h
 
 
 def host_read_count() -> int:
@@ -283,12 +321,12 @@ def _solve_triangular(xp, L, b, lower: bool, trans: int = 0):
     return cupyx.scipy.linalg.solve_triangular(L, b, lower=lower, trans=trans)
 
 
-def _cholesky_stats(A: Array):
+def _cholesky_stats(A: Array, unshifted: Array | None = None):
     """(L, stats): the lower Cholesky factor of A or None, and its checks read in one transfer.
 
-    ``stats`` = [L finite, min |L_ii|, max |L_ii|, max A_ii] (None when the
-    factorisation raised).  CuPy returns NaNs instead of raising for a matrix that is
-    not positive definite, hence the finiteness flag.
+    ``stats`` = [L finite, min |L_ii|, max |L_ii|, max diagonal of ``unshifted``
+    (default A)] (None when the factorisation raised).  CuPy returns NaNs instead of
+    raising for a matrix that is not positive definite, hence the finiteness flag.
     """
     xp = namespace(A)
     try:
@@ -302,7 +340,8 @@ def _cholesky_stats(A: Array):
         return L, np.array([1.0, 1.0, 1.0, 0.0])
     d = xp.abs(xp.diagonal(L))
     finite = xp.all(xp.isfinite(L)) if xp is not np else True
-    return L, host_values(finite, d.min(), d.max(), xp.diagonal(A).max())
+    return L, host_values(finite, d.min(), d.max(),
+                          xp.diagonal(A if unshifted is None else unshifted).max())
 
 
 def _accept_pivots(stats) -> bool:
@@ -381,16 +420,20 @@ class PSDFactor:
         if shift:  # A + shift·I without an n × n identity temporary
             M = A.copy()
             M.reshape(-1)[::n + 1] += shift
-        self.L, stats = _cholesky_stats(M)
+        self.L, stats = _cholesky_stats(M, A)
         if self.L is not None and not _accept_pivots(stats):
             self.L = None
         projected = bool(projected and shift and n)
         if self.L is not None and projected and _may_have_null_space(stats, shift, n):
             self.L = None
+        if self.L is not None:
+            self.scale = math.sqrt(stats[3] + shift)  # √ of the largest diagonal entry
         if self.L is None:
             w, self.V = eigh_range(A) if projected else eigh_psd(A)
             self.w = w + shift
-            tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * float(self.w.max() if n else 1)
+            wmax = float(self.w.max()) if self.w.shape[0] else 1.0
+            self.scale = math.sqrt(wmax) if wmax > 0 else 1.0
+            tol = (rtol if rtol is not None else n * np.finfo(np.float64).eps) * (wmax if n else 1)
             if n and not projected and float(self.w.min()) <= tol:
                 raise SingularSystemError(
                     f"the {n}x{n} system is singular (smallest eigenvalue {float(self.w.min()):.3g}, "
@@ -406,6 +449,30 @@ class PSDFactor:
         w = self.w[:, None] if B.ndim == 2 else self.w
         return self.V @ ((self.V.T @ B) / w)
 
+    def solve_scaled(self, B: Array):
+        """(σ·(A + shift·I)⁻¹B, σ), σ ≈ √(largest diagonal entry of A + shift·I).
+
+        The same solution times σ, computed with the factor divided by σ, so that it
+        stays representable where the solution itself would not: an undamped Gram matrix
+        of a saturated model (entries ~1e-260) with right-hand sides ~1e130 has solutions
+        ~1e390, while Uᵀ of them is ~1e260 (and a float32 model's rows cannot even hold
+        solutions beyond 3e38).  σ is the nearest power of two, so the scaling is exact;
+        within [2⁻⁸, 2⁸] it is 1 and this is :meth:`solve`.
+        """
+        s = self.scale
+        if not s > 0 or not math.isfinite(s):
+            return self.solve(B), 1.0
+        s = 2.0 ** round(math.log2(s))
+        if 2.0 ** -8 <= s <= 2.0 ** 8:
+            return self.solve(B), 1.0
+        B = self.xp.asarray(B, dtype=self.xp.float64) / s
+        if self.L is not None:
+            Ls = self.L / s
+            y = _solve_triangular(self.xp, Ls, B, lower=True)
+            return _solve_triangular(self.xp, Ls, y, lower=True, trans=1), s
+        w = (self.w[:, None] if B.ndim == 2 else self.w) / (s * s)
+        return self.V @ ((self.V.T @ B) / w), s
+
 
 def _may_have_null_space(stats, shift: float, n: int) -> bool:
     """Could A have a direction null to working precision, judged from chol(A + shift·I)?
@@ -418,7 +485,7 @@ def _may_have_null_space(stats, shift: float, n: int) -> bool:
     eigenvalue σ leaves ≥ σ + shift.  False alarms (an eigenvalue below ~100·shift) only
     cost an eigendecomposition.
     """
-    scale = stats[3] - shift  # max A_ii: the diagonal of A + shift·I, less the shift
+    scale = stats[3]  # max A_ii
     if shift >= 1e-4 * scale:
         return False
     return stats[1] ** 2 <= 100 * shift + n * 2.3e-16 * scale

@@ -114,9 +114,25 @@ class PerToken(_Loss):
         """blockdiag_t(S_nt), shape (N, T·C, T·C)."""
         return self._block_diag(self.base.hessian_sqrt(self._tokens(Z)), Z.shape[0])
 
-    def hessian_factor(self, Z: Array) -> Array:
-        """blockdiag_t(F_nt), shape (N, T·C, T·M): the Fisher's T·M rows per sample."""
-        return self._block_diag(self.base.hessian_factor(self._tokens(Z)), Z.shape[0])
+    def hessian_factor(self, Z: Array, y: Any = None) -> Array:
+        """blockdiag_t(F_nt), shape (N, T·C, T·M): the Fisher's T·M rows per sample.
+
+        With targets ``y`` each token's factor is the base loss's ``hessian_factor(z_nt,
+        y_nt)`` (for the cross-entropy aligned with the token's gradient).
+        """
+        if y is None:
+            return self._block_diag(self.base.hessian_factor(self._tokens(Z)), Z.shape[0])
+        ys = self.check_targets(Z, y)
+        return self._block_diag(self.base.hessian_factor(self._tokens(Z), ys), Z.shape[0])
+
+    def gradient_in_factor(self, Z: Array, y: Any) -> tuple[Array, Array]:
+        """e_n = F_n a_n + r_n token by token: ``a`` (N, T·M) and ``r`` (N, T·C), in the
+        block order of :meth:`hessian_factor` ``(Z, y)`` (token t's M coefficients at
+        t·M:(t+1)·M), from the base loss's closed forms."""
+        ys = self.check_targets(Z, y)
+        a, r = self.base._gradient_in_factor(self._tokens(Z), ys)
+        N = Z.shape[0]
+        return a.reshape(N, -1), r.reshape(N, -1)
 
     def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
         """K draws per sample, each token independently: leading shape (N, K, T)."""

@@ -244,7 +244,7 @@ def test_psd_solve_eigh_fallback_forced(monkeypatch, bshape):
     expected = np.linalg.solve(A + 0.3 * np.eye(7), B)
     X_chol = psd_solve(A, B, shift=0.3)
     calls = _spy_eigh(monkeypatch)
-    monkeypatch.setattr(backend, "_cholesky_stats", lambda M: (None, None))
+    monkeypatch.setattr(backend, "_cholesky_stats", lambda M, A=None: (None, None))
     X = psd_solve(A, B, shift=0.3)
     assert calls, "the eigh fallback was not used"
     assert X.shape == B.shape
@@ -294,3 +294,19 @@ def test_keep_freed_memory_is_an_opt_in_that_reports_itself():
     # refngd computes the same numbers after it (it changes where memory comes from only)
     A = spd(6, seed=1)
     np.testing.assert_allclose(psd_solve(A, np.ones(6)), np.linalg.solve(A, np.ones(6)), rtol=1e-12)
+
+
+def test_solve_scaled_keeps_tiny_systems_representable():
+    """A ~ 1e-260, B ~ 1e130: (A)⁻¹B ~ 1e390 overflows; σ·A⁻¹B with σ = 2^k ≈ √max A_ii
+    does not, and equals the well-scaled solve exactly scaled (powers of two)."""
+    A0, b0 = spd(5, seed=3), np.random.default_rng(4).standard_normal(5)
+    for shift in (0.0, 1e-300):
+        fac = PSDFactor(A0 * 1e-260, shift=shift)
+        x, s = fac.solve_scaled(b0 * 1e130)
+        assert np.all(np.isfinite(x)) and s == 2.0 ** round(np.log2(s))
+        # σ·A⁻¹B = σ·1e390·A0⁻¹b0 (shift 1e-300 is negligible against A ~ 1e-260)
+        expect = np.linalg.solve(A0, b0) * (s * 1e260) * 1e130
+        np.testing.assert_allclose(x, expect, rtol=1e-12)
+    x, s = PSDFactor(A0).solve_scaled(b0)  # well scaled: the plain solve
+    assert s == 1.0
+    np.testing.assert_allclose(x, np.linalg.solve(A0, b0), rtol=1e-12)

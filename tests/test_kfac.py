@@ -342,3 +342,26 @@ def test_update_gradient_from_the_type2_rows(loss_name, underflow):
     for cls, update in ((KFAC, updates.kfac), (EKFAC, updates.ekfac)):
         expected = cls(model, theta, loss, X, y).solve(g, 1e-3)
         assert_close(update(model, theta, loss, X, y, 1e-3), expected, 1e-12)
+
+
+@pytest.mark.parametrize("dtype, gap, tol", [(np.float64, 140.0, 1e-12), (np.float32, 40.0, 1e-5)])
+def test_kfac_gradient_from_rows_when_a_label_is_improbable(dtype, gap, tol):
+    """Saturated softmax, labels against it (p_y ~ e^{-gap}): the type-2 rows are aligned with
+    the gradient, so g = c Uᵀa keeps the dtype's accuracy (an unaligned factor gave a
+    relative error ε/√p_y: 47 in float32 at p_y = 1e-19, 1e11 in float64 at 1e-57)."""
+    from numerics import assert_close
+
+    from refngd import losses
+
+    rng = np.random.default_rng(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    theta = model.init(rng)
+    theta[-3:] += [gap, 0.0, 0.0]
+    X = rng.standard_normal((6, 4))
+    y = np.array([1, 2, 0, 1, 2, 0])
+    loss = losses.CrossEntropy()
+    g = refngd.gradient(model, theta, loss, X, y)
+    ref = KFAC(model, theta, loss, X, y).solve(g, 1e-1)
+    got = updates.kfac(model, theta.astype(dtype), loss, X.astype(dtype), y, 1e-1)
+    assert got.dtype == dtype
+    assert_close(got.astype(float), ref, tol)

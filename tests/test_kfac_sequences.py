@@ -135,3 +135,33 @@ def test_attention_projections():
     assert rel_err(f_in.G, loss.scale(lin.outputs) * B.T @ B) < 1e-12
     a = np.concatenate([e_in.cache.reshape(-1, E), np.ones((N * T, 1))], axis=1)
     assert rel_err(f_in.A, a.T @ a / (N * T)) < 1e-12
+
+
+@pytest.mark.parametrize("base", ["ce", "mse"])
+def test_per_token_losses_in_the_exact_step_and_kfac(base):
+    """Sequence losses (PerToken) write their gradient in the Fisher's rows token by token:
+    updates.ngd equals the dense solve (F + λI)⁻¹g, and updates.kfac equals K-FAC's
+    solve of the gradient (both raised AttributeError before)."""
+    from numerics import assert_close
+
+    import refngd
+    from refngd import updates
+
+    rng = np.random.default_rng(4)
+    model = nn.Sequential(nn.Linear(D, H), nn.Tanh(), nn.Linear(H, 3), nn.Flatten())
+    theta = model.init(rng)
+    X = rng.standard_normal((N, T, D))
+    if base == "ce":
+        loss, y = PerToken(CrossEntropy(), T), rng.integers(0, 3, (N, T))
+        theta[-3:] += [30.0, 0.0, 0.0]  # saturated tokens: p_y ~ e^-30 where y ≠ 0
+    else:
+        loss, y = PerToken(MSELoss(), T), rng.standard_normal((N, T, 3))
+    F = Fisher(model, theta, loss, X, y)
+    g = refngd.gradient(model, theta, loss, X, y)
+    assert_close(F.gradient(), g, 1e-12)
+    for lam in (1e-2, 1e-6):
+        ref = np.linalg.solve(F.dense() + lam * np.eye(theta.size), g)
+        assert_close(updates.ngd(model, theta, loss, X, y, lam), ref, 1e-8)
+    # (EKFAC does not take Linear layers on sequences yet)
+    assert_close(updates.kfac(model, theta, loss, X, y, 1e-3),
+                 KFAC(model, theta, loss, X, y).solve(g, 1e-3), 1e-11)

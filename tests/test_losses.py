@@ -415,3 +415,65 @@ def test_hessian_factor_is_the_square_root_for_full_rank_losses(cls):
     Z = np.random.default_rng(0).standard_normal((4, 3))
     loss = getattr(L, cls)()
     np.testing.assert_array_equal(loss.hessian_factor(Z), loss.hessian_sqrt(Z))
+
+
+def _mp_hessian(z):
+    """H = diag(p) − ppᵀ of one float64 logit vector at 400 digits (as float64)."""
+    import mpmath
+
+    with mpmath.workdps(400):
+        zz = [mpmath.mpf(float(v)) for v in z]
+        m = max(zz)
+        ex = [mpmath.exp(v - m) for v in zz]
+        s = sum(ex)
+        p = [v / s for v in ex]
+        return np.array([[float((p[i] if i == j else 0) - p[i] * p[j]) for j in range(len(p))]
+                         for i in range(len(p))])
+
+
+@pytest.mark.parametrize("dtype, gaps, tol", [
+    (np.float64, [0.0, 5.0, 40.0, 140.0, 600.0], 1e-13),
+    (np.float32, [0.0, 5.0, 20.0, 35.0], 1e-5)])  # float32: p_c p_c' ≥ 1e-30 representable
+@pytest.mark.parametrize("C", [2, 3, 5])
+def test_cross_entropy_factors_relatively_accurate_when_saturated(dtype, gaps, tol, C):
+    """Every entry of F Fᵀ (label-free and label-aligned factors), of output_hessian and of
+    hessian_sqrt·hessian_sqrtᵀ matches a 400-digit H_n *relative to its own size*, for
+    softmax outputs saturated on one class (p_j ≈ 1, the others ~e^{−gap}).  A Householder
+    pivot at a fixed coordinate, or p_j − p_j², gets the entries of row j ~1e-30 wrong by
+    ε = 1e-16 absolutely (relative error up to 1e14) — an atol test cannot see that."""
+    from refngd.losses import CrossEntropy
+
+    loss = CrossEntropy()
+    rng = np.random.default_rng(C)
+    Z = []
+    for gap in gaps:
+        for j in range(C):  # saturated on class j
+            z = -gap + rng.standard_normal(C)
+            z[j] = 0.0
+            Z.append(z)
+    Z = np.array(Z, dtype=dtype)
+    ref = np.array([_mp_hessian(z.astype(float)) for z in Z])
+    y = np.arange(len(Z)) % C
+    Fu, Fa = loss.hessian_factor(Z), loss.hessian_factor(Z, y)
+    S = loss.hessian_sqrt(Z)
+    for name, got in (("label-free", Fu @ Fu.transpose(0, 2, 1)),
+                      ("aligned", Fa @ Fa.transpose(0, 2, 1)),
+                      ("output_hessian", loss.output_hessian(Z)),
+                      ("hessian_sqrt", S @ S.transpose(0, 2, 1))):
+        err = np.abs(got.astype(float) - ref)
+        assert np.all(err <= tol * np.abs(ref) + 1e-300), (name, float((err / (np.abs(ref) + 1e-300)).max()))
+    # the aligned factor's first column is −(q_y/s)·e_n: a scaled copy of the gradient
+    e = loss.output_gradient(Z, y)
+    P = np.exp(Z.astype(float) - Z.astype(float).max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    py = P[np.arange(len(y)), y]
+    s2 = np.where(np.arange(C)[None, :] == y[:, None], 0, P).sum(1)  # 1 − p_y, no cancellation
+    aligned = y != P.argmax(1)  # a label that is the most probable class keeps the free factor
+    ok = aligned & (py > 0) & (s2 > 0)
+    scaled = -np.sqrt(py / np.where(ok, s2, 1))[:, None] * e
+    np.testing.assert_allclose(Fa[ok, :, 0], scaled[ok], rtol=10 * tol, atol=0)
+    np.testing.assert_array_equal(Fa[~aligned], Fu[~aligned])
+    a, r = loss.gradient_in_factor(Z, y)
+    assert np.all(np.abs(a[~aligned]) <= 1) and not np.any(r[~aligned])
+    implied = np.einsum("ncm,nm->nc", Fa, a) + r
+    np.testing.assert_allclose(implied, e, rtol=10 * tol, atol=np.finfo(dtype).tiny)

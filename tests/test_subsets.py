@@ -162,7 +162,7 @@ def test_exact_subset_is_submatrix_of_autograd_fisher(kind, lname, make_loss, N)
             U = op.row_matrix()  # rows of θ[S] only; their Gram matrix is the subset's
             assert_close(op.gram(), U @ U.T)
             if cls is Fisher:  # rows s_nkᵀ J_n[:, S] from the autograd Jacobian
-                Uref = np.einsum("nck,ncp->nkp", loss.hessian_factor(f(theta, X)),
+                Uref = np.einsum("nck,ncp->nkp", loss.hessian_factor(f(theta, X), y),
                                  ref["J"][:, :, S]).reshape(U.shape)
                 assert_close(U, Uref)
                 assert_close(op.gram(), Uref @ Uref.T)

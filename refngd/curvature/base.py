@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, eigh_range,
-                       host_values, lstsq_ridge, namespace, one_host_read)
+                       lstsq_ridge, namespace, one_host_read, prefetch, require)
 from ..derivatives import gradient_from
 from ..memory import plan_dense, plan_rows
 from ..subsets import resolve_params
@@ -249,17 +249,26 @@ class RowCurvature(CurvatureOperator):
         lam = check_damping(damping)
         xp = namespace(self.outputs)
         a, r = self.gradient_coefficients()
+        has_residual = prefetch(xp.any(r != 0), r)  # read with the factorisation's stats
         d = self.solve_row_space(self.c * a, lam)
-        h = self._residual_gradient(r)
-        return d if h is None else d + self.solve(h, lam)
+        h = self._residual_gradient(r, has_residual)
+        d = d if h is None else d + self.solve(h, lam)
+        require(xp.all(xp.isfinite(d)), lambda: ValueError(
+            f"the natural gradient at damping {lam:g} overflows {d.dtype} (the curvature "
+            "is too small for the gradient, e.g. a saturated softmax); pass a larger "
+            "damping."), d)
+        return d
 
-    def _residual_gradient(self, r: Array):
+    def _residual_gradient(self, r: Array, has_residual=None):
         """c Σ_n J_nᵀ r_n, the gradient's part outside the rows' span (None when r = 0).
 
         One more backward pass, of one row per sample — only when a residual exists.
+        ``has_residual``: a :func:`refngd.backend.prefetch` of ``any(r != 0)``.
         """
         xp = namespace(r)
-        if not host_values(xp.any(r != 0))[0]:
+        if has_residual is None:
+            has_residual = prefetch(xp.any(r != 0), r)
+        if not has_residual.value:
             return None
         rows_r = self.lin.backprop(r[:, None, :].astype(self.dtype, copy=False), params=self.subset)
         return self.c * rows_r.rmatvec(xp.ones((self.rows.N, 1), dtype=self.dtype))
@@ -300,8 +309,11 @@ class RowCurvature(CurvatureOperator):
             U = self.row_matrix().astype(xp.float64, copy=False)
             return lstsq_ridge(U, w0.reshape(-1).astype(xp.float64) / self.c,
                                lam / self.c).astype(self.dtype, copy=False)
-        a = PSDFactor(self.gram(), shift=lam / self.c, projected=True).solve(w0.reshape(-1)) / self.c
-        return self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
+        fac = PSDFactor(self.gram(), shift=lam / self.c, projected=True)
+        # σ·a, not a: a overflows for an undamped, saturated model whose Uᵀa does not
+        a, scale = fac.solve_scaled(w0.reshape(-1) / self.c)
+        d = self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
+        return d if scale == 1.0 else d / scale
 
     @one_host_read
     def natural_gradient_sweep(self, dampings) -> list[Array]:

@@ -29,7 +29,12 @@ class Fisher(RowCurvature):
     softmax cross-entropy and the MSE (the negative log-likelihoods of a categorical and
     of a Gaussian with variance ½), and for the Bernoulli BCE, the Fisher of the model's
     predictive distribution equals this GGN (Martens 2020, "New insights and perspectives
-    on the natural gradient method", §9.2).  The labels ``y`` are not used.
+    on the natural gradient method", §9.2).  F does not depend on the labels ``y``; given
+    them, the cross-entropy's factor is the label-aligned one (``loss.hessian_factor(Z,
+    y)``), whose rows contain each sample's gradient direction, so that
+    :meth:`natural_gradient` writes the gradient in the rows without cancellation even
+    where a sample's p_y is tiny.  The rows and K then depend on y; F, its products and
+    its solves do not.
     """
 
     def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None,
@@ -37,7 +42,9 @@ class Fisher(RowCurvature):
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
-        return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
+        if self.y is None:
+            return self.loss.hessian_factor(self.outputs).transpose(0, 2, 1)
+        return self.loss.hessian_factor(self.outputs, self.y).transpose(0, 2, 1)
 
     def gradient_coefficients(self):
         """e_n = F_n a_n (+ r_n where a curvature underflowed): ``loss.gradient_in_factor``."""

@@ -104,8 +104,10 @@ def output_rows(layer, B: Array, approx: str) -> Array:
 
 def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng) -> Array:
     """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`)."""
-    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE)
-        return loss.hessian_factor(Z).transpose(0, 2, 1)
+    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE);
+        # with labels the CE factor is aligned with the gradient (updates.kfac writes g in it)
+        F = loss.hessian_factor(Z) if y is None else loss.hessian_factor(Z, y)
+        return F.transpose(0, 2, 1)
     if fisher_type == "mc":
         return loss.sampled_output_gradients(Z, rng, mc_samples) / mc_samples ** 0.5
     return loss.output_gradient(Z, y)[:, None, :]
