@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from ..backend import (Array, PSDFactor, check_damping, check_float_array, eigh_psd, eigh_range,
-                       lstsq_ridge, namespace, one_host_read, prefetch, require)
+from ..backend import (Array, PSDFactor, SingularSystemError, check_damping, check_float_array,
+                       eigh_psd, eigh_range, lstsq_ridge, namespace, one_host_read, prefetch,
+                       require)
 from ..derivatives import gradient_from
 from ..memory import plan_dense, plan_rows
 from ..subsets import resolve_params
@@ -253,7 +254,8 @@ class RowCurvature(CurvatureOperator):
         d = self.solve_row_space(self.c * a, lam)
         h = self._residual_gradient(r, has_residual)
         d = d if h is None else d + self.solve(h, lam)
-        require(xp.all(xp.isfinite(d)), lambda: ValueError(
+        # numerically singular relative to this gradient: the same error as a singular K
+        require(xp.all(xp.isfinite(d)), lambda: SingularSystemError(
             f"the natural gradient at damping {lam:g} overflows {d.dtype} (the curvature "
             "is too small for the gradient, e.g. a saturated softmax); pass a larger "
             "damping."), d)
@@ -311,9 +313,11 @@ class RowCurvature(CurvatureOperator):
                                lam / self.c).astype(self.dtype, copy=False)
         fac = PSDFactor(self.gram(), shift=lam / self.c, projected=True)
         # σ·a, not a: a overflows for an undamped, saturated model whose Uᵀa does not
-        a, scale = fac.solve_scaled(w0.reshape(-1) / self.c)
+        a, scale = fac.solve_scaled(w0.reshape(-1).astype(xp.float64) / self.c)
         d = self.rows.rmatvec(a.reshape(N, K).astype(self.dtype, copy=False))
-        return d if scale == 1.0 else d / scale
+        if scale == 1.0:
+            return d
+        return (d.astype(xp.float64) / scale).astype(self.dtype, copy=False)  # 2^k: exact
 
     @one_host_read
     def natural_gradient_sweep(self, dampings) -> list[Array]:
