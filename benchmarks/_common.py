@@ -56,14 +56,14 @@ def ngd_flops(widths, N: int, C: int) -> float:
 
 
 def allocator_option(parser) -> None:
-    """``--keep-freed-memory``: :func:`refngd.backend.keep_freed_memory` before timing."""
+    """``--keep-freed-memory``: :func:`refngd.memory.keep_freed_memory` before timing."""
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="let glibc keep freed memory for reuse (refngd.backend."
+                        help="let glibc keep freed memory for reuse (refngd.memory."
                              "keep_freed_memory) — fewer page faults on fresh temporaries")
 
 
 def apply_allocator_option(args) -> str:
-    from refngd.backend import keep_freed_memory
+    from refngd.memory import keep_freed_memory
 
     if getattr(args, "keep_freed_memory", False):
         return "malloc keeps freed memory" if keep_freed_memory() else "keep_freed_memory: not applied"

@@ -11,7 +11,7 @@ the same weights and batch (float64, cross-entropy, mean; λ = 1e-3):
 * the small CNN of ``benchmarks/kfac.py`` (3×16×16 input: conv3×3(16)-ReLU-conv3×3/2(32)-
   ReLU-Linear(2048, 10), P = 25 578), N = 64: ``refngd.gradient`` (goal: ≤ 1.2× torch's).
 
-``--keep-freed-memory`` first calls :func:`refngd.backend.keep_freed_memory` (for the
+``--keep-freed-memory`` first calls :func:`refngd.memory.keep_freed_memory` (for the
 whole process, PyTorch included).  Every time includes the forward pass.  Timing: best single call, in alternating blocks
 of consecutive calls (``_common.best_in_blocks``).  Beside the MLP figures: the FLOPs of
 the NGD step as refngd computes it and the rate of a plain A @ B in the same run.  Both

@@ -1,8 +1,11 @@
-"""Array-module selection, dtype policy, input checks and linear-algebra shims.
+"""Array-module selection, dtype policy, input checks, host reads and linear-algebra shims.
 
 Every compute function in refngd derives its array module from its inputs,
 ``xp = namespace(theta, X)``, and never imports :mod:`numpy` for computation.  This is
-the one module allowed to know about both NumPy and CuPy.
+the one module allowed to know about both NumPy and CuPy — which is why it also holds
+every read of a device value on the host (:func:`host_values`, the queued checks of
+:func:`one_host_read`) and the solvers whose NumPy and CuPy versions differ; hence its
+length.
 
 Dtype policy
 ------------
@@ -231,36 +234,6 @@ def one_host_read(f):
         finally:
             _pending.queue = None
     return call
-
-
-def keep_freed_memory(max_bytes: int = 1 << 30) -> bool:
-    """Opt in: let glibc's malloc keep up to ``max_bytes`` of freed memory for reuse.
-
-    A step of refngd allocates and frees temporaries of megabytes (Gram matrices, row
-    blocks, im2col columns).  By default glibc returns freed memory at the top of the
-    heap to the operating system as soon as more than about twice the largest recent
-    block is free, so the next step touches fresh pages again: a page fault every 4 KiB,
-    which was measured to make the exact NGD step of the 1.86 M-parameter MLP 1.3–1.5×
-    slower on the 2-core VM (docs/benchmarks.md).  This sets malloc's trim threshold to
-    ``max_bytes`` and its mmap threshold to glibc's maximum (32 MiB), for the whole
-    process: freed memory then stays with the process (its resident size stays at its
-    peak) and is reused.  The same as the environment variables ``MALLOC_TRIM_THRESHOLD_``
-    and ``MALLOC_MMAP_THRESHOLD_``.  Linux with glibc only; returns whether it applied.
-    refngd never calls it by itself.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    trim = int(min(max(int(max_bytes), 0), 2**31 - 1))
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
 
 
 # --------------------------------------------------------------------------- checks

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import softmax_factors
 from .backend import Array, check_float_array, namespace, require, to_device
 
 __all__ = ["CrossEntropy", "MSELoss", "BCEWithLogits"]
@@ -247,43 +248,6 @@ class _Loss:
         return E.reshape(N, K, C)
 
 
-def _householder_complement(u: Array) -> Array:
-    """(N, m, m − 1): for unit rows u ≥ 0 (N, m), an orthonormal basis of u⊥, accurate
-    row by row *relative to each row's size*.
-
-    The reflection I − 2 v vᵀ/(vᵀv), v = u + e_j, maps u to −e_j; its columns other than
-    j are the basis.  The pivot j is each row's largest entry (vᵀv = 2 + 2 u_j ≥ 2 + 2/√m):
-    then row j of the basis is exactly −u_i (i ≠ j), small where it must be small —
-    ‖row j‖² = 1 − u_j² to full relative accuracy — while pivoting at a fixed coordinate
-    computes a row that should be ~√(1 − u_j²) (say 1e-30 for a saturated softmax) as
-    O(1) − O(1): absolute error ε, relative error 1e14.  A zero row gives m − 1 unit vectors.
-    """
-    xp = namespace(u)
-    N, m = u.shape
-    j = xp.argmax(u, axis=1)
-    v = u + (xp.arange(m)[None, :] == j[:, None])
-    vv = (v * v).sum(axis=1)
-    Rf = xp.eye(m, dtype=u.dtype) - (2 / vv)[:, None, None] * v[:, :, None] * v[:, None, :]
-    keep = xp.arange(m - 1)[None, :] + (xp.arange(m - 1)[None, :] >= j[:, None])  # columns ≠ j
-    return xp.take_along_axis(Rf, keep[:, None, :], axis=2)
-
-
-def _other_classes(y: Array, C: int) -> Array:
-    """(N, C − 1) indices of the classes other than y_n, in order (no data-dependent shape)."""
-    xp = namespace(y)
-    k = xp.arange(C - 1)[None, :]
-    return k + (k >= y[:, None])
-
-
-def _one_minus(p: Array) -> Array:
-    """1 − p_c for probabilities p (N, C), accurate also where p_c ≈ 1: for the largest
-    entry it is the sum of the others (1 − p_max would cancel), elsewhere 1 − p_c ≥ ½."""
-    xp = namespace(p)
-    top = xp.arange(p.shape[1])[None, :] == xp.argmax(p, axis=1)[:, None]
-    rest = xp.sum(xp.where(top, 0, p), axis=1, keepdims=True)
-    return xp.where(top, rest, 1 - p)
-
-
 def _log_softmax(Z: Array) -> Array:
     xp = namespace(Z)
     shifted = Z - xp.max(Z, axis=1, keepdims=True)
@@ -350,114 +314,63 @@ class CrossEntropy(_Loss):
     def _gradient_in_factor(self, Z: Array, y: Array):
         """Closed-form a_n in :meth:`hessian_factor` ``(Z, y)``; r_n = 0 unless p_y underflowed.
 
-        Label not the most probable class (the aligned factor): F_n[:, 0] = −(q_y/s) e_n
-        (q = √p, s = √(1 − p_y)), so a_n = (−s/q_y, 0, …, 0).  The coefficient is large
-        when p_y is small, but the column it multiplies is then small in the same
-        proportion and computed to full relative accuracy, so F_n a_n — and the rows'
-        Uᵀa — reproduce e_n without cancellation.  (In a factor not aligned with e_n the
-        same e_n needs coefficients ~1/q_y on O(1) columns that cancel: relative error
-        ε/q_y, 1e45 at p_y = 1e-120.)  Where p_y is below the smallest normal number (an
-        underflowed curvature), a_n = 0 and r_n = e_n.
-
-        Label the most probable class j = y (the pivoted Householder factor): row y of
-        Q_n is exactly −q_c, c ≠ y, so a_n = −Q_n[y, :]/q_y = (q_c/q_y)_{c ≠ y}, all ≤ 1.
+        Label not the most probable class: F_n[:, 0] = −(q_y/s) e_n (q = √p,
+        s = √(1 − p_y)), so a_n = (−s/q_y, 0, …, 0) — large when p_y is small, on a
+        column small in the same proportion and computed to full relative accuracy, so
+        F_n a_n and the rows' Uᵀa reproduce e_n without cancellation.  Label the most
+        probable class: a_n = (q_c/q_y)_{c ≠ y}, all ≤ 1.  Where p_y is below the smallest
+        normal number (an underflowed curvature), a_n = 0 and r_n = e_n.
+        (:mod:`refngd.softmax_factors` derives both.)
         """
         xp = namespace(Z)
         N, C = Z.shape
         if C == 1:  # H = 0 and e = 0
             return xp.zeros((N, 1), dtype=Z.dtype), xp.zeros_like(Z)
-        p = xp.exp(_log_softmax(Z))
-        q = xp.sqrt(p)
-        aligned = y != xp.argmax(q, axis=1)
-        py = xp.take_along_axis(p, y[:, None], axis=1)[:, 0]
-        qy = xp.sqrt(py)
-        s = xp.sqrt(xp.sum(xp.where(y[:, None] == xp.arange(C)[None, :], 0, p), axis=1))
-        ok = py >= xp.finfo(Z.dtype).tiny
-        safe = xp.where(ok, qy, 1)
-        q_others = xp.take_along_axis(q, _other_classes(y, C), axis=1)   # (N, C − 1)
-        first = xp.zeros((N, C - 1), dtype=Z.dtype)
-        first[:, 0] = -s / safe
-        a = xp.where(aligned[:, None], xp.where(ok[:, None], first, 0), q_others / safe[:, None])
-        r = xp.where((aligned & ~ok)[:, None], self._gradient(Z, y), 0)
-        return a, r
+        a, underflow = softmax_factors.gradient_coefficients(xp.exp(_log_softmax(Z)), y)
+        return a, xp.where(underflow[:, None], self._gradient(Z, y), 0)
 
     def _sqrt(self, Z: Array) -> Array:
         xp = namespace(Z)
         P = xp.exp(_log_softmax(Z))
         q = xp.sqrt(P)
         # S = diag(q) − p qᵀ: S Sᵀ = diag(p) − 2 p pᵀ + p (qᵀq) pᵀ = diag(p) − p pᵀ, as
-        # qᵀq = Σ_c p_c = 1.  Diagonal q_c(1 − p_c) with 1 − p_c from _one_minus (no
+        # qᵀq = Σ_c p_c = 1.  Diagonal q_c(1 − p_c) with 1 − p_c from one_minus (no
         # cancellation where p_c ≈ 1).
         eye = xp.eye(Z.shape[1], dtype=bool)
-        return xp.where(eye, (q * _one_minus(P))[:, :, None], -P[:, :, None] * q[:, None, :])
+        return xp.where(eye, (q * softmax_factors.one_minus(P))[:, :, None], -P[:, :, None] * q[:, None, :])
 
     def hessian_factor(self, Z: Array, y: Any = None) -> Array:
         """An exact C × (C−1) factor of H_n = diag(p) − p pᵀ, shape (N, C, C−1).
 
         H_n has rank C − 1 (its null vector is 1), so C − 1 rows per sample suffice for the
-        Fisher: fewer rows, and a Gram matrix that is not singular by construction.  Every
-        factor is F_n = diag(q) Q_n with q = √p (a unit vector) and Q_n an orthonormal
-        basis of q⊥: then Q_n Q_nᵀ = I − q qᵀ and
-
-            (diag(q) Q_n)(diag(q) Q_n)ᵀ = diag(q)(I − q qᵀ)diag(q) = diag(p) − p pᵀ.
-
-        Without labels, Q_n is the Householder reflection I − 2 v vᵀ/(vᵀv), v = q + e_j,
-        which maps q to −e_j, without its column j, for j the most probable class
-        (vᵀv = 2 + 2 q_j ≥ 2 + 2/√C): every row of F_n is then accurate relative to its
-        size, ‖F_n[c, :]‖² = p_c(1 − p_c) also for a saturated softmax (p_j ≈ 1), which a
-        fixed pivot loses entirely.  (S_n Q_n = diag(q) Q_n for the factor S_n of
-        :meth:`hessian_sqrt`, as qᵀQ_n = 0.)
-
-        With labels ``y`` — for each sample whose label is not its most probable class
-        (otherwise the label-free factor's coefficients are already ≤ 1) — the basis is
-        aligned with the gradient e_n = p − 1_y: its first
-        vector is f = (1_y − q_y q)/s, s = √(1 − p_y) = ‖1_y − q_y q‖ (f ⊥ q), so
-
-            F_n[:, 0] = diag(q) f = −(q_y/s) e_n,
-
-        a scaled copy of the gradient, and the other C − 2 vectors are an orthonormal basis
-        of {x : x_y = 0, qᵀx = 0} (the same pivoted Householder construction on the C − 1
-        other coordinates, for q without its entry y, normalised by s).  The Fisher is the same;
-        its rows now contain every sample's gradient direction, so the gradient is written
-        in them with one coefficient per sample (:meth:`gradient_in_factor`) and no
-        cancellation, however small p_y.  :class:`refngd.curvature.Fisher` uses this factor
-        when it has labels.  For C = 1 (H = 0) the single zero column of
+        Fisher: fewer rows, and a Gram matrix that is not singular by construction.  The
+        factor is diag(q) Q_n, q = √p, Q_n an orthonormal basis of q⊥
+        (:mod:`refngd.softmax_factors`): without labels the Householder basis pivoted at
+        the most probable class — every row accurate relative to its size, also for a
+        saturated softmax; with labels ``y``, for each sample whose label is not its most
+        probable class, the basis aligned with the gradient, whose first column is
+        F_n[:, 0] = −(q_y/s) e_n (s = √(1 − p_y)), so that :meth:`gradient_in_factor`
+        writes e_n with one coefficient and no cancellation, however small p_y.  Both
+        give the same Fisher; :class:`refngd.curvature.Fisher` uses the aligned one when
+        it has labels.  (S_n Q_n = diag(q) Q_n for the factor S_n of
+        :meth:`hessian_sqrt`, as qᵀQ_n = 0.)  For C = 1 (H = 0) the single zero column of
         :meth:`hessian_sqrt` is returned.
         """
         Z = self._check_Z(Z)
-        C = Z.shape[1]
-        if C == 1:
+        if Z.shape[1] == 1:
             return self._sqrt(Z)
         xp = namespace(Z)
         q = xp.sqrt(xp.exp(_log_softmax(Z)))
-        free = q[:, :, None] * _householder_complement(q)
         if y is None:
-            return free
-        y = self.check_targets(Z, y)
-        N = Z.shape[0]
-        onehot = y[:, None] == xp.arange(C)[None, :]
-        p = q * q
-        qy = xp.take_along_axis(q, y[:, None], axis=1)                      # (N, 1)
-        s = xp.sqrt(xp.sum(xp.where(onehot, 0, p), axis=1, keepdims=True))  # √(1 − p_y)
-        safe = xp.where(s > 0, s, 1)
-        first = xp.where(onehot, qy * s, -qy * p / safe)                    # −(q_y/s) e_n
-        others = _other_classes(y, C)
-        q_o = xp.take_along_axis(q, others, axis=1) / safe                  # unit vectors
-        rest = xp.zeros((N, C, C - 2), dtype=Z.dtype)
-        rest[xp.arange(N)[:, None], others, :] = _householder_complement(q_o)
-        aligned = xp.concatenate([first[:, :, None], q[:, :, None] * rest], axis=2)
-        # a label that is the most probable class keeps the label-free factor: its
-        # coefficients are ≤ 1 there, while aligning would compute rows ~√p_c of a
-        # saturated softmax as nearly orthogonal O(1) vectors (their products ~p_c p_c'
-        # from cancellation)
-        return xp.where((y == xp.argmax(q, axis=1))[:, None, None], free, aligned)
+            return softmax_factors.label_free_factor(q)
+        return softmax_factors.aligned_factor(q, self.check_targets(Z, y))
 
     def _hessian(self, Z: Array) -> Array:
         xp = namespace(Z)
         P = xp.exp(_log_softmax(Z))
         eye = xp.eye(Z.shape[1], dtype=bool)
         # diagonal p_c(1 − p_c) without the cancellation of p_c − p_c² where p_c ≈ 1
-        return xp.where(eye, (P * _one_minus(P))[:, :, None], -P[:, :, None] * P[:, None, :])
+        return xp.where(eye, (P * softmax_factors.one_minus(P))[:, :, None], -P[:, :, None] * P[:, None, :])
 
     def _sample(self, Z: Array, rng: Any, K: int) -> Array:
         # Inverse-CDF sampling on Z's device: ŷ = #{k : cdf_k ≤ u}, u ~ U[0, 1) from host.

@@ -373,3 +373,33 @@ def plan_square(P: int, xp, what: str, largest_block: int = 0) -> None:
     check(f"{what} (P = {P})", lambda _: {"P x P matrix and its copy": 2 * P * P * _F8,
                                           "largest Kronecker block": 2 * largest_block ** 2 * _F8},
           None, xp)
+
+
+def keep_freed_memory(max_bytes: int = 1 << 30) -> bool:
+    """Opt in: let glibc's malloc keep up to ``max_bytes`` of freed memory for reuse.
+
+    A step of refngd allocates and frees temporaries of megabytes (Gram matrices, row
+    blocks, im2col columns).  By default glibc returns freed memory at the top of the
+    heap to the operating system as soon as more than about twice the largest recent
+    block is free, so the next step touches fresh pages again: a page fault every 4 KiB,
+    which was measured to make the exact NGD step of the 1.86 M-parameter MLP 1.3–1.5×
+    slower on the 2-core VM (docs/benchmarks.md).  This sets malloc's trim threshold to
+    ``max_bytes`` and its mmap threshold to glibc's maximum (32 MiB), for the whole
+    process: freed memory then stays with the process (its resident size stays at its
+    peak) and is reused.  The same as the environment variables ``MALLOC_TRIM_THRESHOLD_``
+    and ``MALLOC_MMAP_THRESHOLD_``.  Linux with glibc only; returns whether it applied.
+    refngd never calls it by itself; the planner's estimates are unaffected.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    trim = int(min(max(int(max_bytes), 0), 2**31 - 1))
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim))

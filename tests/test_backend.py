@@ -284,18 +284,6 @@ def test_cholesky_helper():
     np.testing.assert_allclose((V * w) @ V.T, psd_rank(5, 2), atol=1e-12)
 
 
-def test_keep_freed_memory_is_an_opt_in_that_reports_itself():
-    import sys
-
-    applied = backend.keep_freed_memory(64 << 20)
-    assert isinstance(applied, bool)
-    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
-        assert applied
-    # refngd computes the same numbers after it (it changes where memory comes from only)
-    A = spd(6, seed=1)
-    np.testing.assert_allclose(psd_solve(A, np.ones(6)), np.linalg.solve(A, np.ones(6)), rtol=1e-12)
-
-
 def test_solve_scaled_keeps_tiny_systems_representable():
     """A ~ 1e-260, B ~ 1e130: (A)⁻¹B ~ 1e390 overflows; σ·A⁻¹B with σ = 2^k ≈ √max A_ii
     does not, and equals the well-scaled solve exactly scaled (powers of two)."""

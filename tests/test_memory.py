@@ -12,6 +12,7 @@ import pytest
 
 from refngd import FunctionModel, losses, memory, nn
 from refngd.curvature import EmpiricalFisher, Fisher, SampledFisher
+from refngd.backend import PSDFactor
 from refngd.memory import MemoryPlanError
 
 LOSS = losses.CrossEntropy()
@@ -259,3 +260,18 @@ def test_kfac_and_ekfac_dense_are_planned():
         assert info.value.fits is None and "batch" not in str(info.value).split("available")[1]
         with memory.budget(3 * P * P * 8):
             assert C.dense().shape == (P, P)
+
+
+def test_keep_freed_memory_is_an_opt_in_that_reports_itself():
+    import sys
+
+    applied = memory.keep_freed_memory(64 << 20)
+    assert isinstance(applied, bool)
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert applied
+    # refngd computes the same numbers after it (it changes where memory comes from only)
+    A = np.random.default_rng(1).standard_normal((6, 6))
+    A = A @ A.T + np.eye(6)
+    np.testing.assert_allclose(PSDFactor(A).solve(np.ones(6)), np.linalg.solve(A, np.ones(6)),
+                               rtol=1e-12)
+
