@@ -72,6 +72,16 @@ def torch_gradient(net, X, y):
     return grad
 
 
+def timed_against_torch(model, theta, loss, X, y, blocks, per_block, more=None) -> dict:
+    """Best times of the torch gradient, refngd's gradient (checked equal first) and ``more``."""
+    tgrad = torch_gradient(torch_model(model, theta), X, y)
+    g = refngd.gradient(model, theta, loss, X, y)
+    assert np.abs(g - tgrad()).max() <= 1e-12 * np.abs(g).max(), "the gradients differ"
+    fns = {"torch gradient": tgrad,
+           "refngd gradient": lambda: refngd.gradient(model, theta, loss, X, y), **(more or {})}
+    return best_in_blocks(fns, blocks, per_block)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -94,14 +104,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     theta = model.init(rng)
     X, y = rng.standard_normal((N, widths[0])), rng.integers(0, widths[-1], N)
-    tgrad = torch_gradient(torch_model(model, theta), X, y)
-    g = refngd.gradient(model, theta, loss, X, y)
-    assert np.abs(g - tgrad()).max() <= 1e-12 * np.abs(g).max(), "MLP gradients differ"
-    t = best_in_blocks({
-        "torch gradient": tgrad,
-        "refngd gradient": lambda: refngd.gradient(model, theta, loss, X, y),
-        "refngd exact NGD": lambda: updates.ngd(model, theta, loss, X, y, lam),
-    }, blocks, per_block)
+    t = timed_against_torch(model, theta, loss, X, y, blocks, per_block, {
+        "refngd exact NGD": lambda: updates.ngd(model, theta, loss, X, y, lam)})
     fl = ngd_flops(widths, N, widths[-1])
     print(f"MLP {'-'.join(map(str, widths))} ({model.num_params:,} parameters), batch {N}")
     print(f"{'':<20} {'ms':>8} {'/ torch grad':>13}")
@@ -112,13 +116,7 @@ def main(argv=None):
 
     model, shape = small_cnn(16)
     theta, X, y = problem(model, shape, 64)
-    tgrad = torch_gradient(torch_model(model, theta), X, y)
-    g = refngd.gradient(model, theta, loss, X, y)
-    assert np.abs(g - tgrad()).max() <= 1e-12 * np.abs(g).max(), "CNN gradients differ"
-    t = best_in_blocks({
-        "torch gradient": tgrad,
-        "refngd gradient": lambda: refngd.gradient(model, theta, loss, X, y),
-    }, blocks, per_block)
+    t = timed_against_torch(model, theta, loss, X, y, blocks, per_block)
     print(f"CNN 3x16x16 conv3x3(16)-conv3x3/2(32)-linear ({model.num_params:,} parameters), batch 64")
     for name, s in t.items():
         print(f"{name:<20} {1e3 * s:8.2f} {s / t['torch gradient']:13.2f}")
