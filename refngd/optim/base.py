@@ -232,5 +232,18 @@ def apply_momentum(buf: Array | None, d: Array, momentum: float, nesterov: bool 
     return (d + momentum * new if nesterov else new), new
 
 
+def momentum_step(theta: Array, d: Array, buf: Array | None, lr: float, momentum: float,
+                  weight_decay: float = 0.0, nesterov: bool = False):
+    """θ − lr·u with u the heavy-ball direction of d + weight_decay·θ (:func:`apply_momentum`).
+
+    The last stage shared by every optimizer that preconditions first and then takes an
+    SGD-with-momentum step on the preconditioned direction d (PyTorch's coupled weight
+    decay).  Returns ``(new_theta, new_buffer)``.
+    """
+    u = d + weight_decay * theta if weight_decay else d
+    u, buf = apply_momentum(buf, u, momentum, nesterov)
+    return theta - lr * u, buf
+
+
 def zeros_like(theta: Array) -> Array:
     return namespace(theta).zeros_like(theta)

@@ -12,12 +12,12 @@ import math
 from ..backend import namespace
 from .base import (
     Optimizer,
-    apply_momentum,
     check_lr,
     check_nonnegative,
     check_positive,
     check_unit_interval,
     evaluate_batch,
+    momentum_step,
     param_blocks,
     rms,
     zeros_like,
@@ -52,9 +52,8 @@ class SGD(Optimizer):
     def step(self, theta, state, model, loss, X, y, rng=None):
         self._check_state(state, "momentum_buffer")
         batch = evaluate_batch(model, theta, loss, X, y)
-        g = batch.g + self.weight_decay * theta if self.weight_decay else batch.g
-        d, buf = apply_momentum(state["momentum_buffer"], g, self.momentum, self.nesterov)
-        new = theta - self.lr * d
+        new, buf = momentum_step(theta, batch.g, state["momentum_buffer"], self.lr, self.momentum,
+                                 self.weight_decay, self.nesterov)
         return new, {"step": state["step"] + 1, "momentum_buffer": buf}, self._info(batch, theta, new)
 
 

@@ -50,11 +50,11 @@ from __future__ import annotations
 from ..backend import namespace, to_float
 from .base import (
     Optimizer,
-    apply_momentum,
     check_lr,
     check_nonnegative,
     check_unit_interval,
     evaluate_batch,
+    momentum_step,
     norm,
 )
 
@@ -114,9 +114,8 @@ class RFRMSProp(Optimizer):
 
     def step(self, theta, state, model, loss, X, y, rng=None):
         batch, s, d = self._precondition(theta, state, model, loss, X, y)
-        u = d + self.weight_decay * theta if self.weight_decay else d
-        u, buf = apply_momentum(state["momentum_buffer"], u, self.momentum)
-        new = theta - self.lr * u
+        new, buf = momentum_step(theta, d, state["momentum_buffer"], self.lr, self.momentum,
+                                 self.weight_decay)
         state = {"step": state["step"] + 1, "s": s, "momentum_buffer": buf}
         return new, state, self._info(batch, theta, new, direction_norm=norm(d),
                                       min_curvature=to_float(s.min()))

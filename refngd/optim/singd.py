@@ -63,7 +63,6 @@ from ..backend import namespace
 from ..curvature import KFAC as KFACCurvature
 from .base import (
     Optimizer,
-    apply_momentum,
     check_choice,
     check_int,
     check_lr,
@@ -71,6 +70,7 @@ from .base import (
     check_positive,
     check_unit_interval,
     evaluate_batch,
+    momentum_step,
     norm,
 )
 
@@ -185,9 +185,8 @@ class INGD(Optimizer):
 
     def step(self, theta, state, model, loss, X, y, rng=None):
         batch, d, factors = self._precondition(theta, state, model, loss, X, y, rng)
-        u = d + self.weight_decay * theta if self.weight_decay else d
-        u, buf = apply_momentum(state["momentum_buffer"], u, self.momentum)
-        new = theta - self.lr * u
+        new, buf = momentum_step(theta, d, state["momentum_buffer"], self.lr, self.momentum,
+                                 self.weight_decay)
         new_state = {"step": state["step"] + 1, **factors, "momentum_buffer": buf}
         return new, new_state, self._info(batch, theta, new, direction_norm=norm(d))
 

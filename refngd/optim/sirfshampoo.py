@@ -42,13 +42,13 @@ import math
 from ..backend import namespace, to_float
 from .base import (
     Optimizer,
-    apply_momentum,
     check_int,
     check_lr,
     check_nonnegative,
     check_positive,
     check_unit_interval,
     evaluate_batch,
+    momentum_step,
     norm,
     param_blocks,
 )
@@ -155,9 +155,8 @@ class SIRFShampoo(Optimizer):
 
     def step(self, theta, state, model, loss, X, y, rng=None):
         batch, d, factors = self._precondition(theta, state, model, loss, X, y)
-        u = d + self.weight_decay * theta if self.weight_decay else d
-        u, buf = apply_momentum(state["momentum_buffer"], u, self.momentum)
-        new = theta - self.lr * u
+        new, buf = momentum_step(theta, d, state["momentum_buffer"], self.lr, self.momentum,
+                                 self.weight_decay)
         new_state = {"step": state["step"] + 1, **factors, "momentum_buffer": buf}
         return new, new_state, self._info(batch, theta, new, direction_norm=norm(d))
 
