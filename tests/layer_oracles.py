@@ -11,14 +11,14 @@ import math
 import autograd.numpy as anp
 import numpy as np
 
+import numerics
+from refngd import nn
+
 
 def unpack(theta, shapes):
-    out, i = [], 0
-    for s in shapes:
-        size = int(np.prod(s))
-        out.append(anp.reshape(theta[i:i + size], s))
-        i += size
-    return out, theta[i:]
+    """:func:`numerics.unpack`, and the rest of θ after those tensors."""
+    used = sum(int(np.prod(s)) for s in shapes)
+    return numerics.unpack(theta, shapes), theta[used:]
 
 
 def linear_ref(x, W, b=None):
@@ -161,3 +161,23 @@ def batchnorm_eval_ref(x, g, b, mean, var, eps=1e-5):
     if b is not None:
         y = y + anp.reshape(b, shape)
     return y
+
+
+class Scale(nn.ParametricLayer):
+    """z = x ⊙ w + b: a parametric layer *without* ``restrict`` (no partial selection) and
+    without working row primitives — for the tests of how selections are refused."""
+
+    def __init__(self, dim: int):
+        self.param_shapes = ((dim,), (dim,))
+
+    def forward(self, params, x):
+        return x * params[0] + params[1], x
+
+    def backward(self, params, cache, B):
+        return B * params[0]
+
+    def row_gram(self, cache, B): ...
+    def row_dot(self, cache, B, V): ...
+    def row_sum(self, cache, B, w): ...
+    def row_grads(self, cache, B): ...
+    def row_sq_sum(self, cache, B): ...

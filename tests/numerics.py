@@ -22,3 +22,20 @@ def unpack(theta, shapes):
         out.append(anp.reshape(theta[i:i + size], s))
         i += size
     return out
+
+
+def assert_row_primitives(prim, cache, B, U, tol=1e-10):
+    """Gram, U v, Uᵀ w, diag(UᵀU) of a layer's row primitives ``prim`` against its
+    per-row gradients U (N, K, P)."""
+    rng = np.random.default_rng(9)
+    N, K, P = U.shape
+    assert_close(prim.row_grads(cache, B), U, tol)
+    Uf = U.reshape(N * K, P)
+    assert_close(prim.row_gram(cache, B), Uf @ Uf.T, tol)
+    V = [rng.standard_normal(s) for s in prim.param_shapes]
+    v = np.concatenate([a.reshape(-1) for a in V])
+    assert_close(prim.row_dot(cache, B, V), U @ v, tol)
+    w = rng.standard_normal((N, K))
+    assert_close(np.concatenate([b.reshape(-1) for b in prim.row_sum(cache, B, w)]),
+                 np.einsum("nk,nkp->p", w, U), tol)
+    assert_close(prim.row_sq_sum(cache, B), (U * U).sum((0, 1)), tol)

@@ -9,7 +9,7 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from numerics import assert_close, unpack
+from numerics import assert_close, assert_row_primitives, unpack
 
 import refngd
 from refngd import nn
@@ -256,22 +256,6 @@ def test_lora_layer_row_primitives_against_autograd(bias):
     assert_close(dx, np.einsum("nko,noni->nki", B, Jx))
 
 
-def _check_primitives(prim, cache, B, U):
-    """Gram, U v, Uᵀ w, diag(UᵀU) of ``prim`` against its per-row gradients U (N, K, P)."""
-    rng = np.random.default_rng(9)
-    N, K, P = U.shape
-    assert_close(prim.row_grads(cache, B), U)
-    Uf = U.reshape(N * K, P)
-    assert_close(prim.row_gram(cache, B), Uf @ Uf.T)
-    V = [rng.standard_normal(s) for s in prim.param_shapes]
-    v = np.concatenate([a.reshape(-1) for a in V])
-    assert_close(prim.row_dot(cache, B, V), U @ v)
-    w = rng.standard_normal((N, K))
-    assert_close(np.concatenate([b.reshape(-1) for b in prim.row_sum(cache, B, w)]),
-                 np.einsum("nk,nkp->p", w, U))
-    assert_close(prim.row_sq_sum(cache, B), (U * U).sum((0, 1)))
-
-
 def test_prefix_row_primitives():
     """The prefix's per-row gradient is the row's block at the prefix positions."""
     layer = nn.PromptPrefix(2, 3)
@@ -283,6 +267,6 @@ def test_prefix_row_primitives():
     B = rng.standard_normal((4, 3, 7, 3))
     J = autograd.jacobian(lambda e: anp.concatenate([anp.repeat(e[None], 4, axis=0), x], axis=1))(E)
     U = np.einsum("nktd,ntdij->nkij", B, J).reshape(4, 3, 6)
-    _check_primitives(layer, cache, B, U)
+    assert_row_primitives(layer, cache, B, U)
     assert_close(layer.backward([E], cache, B), B[:, :, 2:], 0)
 

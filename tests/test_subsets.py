@@ -17,8 +17,9 @@ import autograd
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from numerics import assert_close, unpack
+from numerics import assert_close, assert_row_primitives, unpack
 from devices import gpu_available
+from layer_oracles import Scale
 
 import refngd
 from refngd import nn, updates
@@ -369,22 +370,6 @@ def test_backprop_stops_at_first_selected_layer(monkeypatch):
     assert [e.index for e in rows.layers] == [4] and rows.P == 21
 
 
-def _check_primitives(prim, cache, B, U):
-    """Gram, U v, Uᵀ w, diag(UᵀU) of ``prim`` against its per-row gradients U (N, K, P)."""
-    rng = np.random.default_rng(9)
-    N, K, P = U.shape
-    assert_close(prim.row_grads(cache, B), U)
-    Uf = U.reshape(N * K, P)
-    assert_close(prim.row_gram(cache, B), Uf @ Uf.T)
-    V = [rng.standard_normal(s) for s in prim.param_shapes]
-    v = np.concatenate([a.reshape(-1) for a in V])
-    assert_close(prim.row_dot(cache, B, V), U @ v)
-    w = rng.standard_normal((N, K))
-    assert_close(np.concatenate([b.reshape(-1) for b in prim.row_sum(cache, B, w)]),
-                 np.einsum("nk,nkp->p", w, U))
-    assert_close(prim.row_sq_sum(cache, B), (U * U).sum((0, 1)))
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_bias_only_rows(kind):
     """A layer restricted to its bias (``BiasRows``): rows summed over output positions."""
@@ -400,9 +385,9 @@ def test_bias_only_rows(kind):
     nw = int(np.prod(layer.param_shapes[0]))
     bias_only = layer.restrict((False, True))
     assert isinstance(bias_only, nn.BiasRows)
-    _check_primitives(bias_only, cache, B, full[:, :, nw:])
+    assert_row_primitives(bias_only, cache, B, full[:, :, nw:])
     weight_only = layer.restrict((True, False))
-    _check_primitives(weight_only, cache, B, full[:, :, :nw])
+    assert_row_primitives(weight_only, cache, B, full[:, :, :nw])
 
 
 # ================================================================ bad selections
@@ -441,22 +426,7 @@ def test_bad_masks_give_clear_errors():
 
 def test_layers_without_partial_support_refuse_partial_masks():
     """A layer that does not implement ``restrict`` accepts whole selections only."""
-    class Scale(nn.ParametricLayer):  # z = a ⊙ w + b, rows without a restriction
-        param_shapes = ((3,), (3,))
-
-        def forward(self, params, x):
-            return x * params[0] + params[1], x
-
-        def backward(self, params, cache, B):
-            return B * params[0]
-
-        def row_gram(self, cache, B): ...
-        def row_dot(self, cache, B, V): ...
-        def row_sum(self, cache, B, w): ...
-        def row_grads(self, cache, B): ...
-        def row_sq_sum(self, cache, B): ...
-
-    model = nn.Sequential(Scale(), nn.Linear(3, 2))
+    model = nn.Sequential(Scale(3), nn.Linear(3, 2))
     m = np.zeros(model.num_params, bool)
     m[:3] = True
     with pytest.raises(ValueError, match="layer 0: Scale.*select all of them or none"):

@@ -22,9 +22,9 @@ from refngd.sequence_losses import PerToken
 from refngd.subsets import peft_mask, resolve_params
 
 import layer_oracles as R
+from test_transformer_curvature import C, D, FF, HEADS, N, T, reference, transformer
 
 EXACT = 1e-10
-N, T, PATCH, D, HEADS, FF, C = 5, 4, 3, 4, 2, 6, 3
 
 
 def rel_err(a, b):
@@ -44,31 +44,6 @@ def tensor_mask(model, picks: dict) -> np.ndarray:
     return mask
 
 
-def transformer(norm_first, seed=0):
-    model = nn.Sequential(nn.Linear(PATCH, D), nn.TransformerEncoderLayer(
-        D, HEADS, FF, activation="gelu", norm_first=norm_first), nn.LayerNorm(D), nn.Flatten(),
-        nn.Linear(T * D, C))
-    shapes = [s for layer in model.layers for s in layer.param_shapes]
-
-    def f(theta, X):
-        p, _ = R.unpack(theta, shapes)
-        h = R.linear_ref(X, p[0], p[1])
-        h = R.tel_ref(h, p[2:14], HEADS, norm_first, "gelu")
-        h = anp.reshape(R.layernorm_ref(h, p[14], p[15]), (X.shape[0], -1))
-        return R.linear_ref(h, p[16], p[17])
-
-    rng = np.random.default_rng(seed)
-    theta = model.init(rng) + 0.3 * rng.standard_normal(model.num_params)
-    X = rng.standard_normal((N, T, PATCH))
-    y = rng.integers(0, C, N)
-    return model, f, theta, X, y
-
-
-def ce_oracle(z, t):
-    m = anp.max(z)
-    return anp.log(anp.sum(anp.exp(z - m))) + m - z[t]
-
-
 # TransformerEncoderLayer tensors: self_attn 0-3 (in_proj W, b, out_proj W, b), linear1 4-5,
 # linear2 6-7, norm1 8-9, norm2 10-11
 MASKS = {
@@ -81,10 +56,7 @@ MASKS = {
 
 @pytest.fixture(scope="module", params=[False, True], ids=["post_norm", "pre_norm"])
 def problem(request):
-    model, f, theta, X, y = transformer(request.param)
-    J = autograd.jacobian(lambda t: f(t, X))(theta)  # (N, C, P)
-    Z = f(theta, X)
-    H = np.stack([autograd.hessian(lambda z, n=n: ce_oracle(z, y[n]))(Z[n]) for n in range(N)])
+    model, theta, X, y, J, H, _ = reference(request.param)
     F_ref = np.einsum("nap,nab,nbq->pq", J, H, J) / N  # CrossEntropyLoss(reduction="mean")
     return model, theta, X, y, F_ref
 
@@ -231,24 +203,9 @@ def test_kfac_on_transformer_linears_with_norms_frozen():
 def test_partial_selection_a_sublayer_cannot_restrict_is_refused():
     """A composite passes a partial selection on to the sub-layer; one that cannot restrict
     refuses it with an error naming the composite and the sub-layer."""
-    class Scale(nn.ParametricLayer):  # z = a ⊙ w + b, no restrict
-        param_shapes = ((D,), (D,))
-
-        def forward(self, params, x):
-            return x * params[0] + params[1], x
-
-        def backward(self, params, cache, B):
-            return B * params[0]
-
-        def row_gram(self, cache, B): ...
-        def row_dot(self, cache, B, V): ...
-        def row_sum(self, cache, B, w): ...
-        def row_grads(self, cache, B): ...
-        def row_sq_sum(self, cache, B): ...
-
     class Block(nn.Composite):
         def __init__(self):
-            self._register([("lin", nn.Linear(D, D)), ("scale", Scale())])
+            self._register([("lin", nn.Linear(D, D)), ("scale", R.Scale(D))])
 
         def compose(self, params, x):
             h, c1 = self._fwd("lin", params, x)

@@ -52,14 +52,19 @@ def transformer(norm_first, act="gelu", seed=0):
     return model, f, theta, X, y
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["post_norm", "pre_norm"])
-def problem(request):
-    model, f, theta, X, y = transformer(request.param)
+def reference(norm_first):
+    """The transformer, its data and HIPS-autograd J (N, C, P), CE Hessians H and gradients E."""
+    model, f, theta, X, y = transformer(norm_first)
     J = autograd.jacobian(lambda t: f(t, X))(theta)  # (N, C, P)
     Z = f(theta, X)
     H = np.stack([autograd.hessian(lambda z, n=n: ce_oracle(z, y[n]))(Z[n]) for n in range(N)])
     E = np.stack([autograd.grad(lambda z, n=n: ce_oracle(z, y[n]))(Z[n]) for n in range(N)])
     return model, theta, X, y, J, H, E
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["post_norm", "pre_norm"])
+def problem(request):
+    return reference(request.param)
 
 
 def test_exact_fisher_and_ngd_match_dense_autograd(problem):
