@@ -141,9 +141,12 @@ class PerToken(_Loss):
         Y = Yt.reshape((N, T) + tuple(Yt.shape[1:]))
         return namespace(Z).moveaxis(Y, 1, 2)
 
-    def sampled_output_gradients(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
-        """Output gradients at K sampled sequences, (N, K, T·C); not divided by √K."""
-        E = self.base.sampled_output_gradients(self._tokens(Z), rng, mc_samples)  # (N·T, K, C)
-        N, T = Z.shape[0], self.num_tokens
-        K, C = E.shape[1:]
+    def output_gradients_at(self, Z: Array, Yhat: Array) -> Array:
+        """Output gradients at targets of leading shape (N, K, T) — each token at its own
+        target — as (N, K, T·C); the sampled Fisher's rows (``sampled_output_gradients``)."""
+        xp = namespace(Z)
+        N, K, T = Yhat.shape[0], Yhat.shape[1], self.num_tokens
+        Yt = xp.moveaxis(Yhat, 2, 1).reshape((N * T, K) + tuple(Yhat.shape[3:]))  # rows n·T + t
+        E = self.base.output_gradients_at(self._tokens(Z), Yt)                     # (N·T, K, C)
+        C = E.shape[2]
         return E.reshape(N, T, K, C).transpose(0, 2, 1, 3).reshape(N, K, T * C)

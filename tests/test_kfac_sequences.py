@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from refngd import nn
-from refngd.curvature import EKFAC, KFAC, Fisher, KroneckerDiagonal
+from refngd.curvature import EKFAC, KFAC, Fisher, KroneckerDiagonal, SampledFisher
 from refngd.losses import CrossEntropy, MSELoss
 from refngd.sequence_losses import PerToken
 
@@ -140,8 +140,8 @@ def test_attention_projections():
 @pytest.mark.parametrize("base", ["ce", "mse"])
 def test_per_token_losses_in_the_exact_step_and_kfac(base):
     """Sequence losses (PerToken) write their gradient in the Fisher's rows token by token:
-    updates.ngd equals the dense solve (F + λI)⁻¹g, and updates.kfac equals K-FAC's
-    solve of the gradient (both raised AttributeError before)."""
+    updates.ngd and the sampled Fisher's natural gradient equal the dense solves (F + λI)⁻¹g,
+    and updates.kfac equals K-FAC's solve of the gradient (all raised AttributeError before)."""
     from numerics import assert_close
 
     import refngd
@@ -162,6 +162,16 @@ def test_per_token_losses_in_the_exact_step_and_kfac(base):
     for lam in (1e-2, 1e-6):
         ref = np.linalg.solve(F.dense() + lam * np.eye(theta.size), g)
         assert_close(updates.ngd(model, theta, loss, X, y, lam), ref, 1e-8)
+    # the sampled Fisher: rows at per-token draws (the draws of the tokens as N·T rows)
+    rng_draws = np.random.default_rng(3)
+    base = loss.base.sampled_output_gradients(model.forward(theta, X).reshape(N * T, 3),
+                                              rng_draws, 2)
+    expect_rows = base.reshape(N, T, 2, 3).transpose(0, 2, 1, 3).reshape(N, 2, T * 3)
+    assert_close(loss.sampled_output_gradients(model.forward(theta, X), np.random.default_rng(3), 2),
+                 expect_rows, 1e-15)
+    SF = SampledFisher(model, theta, loss, X, y, mc_samples=2, rng=5)
+    assert_close(SF.natural_gradient(1e-2),
+                 np.linalg.solve(SF.dense() + 1e-2 * np.eye(theta.size), g), 1e-8)
     # (EKFAC does not take Linear layers on sequences yet)
     assert_close(updates.kfac(model, theta, loss, X, y, 1e-3),
                  KFAC(model, theta, loss, X, y).solve(g, 1e-3), 1e-11)

@@ -81,14 +81,16 @@ class SampledFisher(RowCurvature):
         sample's share of g lies in the rows' span; otherwise r_n = e_n.
         """
         xp = namespace(self.outputs)
-        y = self.loss.check_targets(self.outputs, self.y)
         Yhat = self.sampled_targets
+        N = Yhat.shape[0]
+        # the observed targets in the layout of one draw (a sequence loss's (N, T, …))
+        y = self.loss.check_targets(self.outputs, self.y).reshape((N,) + tuple(Yhat.shape[2:]))
         same = Yhat == y[:, None]
         if same.ndim > 2:
             same = xp.all(same.reshape(same.shape[0], same.shape[1], -1), axis=2)
         first = same & (xp.cumsum(same, axis=1) == 1)                  # (N, K)
         a = first.astype(self.outputs.dtype) * self.mc_samples ** 0.5
-        e = self.loss.output_gradient(self.outputs, y)
+        e = self.loss.output_gradient(self.outputs, self.y)
         r = xp.where(xp.any(same, axis=1)[:, None], 0, e)
         return a, r
 
