@@ -18,7 +18,6 @@ diagonal of UᵀU, and (for small models) U itself.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,12 +125,7 @@ class RowSet:
             into = getattr(e.layer, "row_sum_into", None)
             if into is not None and out.dtype == e.B.dtype:
                 # the layer's blocks written in place: no temporary and no copy per block
-                blocks = []
-                for shape in e.layer.param_shapes:
-                    size = math.prod(shape)
-                    blocks.append(out[i:i + size].reshape(shape))
-                    i += size
-                into(e.cache, e.B, w, blocks)
+                into(e.cache, e.B, w, e.blocks(out))
                 continue
             for b in e.layer.row_sum(e.cache, e.B, w):
                 out[i:i + b.size] = b.reshape(-1)

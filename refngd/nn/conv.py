@@ -22,7 +22,7 @@ import operator
 from ..backend import namespace
 from .base import BiasRows, ParametricLayer
 from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
-                     shared_row_sq_sum)
+                     shared_row_sq_sum, weighted_row_sum)
 
 #: rough bound (in array elements) on the temporaries of the chunked primitives
 _CHUNK_ELEMS = 1 << 22
@@ -54,14 +54,6 @@ def _reads(offset: int, stride: int, n_out: int, n_in: int) -> tuple[int, int, i
     t0 = max(0, -(offset // stride)) if offset < 0 else 0
     t1 = min(n_out, -(-(n_in - offset) // stride))
     return t0, max(t0, t1), t0 * stride + offset
-
-
-def _weighted_row_sum(B, w):
-    """Σ_k w_nk B[n, k] as (N, ·): one row a sample is a broadcast product, not N 1 × 1 GEMMs."""
-    N, K = B.shape[:2]
-    if K == 1:
-        return B.reshape(N, -1) * w
-    return (w[:, None, :] @ B.reshape(N, K, -1))[:, 0, :]
 
 
 def conv_gram_flops(N: int, K: int, T: int, C_out: int, D: int, bias: bool = True):
@@ -280,7 +272,7 @@ class Conv2d(ParametricLayer):
         xp = namespace(B)
         cols, (N, K) = cache[0], B.shape[:2]
         Co = self.out_channels
-        v = _weighted_row_sum(B, w).reshape(N, Co, -1)  # Σ_k w_nk b_nk
+        v = weighted_row_sum(B, w).reshape(N, Co, -1)  # Σ_k w_nk b_nk
         # Σ_n v_n Ā_n as one (C_out × N·T)(N·T × D) GEMM
         vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
         blocks = [(vt @ self._cols_matrix(cols).T).reshape(self.param_shapes[0])]
@@ -293,7 +285,7 @@ class Conv2d(ParametricLayer):
         xp = namespace(B)
         cols, (N, K) = cache[0], B.shape[:2]
         Co = self.out_channels
-        v = _weighted_row_sum(B, w).reshape(N, Co, -1)
+        v = weighted_row_sum(B, w).reshape(N, Co, -1)
         vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
         xp.matmul(vt, self._cols_matrix(cols).T, out=out[0].reshape(Co, self.D))
         if self.bias:

@@ -15,7 +15,7 @@ import operator
 
 from ..backend import namespace
 from .base import ParametricLayer
-from .shared import gram_route, shared_gram
+from .shared import gram_route, shared_gram, weighted_row_sum
 
 
 class Embedding(ParametricLayer):
@@ -121,8 +121,7 @@ class Embedding(ParametricLayer):
         return (B.reshape(N, K, -1) @ M)[..., 0]
 
     def row_sum(self, cache, B, w):
-        N, K = B.shape[:2]
-        v = (w[:, None, :] @ B.reshape(N, K, -1)).reshape(-1, self.embedding_dim)  # (N·T, d)
+        v = weighted_row_sum(B, w).reshape(-1, self.embedding_dim)  # (N·T, d)
         E = self._onehot(cache, B.dtype).reshape(-1, self.num_embeddings)
         return [E.T @ v]
 

@@ -13,7 +13,7 @@ import operator
 
 from ..backend import namespace
 from .base import BiasRows, ParametricLayer
-from .shared import shared_gram, shared_row_grads, shared_row_sq_sum
+from .shared import shared_gram, shared_row_grads, shared_row_sq_sum, weighted_row_sum
 
 
 class Linear(ParametricLayer):
@@ -108,8 +108,7 @@ class Linear(ParametricLayer):
         return (B.reshape(N, K, -1) @ M.reshape(N, -1, 1))[..., 0]
 
     def _seq_row_sum(self, cache, B, w):
-        N, K = B.shape[:2]
-        v = (w[:, None, :] @ B.reshape(N, K, -1)).reshape(-1, self.out_features)  # (N·T, d_out)
+        v = weighted_row_sum(B, w).reshape(-1, self.out_features)  # (N·T, d_out)
         blocks = [v.T @ cache.reshape(-1, self.in_features)]
         if self.bias:
             blocks.append(v.sum(axis=0))
@@ -159,8 +158,7 @@ class Linear(ParametricLayer):
     def row_sum(self, cache, B, w):
         if cache.ndim > 2:
             return self._seq_row_sum(cache, B, w)
-        # (N, d_out): Σ_k w_nk b_nk per sample, before touching the inputs
-        v = B[:, 0, :] * w if B.shape[1] == 1 else (w[:, None, :] @ B)[:, 0, :]
+        v = weighted_row_sum(B, w)  # (N, d_out): Σ_k w_nk b_nk, before touching the inputs
         blocks = [v.T @ cache]
         if self.bias:
             blocks.append(v.sum(axis=0))
@@ -177,7 +175,7 @@ class Linear(ParametricLayer):
                 o[...] = b
             return
         xp = namespace(B)
-        v = B[:, 0, :] * w if B.shape[1] == 1 else (w[:, None, :] @ B)[:, 0, :]
+        v = weighted_row_sum(B, w)
         xp.matmul(v.T, cache, out=out[0])
         if self.bias:
             v.sum(axis=0, out=out[1])

@@ -101,9 +101,11 @@ class Sequential:
             if getattr(X, "dtype", None) is None or X.dtype.kind not in "iu":
                 raise TypeError(f"X must hold integer indices for {self.layers[0]!r}, got "
                                 f"{getattr(X, 'dtype', type(X).__name__)}; use X.astype(int).")
-            if X.size and (int(xp.min(X)) < 0 or int(xp.max(X)) >= self.layers[0].num_embeddings):
-                raise ValueError(f"indices in X must lie in [0, {self.layers[0].num_embeddings}) "
-                                 f"for {self.layers[0]!r}, got [{int(xp.min(X))}, {int(xp.max(X))}].")
+            V = self.layers[0].num_embeddings
+            if X.size:  # queued like the label checks (out-of-range indices only index until read)
+                require(xp.all((X >= 0) & (X < V)), lambda: ValueError(
+                    f"indices in X must lie in [0, {V}) for {self.layers[0]!r}, got "
+                    f"[{int(xp.min(X))}, {int(xp.max(X))}]."), X)
         else:
             check_float_array("X", X)
         if X.ndim < 2 or X.shape[0] < 1:

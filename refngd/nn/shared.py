@@ -129,3 +129,12 @@ def _gram_spatial(xp, A, Bm, bias, chunk):
                 G[m, :, n, :] = G[n, :, m, :].transpose(2, 3, 0, 1)
     G = G.reshape(N * K, N * K)
     return 0.5 * (G + G.T)  # diagonal blocks: the two triangles differ by round-off
+
+
+def weighted_row_sum(B: Array, w: Array) -> Array:
+    """Σ_k w_nk B[n, k] for rows B (N, K, …) and weights w (N, K), as (N, ·): the per-sample
+    sum of every Uᵀw.  One row a sample is a broadcast product, not N 1 × 1 GEMMs."""
+    N, K = B.shape[:2]
+    if K == 1:
+        return B.reshape(N, -1) * w
+    return (w[:, None, :] @ B.reshape(N, K, -1))[:, 0, :]
