@@ -306,3 +306,13 @@ def test_ef_ief_default_form_is_the_papers_everywhere(problem):
     for fn in (updates.ef, updates.ief):
         np.testing.assert_array_equal(fn(model, theta, loss, X, y, 1e-3),
                                       fn(model, theta, loss, X, y, 1e-3, form="gram"))
+
+
+def test_embedding_indices_out_of_range_are_refused():
+    """Token indices outside [0, V) get a clear error (queued like the label checks on a
+    GPU, where an out-of-range index would only wrap: tests/test_host_reads.py reruns this)."""
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+    theta = model.init(np.random.default_rng(0))
+    for bad in ([[0, 5]], [[-1, 2]]):
+        with pytest.raises(ValueError, match=r"indices in X must lie in \[0, 5\)"):
+            refngd.gradient(model, theta, losses.CrossEntropy(), np.array(bad * 2), np.array([0, 1]))

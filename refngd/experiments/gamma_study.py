@@ -90,9 +90,10 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
     EF = EmpiricalFisher(model, theta, loss, X, y, **sel)
     out = {"dampings": dampings, "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star,
            "imbalance": gradient_norm_imbalance(EF)}
+    shared = {}  # K-FAC's factors, built once for "kfac" and "ekfac"
     for method in methods:
         dirs = _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng,
-                           kfac_fisher_type)
+                           kfac_fisher_type, shared)
         out[method] = [gamma(d, F, g) if d is not None else math.inf for d in dirs]
     return out
 
@@ -135,8 +136,13 @@ def gradient_norm_imbalance(EF: EmpiricalFisher) -> float | None:
     return None if mean == 0 else to_float(sq.max()) / mean
 
 
-def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, kfac_fisher_type):
-    """The method's direction at every (absolute, P × P Tikhonov) damping."""
+def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, kfac_fisher_type,
+                shared=None):
+    """The method's direction at every (absolute, P × P Tikhonov) damping.
+
+    ``shared`` (a dict) keeps the K-FAC operator of one batch for the other Kronecker
+    method — not for ``"mc"`` factors, which then draw their own labels as before.
+    """
     if method == "ngd":
         return F.natural_gradient_sweep(dampings)
     if method == "sf":
@@ -148,7 +154,11 @@ def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, 
         return EF.natural_gradient_sweep(dampings)  # Gram form (eq. 5) at λ_gram = λ/c
     if method == "ief":
         return _ief_gram_sweep(EF, loss, y, dampings)
-    kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, **sel)
+    kf = None if shared is None or kfac_fisher_type == "mc" else shared.get("kfac")
+    if kf is None:
+        kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, **sel)
+        if shared is not None and kfac_fisher_type != "mc":
+            shared["kfac"] = kf
     op = kf if method == "kfac" else EKFAC(model, theta, loss, X, y, kfac=kf)
     dirs = []
     for lam in dampings:
