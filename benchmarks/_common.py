@@ -7,13 +7,18 @@ import numpy as np
 
 
 def synchronize() -> None:
-    """Wait for queued GPU work (CuPy launches asynchronously); nothing without CuPy."""
+    """Wait for queued GPU work (CuPy and, when imported, PyTorch launch asynchronously)."""
+    import sys
+
     try:
         import cupy
     except ImportError:
-        return
-    if cupy.cuda.runtime.getDeviceCount() > 0:
+        cupy = None
+    if cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0:
         cupy.cuda.Device().synchronize()
+    torch = sys.modules.get("torch")  # never imported here just to wait for it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def best_time(f, repeats: int, setup=None) -> float:
@@ -31,11 +36,11 @@ def best_time(f, repeats: int, setup=None) -> float:
     return best
 
 
-def matmul_rate(repeats: int, xp=np) -> float:
-    """GFLOP/s of a plain float64 (1280 × 1024) @ (1024 × 1024) product (on ``xp``'s device)."""
+def matmul_rate(repeats: int, xp=np, m: int = 1280, k: int = 1024, n: int = 1024) -> float:
+    """GFLOP/s of a plain float64 (m × k) @ (k × n) product (on ``xp``'s device)."""
     rng = np.random.default_rng(1)
-    A, B = xp.asarray(rng.standard_normal((1280, 1024))), xp.asarray(rng.standard_normal((1024, 1024)))
-    return 2 * 1280 * 1024 * 1024 / best_time(lambda: A @ B, repeats) / 1e9
+    A, B = xp.asarray(rng.standard_normal((m, k))), xp.asarray(rng.standard_normal((k, n)))
+    return 2 * m * k * n / best_time(lambda: A @ B, repeats) / 1e9
 
 
 def ngd_flops(widths, N: int, C: int) -> float:

@@ -40,7 +40,7 @@ import argparse
 
 import numpy as np
 
-from _common import mlp  # benchmarks/_common.py, beside this script
+from _common import best_time, matmul_rate, mlp, ngd_flops  # benchmarks/_common.py, beside
 
 
 def _gpu_or_exit():
@@ -63,43 +63,17 @@ def _gpu_or_exit():
 
 
 class Timer:
-    """Best-of-n wall time with a device synchronisation around every run (CuPy and torch)."""
+    """``_common.best_time`` with this run's number of repeats (it waits for CuPy and torch)."""
 
-    def __init__(self, repeats: int, cupy=None, torch=None):
-        import time
-
-        self.repeats, self.cupy, self.torch, self.time = repeats, cupy, torch, time
-
-    def sync(self):
-        if self.cupy is not None:
-            self.cupy.cuda.Device().synchronize()
-        if self.torch is not None and self.torch.cuda.is_available():
-            self.torch.cuda.synchronize()
+    def __init__(self, repeats: int):
+        self.repeats = repeats
 
     def __call__(self, f, repeats: int | None = None) -> float:
-        best = float("inf")
-        for i in range((repeats or self.repeats) + 1):
-            self.sync()
-            t0 = self.time.perf_counter()
-            f()
-            self.sync()
-            if i:
-                best = min(best, self.time.perf_counter() - t0)
-        return best
-
-
-def gemm_rate(cupy, timer, n: int = 8192) -> float:
-    """float64 GFLOP/s of an n × n product on the device."""
-    A = cupy.random.standard_normal((n, n))
-    B = cupy.random.standard_normal((n, n))
-    t = timer(lambda: A @ B, 3)
-    del A, B
-    return 2 * n ** 3 / t / 1e9
+        return best_time(f, repeats or self.repeats)
 
 
 def refngd_figures(xp, timer, widths, N, lam, with_stages: bool, record: dict):
     """refngd's figures on ``xp`` (CuPy; NumPy only in the script's own test)."""
-    from _common import ngd_flops  # benchmarks/_common.py
 
     import refngd
     from refngd import losses, updates
@@ -150,16 +124,10 @@ def refngd_figures(xp, timer, widths, N, lam, with_stages: bool, record: dict):
 def peer_figures(torch, timer, widths, Xh, yh, theta_h, d_ref, lam, cg_rtol, record, N,
                  device: str = "cuda"):
     """PyTorch, torch.func and curvlinops on the same GPU, same weights and batch."""
-    from torch.nn.utils import vector_to_parameters
+    from vs_torch import torch_model  # the same MLP in PyTorch, same weights
 
     dev = torch.device(device)
-    layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers).double().to(dev)
-    vector_to_parameters(torch.tensor(theta_h, device=dev), net.parameters())
+    net = torch_model(mlp(widths), theta_h).to(dev)
     X, y = torch.tensor(Xh, device=dev), torch.tensor(yh, device=dev)
     ce = torch.nn.CrossEntropyLoss()
     params = [p for p in net.parameters()]
@@ -275,13 +243,13 @@ def main(argv=None):
             torch = _torch if _torch.cuda.is_available() else None
         except ImportError:
             torch = None
-    timer = Timer(args.repeats or (3 if args.quick else 10), cupy, torch)
+    timer = Timer(args.repeats or (3 if args.quick else 10))
     lam = 1e-3
     width, (n_small, n_large) = (256, (64, 512)) if args.quick else (1024, (128, 2048))
     widths = [784, width, width, 10]
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    rate = gemm_rate(cupy, timer)
+    rate = matmul_rate(3, cupy, 8192, 8192, 8192)  # float64 GEMM rate of the device
     record = {"device": name, "float64 GEMM GFLOP/s": rate, "model": "MLP " + "-".join(map(str, widths)),
               "damping": lam, "dtype": "float64", "loss": "cross-entropy (mean)",
               "torch": None if torch is None else torch.__version__, "cupy": cupy.__version__}
