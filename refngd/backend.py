@@ -351,7 +351,11 @@ def eigh_range(A: Array):
     annihilated by Uᵀ in exact arithmetic, and keeping them would add ~ε‖A‖/μ of
     round-off (see :class:`PSDFactor`, ``projected``).
     """
-    w, V = eigh_psd(A)
+    return numerical_range(*eigh_psd(A))
+
+
+def numerical_range(w: Array, V: Array):
+    """The eigenpairs (w, V) of :func:`eigh_psd` whose eigenvalue exceeds n·ε·max(w)."""
     if w.shape[0] == 0:
         return w, V
     keep = w > w.shape[0] * np.finfo(np.float64).eps * float(w.max())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..backend import (Array, PSDFactor, SingularSystemError, check_damping, check_float_array,
-                       eigh_psd, eigh_range, lstsq_ridge, namespace, one_host_read, prefetch,
+                       eigh_psd, lstsq_ridge, namespace, numerical_range, one_host_read, prefetch,
                        require)
 from ..derivatives import gradient_from
 from ..memory import plan_dense, plan_rows
@@ -114,7 +114,7 @@ class RowCurvature(CurvatureOperator):
         cot = self.cotangents()
         plan_rows(self, X, cot.shape[1])  # refngd.memory: fail early, not in swap
         self.rows = self.lin.backprop(cot, params=self.subset)
-        self._gram = None
+        self._gram = self._gram_eig = None
         self._F64 = None
 
     @abstractmethod
@@ -135,6 +135,12 @@ class RowCurvature(CurvatureOperator):
         if self._gram is None:
             self._gram = self.rows.gram()
         return self._gram
+
+    def _gram_eigh(self):
+        """``eigh_psd`` of the Gram matrix, computed once (both sweeps use it)."""
+        if self._gram_eig is None:
+            self._gram_eig = eigh_psd(self.gram())
+        return self._gram_eig
 
     def row_matrix(self) -> Array:
         """U as a dense (R, P) array (rows r = n·K + k) — small models only."""
@@ -334,7 +340,7 @@ class RowCurvature(CurvatureOperator):
             return [self.natural_gradient(lam) for lam in lams]
         xp = namespace(self.outputs)
         a, r = self.gradient_coefficients()
-        w, V = eigh_range(self.gram())  # K's numerical null space is annihilated by Uᵀ
+        w, V = numerical_range(*self._gram_eigh())  # K's numerical null space: Uᵀ annihilates it
         Vta = V.T @ a.reshape(-1).astype(xp.float64)
         N, K = self.rows.N, self.rows.K
         out = [self.rows.rmatvec((V @ (Vta / (w + lam / self.c))).reshape(N, K).astype(self.dtype))
@@ -358,8 +364,7 @@ class RowCurvature(CurvatureOperator):
             w, V = eigh_psd(self._dense64())
             Vtg = V.T @ g.astype(xp.float64)
             return [(V @ (Vtg / (w + lam))).astype(self.dtype, copy=False) for lam in lams]
-        w, V = xp.linalg.eigh(self.gram())
-        w = xp.maximum(w, 0.0)
+        w, V = self._gram_eigh()
         VtUg = V.T @ self.rows.matvec(g.astype(self.dtype, copy=False)).reshape(-1).astype(xp.float64)
         out = []
         for lam in lams:
