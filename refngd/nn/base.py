@@ -170,59 +170,6 @@ class ParametricLayer(Layer):
         """(P_layer,) diagonal of UᵀU, i.e. Σ_r u_r ⊙ u_r."""
 
 
-class BiasRows(ParametricLayer):
-    """Row primitives of a bias alone, for a layer whose weight is frozen.
-
-    A bias b (d_out,) added at every position of the output (one position for Linear on
-    (N, d), the T tokens of Linear on sequences, the T image locations of Conv2d) has the
-    per-row gradient β_r = Σ_t b_rt, the row summed over positions.  The rows' channel axis
-    is right after (N, K) — (N, K, d_out, *positions), Conv2d — or, with
-    ``channels_last``, last — (N, K, *positions, d_out), Linear.
-    Gram β_r·β_r', U v = β_r·v, Uᵀ w = Σ_r w_r β_r.
-    """
-
-    def __init__(self, parent: ParametricLayer, d_out: int, channels_last: bool = False):
-        self.parent, self.d_out, self.channels_last = parent, int(d_out), bool(channels_last)
-        self.param_shapes = ((self.d_out,),)
-
-    def __repr__(self) -> str:
-        return f"BiasRows({self.parent!r})"
-
-    def forward(self, params, x):  # pragma: no cover - a view, never in a model
-        raise TypeError("BiasRows is a view of a layer's rows, not a layer of a model.")
-
-    def backward(self, params, cache, B):  # pragma: no cover
-        raise TypeError("BiasRows is a view of a layer's rows, not a layer of a model.")
-
-    def _beta(self, B):
-        N, K = B.shape[:2]
-        if self.channels_last:
-            Bm = B.reshape(N, K, -1, self.d_out)
-            return Bm[:, :, 0] if Bm.shape[2] == 1 else Bm.sum(axis=2)
-        Bm = B.reshape(N, K, self.d_out, -1)
-        return Bm[..., 0] if Bm.shape[3] == 1 else Bm.sum(axis=3)
-
-    def row_gram(self, cache, B):
-        xp = namespace(B)
-        beta = self._beta(B)
-        Bf = beta.reshape(-1, self.d_out).astype(xp.float64, copy=False)
-        return Bf @ Bf.T
-
-    def row_dot(self, cache, B, V):
-        return self._beta(B) @ V[0]
-
-    def row_sum(self, cache, B, w):
-        beta = self._beta(B)
-        return [w.reshape(-1) @ beta.reshape(-1, self.d_out)]
-
-    def row_grads(self, cache, B):
-        return self._beta(B)
-
-    def row_sq_sum(self, cache, B):
-        beta = self._beta(B)
-        return (beta * beta).sum(axis=(0, 1))
-
-
 class SmallParametricLayer(ParametricLayer):
     """A layer with few parameters per output (normalisation layers' scale and shift).
 
@@ -267,8 +214,54 @@ class SmallParametricLayer(ParametricLayer):
         return (U * U).sum(axis=0)
 
 
-class _Columns(SmallParametricLayer):
+class _RowsView(SmallParametricLayer):
+    """Row primitives of part of a layer (``restrict``): read off its materialised rows,
+    never a layer of a model itself."""
+
+    _kind = "a row view"
+
+    def forward(self, params, x):  # pragma: no cover - a view, never in a model
+        raise TypeError(f"{self._kind} is a view of a layer's rows, not a layer of a model.")
+
+    def backward(self, params, cache, B):  # pragma: no cover
+        raise TypeError(f"{self._kind} is a view of a layer's rows, not a layer of a model.")
+
+
+class BiasRows(_RowsView):
+    """Row primitives of a bias alone, for a layer whose weight is frozen.
+
+    A bias b (d_out,) added at every position of the output (one position for Linear on
+    (N, d), the T tokens of Linear on sequences, the T image locations of Conv2d) has the
+    per-row gradient β_r = Σ_t b_rt, the row summed over positions.  The rows' channel axis
+    is right after (N, K) — (N, K, d_out, *positions), Conv2d — or, with
+    ``channels_last``, last — (N, K, *positions, d_out), Linear.
+    Gram β_r·β_r', U v = β_r·v, Uᵀ w = Σ_r w_r β_r (from the rows β, as every
+    :class:`SmallParametricLayer`).
+    """
+
+    _kind = "BiasRows"
+
+    def __init__(self, parent: ParametricLayer, d_out: int, channels_last: bool = False):
+        self.parent, self.d_out, self.channels_last = parent, int(d_out), bool(channels_last)
+        self.param_shapes = ((self.d_out,),)
+
+    def __repr__(self) -> str:
+        return f"BiasRows({self.parent!r})"
+
+    def row_grads(self, cache, B):
+        """β (N, K, d_out): each row summed over the output positions."""
+        N, K = B.shape[:2]
+        if self.channels_last:
+            Bm = B.reshape(N, K, -1, self.d_out)
+            return Bm[:, :, 0] if Bm.shape[2] == 1 else Bm.sum(axis=2)
+        Bm = B.reshape(N, K, self.d_out, -1)
+        return Bm[..., 0] if Bm.shape[3] == 1 else Bm.sum(axis=3)
+
+
+class _Columns(_RowsView):
     """Some tensors of a :class:`SmallParametricLayer`: its per-row gradients' columns."""
+
+    _kind = "a restricted layer"
 
     def __init__(self, parent: SmallParametricLayer, active: tuple[bool, ...]):
         self.parent, self._cols, i = parent, [], 0
@@ -281,12 +274,6 @@ class _Columns(SmallParametricLayer):
 
     def __repr__(self) -> str:
         return f"{self.parent!r} (restricted)"
-
-    def forward(self, params, x):  # pragma: no cover - a view, never in a model
-        raise TypeError("a restricted layer is a view of a layer's rows, not a layer of a model.")
-
-    def backward(self, params, cache, B):  # pragma: no cover
-        raise TypeError("a restricted layer is a view of a layer's rows, not a layer of a model.")
 
     def row_grads(self, cache, B):
         G = self.parent.row_grads(cache, B)
