@@ -15,7 +15,7 @@ import math
 import operator
 
 from ..backend import namespace
-from .base import ParametricLayer
+from .base import SmallParametricLayer
 from .composite import Composite
 from .linear import Linear
 
@@ -117,7 +117,7 @@ def _zeros_like_host(a, shape):
     return z
 
 
-class PromptPrefix(ParametricLayer):
+class PromptPrefix(SmallParametricLayer):
     """``PromptPrefix(num_tokens, dim)``: prepend m = num_tokens trainable embeddings to every
     sequence (prompt tuning; Lester et al. 2021, §2).
 
@@ -157,26 +157,8 @@ class PromptPrefix(ParametricLayer):
     def backward(self, params, cache, B):
         return B[:, :, self.num_tokens:]
 
-    def _prefix(self, B):
-        N, K = B.shape[:2]
-        return B[:, :, :self.num_tokens].reshape(N, K, -1)  # (N, K, m·dim)
-
-    def row_gram(self, cache, B):
-        xp = namespace(B)
-        Bp = self._prefix(B)
-        Bf = Bp.reshape(-1, Bp.shape[2]).astype(xp.float64, copy=False)
-        return Bf @ Bf.T
-
-    def row_dot(self, cache, B, V):
-        return self._prefix(B) @ V[0].reshape(-1)
-
-    def row_sum(self, cache, B, w):
-        Bp = self._prefix(B)
-        return [(w.reshape(-1) @ Bp.reshape(-1, Bp.shape[2])).reshape(self.param_shapes[0])]
-
     def row_grads(self, cache, B):
-        return self._prefix(B)
-
-    def row_sq_sum(self, cache, B):
-        Bp = self._prefix(B)
-        return (Bp * Bp).sum(axis=(0, 1))
+        """(N, K, m·dim): a row's gradient is its cotangent at the m prepended positions
+        (the Gram, U v, Uᵀw and diagonal are read off these, as every small layer's)."""
+        N, K = B.shape[:2]
+        return B[:, :, :self.num_tokens].reshape(N, K, -1)
