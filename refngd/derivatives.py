@@ -82,7 +82,7 @@ def gradient_from(lin, loss, y: Array, params=None) -> Array:
     Z = lin.outputs
     xp = namespace(Z)
     e = loss.output_gradient(Z, y) * loss.scale(Z)
-    rows = lin.backprop(e[:, None, :]) if params is None else lin.backprop(e[:, None, :], params=params)
+    rows = lin.backprop(e[:, None, :], params=params)
     return rows.rmatvec(xp.ones((Z.shape[0], 1), dtype=Z.dtype))
 
 

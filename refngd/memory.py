@@ -31,7 +31,7 @@ import os
 import re
 from typing import Callable
 
-from .backend import get_backend, is_cupy
+from .backend import get_backend, namespace
 
 ENV_VAR = "REFNGD_MEMORY_BUDGET"
 _OFF = ("off", "none", "false", "no", "disable", "disabled")
@@ -176,11 +176,6 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1000
     return f"{n} TB"  # pragma: no cover
-
-
-def array_module(a):
-    """NumPy or CuPy, for one array (without numpy imported here)."""
-    return get_backend("cupy" if is_cupy(a) else "numpy")
 
 
 # ------------------------------------------------------------------------ estimates
@@ -340,7 +335,7 @@ def dense_estimate(model, K: int, itemsize: int, P: int, route: str, subset=None
 def plan_rows(curv, X, K: int) -> None:
     """Check a :class:`~refngd.curvature.base.RowCurvature`'s backward pass of N·K rows and
     (R < P) its Gram route against the budget, before the rows are back-propagated."""
-    xp = array_module(curv.theta)
+    xp = namespace(curv.theta)
     if available(xp)[0] is None or not hasattr(X, "shape"):
         return
     N = int(curv.outputs.shape[0])
@@ -357,7 +352,7 @@ _ROUTE_NAMES = {"rows": "the dense row matrix U", "dense": "the dense P x P curv
 
 def plan_dense(curv, route: str) -> None:
     """Check a dense route (:func:`dense_estimate`) of a RowCurvature against the budget."""
-    xp = array_module(curv.theta)
+    xp = namespace(curv.theta)
     if available(xp)[0] is None:
         return
     N, K, P = curv.rows.N, curv.rows.K, curv.num_params

@@ -39,10 +39,18 @@ the layer's input.
 from __future__ import annotations
 
 import math
+import operator
 from abc import ABC, abstractmethod
 from typing import Any
 
 from ..backend import Array, namespace, to_numpy
+
+
+def positive_int(value, name: str, owner: str) -> int:
+    """``value`` as an int ≥ 1, or a ValueError naming the layer's argument."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
+        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
+    return operator.index(value)
 
 
 def host_full(shape: tuple[int, ...], value: float):

@@ -12,16 +12,9 @@ row primitives come from the materialised rows (:class:`SmallParametricLayer`).
 from __future__ import annotations
 
 import math
-import operator
 
 from ..backend import namespace, to_device, to_numpy
-from .base import SmallParametricLayer, host_full
-
-
-def _positive_int(value, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise ValueError(f"{owner} {name} must be an integer >= 1, got {value!r}.")
-    return operator.index(value)
+from .base import SmallParametricLayer, host_full, positive_int
 
 
 def _positive_float(value, name: str, owner: str) -> float:
@@ -57,7 +50,7 @@ class LayerNorm(SmallParametricLayer):
             else (normalized_shape,)
         if not shape:
             raise ValueError("LayerNorm normalized_shape must name at least one axis.")
-        self.normalized_shape = tuple(_positive_int(s, "normalized_shape", "LayerNorm") for s in shape)
+        self.normalized_shape = tuple(positive_int(s, "normalized_shape", "LayerNorm") for s in shape)
         self.eps = _positive_float(eps, "eps", "LayerNorm")
         self.elementwise_affine, self.bias = bool(elementwise_affine), bool(bias) and bool(elementwise_affine)
         self.D = math.prod(self.normalized_shape)
@@ -134,7 +127,7 @@ class _BatchNormEval(SmallParametricLayer):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *, bias: bool = True):
         name = type(self).__name__
-        self.num_features = _positive_int(num_features, "num_features", name)
+        self.num_features = positive_int(num_features, "num_features", name)
         self.eps = _positive_float(eps, "eps", name)
         if not track_running_stats:
             raise ValueError(

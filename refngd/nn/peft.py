@@ -12,18 +12,11 @@ fixed; refngd's curvatures then work on that subset alone (docs/subsets.md).
 from __future__ import annotations
 
 import math
-import operator
 
 from ..backend import namespace
-from .base import SmallParametricLayer
+from .base import SmallParametricLayer, host_full, positive_int
 from .composite import Composite
 from .linear import Linear
-
-
-def _positive_int(value, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
-    return operator.index(value)
 
 
 class LoRALinear(Composite):
@@ -68,7 +61,7 @@ class LoRALinear(Composite):
                  bias: bool = True):
         base = Linear(in_features, out_features, bias)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank = _positive_int(rank, "rank", "LoRALinear")
+        self.rank = positive_int(rank, "rank", "LoRALinear")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
                 or alpha <= 0:
             raise ValueError(f"LoRALinear alpha must be a positive finite number, got {alpha!r}.")
@@ -96,7 +89,7 @@ class LoRALinear(Composite):
         base = self.base.init_params(rng)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5): √3·√(1/3)/√fan_in
         A = rng.uniform(-bound, bound, size=(self.rank, self.in_features))
-        return base + [A, _zeros_like_host(A, (self.out_features, self.rank))]
+        return base + [A, host_full((self.out_features, self.rank), 0.0)]
 
     def compose(self, params, x):
         z, c_base = self._fwd("base", params, x)
@@ -108,13 +101,6 @@ class LoRALinear(Composite):
         c_base, c_A, c_B = inner
         B_in = self._back(ctx, "base", c_base, B)
         return B_in + self._back(ctx, "lora_A", c_A, self.scaling * self._back(ctx, "lora_B", c_B, B))
-
-
-def _zeros_like_host(a, shape):
-    """A host zero array of ``shape`` with ``a``'s array type (init_params returns host arrays)."""
-    z = a.reshape(-1)[:1].repeat(math.prod(shape)).reshape(shape)
-    z[...] = 0.0
-    return z
 
 
 class PromptPrefix(SmallParametricLayer):
@@ -132,8 +118,8 @@ class PromptPrefix(SmallParametricLayer):
     """
 
     def __init__(self, num_tokens: int, dim: int):
-        self.num_tokens = _positive_int(num_tokens, "num_tokens", "PromptPrefix")
-        self.dim = _positive_int(dim, "dim", "PromptPrefix")
+        self.num_tokens = positive_int(num_tokens, "num_tokens", "PromptPrefix")
+        self.dim = positive_int(dim, "dim", "PromptPrefix")
         self.param_shapes = ((self.num_tokens, self.dim),)
 
     def __repr__(self) -> str:
