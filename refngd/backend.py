@@ -294,25 +294,49 @@ def _solve_triangular(xp, L, b, lower: bool, trans: int = 0):
     return cupyx.scipy.linalg.solve_triangular(L, b, lower=lower, trans=trans)
 
 
+def _cho_solve(xp, L, B):
+    """(L Lᵀ)⁻¹ B: on the host LAPACK ``dtrsv``/``dtrsm`` (:func:`refngd.linalg.cho_solve`)."""
+    if xp is np:
+        from .linalg import cho_solve
+
+        return cho_solve(L, B)
+    y = _solve_triangular(xp, L, B, lower=True)
+    return _solve_triangular(xp, L, y, lower=True, trans=1)
+
+
 def _cholesky_stats(A: Array, unshifted: Array | None = None):
     """(L, stats): the lower Cholesky factor of A or None, and its checks read in one transfer.
 
     ``stats`` = [L finite, min |L_ii|, max |L_ii|, max diagonal of ``unshifted``
     (default A)] (None when the factorisation raised).  CuPy returns NaNs instead of
     raising for a matrix that is not positive definite, hence the finiteness flag.
+    When ``unshifted`` is given and is not A itself, A is the caller's shifted temporary
+    (:class:`PSDFactor`) and is factored in place; otherwise A is copied first.
+
+    On the host, LAPACK ``dpotrf`` of the OpenBLAS that NumPy links, in place, at about
+    the GEMM rate (:mod:`refngd.linalg` says why not ``numpy.linalg.cholesky`` or SciPy's).
+    Its diagonal tells finiteness: a NaN or Inf anywhere in row i of L reaches L_ii
+    through L_ii² = A_ii − Σ_k L_ik².
     """
     xp = namespace(A)
-    try:
-        # numpy.linalg.cholesky, not SciPy's: NumPy and SciPy wheels each bundle their own
-        # OpenBLAS, and SciPy's thread pool starting right after NumPy's GEMMs (whose
-        # threads still spin) was measured 30–100× slower on 2 cores.
-        L = xp.linalg.cholesky(A)
-    except np.linalg.LinAlgError:
-        return None, None
+    if xp is np:
+        from .linalg import cholesky_inplace, tril_inplace
+
+        own = unshifted is not None and unshifted is not A and A.flags.c_contiguous
+        M = A if own else np.array(A, dtype=np.float64, order="C")
+        L, ok = cholesky_inplace(M)
+        if not ok:
+            return None, None
+        L = tril_inplace(L)
+    else:
+        try:
+            L = xp.linalg.cholesky(A)
+        except np.linalg.LinAlgError:
+            return None, None
     if not A.shape[0]:
         return L, np.array([1.0, 1.0, 1.0, 0.0])
     d = xp.abs(xp.diagonal(L))
-    finite = xp.all(xp.isfinite(L)) if xp is not np else True
+    finite = xp.all(xp.isfinite(L)) if xp is not np else bool(np.isfinite(d).all())
     return L, host_values(finite, d.min(), d.max(),
                           xp.diagonal(A if unshifted is None else unshifted).max())
 
@@ -397,7 +421,7 @@ class PSDFactor:
         if shift:  # A + shift·I without an n × n identity temporary
             M = A.copy()
             M.reshape(-1)[::n + 1] += shift
-        self.L, stats = _cholesky_stats(M, A)
+        self.L, stats = _cholesky_stats(M, A)  # M: factored in place when it is a copy
         if self.L is not None and not _accept_pivots(stats):
             self.L = None
         projected = bool(projected and shift and n)
@@ -421,8 +445,7 @@ class PSDFactor:
         """``(A + shift·I)⁻¹ B`` for B of shape (n,) or (n, k), in float64."""
         B = self.xp.asarray(B, dtype=self.xp.float64)
         if self.L is not None:
-            y = _solve_triangular(self.xp, self.L, B, lower=True)
-            return _solve_triangular(self.xp, self.L, y, lower=True, trans=1)
+            return _cho_solve(self.xp, self.L, B)
         w = self.w[:, None] if B.ndim == 2 else self.w
         return self.V @ ((self.V.T @ B) / w)
 
@@ -444,9 +467,7 @@ class PSDFactor:
             return self.solve(B), 1.0
         B = self.xp.asarray(B, dtype=self.xp.float64) / s
         if self.L is not None:
-            Ls = self.L / s
-            y = _solve_triangular(self.xp, Ls, B, lower=True)
-            return _solve_triangular(self.xp, Ls, y, lower=True, trans=1), s
+            return _cho_solve(self.xp, self.L / s, B), s
         w = (self.w[:, None] if B.ndim == 2 else self.w) / (s * s)
         return self.V @ ((self.V.T @ B) / w), s
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .backend import Array, namespace
+from .backend import Array, is_cupy, namespace
 
 
 @dataclass
@@ -90,11 +90,32 @@ class RowSet:
         return RowSet(layers, self.N, k1 - k0, self.P, self.dtype, self.subset)
 
     def gram(self) -> Array:
-        """K = U Uᵀ, (R, R) float64, summed over layers without forming U (docs/design.md §4)."""
-        G = None
+        """K = U Uᵀ, (R, R) float64, summed over layers without forming U (docs/design.md §4).
+
+        On the host, layers with ``row_gram_lower_into`` (Linear) add their share to the
+        lower triangle only (``dsyrk``), and the triangle is mirrored once at the end
+        (:func:`refngd.linalg.symmetrize_lower`); the others add full matrices.
+        """
+        xp = self._xp()
+        G, work, lower = None, None, False
         for e in self.layers:
+            into = getattr(e.layer, "row_gram_lower_into", None)
+            if into is not None and not is_cupy(e.B):
+                if G is None:  # the first layer writes into the zero matrix itself
+                    G = xp.zeros((self.R, self.R), dtype=xp.float64)
+                    into(e.cache, e.B, G)
+                else:
+                    if work is None:
+                        work = xp.zeros((self.R, self.R), dtype=xp.float64)
+                    into(e.cache, e.B, G, work)
+                lower = True
+                continue
             Gl = e.layer.row_gram(e.cache, e.B)
             G = Gl if G is None else G.__iadd__(Gl)
+        if lower:
+            from .linalg import symmetrize_lower
+
+            symmetrize_lower(G)
         return G
 
     def _check_v(self, v: Array) -> None:

@@ -12,6 +12,7 @@ import math
 import operator
 
 from ..backend import namespace
+from ..linalg import syrk_lower
 from .base import BiasRows, ParametricLayer
 from .shared import shared_gram, shared_row_grads, shared_row_sq_sum, weighted_row_sum
 
@@ -144,6 +145,38 @@ class Linear(ParametricLayer):
         G4 = G.reshape(N, K, N, K)
         G4 *= self._input_gram(cache)[:, None, :, None]
         return G
+
+    def row_gram_lower_into(self, cache, B, out, work=None) -> None:
+        """Add :meth:`row_gram` to the lower triangle of ``out`` (host NumPy arrays only).
+
+        ``out`` (R, R) float64, C-ordered; its strict upper triangle is left undefined
+        (:meth:`refngd.rows.RowSet.gram` mirrors it once, after the last layer).
+        ``work``: an (R, R) float64 scratch array, or None when ``out`` is still all zero
+        (the first layer: the product is formed in ``out`` itself).
+
+        BLAS ``dsyrk`` writes one triangle of B Bᵀ (:func:`refngd.linalg.syrk_lower`);
+        the Hadamard product with the input Gram and the sum over layers then run over
+        blocks of about 64 rows of that triangle, each still in cache — instead of three
+        full passes over R × R matrices (mirror, multiply, add), which cost more than the
+        product itself for narrow layers (d_out = 10).
+        """
+        if cache.ndim > 2:
+            out += self.row_gram(cache, B)
+            return
+        xp = namespace(B)
+        N, K, d = B.shape
+        Bf = xp.ascontiguousarray(B.reshape(N * K, d), dtype=xp.float64)
+        T = syrk_lower(Bf, out if work is None else work)
+        Ain = self._input_gram(cache)
+        S = max(1, 64 // K)  # samples per block of rows
+        for n0 in range(0, N, S):
+            n1 = min(N, n0 + S)
+            blk = T[n0 * K:n1 * K, :n1 * K].reshape(n1 - n0, K, n1, K)
+            scale = Ain[n0:n1, None, :n1, None]
+            if work is None:
+                blk *= scale
+            else:
+                out[n0 * K:n1 * K, :n1 * K].reshape(n1 - n0, K, n1, K)[...] += blk * scale
 
     def row_dot(self, cache, B, V):
         if cache.ndim > 2:
