@@ -43,21 +43,76 @@ def matmul_rate(repeats: int, xp=np, m: int = 1280, k: int = 1024, n: int = 1024
     return 2 * m * k * n / best_time(lambda: A @ B, repeats) / 1e9
 
 
-def ngd_flops(widths, N: int, C: int) -> float:
-    """FLOPs of refngd's exact NGD step for an MLP with CE (multiply-add = 2; syrk m²k).
+def ngd_flop_parts(widths, N: int, C: int) -> dict:
+    """FLOPs of each stage of refngd's exact NGD step for an MLP with CE (multiply-add = 2).
 
     R = N(C − 1) rows, the CE Fisher's exact factor, in which the gradient is written
     (g = Uᵀ(c·a), no gradient row): the forward pass; the rows through layers 2..L
-    (W_lᵀ b); one Gram syrk of R rows per layer and the N × N input Grams; the Cholesky
-    of R × R; and Uᵀw, a pass of N rows through the weight GEMMs.
+    (W_lᵀ b); one Gram syrk of R rows per layer (R²·d_out, one triangle) and the N × N
+    input Grams; the Cholesky of R × R (R³/3); the two triangular solves (2R²); and Uᵀw,
+    a pass of N rows through the weight GEMMs.
     """
     R = N * (C - 1)
     d_in = np.array(widths[:-1], float) + 1  # the bias column
     d_out = np.array(widths[1:], float)
-    fwd = 2 * N * (d_in * d_out).sum()
-    back = 2 * R * (np.array(widths[1:-1], float) * d_out[1:]).sum()
-    gram = (R * R * d_out).sum() + (N * N * d_in).sum()
-    return fwd + back + gram + R ** 3 / 3 + 2 * N * (d_in * d_out).sum()
+    return {"forward": 2 * N * (d_in * d_out).sum(),
+            "rows backward": 2 * R * (np.array(widths[1:-1], float) * d_out[1:]).sum(),
+            "Gram": (R * R * d_out).sum() + (N * N * d_in).sum(),
+            "Cholesky": R ** 3 / 3,
+            "solve": 2.0 * R * R,
+            "U^T w": 2 * N * (d_in * d_out).sum()}
+
+
+def ngd_flops(widths, N: int, C: int) -> float:
+    """FLOPs of refngd's exact NGD step for an MLP with CE: the sum of :func:`ngd_flop_parts`."""
+    return float(sum(ngd_flop_parts(widths, N, C).values()))
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest x86 vector extension (from /proc/cpuinfo)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in ("", platform.machine()):
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                          ("avx", "AVX")) if flag in flags), None)
+    import os
+
+    return f"{name}, {os.cpu_count()} logical CPUs" + (f", {isa}" if isa else "")
+
+
+def blas_info() -> list[str]:
+    """One line per BLAS/OpenMP library loaded (threadpoolctl): API, kernel, threads.
+
+    Also says which host LAPACK route refngd's Cholesky takes and whether
+    ``OPENBLAS_CORETYPE`` overrides OpenBLAS's kernel choice.
+    """
+    import os
+
+    from refngd import linalg
+
+    lines = []
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        lines.append("threadpoolctl not installed: BLAS kernel unknown (pip install threadpoolctl)")
+    else:
+        for d in threadpool_info():
+            lines.append(f"{d.get('internal_api')} {d.get('version') or ''} "
+                         f"kernel={d.get('architecture', '-')} threads={d.get('num_threads')} "
+                         f"({os.path.basename(d.get('filepath', ''))})")
+    lines.append(f"refngd host LAPACK route: {linalg.route()}; OPENBLAS_CORETYPE="
+                 f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    return lines
 
 
 def allocator_option(parser) -> None:

@@ -26,11 +26,14 @@ import sys
 import numpy as np
 
 from _common import (allocator_option, apply_allocator_option, best_in_blocks,  # beside
-                     matmul_rate, mlp, ngd_flops)                              # this script
+                     blas_info, cpu_model, matmul_rate, mlp, ngd_flop_parts,   # this
+                     ngd_flops)                                                # script
 from kfac import problem, small_cnn
 
 import refngd
 from refngd import losses, updates
+from refngd.backend import PSDFactor
+from refngd.curvature import Fisher
 
 
 def torch_model(model, theta):
@@ -82,6 +85,29 @@ def timed_against_torch(model, theta, loss, X, y, blocks, per_block, more=None) 
     return best_in_blocks(fns, blocks, per_block)
 
 
+def ngd_stages(model, theta, loss, X, y, lam) -> dict:
+    """The stages of one exact NGD step (``updates.ngd``), each as a function to time.
+
+    forward (``linearize``), the rows' backward pass, the Gram matrix, its Cholesky
+    factorisation (``PSDFactor``: copy, shift, ``dpotrf``, pivot checks), the two
+    triangular solves and Uᵀw — the step's work in the order it does it, on the
+    intermediate results of one step computed here first.
+    """
+    lin = model.linearize(theta, X)
+    F = Fisher(model, theta, loss, X, y, linearization=lin)
+    cot, G = F.cotangents(), F.gram()
+    a, _ = F.gradient_coefficients()
+    fac = PSDFactor(G, shift=lam / F.c, projected=True)
+    w, _ = fac.solve_scaled(a.reshape(-1))
+    w = w.reshape(a.shape)
+    return {"forward": lambda: model.linearize(theta, X),
+            "rows backward": lambda: lin.backprop(cot),
+            "Gram": F.rows.gram,
+            "Cholesky": lambda: PSDFactor(G, shift=lam / F.c, projected=True),
+            "solve": lambda: fac.solve_scaled(a.reshape(-1)),
+            "U^T w": lambda: F.rows.rmatvec(w)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds")
@@ -94,8 +120,11 @@ def main(argv=None):
         sys.exit("benchmarks/vs_torch.py needs PyTorch (pip install torch).")
     blocks, per_block = (3, 3) if args.quick else (6, 5)
     loss, lam = losses.CrossEntropy(), 1e-3
+    print(f"CPU: {cpu_model()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NumPy {np.__version__}; "
           f"{allocator}")
+    for line in blas_info():
+        print(f"  {line}")
     rate = matmul_rate(5)
     print(f"plain float64 A @ B (1280x1024 @ 1024x1024): {rate:.1f} GFLOP/s\n")
 
@@ -104,19 +133,37 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     theta = model.init(rng)
     X, y = rng.standard_normal((N, widths[0])), rng.integers(0, widths[-1], N)
+    stages = ngd_stages(model, theta, loss, X, y, lam)
     t = timed_against_torch(model, theta, loss, X, y, blocks, per_block, {
-        "refngd exact NGD": lambda: updates.ngd(model, theta, loss, X, y, lam)})
-    fl = ngd_flops(widths, N, widths[-1])
-    print(f"MLP {'-'.join(map(str, widths))} ({model.num_params:,} parameters), batch {N}")
-    print(f"{'':<20} {'ms':>8} {'/ torch grad':>13}")
+        "refngd exact NGD": lambda: updates.ngd(model, theta, loss, X, y, lam), **stages})
+    fl, parts = ngd_flops(widths, N, widths[-1]), ngd_flop_parts(widths, N, widths[-1])
+    rate_end = matmul_rate(5)
+    ref = max(rate, rate_end)  # the machine's GEMM rate in this run: the better of the two
+    print(f"MLP {'-'.join(map(str, widths))} ({model.num_params:,} parameters), batch {N}, "
+          f"R = {N * (widths[-1] - 1)} rows")
+    print(f"{'':<20} {'ms':>8} {'/ torch grad':>13} {'GFLOP':>7} {'GFLOP/s':>8} {'% A@B':>6} "
+          f"{'% step':>7}")
+    step = t["refngd exact NGD"]
     for name, s in t.items():
-        print(f"{name:<20} {1e3 * s:8.2f} {s / t['torch gradient']:13.2f}")
-    print(f"exact NGD: {fl / 1e9:.2f} GFLOP -> {fl / t['refngd exact NGD'] / 1e9:.1f} GFLOP/s = "
-          f"{100 * fl / t['refngd exact NGD'] / 1e9 / rate:.0f}% of A @ B\n")
+        f = fl if name == "refngd exact NGD" else parts.get(name)
+        extra = (f"{f / 1e9:7.3f} {f / s / 1e9:8.1f} {100 * f / s / 1e9 / ref:5.0f}%"
+                 if f is not None else f"{'':>7} {'':>8} {'':>6}")
+        share = f"{100 * s / step:6.0f}%" if name in stages else ""
+        print(f"{name:<20} {1e3 * s:8.2f} {s / t['torch gradient']:13.2f} {extra} {share}")
+    print(f"exact NGD: {fl / 1e9:.2f} GFLOP -> {fl / step / 1e9:.1f} GFLOP/s = "
+          f"{100 * fl / step / 1e9 / ref:.0f}% of A @ B; Cholesky "
+          f"{100 * parts['Cholesky'] / t['Cholesky'] / 1e9 / ref:.0f}% of A @ B\n")
 
     model, shape = small_cnn(16)
     theta, X, y = problem(model, shape, 64)
-    t = timed_against_torch(model, theta, loss, X, y, blocks, per_block)
+    lin = model.linearize(theta, X)
+    e = (loss.output_gradient(lin.outputs, y) * loss.scale(lin.outputs))[:, None, :]
+    rows = lin.backprop(e)
+    ones = np.ones((64, 1))
+    t = timed_against_torch(model, theta, loss, X, y, blocks, per_block, {
+        "forward": lambda: model.linearize(theta, X),
+        "backward (K = 1)": lambda: lin.backprop(e),
+        "U^T w": lambda: rows.rmatvec(ones)})
     print(f"CNN 3x16x16 conv3x3(16)-conv3x3/2(32)-linear ({model.num_params:,} parameters), batch 64")
     for name, s in t.items():
         print(f"{name:<20} {1e3 * s:8.2f} {s / t['torch gradient']:13.2f}")
