@@ -33,7 +33,7 @@ from scipy.optimize import minimize
 
 import refngd
 from refngd import losses, nn, optim
-from refngd.experiments.results import format_table
+from refngd.optim.records import format_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/optimizer_table.png")

@@ -48,7 +48,7 @@ import numpy as np
 from refngd import nn
 from refngd.curvature import KFAC, Fisher
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.sequence_losses import PerToken
+from refngd.losses import PerToken
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/transformer_kfac.png")

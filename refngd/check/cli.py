@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .. import conventions
+from .. import conventions, options
 from .quantities import QUANTITIES
 
 
@@ -30,15 +30,16 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--candidate", required=True, metavar="CAND.npz",
                    help="array 'candidate' (or factors '0.A', '0.G', ... for kfac_factors)")
     p.add_argument("--quantity", required=True, choices=QUANTITIES)
-    p.add_argument("--convention", default="refngd", choices=conventions.names(),
+    p.add_argument("--convention", default=options.CONVENTION, choices=conventions.names(),
                    help="whose convention the candidate follows (refngd.conventions)")
     p.add_argument("--damping", type=float, default=None, help="λ, for *_update quantities")
     p.add_argument("--mc-samples", type=int, default=1, help="K for sampled quantities")
-    p.add_argument("--fisher-type", default="type-2", choices=("type-2", "mc", "empirical"))
-    p.add_argument("--kfac-approx", default="expand", choices=("expand", "reduce"))
-    p.add_argument("--bias", default="separate", choices=("separate", "joint"))
-    p.add_argument("--damping-mode", default="tikhonov", choices=("tikhonov", "factored"))
-    p.add_argument("--form", default="tikhonov", choices=("tikhonov", "gram"))
+    p.add_argument("--fisher-type", default=options.FISHER_TYPE, choices=options.FISHER_TYPES)
+    p.add_argument("--kfac-approx", default=options.KFAC_APPROX_DEFAULT,
+                   choices=options.KFAC_APPROX)
+    p.add_argument("--bias", default=options.BIAS, choices=options.BIAS_MODES)
+    p.add_argument("--damping-mode", default=options.DAMPING_MODE, choices=options.DAMPING_MODES)
+    p.add_argument("--form", default=options.FORM, choices=options.FORMS)
     p.add_argument("--rtol", type=float, default=None, help="tolerance (default: by dtype)")
     return p
 

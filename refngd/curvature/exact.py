@@ -13,6 +13,7 @@ Each row becomes u_nk = J_nᵀ s_nk, so F = c Σ_nk u_nk u_nkᵀ = c UᵀU.
 """
 from __future__ import annotations
 
+from ..options import CONVENTION, check_int
 from ..backend import Array, as_generator, namespace
 from .base import RowCurvature
 
@@ -38,7 +39,7 @@ class Fisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None,
-                 convention="refngd"):
+                 convention=CONVENTION):
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
@@ -61,10 +62,8 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, params=None, convention="refngd"):
-        if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self.mc_samples = int(mc_samples)
+                 linearization=None, params=None, convention=CONVENTION):
+        self.mc_samples = check_int(mc_samples, "mc_samples")
         self.rng = as_generator(rng)
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 

@@ -43,7 +43,7 @@ from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gam
 from ..optim.fadam import FAdam
 from .models import build_model
 from ..optim.natural import EF, IEF, NGD, SF
-from .results import fmt, format_table, save_json
+from ..optim.records import fmt, format_table, save_json
 from ..optim.train import progress_bar, train
 
 

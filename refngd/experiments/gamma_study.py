@@ -52,7 +52,8 @@ from ..backend import SingularSystemError, eigh_range, namespace, to_float
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, SampledFisher
 from ..derivatives import gradient_from
 from ..metrics import gamma
-from ..subsets import resolve_params
+from ..nn.subsets import resolve_params
+from ..options import FISHER_TYPE, FisherType
 
 GAMMA_METHODS = ("ngd", "ef", "ief", "sf", "kfac", "ekfac")
 #: absolute dampings of the E3 grid (P × P Tikhonov convention of the loss as trained)
@@ -63,7 +64,7 @@ E1_DAMPING = 1e-8
 
 
 def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAULT_DAMPINGS,
-                 rng=None, kfac_fisher_type: str = "type-2", params=None) -> dict:
+                 rng=None, kfac_fisher_type: FisherType = FISHER_TYPE, params=None) -> dict:
     """γ of every method's direction at every damping, on one batch.
 
     Returns ``{"dampings": [...], "gamma_sgd": γ(g), "gamma_star": γ(F⁺g) (see

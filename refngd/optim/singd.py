@@ -59,6 +59,7 @@ factors — refngd's K and C are dense — and mixed-precision handling.
 """
 from __future__ import annotations
 
+from ..options import FISHER_TYPES, KFAC_APPROX, KFAC_APPROX_DEFAULT, FisherType, KfacApprox
 from ..backend import namespace
 from ..curvature import KFAC as KFACCurvature
 from .base import (
@@ -127,8 +128,11 @@ class INGD(Optimizer):
 
     def __init__(self, lr: float = 1e-3, momentum: float = 0.9, damping: float = 1e-3,
                  alpha1: float = 0.5, lr_cov: float = 1e-2, weight_decay: float = 0.0,
-                 update_every: int = 10, kfac_like: bool = False, fisher_type: str = "empirical",
-                 kfac_approx: str = "expand"):
+                 update_every: int = 10, kfac_like: bool = False,
+                 fisher_type: FisherType = "empirical",
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT):
+        # fisher_type "empirical" (not refngd.options' "type-2"): the reference package
+        # `singd` updates K and C from the observed labels' gradients (module docstring)
         self.lr = check_lr(lr)
         self.momentum = check_unit_interval(momentum, "momentum")
         self.damping = check_nonnegative(damping, "damping")
@@ -139,8 +143,8 @@ class INGD(Optimizer):
         self.kfac_like = bool(kfac_like)
         if self.kfac_like and self.alpha1 != 0:
             raise ValueError("kfac_like=True (IKFAC) has no Riemannian momentum: pass alpha1=0.")
-        self.fisher_type = check_choice(fisher_type, "fisher_type", ("empirical", "type-2", "mc"))
-        self.kfac_approx = check_choice(kfac_approx, "kfac_approx", ("expand", "reduce"))
+        self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
+        self.kfac_approx = check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
 
     def init(self, theta):
         # K, C are sized from the model at the first step (init only sees θ).
@@ -204,7 +208,8 @@ class IKFAC(INGD):
 
     def __init__(self, lr: float = 1e-3, momentum: float = 0.9, damping: float = 1e-3,
                  lr_cov: float = 1e-2, weight_decay: float = 0.0, update_every: int = 10,
-                 fisher_type: str = "empirical", kfac_approx: str = "expand"):
+                 fisher_type: FisherType = "empirical",
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT):
         super().__init__(lr, momentum, damping, 0.0, lr_cov, weight_decay, update_every, True,
                          fisher_type, kfac_approx)
 
