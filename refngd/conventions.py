@@ -45,6 +45,15 @@ class Convention:
         A = ∇Wᵀ∇W/d_out, bias block ∇b∇bᵀ/d_out — not an estimate of any Fisher).
     bias_damping : ``"own"`` (refngd: a separate bias block G ⊗ [1] gets its own π) or
         ``"weight"`` (factored damping of the bias block is (G + √λ/π_W I), π_W the weight's).
+    ef_rows : for a loss with T terms per sample (:class:`refngd.losses.PerToken`), the
+        empirical Fisher's rows: ``"sample"`` (refngd: one row e_n per sequence, the
+        gradient of its loss l_n = Σ_t ℓ_t) or ``"token"`` (one row per token, e_nt in its
+        own block: the EF of the N·T token terms, c Σ_{n,t} g_nt g_ntᵀ).
+    factor_columns : for such a loss, K-FAC's type-2 rows: ``"per-token"`` (refngd: the
+        T·M columns of the block-diagonal factor blockdiag_t(F_nt), whose outer products
+        sum to H_n) or ``"stacked"`` (M rows per sample, column m of every token's factor
+        side by side, Σ_t F_nt[:, m] in its blocks: their outer products add the
+        off-diagonal blocks F_nt F_nt'ᵀ, so G carries cross-token terms).
     differences : human-readable list of every way it differs from ``"refngd"``.
     status : ``"verified"`` (tested against the installed library) or ``"transcribed"``.
     verified_by : how (and how far) a verified preset is tested.
@@ -58,6 +67,8 @@ class Convention:
     conv_kfac: str = "refngd"
     kfac_factors: str = "fisher"
     bias_damping: str = "own"
+    ef_rows: str = "sample"
+    factor_columns: str = "per-token"
     differences: tuple = ()
     status: str = "verified"
     sources: tuple = field(default=())
@@ -93,7 +104,7 @@ PRESETS: dict = {p.name: p for p in (
     _REFNGD,
     Convention(
         "curvlinops", "curvlinops-for-pytorch 3.0.1",
-        bias_damping="weight",
+        bias_damping="weight", ef_rows="token", factor_columns="stacked",
         differences=(
             "GGN, EF, K-FAC (type-2, mc, empirical; expand, reduce; separate or joint bias) and "
             "EKFAC equal refngd's for CrossEntropyLoss, MSELoss and BCEWithLogitsLoss with "
@@ -107,8 +118,19 @@ PRESETS: dict = {p.name: p for p in (
             "EKFAC with kfac_approx='reduce' agrees only when every Conv2d's A_reduce has full "
             "rank: otherwise the re-estimated diagonal depends on the arbitrary eigenbasis of "
             "A's null space (both libraries project exact per-sample gradients), and they differ.",
+            "Outputs with extra axes (a sequence, (N, T, C); (N, C, T) for CrossEntropyLoss) "
+            "are flattened into the batch. EFLinearOperator then has one row per token "
+            "(c Σ_{n,t} g_nt g_ntᵀ; refngd: one row per sequence): ef_rows='token'. "
+            "KFACLinearOperator's type-2 back-propagates column m of every token's Hessian "
+            "factor at once (M rows per sample; refngd: T·M), so G has cross-token terms "
+            "wherever rows of several tokens meet — with 'reduce' always, with 'expand' "
+            "below a layer that mixes tokens: factor_columns='stacked'. Its 'empirical' "
+            "and 'mc' K-FAC and the GGN equal refngd's.",
         ),
-        sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",)),
+        sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",
+                 "curvlinops/utils.py (make_functional_flattened_model_and_loss), "
+                 "gradient_moments.py (the EF's pseudo-loss), kfac.py "
+                 "(_compute_loss_and_backward: one backward per factor column)")),
     Convention(
         "backpack", "backpack-for-pytorch 1.7.1",
         per_sample="c*g_n", conv_kfac="backpack",

@@ -80,8 +80,9 @@ class KFAC(KroneckerOperator):
         Z = self.lin.outputs
         self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
         self.subset = resolve_params(model, params)
-        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
-                                      params=self.subset)
+        cot = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
+                                self.convention.factor_columns)
+        self.rows = self.lin.backprop(cot, params=self.subset)
         self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
