@@ -124,9 +124,9 @@ def _second_order_adaptive_methods() -> dict:
                               "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
                               "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
         "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
-                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024): exact Fisher step "
-                          "size clipped to 0.1, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales the chosen "
-                          "step (1 = the paper's method)"),
+                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024, camera-ready): exact "
+                          "Fisher step size, no clipping, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales "
+                          "the chosen step (1 = the paper's method)"),
     }
 
 
