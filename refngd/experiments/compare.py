@@ -491,9 +491,9 @@ def _format_e1(gam: dict) -> str:
     head = [f"E1: γ̄(d)/γ̄(g), λ = {gam['e1_damping']:g}"] + [f"step {s}" for s in steps]
     body = [[_label(m)] + [_pm(c["e1"][m]["mean_ratio"], c["e1"][m]["stderr"]) for c in gam["checkpoints"]]
             for m in gam["methods"]]
-    imb = (["gradient-norm imbalance, refngd's max/mean ‖g_n‖²"]
+    imb = (["imbalance, refngd: max/mean ‖g_n‖²"]
            + [fmt(c["imbalance"], ".1f") for c in gam["checkpoints"]])
-    imb_paper = (["imbalance, Wu et al.'s max/min ‖g_n‖"]
+    imb_paper = (["imbalance, Wu et al.: max/min ‖g_n‖"]
                  + [fmt(c.get("imbalance_paper"), ".1f") for c in gam["checkpoints"]])
     return "\n".join([format_table(head, body + [imb, imb_paper], "l" + "r" * len(steps)),
                       f"(Wu et al.'s first evaluation: ratio of mean γ over {gam['batches']} fixed batches "

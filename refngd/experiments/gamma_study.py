@@ -319,7 +319,8 @@ def e1_summary(batches: list[dict], damping: float) -> dict:
         ratio, se = _ratio_of_means(x, sgd)
         optimal = _ratio_of_means(x, stars)[0] if all(s is not None for s in stars) else None
         out[m] = {"mean_ratio": ratio, "sd": _sd_of_ratios(x, sgd), "sd_label": SD_LABEL,
-                  "stderr": se, "stderr_label": STDERR_LABEL, "stderr_over": "batches",
+                  "sd_over": "batches", "stderr": se, "stderr_label": STDERR_LABEL,
+                  "stderr_over": "batches",
                   "damping": damping, "optimal_ratio": optimal}
     return out
 
