@@ -216,7 +216,7 @@ def test_gamma_star_without_a_solve_where_the_gram_matrix_is_singular():
     assert out["gamma_star"] == pytest.approx(1 / math.sqrt(g @ Fp @ g), rel=1e-8)
 
 
-# ---------------------------------------------------------------- Wu et al.'s Fig. 5 set, E1 spreads
+# ------------------------------------------------------- Wu et al.'s Fig. 5 set, E1 spreads
 def _dense_wu_kfac(theta, X, y, weighted):
     """Empirical (eq. 42) or iEF-weighted (eq. 43) K-FAC of Wu et al. App. D.2.2, densely, from
     the hand-written MLP: per layer G = c Σ_n w_n b_n b_nᵀ (w_n = 1 or 1/‖e_n‖²), A = (1/N) Σ a aᵀ;

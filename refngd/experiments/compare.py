@@ -114,7 +114,8 @@ def _second_order_adaptive_methods() -> dict:
                          "root-free AdamW (Lin et al. 2024a): β = (0.9, 0.999), λ = 1e-4, s₀ = 1, "
                          "no bias correction, no weight decay"),
         "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.03),
-                            "root-free RMSProp (Lin et al. 2024a, Fig. 4): β₂ = 0.01, λ = 1e-4, "
+                            "root-free RMSProp (Lin et al. 2024a, Fig. 4; β₂ = 0.01 the reference "
+                            "code's default): λ = 1e-4, "
                             "momentum 0.9"),
         "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.03),
                         "inverse-free K-FAC (Lin et al. 2024b): empirical Fisher, β₁ = 1e-2, "

@@ -94,8 +94,10 @@ class RFRMSProp(Optimizer):
 
     Parameters
     ----------
-    lr : β₁ of the paper, the step size.   beta2 : β₂, weight of the new estimate B g²
-        (``1 − alpha`` in ``torch.optim.RMSprop`` terms; default 0.01).
+    lr : β₁ of the paper, the step size (default 10⁻³: refngd's choice, from neither the
+        paper nor its code).   beta2 : β₂, weight of the new estimate B g²
+        (``1 − alpha`` in ``torch.optim.RMSprop`` terms; default 0.01, the reference code's
+        default — module docstring, "Defaults and their sources").
     damping : λ (the reference code's ``eps``, default 10⁻⁴).   momentum : α₁ (0).
     weight_decay : γ, added to the preconditioned direction.
     """
