@@ -30,8 +30,8 @@ settings; refngd follows them:
   λ₀ = 10⁻³, ω_dec = 0.5, ω_inc = 2, λ_min = 10⁻⁸, no α clipping, Adam's β = (0.9, 0.999),
   ε = 10⁻⁸ (``AdamQLROptimiser``'s defaults; the AdamQLR configurations do not set them),
   and a fixed batch size of 3200 (:data:`UNTUNED_BATCH_SIZE`; the Penn Treebank variant
-  leaves the dataset's own) — refngd's defaults, :meth:`AdamQLR.untuned`.  refngd's optimizers do not choose batches: pass
-  batches of that size to reproduce the setting.
+  leaves the dataset's own) — refngd's defaults, :meth:`AdamQLR.untuned`.  refngd's
+  optimizers do not choose batches: pass batches of that size to reproduce the setting.
 - **tuned** ("AdamQLR (Tuned)", ``configs/AdamQLR_Damped_NoLRClipping.yaml``, the starting
   point of the ASHA search): λ₀ = 1, ω_dec = 0.95, ω_inc = 1.0526 (≈ 1/0.95, as written in
   the file), no α clipping — :meth:`AdamQLR.tuned_start`.  The search
