@@ -142,3 +142,44 @@ def test_bad_input(monkeypatch):
     with pytest.raises(ImportError, match=r"refngd\[lowprec\]"):
         LowPrecision(optim.Adam(), "bfloat16")
     LowPrecision(optim.Adam(), "float16")                    # float16 needs no ml_dtypes
+
+
+def test_float16_on_cupy_matches_numpy_and_bfloat16_is_refused():
+    """float16 storage on CuPy arrays: the same stored bits as on NumPy after two steps (a
+    step's float32 arithmetic may differ in the last bit between BLAS libraries: compared
+    to one float16 ulp); bfloat16 on CuPy is refused with a clear message."""
+    from devices import gpu_available
+
+    if not gpu_available():
+        pytest.skip("needs CuPy and a GPU")
+    import cupy
+
+    model, theta, loss, X, y = handmlp.make(seed=1, N=16)
+    for make in (lambda: optim.RFAdam(lr=0.5), lambda: optim.IKFAC(lr=0.03, update_every=1)):
+        lp = LowPrecision(make(), "float16")
+        th, st = theta, lp.init(theta)
+        thc, stc = cupy.asarray(theta), lp.init(cupy.asarray(theta))
+        for _ in range(2):
+            th, st, _ = lp.step(th, st, model, loss, X, y)
+            thc, stc, _ = lp.step(thc, stc, model, loss, cupy.asarray(X), cupy.asarray(y))
+        for a, b in zip(_arrays(st), [cupy.asnumpy(v) for v in _cuarrays(stc)]):
+            assert b.dtype == np.float16
+            np.testing.assert_allclose(b.astype(np.float32), a.astype(np.float32), rtol=2**-10,
+                                       atol=2**-24)
+    if importlib_util_find("ml_dtypes"):
+        with pytest.raises(TypeError, match="CuPy has no bfloat16"):
+            LowPrecision(optim.Adam(), "bfloat16").init(cupy.asarray(theta))
+
+
+def _cuarrays(state):
+    if isinstance(state, dict):
+        return [a for v in state.values() for a in _cuarrays(v)]
+    if isinstance(state, (list, tuple)):
+        return [a for v in state for a in _cuarrays(v)]
+    return [state] if hasattr(state, "dtype") and hasattr(state, "ndim") else []
+
+
+def importlib_util_find(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None

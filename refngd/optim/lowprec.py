@@ -33,9 +33,7 @@ zero and overflows above 65504.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from ..backend import Array
+from ..backend import Array, is_cupy, namespace
 from .base import Optimizer
 
 STORAGE_DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -43,28 +41,31 @@ COMPUTE_DTYPES = ("float32", "float64")
 
 
 def storage_dtype(name: str):
-    """The NumPy dtype of a storage format name (``"bfloat16"`` needs ``ml_dtypes``)."""
+    """The dtype of a storage format name, as ``astype`` takes it (``"bfloat16"``:
+    ``ml_dtypes.bfloat16``, NumPy only; the others: their name, for NumPy and CuPy)."""
     if name not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {name!r}.")
     if name != "bfloat16":
-        return np.dtype(name)
+        return name
     try:
         import ml_dtypes
     except ImportError:  # pragma: no cover - exercised by monkeypatching sys.modules
         raise ImportError('dtype="bfloat16" needs ml_dtypes: pip install "refngd[lowprec]" '
                           "(or pip install ml_dtypes).") from None
-    return np.dtype(ml_dtypes.bfloat16)
+    return ml_dtypes.bfloat16
 
 
 def round_to(a: Array, name: str) -> Array:
     """``a`` rounded to the storage format ``name`` and returned as float32 (for checks)."""
-    return np.asarray(a).astype(storage_dtype(name)).astype(np.float32)
+    xp = namespace(a)
+    return xp.asarray(a).astype(storage_dtype(name)).astype(xp.float32)
 
 
 def _is_float_array(v) -> bool:
-    if not isinstance(v, np.ndarray):
+    dtype = getattr(v, "dtype", None)
+    if dtype is None or not hasattr(v, "astype") or not hasattr(v, "ndim"):
         return False
-    return v.dtype.kind == "f" or v.dtype.name == "bfloat16"
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def _map(state, fn):
@@ -91,8 +92,8 @@ class LowPrecision(Optimizer):
 
     Notes
     -----
-    NumPy arrays only (CuPy has no bfloat16 dtype).  ``LowPrecision(opt, "float64",
-    "float64")`` is ``opt`` exactly (tested).
+    ``"bfloat16"`` on NumPy arrays only (CuPy has no bfloat16 dtype); the other formats on
+    NumPy and CuPy.  ``LowPrecision(opt, "float64", "float64")`` is ``opt`` exactly (tested).
     """
 
     _hyper = ("optimizer", "dtype", "compute")
@@ -104,12 +105,13 @@ class LowPrecision(Optimizer):
             raise ValueError(f"compute must be one of {COMPUTE_DTYPES}, got {compute!r}.")
         self.optimizer, self.dtype, self.compute = optimizer, dtype, compute
         self._store_dtype = storage_dtype(dtype)
-        self._compute_dtype = np.dtype(compute)
+        self._compute_dtype = compute
         self.name = f"{getattr(optimizer, 'name', type(optimizer).__name__)}@{dtype}"
 
     def _theta(self, theta: Array) -> Array:
-        if not isinstance(theta, np.ndarray):
-            raise TypeError("LowPrecision runs on NumPy arrays only (CuPy has no bfloat16).")
+        if self.dtype == "bfloat16" and is_cupy(theta):
+            raise TypeError('dtype="bfloat16" runs on NumPy arrays only (CuPy has no bfloat16); '
+                            'float16 runs on both.')
         return theta.astype(self._compute_dtype, copy=False)
 
     def store(self, state: dict) -> dict:
