@@ -50,9 +50,10 @@ The protocols (:func:`batch_gammas` on each batch, then):
 * **E1** (:func:`e1_summary`, the paper's first evaluation): one near-zero damping, many
   batches, the ratio of mean γ's γ̄_X / γ̄_SGD and γ̄_X / γ̄* (≥ 1: how far from optimal),
   beside the gradient-norm imbalance of the batches.  Two spreads, each labelled: the
-  paper's error bars are **1-σ standard deviations** over its evaluations (Fig. 2, 3, 5
-  captions), here ``sd`` = the sample standard deviation over the batches of the per-batch
-  ratio γ_X/γ_SGD; ``stderr`` is refngd's standard error of the ratio of means (delta
+  paper's error bars are **1-σ standard deviations** over its evaluations (captions of
+  Fig. 2 and 3; Fig. 5 follows Fig. 2), here ``sd`` = the sample standard deviation over
+  the batches of the per-batch ratio γ_X/γ_SGD (the captions do not name the quantity;
+  refngd takes the ratio); ``stderr`` is refngd's standard error of the ratio of means (delta
   method) — a spread of the *mean*, not of the evaluations, and not the paper's.  Two
   imbalance statistics, each labelled: the paper's (Fig. 2) is the mean over batches of
   max_n ‖g_n‖ / min_n ‖g_n‖ (``imbalance_paper``); refngd's is max_n ‖g_n‖² / mean_n ‖g_n‖²
