@@ -18,10 +18,11 @@ EXAMPLES = ["validate_pytorch", "least_squares_one_step", "gamma_vs_damping", "k
 # the textbook gallery (docs/gallery.md): each asserts the claim its docstring states
 TEXTBOOK = ["geometry_2d", "fisher_vs_hessian", "ef_limitations", "ief_toy", "kfac_vs_simplified",
             "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table", "tiny_vit_ief",
-            "transformer_kfac"]
+            "transformer_kfac", "low_precision"]
 EXAMPLES += TEXTBOOK
 NEEDS = {"validate_pytorch": "torch"}      # the script exits 0 with a message without it
-NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief"}  # the bundled digits
+NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief", "low_precision"}  # the bundled digits
+SMOKE = {"low_precision": ["--smoke"]}     # CI runs the example's fast mode
 
 
 def _run(args, cwd):
@@ -36,7 +37,8 @@ def test_example_runs_and_writes_figure(name, tmp_path):
     if name in NEEDS_SKLEARN:
         pytest.importorskip("sklearn")
     out = tmp_path / "fig" / f"{name}.png"
-    proc = _run([str(ROOT / "examples" / f"{name}.py"), "--out", str(out)], cwd=tmp_path)
+    proc = _run([str(ROOT / "examples" / f"{name}.py"), "--out", str(out), *SMOKE.get(name, [])],
+                cwd=tmp_path)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     needed = NEEDS.get(name)
     if needed and importlib.util.find_spec(needed) is None:

@@ -13,13 +13,17 @@ STYLE = {
     "ekfac": ("#9467bd", "-"), "adafisher": ("#8c564b", "--"), "fadam": ("#e377c2", "--"),
     "rfadam": ("#17becf", ":"), "rfrmsprop": ("#bcbd22", ":"), "ikfac": ("#1f77b4", ":"),
     "ingd": ("#9467bd", ":"), "adamqlr": ("#e377c2", "-."), "sirfshampoo": ("#2ca02c", ":"),
+    "kfac_mc": ("#1f77b4", "--"), "kfac_emp": ("#d62728", "--"), "kfac_ief": ("#2ca02c", "--"),
 }
 
 
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adafactor": "Adafactor", "ngd": "NGD",
           "ef": "EF", "ief": "iEF", "sf": "SF", "kfac": "K-FAC", "ekfac": "EKFAC",
           "adafisher": "AdaFisher", "fadam": "FAdam", "rfadam": "RF-Adam", "rfrmsprop": "RF-RMSProp",
-          "ikfac": "IKFAC", "ingd": "INGD", "adamqlr": "AdamQLR", "sirfshampoo": "SIRFShampoo"}
+          "ikfac": "IKFAC", "ingd": "INGD", "adamqlr": "AdamQLR", "sirfshampoo": "SIRFShampoo",
+          # Wu et al. (2024), App. D.2.2 / Fig. 5, with the paper's names in brackets
+          "kfac_mc": "MC K-FAC [KFAC]", "kfac_emp": "empirical K-FAC [eKFAC]",
+          "kfac_ief": "iEF K-FAC [ieKFAC]"}
 
 
 def _pyplot():
