@@ -8,6 +8,7 @@ Agg backend, writing its figure to a temporary directory.
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -64,3 +65,14 @@ def test_example_figures_use_the_compare_colours(name):
     # the same method has the same colour in every figure of the project
     source = (ROOT / "examples" / f"{name}.py").read_text()
     assert "from refngd.experiments.plots import STYLE" in source and "STYLE[" in source
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_without_matplotlib_names_the_extra(name, tmp_path):
+    # a core-only install (pip install refngd): one line naming the extra, no traceback
+    block = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.modules['sklearn'] = None; "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = _run(["-c", block, str(ROOT / "examples" / f"{name}.py")], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"pip install 'refngd\[(plot|cli)\]'", lines[0]), lines

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..backend import Array, check_float_array, get_backend, namespace, one_host_read, require
 from ..rows import LayerRows, RowSet
 from ..subsets import resolve_params, trainable_mask
@@ -42,12 +44,18 @@ class Sequential:
 
     # ------------------------------------------------------------------ parameters
     def init(self, rng, dtype="float64", backend: str = "numpy") -> Array:
-        """θ drawn with PyTorch's default initialisation, using NumPy Generator ``rng``."""
+        """θ drawn with PyTorch's default initialisation, from ``rng``.
+
+        ``rng``: a NumPy ``Generator`` or an int seed (``init(0)`` is
+        ``init(numpy.random.default_rng(0))``), as everywhere in refngd.
+        """
         xp = get_backend(backend)
+        if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+            rng = np.random.default_rng(int(rng))
         if not hasattr(rng, "uniform"):
             raise TypeError(
-                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
-                f"got {type(rng).__name__}."
+                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)) or an "
+                f"int seed, got {type(rng).__name__}."
             )
         if xp.dtype(dtype) not in (xp.float32, xp.float64):
             raise TypeError(f"dtype must be float64 (default) or float32, got {dtype!r}.")
