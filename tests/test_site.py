@@ -6,7 +6,7 @@ installed) and read the HTML of every page:
 
 * no Sphinx role shown literally (":class:`torch.nn.Sequential`": docs/hooks/sphinx_roles.py
   turns those of the docstrings into cross-references);
-* no ``_{`` and no ``$`` outside typeset mathematics and code — an equation that
+* no ``_{``, ``^{`` or ``$`` outside typeset mathematics and code — an equation that
   arithmatex did not pick up;
 * every image the pages show exists in the site;
 * the counts the pages state match examples/ (the gallery's examples).
@@ -48,7 +48,8 @@ NUMBERS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen twenty".split())}
 #: the pages that the browser check opens; screenshots of the first two
-KEY_PAGES = ["theory", "gallery", "fisher", "kfac", "api"]
+KEY_PAGES = ["theory", "gallery", "fisher", "kfac", "metrics", "empirical_fisher",
+             "sampled_fisher", "layers", "losses", "index", "api"]
 
 
 def problems(site: pathlib.Path) -> list[str]:
@@ -64,7 +65,7 @@ def problems(site: pathlib.Path) -> list[str]:
             context = html.unescape(TAG.sub("", body[m.start():m.start() + 80]))
             found.append(f"{rel}: a literal Sphinx role: {context!r}")
         text = html.unescape(TAG.sub(" ", EXEMPT.sub(" ", body)))
-        for token in ("_{", "$"):
+        for token in ("_{", "^{", "$"):
             for m in re.finditer(re.escape(token), text):
                 context = " ".join(text[max(0, m.start() - 40):m.start() + 40].split())
                 found.append(f"{rel}: {token!r} outside mathematics and code: {context!r}")
@@ -186,10 +187,11 @@ def _browser(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess
 def test_page_typesets_in_chromium(page, site, served):
     if _chromium() is None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    proc = _browser(["--dump-dom", f"{served}/{page}/"])
+    url = f"{served}/" if page == "index" else f"{served}/{page}/"
+    proc = _browser(["--dump-dom", url])
     dom = proc.stdout
     assert "<article" in dom, f"Chromium rendered nothing for {page}:\n{proc.stderr[-2000:]}"
-    source = (site / page / "index.html").read_text(encoding="utf-8")
+    source = (site / ("" if page == "index" else page) / "index.html").read_text(encoding="utf-8")
     equations = source.count('class="arithmatex"')
     typeset = dom.count('jax="SVG"')     # glyphs as SVG paths: no web font has to load
     errors = re.findall(r'data-mjx-error="([^"]*)"', dom) + re.findall(
