@@ -49,7 +49,8 @@ NUMBERS = {w: i for i, w in enumerate(
     "fifteen sixteen seventeen eighteen nineteen twenty".split())}
 #: the pages that the browser check opens; screenshots of the first two
 KEY_PAGES = ["theory", "gallery", "fisher", "kfac", "metrics", "empirical_fisher",
-             "sampled_fisher", "layers", "losses", "index", "api"]
+             "sampled_fisher", "layers", "losses", "conventions", "tutorials", "subsets",
+             "validating", "bad_input", "index", "api"]
 
 
 def problems(site: pathlib.Path) -> list[str]:
