@@ -36,7 +36,7 @@ from test_examples import TEXTBOOK
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const|ref|math):"
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc|const|ref|term|any|math):"
                   r"(?:`|<code>)")
 #: what may legitimately hold ``_{`` or ``$``: code, typeset math, scripts and styles
 EXEMPT = re.compile(
@@ -130,6 +130,20 @@ def test_planted_defects_are_caught(site, tmp_path):
         assert found and all("page/index.html" in f for f in found), (name, found)
     (copy / "page" / "index.html").write_text(page)
     assert problems(copy) == []
+
+
+def test_sphinx_roles_become_code_or_links():
+    pytest.importorskip("griffe")
+    sys.path.insert(0, str(ROOT / "docs" / "hooks"))
+    try:
+        import sphinx_roles
+    finally:
+        sys.path.pop(0)
+    assert sphinx_roles.convert(":class:`torch.nn.Sequential`") == "`torch.nn.Sequential`"
+    assert sphinx_roles.convert(":meth:`~refngd.curvature.KFAC.solve`") == "`solve`"
+    assert sphinx_roles.convert(":math:`x^2`") == "$x^2$"
+    text = "m_t = β₁ m_{t−1}, `keep_{this}`"
+    assert sphinx_roles.subscripts(text) == "m_t = β₁ m<sub>t−1</sub>, `keep_{this}`"
 
 
 def test_counts_on_the_pages_match_the_examples():
