@@ -65,6 +65,9 @@ def problems(site: pathlib.Path) -> list[str]:
         for m in ROLE.finditer(body):
             context = html.unescape(TAG.sub("", body[m.start():m.start() + 80]))
             found.append(f"{rel}: a literal Sphinx role: {context!r}")
+        for m in re.finditer(r"::</p>", body):
+            context = html.unescape(TAG.sub("", body[max(0, m.start() - 60):m.start() + 2]))
+            found.append(f"{rel}: a reST literal-block marker shown: {context!r}")
         text = html.unescape(TAG.sub(" ", EXEMPT.sub(" ", body)))
         for token in ("_{", "^{", "$"):
             for m in re.finditer(re.escape(token), text):
@@ -121,6 +124,7 @@ def test_planted_defects_are_caught(site, tmp_path):
         "subscript": "<p>the loss at p_{θ+d} is</p>",
         "dollar": "<p>an equation $x^2$ left as text</p>",
         "image": '<p><img alt="x" src="../img/missing.png"></p>',
+        "literal-marker": "<p>the backward pass::</p>",
     }
     for name, snippet in plants.items():
         marker = "</article>"
@@ -142,6 +146,7 @@ def test_sphinx_roles_become_code_or_links():
     assert sphinx_roles.convert(":class:`torch.nn.Sequential`") == "`torch.nn.Sequential`"
     assert sphinx_roles.convert(":meth:`~refngd.curvature.KFAC.solve`") == "`solve`"
     assert sphinx_roles.convert(":math:`x^2`") == "$x^2$"
+    assert sphinx_roles.literal_markers("the rows::\n\n    x = 1\n::\n") == "the rows:\n\n    x = 1\n"
     text = "m_t = β₁ m_{t−1}, `keep_{this}`"
     assert sphinx_roles.subscripts(text) == "m_t = β₁ m<sub>t−1</sub>, `keep_{this}`"
 

@@ -13,7 +13,8 @@ docstring is parsed, into
 
 ``~`` shows the last component only, as in Sphinx.  The docstrings' plain-text
 mathematics keeps its Unicode; only a brace subscript, ``m_{t−1}``, which Markdown would
-show literally (or worse, pair its underscores into emphasis), is shown as a subscript.  Configured in mkdocs.yml under the
+show literally (or worse, pair its underscores into emphasis), is shown as a subscript, and
+reST's ``text::`` before a literal block reads ``text:``.  Configured in mkdocs.yml under the
 python handler's ``extensions``; tests/test_site.py fails on any role left in the site.
 """
 from __future__ import annotations
@@ -74,6 +75,16 @@ def convert(text: str, obj=None) -> str:
     return ROLE.sub(one, text)
 
 
+def literal_markers(text: str) -> str:
+    """reST's ``text::`` before a literal block reads ``text:`` (a lone ``::`` line goes)."""
+    out = []
+    for line in text.split("\n"):
+        if line.strip() == "::":
+            continue
+        out.append(line[:-1] if line.endswith("::") and not line.endswith(":::") else line)
+    return "\n".join(out)
+
+
 def subscripts(text: str) -> str:
     """``m_{t−1}`` → ``m<sub>t−1</sub>`` outside code spans and doctest lines."""
     out = []
@@ -99,5 +110,6 @@ class SphinxRoles(griffe.Extension):
             return
         value = obj.docstring.value
         new = subscripts(convert(value, obj) if ":" in value and "`" in value else value)
+        new = literal_markers(new)
         if new != value:
             obj.docstring.value = new
