@@ -165,6 +165,11 @@ def test_counts_on_the_pages_match_the_examples():
                 value = NUMBERS.get(word.lower(), None)
                 value = int(word) if value is None else value
                 stated.append((name, word, value))
+    text = (ROOT / "docs" / "gallery.md").read_text(encoding="utf-8")
+    sections = re.findall(r"^## \d+\. .*`(\w+)\.py`", text, re.M)
+    assert sections == TEXTBOOK, "gallery.md's numbered sections are the TEXTBOOK examples, in order"
+    loop = re.search(r"for n in (.*?); do", text, re.S).group(1).replace("\\", " ").split()
+    assert loop == TEXTBOOK, "the regeneration loop in gallery.md names every example"
     gallery = [s for s in stated if s[2] >= 5]   # the gallery's count, not "two examples"
     assert gallery, "no page states how many examples the gallery has"
     wrong = [s for s in gallery if s[2] != n]
