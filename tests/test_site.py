@@ -13,9 +13,10 @@ installed) and read the HTML of every page:
 
 With Chromium installed (``apt-get install chromium``; .ci/run does it where it can) the
 key pages (in CI: every page with mathematics) are also opened in headless Chromium:
-MathJax must typeset every equation without an error, and screenshots of the theory page and the gallery are written to
-``screenshots/`` in the site.  ``REFNGD_SITE_DIR=path`` checks an already-built site
-(CI builds it with ``mkdocs build --strict`` first) instead of building one.
+MathJax must typeset every equation without an error, and screenshots of the theory page
+and the gallery are written to ``screenshots/`` in the site.  ``REFNGD_SITE_DIR=path``
+checks an already-built site (CI builds it with ``mkdocs build --strict`` first) instead of
+building one.
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def test_sphinx_roles_become_code_or_links():
     assert sphinx_roles.convert(":class:`torch.nn.Sequential`") == "`torch.nn.Sequential`"
     assert sphinx_roles.convert(":meth:`~refngd.curvature.KFAC.solve`") == "`solve`"
     assert sphinx_roles.convert(":math:`x^2`") == "$x^2$"
-    assert sphinx_roles.literal_markers("the rows::\n\n    x = 1\n::\n") == "the rows:\n\n    x = 1\n"
+    marked = "the rows::\n\n    x = 1\n::\n"
+    assert sphinx_roles.literal_markers(marked) == "the rows:\n\n    x = 1\n"
     text = "m_t = β₁ m_{t−1}, `keep_{this}`"
     assert sphinx_roles.subscripts(text) == "m_t = β₁ m<sub>t−1</sub>, `keep_{this}`"
 
@@ -170,7 +172,7 @@ def test_counts_on_the_pages_match_the_examples():
                 stated.append((name, word, value))
     text = (ROOT / "docs" / "gallery.md").read_text(encoding="utf-8")
     sections = re.findall(r"^## \d+\. .*`(\w+)\.py`", text, re.M)
-    assert sections == TEXTBOOK, "gallery.md's numbered sections are the TEXTBOOK examples, in order"
+    assert sections == TEXTBOOK, "gallery.md's numbered sections: the TEXTBOOK examples, in order"
     loop = re.search(r"for n in (.*?); do", text, re.S).group(1).replace("\\", " ").split()
     assert loop == TEXTBOOK, "the regeneration loop in gallery.md names every example"
     gallery = [s for s in stated if s[2] >= 5]   # the gallery's count, not "two examples"

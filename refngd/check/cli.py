@@ -49,9 +49,11 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
                    help="K-FAC damping: tikhonov (G ⊗ A + λI) or factored "
                         "(G + (√λ/π) I) ⊗ (A + π√λ I), Martens & Grosse (2015, §6.3)")
     p.add_argument("--form", default="tikhonov", choices=("tikhonov", "gram"),
-                   help="EF/iEF updates' damping: tikhonov (F̃ + λI)⁻¹g on the P × P matrix, or gram "
-                        "(the paper's, on the N × N Gram matrix); see refngd.updates")
-    p.add_argument("--rtol", type=float, default=None, help="tolerance on the relative error (default: by the candidate's dtype)")
+                   help="EF/iEF updates' damping: tikhonov (F̃ + λI)⁻¹g on the P × P "
+                        "matrix, or gram (the paper's, on the N × N Gram matrix); see "
+                        "refngd.updates")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance on the relative error (default: by the candidate's dtype)")
     return p
 
 
