@@ -235,3 +235,15 @@ def test_page_typesets_in_chromium(page, site, served):
         out = shots / f"{page}.png"
         proc = _browser([f"--screenshot={out}", "--window-size=1280,2400", f"{served}/{page}/"])
         assert out.is_file() and out.stat().st_size > 10_000, proc.stderr[-2000:]
+
+
+def test_method_count_in_the_readme_matches_refngd_compare():
+    # "train 10 methods" / "trains ten methods": the count of refngd compare's default methods
+    from refngd.experiments.compare import DEFAULT_METHODS
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    stated = re.findall(r"\btrains? (\w+) methods\b", text)
+    assert stated, "the README no longer says how many methods refngd compare trains"
+    for word in stated:
+        value = int(word) if word.isdigit() else NUMBERS.get(word.lower())
+        assert value == len(DEFAULT_METHODS), (
+            f"README: '{word} methods', but refngd compare trains {len(DEFAULT_METHODS)}")
