@@ -28,17 +28,22 @@ import argparse
 import importlib.util
 import os
 
-import matplotlib
+try:  # the digits data and the figure: the cli extra
+    import matplotlib
+    import sklearn  # noqa: F401
+except ImportError:
+    raise SystemExit("this example needs matplotlib and scikit-learn: "
+                     "pip install 'refngd[cli]'") from None
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 import refngd
 from refngd.experiments.compare import METHODS
 from refngd.experiments.data import load_digits
 from refngd.experiments.models import build_model
 from refngd.experiments.plots import LABELS, STYLE
-from refngd.experiments.results import format_table
+from refngd.optim.records import format_table
 from refngd.losses import CrossEntropy
 from refngd.optim import LowPrecision
 

@@ -12,9 +12,18 @@ from .. import conventions, options
 from .quantities import QUANTITIES
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for options that have a real default (not None / off);
+    the formatter of both ``refngd`` subcommands."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_check_parser(sub) -> argparse.ArgumentParser:
     """The ``check`` subcommand on ``refngd``'s subparsers."""
-    from ..cli import _HelpFormatter   # "(default: ...)" only where there is a real default
 
     p = sub.add_parser(
         "check", help="validate a curvature quantity computed by your code against refngd",
@@ -22,7 +31,7 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
                      "...) computed by any implementation with refngd's value for the same network, "
                      "weights and batch; print per-block errors and a diagnosis. Exit 0 if it "
                      "matches, 1 if not, 2 for bad input. File formats: docs/validating.md."),
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--arch", required=True, metavar="ARCH.json",
                    help="architecture: PyTorch layer names and arguments, and the loss")
     p.add_argument("--weights", required=True, metavar="W.npz|W.pt",

@@ -333,7 +333,10 @@ def check_loss(loss) -> None:
     """A refngd loss *instance* (``CrossEntropy()``, not the class, not a string)."""
     if isinstance(loss, type):
         raise TypeError(f"pass a loss instance, e.g. {loss.__name__}(), not the class {loss.__name__}.")
-    if not isinstance(loss, Loss):
+    # the declared protocol is Loss; an object with the hooks every route needs (a wrapper
+    # that delegates to a loss, say) is accepted as before the protocol was declared
+    if not isinstance(loss, Loss) and not (hasattr(loss, "output_gradient")
+                                           and hasattr(loss, "scale")):
         raise TypeError(
             "loss must be a refngd.losses loss (CrossEntropy(), MSELoss(), BCEWithLogits(), "
             f"PerToken(...)) or a subclass of refngd.losses.Loss, got {loss!r}."
