@@ -9,7 +9,7 @@ Three rules, each enforced here and nowhere else:
    ``compare.json``, its PNGs) is never written into: the run goes to the first free
    sibling ``OUT-2``, ``OUT-3``, ..., and :attr:`RunOutput.note` says so.
 3. **Save as you go.**  After each method finishes, ``compare.json`` is rewritten
-   atomically (:func:`refngd.experiments.results.save_json`) with every finished method
+   atomically (:func:`refngd.optim.records.save_json`) with every finished method
    and ``"complete": false``; an interrupted run (Ctrl-C) keeps them, and
    :meth:`RunOutput.interrupted_message` is the one line that says so.  The finished run
    replaces the file with the full record (``"complete": true``).
@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import asdict, is_dataclass
 
-from .results import save_json
+from ..optim.records import save_json
 
 RECORD = "compare.json"
 
