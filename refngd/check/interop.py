@@ -101,15 +101,15 @@ def _load_defaults() -> None:
     def linear(m, path):
         return [(nn.Linear(m.in_features, m.out_features, bias=m.bias is not None), _params(m))]
 
-    def conv2d(m, path):
-        if m.groups != 1:
-            raise _unsupported(m, path, f"groups={m.groups}; refngd's Conv2d has groups=1")
+    def conv(m, path):
         if m.padding_mode != "zeros":
             raise _unsupported(m, path, f"padding_mode={m.padding_mode!r}; only 'zeros'")
         if isinstance(m.padding, str):
             raise _unsupported(m, path, f"padding={m.padding!r}; give the padding as integers")
-        layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                          padding=m.padding, dilation=m.dilation, bias=m.bias is not None)
+        cls = nn.Conv1d if isinstance(m, tnn.Conv1d) else nn.Conv2d
+        layer = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                    padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=m.bias is not None)
         return [(layer, _params(m))]
 
     def flatten(m, path):
@@ -122,16 +122,18 @@ def _load_defaults() -> None:
         return [(nn.GELU(m.approximate), [])]
 
     register(tnn.Linear, linear)
-    register(tnn.Conv2d, conv2d)
+    register(tnn.Conv2d, conv)
+    register(tnn.Conv1d, conv)
     register(tnn.Flatten, flatten)
     register(tnn.GELU, gelu)
     for t_type, r_type in ((tnn.ReLU, nn.ReLU), (tnn.Tanh, nn.Tanh), (tnn.Sigmoid, nn.Sigmoid)):
         register(t_type, lambda m, path, r_type=r_type: [(r_type(), [])])
 
     register_builder(nn.Linear, lambda l: tnn.Linear(l.in_features, l.out_features, bias=l.bias))
-    register_builder(nn.Conv2d, lambda l: tnn.Conv2d(
-        l.in_channels, l.out_channels, l.kernel_size, stride=l.stride, padding=l.padding,
-        dilation=l.dilation, bias=l.bias))
+    for r_type, t_type in ((nn.Conv2d, tnn.Conv2d), (nn.Conv1d, tnn.Conv1d)):
+        register_builder(r_type, lambda l, t_type=t_type: t_type(
+            l.in_channels, l.out_channels, l.kernel_size, stride=l.stride, padding=l.padding,
+            dilation=l.dilation, groups=l.groups, bias=l.bias))
     register_builder(nn.Flatten, lambda l: tnn.Flatten())
     register_builder(nn.GELU, lambda l: tnn.GELU(approximate=l.approximate))
     for r_type, t_type in ((nn.ReLU, tnn.ReLU), (nn.Tanh, tnn.Tanh), (nn.Sigmoid, tnn.Sigmoid)):

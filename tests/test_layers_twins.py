@@ -1,0 +1,71 @@
+"""The layers of issue 20 against PyTorch, in float64 (tests/twins.py: θ, to_torch, forward,
+per-sample gradients, GGN-vector product, every row primitive).
+
+Each case puts the layer between parametric layers, so that its backward pass enters
+the Jacobian of the layer before it, and ends in a Flatten and a Linear classifier.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from refngd import interop, nn  # noqa: E402
+from twins import check_twin  # noqa: E402
+
+tnn = torch.nn
+N, C = 5, 3
+rng = np.random.default_rng(0)
+
+
+def _act(module):
+    return lambda: tnn.Sequential(tnn.Linear(4, 6), module, tnn.Linear(6, C))
+
+
+def _conv1d(**kw):
+    def make():
+        conv = tnn.Conv1d(4, 8, 3, **kw)
+        L = conv(torch.zeros(1, 4, 9)).shape[2]
+        return tnn.Sequential(tnn.Conv1d(2, 4, 2, padding=1), tnn.Tanh(), conv, tnn.Flatten(),
+                              tnn.Linear(8 * L, C))
+    return make
+
+
+def _conv2d_groups(groups, bias=True):
+    def make():
+        return tnn.Sequential(tnn.Conv2d(2, 4, 2), tnn.Tanh(),
+                              tnn.Conv2d(4, 8, 3, padding=1, stride=2, groups=groups, bias=bias),
+                              tnn.Flatten(), tnn.Linear(8 * 3 * 3, C))
+    return make
+
+
+X_VEC = rng.standard_normal((N, 4))
+X_SEQ = rng.standard_normal((N, 2, 8))
+X_IMG = rng.standard_normal((N, 2, 6, 6))
+CASES = {
+    "leaky_relu": (_act(tnn.LeakyReLU(0.2)), X_VEC),
+    "elu": (_act(tnn.ELU(alpha=1.3)), X_VEC),
+    "silu": (_act(tnn.SiLU()), X_VEC),
+    "softplus": (_act(tnn.Softplus(beta=2.0, threshold=1.0)), X_VEC),
+    "identity": (_act(tnn.Identity()), X_VEC),
+    "dropout_eval": (lambda: _act(tnn.Dropout(0.3))().eval(), X_VEC),
+    "conv1d": (_conv1d(), X_SEQ),
+    "conv1d_stride_pad_dil": (_conv1d(stride=2, padding=2, dilation=2), X_SEQ),
+    "conv1d_groups": (_conv1d(groups=2, bias=False), X_SEQ),
+    "conv1d_depthwise": (_conv1d(groups=4, padding=1), X_SEQ),
+    "conv2d_groups": (_conv2d_groups(2), X_IMG),
+    "conv2d_depthwise": (_conv2d_groups(4), X_IMG),
+    "conv2d_groups_nobias": (_conv2d_groups(4, bias=False), X_IMG),
+    "embedding_N": (lambda: tnn.Sequential(tnn.Embedding(7, 3), tnn.Linear(3, C)),
+                    rng.integers(0, 7, N)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_twin(case, reduction):
+    make, X = CASES[case]
+    torch.manual_seed(0)
+    net = make()
+    check_twin(torch, net, X, rng.integers(0, C, N), tnn.CrossEntropyLoss(reduction=reduction))
