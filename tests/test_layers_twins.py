@@ -40,6 +40,22 @@ def _conv2d_groups(groups, bias=True):
     return make
 
 
+def _seq_layer(module, L_out, channels=3):
+    """Conv1d(2, 3, 2) → Tanh → module on (N, 3, L) → Flatten → Linear."""
+    return lambda: tnn.Sequential(tnn.Conv1d(2, channels, 2), tnn.Tanh(), module, tnn.Flatten(),
+                                  tnn.Linear(channels * L_out, C))
+
+
+def _img_layer(module, HW_out):
+    return lambda: tnn.Sequential(tnn.Conv2d(2, 3, 2), tnn.Tanh(), module, tnn.Flatten(),
+                                  tnn.Linear(3 * HW_out, C))
+
+
+def _tokens_mean(dim, keepdim=False):
+    return lambda: tnn.Sequential(tnn.Linear(8, 6), tnn.GELU(), interop.mean_module(dim, keepdim),
+                                  tnn.Flatten(), tnn.Linear(6 if dim == 1 else 2, C))
+
+
 X_VEC = rng.standard_normal((N, 4))
 X_SEQ = rng.standard_normal((N, 2, 8))
 X_IMG = rng.standard_normal((N, 2, 6, 6))
@@ -57,6 +73,21 @@ CASES = {
     "conv2d_groups": (_conv2d_groups(2), X_IMG),
     "conv2d_depthwise": (_conv2d_groups(4), X_IMG),
     "conv2d_groups_nobias": (_conv2d_groups(4, bias=False), X_IMG),
+    # X_SEQ (N, 2, 8) → Conv1d(2, 3, 2): (N, 3, 7)
+    "avgpool1d": (_seq_layer(tnn.AvgPool1d(2), 3), X_SEQ),
+    "avgpool1d_pad_ceil_exclude": (_seq_layer(tnn.AvgPool1d(3, 2, 1, ceil_mode=True,
+                                                            count_include_pad=False), 4), X_SEQ),
+    "maxpool1d": (_seq_layer(tnn.MaxPool1d(2), 3), X_SEQ),
+    "maxpool1d_overlap_pad_dil": (_seq_layer(tnn.MaxPool1d(3, 1, 1, dilation=2), 5), X_SEQ),
+    "adaptive_avgpool1d": (_seq_layer(tnn.AdaptiveAvgPool1d(3), 3), X_SEQ),
+    "upsample1d_scale2": (_seq_layer(tnn.Upsample(scale_factor=2), 14), X_SEQ),
+    "upsample1d_size": (_seq_layer(tnn.Upsample(size=10), 10), X_SEQ),
+    "upsample1d_frac": (_seq_layer(tnn.Upsample(scale_factor=1.7), 11), X_SEQ),
+    # X_IMG (N, 2, 6, 6) → Conv2d(2, 3, 2): (N, 3, 5, 5)
+    "upsample2d_scale": (_img_layer(tnn.Upsample(scale_factor=(2, 1.5)), 10 * 7), X_IMG),
+    "upsample2d_size": (_img_layer(tnn.Upsample(size=(7, 4)), 28), X_IMG),
+    "mean_tokens": (_tokens_mean(1), X_SEQ),
+    "mean_last_keepdim": (_tokens_mean(-1, keepdim=True), X_SEQ),
     "embedding_N": (lambda: tnn.Sequential(tnn.Embedding(7, 3), tnn.Linear(3, C)),
                     rng.integers(0, 7, N)),
 }

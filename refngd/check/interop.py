@@ -33,7 +33,7 @@ from .torch_arrays import UnsupportedModuleError, _torch, to_array, to_tensor
 
 __all__ = ["from_torch", "to_torch", "from_torch_loss", "to_array", "to_tensor", "register",
            "register_builder", "UnsupportedModuleError", "self_attention_module",
-           "lora_linear_module"]
+           "lora_linear_module", "mean_module"]
 
 
 def self_attention_module(embed_dim: int, num_heads: int, bias: bool = True):
@@ -47,6 +47,13 @@ def lora_linear_module(in_features: int, out_features: int, rank: int, alpha: fl
     """A minimal torch LoRA layer (PEFT's names): see :mod:`refngd.check.torch_layers`."""
     from .torch_layers import lora_linear_module as make
     return make(in_features, out_features, rank, alpha, bias=bias)
+
+
+def mean_module(dim=1, keepdim: bool = False):
+    """A torch module ``x.mean(dim=dim, keepdim=keepdim)`` (the twin of ``refngd.nn.Mean``):
+    see :mod:`refngd.check.torch_more`."""
+    from .torch_more import mean_module as make
+    return make(dim, keepdim)
 
 
 # --------------------------------------------------------------------------- registry
