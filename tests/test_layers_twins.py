@@ -100,3 +100,46 @@ def test_twin(case, reduction):
     torch.manual_seed(0)
     net = make()
     check_twin(torch, net, X, rng.integers(0, C, N), tnn.CrossEntropyLoss(reduction=reduction))
+
+
+# ----------------------------------------------------------- per-position cross-entropy
+def _segmentation_1d():
+    """Conv1d head: outputs (N, C, L), PyTorch's CrossEntropyLoss with the class axis at 1."""
+    return tnn.Sequential(tnn.Conv1d(2, 4, 3, padding=1), tnn.SiLU(), tnn.Conv1d(4, C, 1))
+
+
+def _segmentation_2d():
+    return tnn.Sequential(tnn.Conv2d(2, 4, 3, padding=1, groups=2), tnn.ReLU(),
+                          tnn.Upsample(scale_factor=2), tnn.Conv2d(4, C, 1))
+
+
+class _FlatTokenCE(tnn.Module):
+    def __init__(self, reduction):
+        super().__init__()
+        self.ce = tnn.CrossEntropyLoss(reduction=reduction)
+
+    def forward(self, out, y):
+        return self.ce(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_class_axis_1(reduction):
+    from refngd.losses import CrossEntropy, PerToken
+    torch.manual_seed(1)
+    check_twin(torch, _segmentation_1d(), X_SEQ, rng.integers(0, C, (N, 8)),
+               tnn.CrossEntropyLoss(reduction=reduction),
+               PerToken(CrossEntropy(reduction), 8, class_dim=1))
+    check_twin(torch, _segmentation_2d(), rng.standard_normal((N, 2, 3, 2)),
+               rng.integers(0, C, (N, 6, 4)), tnn.CrossEntropyLoss(reduction=reduction),
+               PerToken(CrossEntropy(reduction), 24, class_dim=1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_on_tokens_last(reduction):
+    """Outputs (N, T, C) without a final Flatten in PyTorch: refngd's twin flattens them
+    and reads them with PerToken (class_dim=-1)."""
+    from refngd.losses import CrossEntropy, PerToken
+    torch.manual_seed(2)
+    net = tnn.Sequential(tnn.Linear(8, 6), tnn.GELU(), tnn.Linear(6, C))
+    check_twin(torch, net, X_SEQ, rng.integers(0, C, (N, 2)), _FlatTokenCE(reduction),
+               PerToken(CrossEntropy(reduction), 2))

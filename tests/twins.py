@@ -37,17 +37,20 @@ def _functional(torch, net):
 
 def check_twin(torch, net, X, y, loss_module, loss=None, tol=TOL):
     """Every check of the module docstring; ``loss`` (refngd) defaults to the converted
-    ``loss_module``.  Returns (model, θ)."""
+    ``loss_module``, which PyTorch applies to ``net``'s outputs as they are (say
+    (N, C, d) for a class axis at dimension 1); refngd's twin is ``net`` then Flatten().
+    Returns (model, θ)."""
     from torch.nn.utils import parameters_to_vector
     net = net.double()
-    model, theta = interop.from_torch(net)
+    model, theta = interop.from_torch(torch.nn.Sequential(net, torch.nn.Flatten()))
     ref = parameters_to_vector(net.parameters()).detach().numpy()
     assert np.array_equal(theta, ref)
     back = interop.to_torch(model, theta)
     assert np.array_equal(parameters_to_vector(back.parameters()).detach().numpy(), theta)
     Xt, yt = torch.tensor(X), torch.tensor(y)
     out = net(Xt).detach()
-    np.testing.assert_allclose(back(Xt).detach().numpy(), out.numpy(), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(back(Xt).detach().numpy(), out.reshape(len(X), -1).numpy(),
+                               rtol=1e-13, atol=1e-14)
     loss = interop.from_torch_loss(loss_module) if loss is None else loss
     Z = model.forward(theta, X)
     assert_close(Z, out.reshape(len(X), -1).numpy(), 1e-12)

@@ -19,6 +19,7 @@ import copy
 import math
 
 from ..backend import namespace
+from ..options import ArgumentTypeError
 from .base import BiasRows, ParametricLayer, int_pair, layer_ints, positive_int
 from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
                      shared_row_sq_sum, weighted_row_sum)
@@ -60,7 +61,7 @@ class Conv2d(ParametricLayer):
     kernel_size, stride, padding, dilation : int or pair of ints
         As in PyTorch; padding is zero padding on both sides (an integer: ``"same"`` /
         ``"valid"`` and other ``padding_mode`` values are refused by the converter).
-    groups : int, default 1
+    groups : int, default 1 (keyword only: the 7th argument is ``bias``)
         Grouped convolution (``groups = C_in``: depthwise): output channels
         j·C_out/g … (j+1)·C_out/g see only input channels j·C_in/g … (j+1)·C_in/g, with
         weight (C_out, C_in/g, kh, kw).  Every group is a convolution of its own on its
@@ -105,8 +106,12 @@ class Conv2d(ParametricLayer):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, groups: int = 1, bias: bool = True):
+                 padding=0, dilation=1, bias: bool = True, *, groups: int = 1):
         owner = type(self).__name__
+        if not isinstance(bias, bool) and bias not in (0, 1):
+            raise ArgumentTypeError(f"{owner} bias must be True or False, got {bias!r} (refngd's "
+                                    "Conv2d takes bias as its 7th argument; pass groups= by "
+                                    "keyword).")
         self.in_channels, self.out_channels = layer_ints(
             {"in_channels": in_channels, "out_channels": out_channels}, owner,
             f"{owner} needs in_channels >= 1 and out_channels >= 1 (integers), "

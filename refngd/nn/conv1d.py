@@ -29,7 +29,8 @@ def _one(value, name: str, minimum: int) -> int:
 
 class Conv1d(Conv2d):
     """``Conv1d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-    groups=1, bias=True)``, as :class:`torch.nn.Conv1d` (zero padding, integer sizes).
+    groups=1, bias=True)``, as :class:`torch.nn.Conv1d` (zero padding, integer sizes; the
+    arguments in PyTorch's order, unlike :class:`Conv2d`, where ``groups`` is keyword-only).
 
     Parameters: ``weight`` (C_out, C_in/groups, k) and ``bias`` (C_out,), in θ order.
     Inputs (N, C_in, L), outputs (N, C_out, L_out) with
@@ -42,8 +43,8 @@ class Conv1d(Conv2d):
                  padding=0, dilation=1, groups: int = 1, bias: bool = True):
         k, s = _one(kernel_size, "kernel_size", 1), _one(stride, "stride", 1)
         p, d = _one(padding, "padding", 0), _one(dilation, "dilation", 1)
-        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d),
-                         groups=groups, bias=bias)
+        super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), bias,
+                         groups=groups)
         self.kernel_size, self.stride, self.padding, self.dilation = (k,), (s,), (p,), (d,)
         shapes = [(self.out_channels, self.in_channels // self.groups, k)]
         if self.bias:
