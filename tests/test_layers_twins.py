@@ -143,3 +143,80 @@ def test_cross_entropy_on_tokens_last(reduction):
     net = tnn.Sequential(tnn.Linear(8, 6), tnn.GELU(), tnn.Linear(6, C))
     check_twin(torch, net, X_SEQ, rng.integers(0, C, (N, 2)), _FlatTokenCE(reduction),
                PerToken(CrossEntropy(reduction), 2))
+
+
+def test_architecture_json_reads_the_new_layers(tmp_path):
+    """`refngd check`'s JSON table knows every new layer: the file gives the model that
+    from_torch gives for the same torch modules."""
+    import json
+
+    from refngd.check.files import load_architecture
+    torch.manual_seed(3)
+    net = tnn.Sequential(
+        tnn.Conv1d(2, 4, 3, padding=1, groups=2), tnn.LeakyReLU(0.1), tnn.MaxPool1d(2),
+        tnn.Upsample(scale_factor=2), tnn.AvgPool1d(2, 1), tnn.ELU(0.5), tnn.Dropout(0.2),
+        tnn.AdaptiveAvgPool1d(3), tnn.Softplus(2.0), tnn.Identity(), interop.mean_module(-1),
+        tnn.SiLU(), tnn.Linear(4, C)).double().eval()
+    layers = [
+        {"type": "Conv1d", "in_channels": 2, "out_channels": 4, "kernel_size": 3, "padding": 1,
+         "groups": 2},
+        {"type": "LeakyReLU", "negative_slope": 0.1}, {"type": "MaxPool1d", "kernel_size": 2},
+        {"type": "Upsample", "scale_factor": 2}, {"type": "AvgPool1d", "kernel_size": 2, "stride": 1},
+        {"type": "ELU", "alpha": 0.5}, {"type": "Dropout", "p": 0.2},
+        {"type": "AdaptiveAvgPool1d", "output_size": 3}, {"type": "Softplus", "beta": 2.0},
+        {"type": "Identity"}, {"type": "Mean", "dim": -1}, {"type": "SiLU"},
+        {"type": "Linear", "in_features": 4, "out_features": C}]
+    (tmp_path / "a.json").write_text(json.dumps({"layers": layers,
+                                                 "loss": {"type": "CrossEntropyLoss"}}))
+    model, _ = load_architecture(str(tmp_path / "a.json"))
+    twin, theta = interop.from_torch(net)
+    assert repr(model) == repr(twin)
+    np.testing.assert_allclose(model.forward(theta, X_SEQ), net(torch.tensor(X_SEQ)).detach().numpy(),
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_refusals_name_the_setting():
+    def refused(module, *patterns):
+        with pytest.raises(interop.UnsupportedModuleError) as err:
+            interop.from_torch(tnn.Sequential(tnn.Linear(8, 8), module))
+        for pat in patterns:
+            assert pat in str(err.value), str(err.value)
+
+    refused(tnn.Dropout(0.5), "Dropout at '1'", "training mode", "model.eval()")
+    refused(tnn.Dropout2d(0.5), "Dropout2d at '1'", "random")
+    refused(tnn.Upsample(scale_factor=2, mode="linear"), "Upsample at '1'", "mode='linear'")
+    refused(tnn.Conv1d(8, 8, 3, padding="same"), "Conv1d at '1'", "padding='same'")
+    refused(tnn.MaxPool1d(2, return_indices=True), "MaxPool1d at '1'", "return_indices")
+    model, _ = interop.from_torch(tnn.Sequential(tnn.Linear(8, 8), tnn.Dropout(0.0)))  # p = 0
+    assert isinstance(model.layers[1], nn.Dropout)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: nn.Conv2d(4, 6, 3, groups=4), ValueError, "out_channels \\(6\\) must be divisible"),
+    (lambda: nn.Conv1d(3, 6, 3, groups=2), ValueError, "in_channels \\(3\\) must be divisible"),
+    (lambda: nn.Conv2d(2, 2, 3, 1, 0, 1, 2), TypeError, "pass groups= by keyword"),
+    (lambda: nn.Conv1d(2, 2, (3, 3)), ValueError, "1-tuple"),
+    (lambda: nn.Conv1d(2, 2, 3, groups=1.0), TypeError, "groups"),
+    (lambda: nn.LeakyReLU("a"), TypeError, "negative_slope"),
+    (lambda: nn.Softplus(beta=0), ValueError, "beta"),
+    (lambda: nn.Dropout(1.5), ValueError, "Dropout p"),
+    (lambda: nn.AvgPool1d(2, padding=2), ValueError, "at most half"),
+    (lambda: nn.MaxPool1d(2, return_indices=True), ValueError, "return_indices"),
+    (lambda: nn.AdaptiveAvgPool1d(0), ValueError, "output_size"),
+    (lambda: nn.Upsample(), ValueError, "either size or scale_factor"),
+    (lambda: nn.Upsample(scale_factor=2, mode="bilinear"), ValueError, "'nearest'"),
+    (lambda: nn.Upsample(size=2.5), TypeError, "integers"),
+    (lambda: nn.Mean(0), ValueError, "batch axis"),
+    (lambda: nn.Mean(1.0), TypeError, "tuple of ints"),
+])
+def test_constructor_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_shape_errors():
+    for layer, X in [(nn.Conv1d(2, 3, 3), np.zeros((2, 3, 5))), (nn.MaxPool1d(2), np.zeros((2, 5))),
+                     (nn.Mean(3), np.zeros((2, 3, 4))), (nn.Upsample(size=3), np.zeros((2, 3)))]:
+        model = nn.Sequential(layer, nn.Flatten())
+        with pytest.raises(ValueError, match="layer 0"):
+            model.forward(np.zeros(model.num_params), X)
