@@ -220,3 +220,15 @@ def test_shape_errors():
         model = nn.Sequential(layer, nn.Flatten())
         with pytest.raises(ValueError, match="layer 0"):
             model.forward(np.zeros(model.num_params), X)
+
+
+def test_from_torch_loss_reads_the_class_axis_of_multi_axis_outputs():
+    from refngd.losses import PerToken
+    loss = interop.from_torch_loss(tnn.CrossEntropyLoss(reduction="sum"), output_shape=(C, 2, 4))
+    assert isinstance(loss, PerToken) and loss.class_dim == 1 and loss.num_tokens == 8
+    Z, y = rng.standard_normal((N, C, 2, 4)), rng.integers(0, C, (N, 2, 4))
+    ref = tnn.CrossEntropyLoss(reduction="sum")(torch.tensor(Z), torch.tensor(y)).item()
+    assert abs(float(loss(Z.reshape(N, -1), y)) - ref) <= 1e-12 * abs(ref)
+    assert type(interop.from_torch_loss(tnn.MSELoss(), output_shape=(3, 4))).__name__ == "MSELoss"
+    assert type(interop.from_torch_loss(tnn.CrossEntropyLoss(), output_shape=(C,))).__name__ == \
+        "CrossEntropy"

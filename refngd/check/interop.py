@@ -247,14 +247,30 @@ def to_torch(model: nn.Sequential, theta: Array):
 
 
 # --------------------------------------------------------------------------- losses
-def from_torch_loss(loss_module):
+def from_torch_loss(loss_module, output_shape: tuple | None = None):
     """refngd's loss for ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``.
 
     The reduction carries over (``"mean"`` / ``"sum"``; ``"none"`` has no single c and is
     refused), so ``loss(Z, y)`` equals the torch loss on the same outputs.  Class weights,
     ``pos_weight``, ``ignore_index`` hits and label smoothing change the likelihood and are
     refused with a message rather than silently ignored.
+
+    ``output_shape``: the torch model's per-sample output shape, when it has more than one
+    axis (refngd's twin flattens it).  ``CrossEntropyLoss`` reads its class axis at
+    dimension 1, so (C, d1, ...) gives ``PerToken(CrossEntropy(), d1·..., class_dim=1)``;
+    the elementwise ``MSELoss`` and ``BCEWithLogitsLoss`` are the same on flattened outputs.
     """
+    base = _from_torch_loss(loss_module)
+    shape = tuple(output_shape) if output_shape is not None else ()
+    if len(shape) > 1 and isinstance(base, _losses.CrossEntropy):
+        T = 1
+        for d in shape[1:]:
+            T *= int(d)
+        return _losses.PerToken(base, T, class_dim=1)
+    return base
+
+
+def _from_torch_loss(loss_module):
     tnn = _torch().nn
     name = type(loss_module).__name__
     red = getattr(loss_module, "reduction", None)

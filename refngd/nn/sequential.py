@@ -112,8 +112,10 @@ class Sequential:
                 raise ValueError(f"layer {i}: {err}") from None
         if len(shape) != 1:
             raise ValueError(
-                f"the model output per sample has shape {shape}; refngd needs (C,): end with Flatten()."
-            )
+                f"the model output per sample has shape {shape}; refngd needs (C,): end with "
+                "Flatten(). For a loss per token or position use refngd.losses.PerToken: "
+                "outputs (T, C) → PerToken(loss, T); PyTorch's class axis at dimension 1, "
+                "(C, d1, ...) → PerToken(CrossEntropy(), d1·..., class_dim=1).")
         return X if self.layers[0].integer_input else X.astype(theta.dtype, copy=False)
 
     def forward(self, theta: Array, X: Array) -> Array:
