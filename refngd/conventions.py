@@ -122,6 +122,8 @@ PRESETS: dict = {p.name: p for p in (
             "EKFAC with kfac_approx='reduce' agrees only when every Conv2d's A_reduce has full "
             "rank: otherwise the re-estimated diagonal depends on the arbitrary eigenbasis of "
             "A's null space (both libraries project exact per-sample gradients), and they differ.",
+            "The same holds for Linear layers shared over tokens (EKFAC expand and reduce agree "
+            "where A has simple eigenvalues).  Its EKFAC refuses outputs with more than 2 axes.",
             "Outputs with extra axes (a sequence, (N, T, C); (N, C, T) for CrossEntropyLoss) "
             "are flattened into the batch. EFLinearOperator then has one row per token "
             "(c Σ_{n,t} g_nt g_ntᵀ; refngd: one row per sequence): ef_rows='token'. "
