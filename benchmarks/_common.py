@@ -98,7 +98,7 @@ def blas_info() -> list[str]:
     """
     import os
 
-    from refngd import linalg
+    from refngd.backend import lapack as linalg
 
     lines = []
     try:

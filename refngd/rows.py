@@ -94,7 +94,7 @@ class RowSet:
 
         On the host, layers with ``row_gram_lower_into`` (Linear) add their share to the
         lower triangle only (``dsyrk``), and the triangle is mirrored once at the end
-        (:func:`refngd.linalg.symmetrize_lower`); the others add full matrices.
+        (:func:`refngd.backend.lapack.symmetrize_lower`); the others add full matrices.
         """
         xp = self._xp()
         G, work, lower = None, None, False
@@ -113,7 +113,7 @@ class RowSet:
             Gl = e.layer.row_gram(e.cache, e.B)
             G = Gl if G is None else G.__iadd__(Gl)
         if lower:
-            from .linalg import symmetrize_lower
+            from .backend.lapack import symmetrize_lower
 
             symmetrize_lower(G)
         return G

@@ -1,4 +1,4 @@
-"""refngd.linalg (issue 22): the in-place Cholesky, triangular solves and triangle-only Gram
+"""refngd.backend.lapack (issue 22): the in-place Cholesky, triangular solves and triangle-only Gram
 products agree with straightforward dense NumPy to ~1e-12 on every host LAPACK route.
 
 Float32 rows, rank-deficient Gram matrices and λ = 0 included; Gram matrices and
@@ -7,7 +7,8 @@ factorisations are float64 whatever the model's dtype.  No timing is asserted.
 import numpy as np
 import pytest
 
-from refngd import backend, linalg, losses, nn
+from refngd import backend, losses, nn
+from refngd.backend import lapack as linalg
 from refngd.backend import PSDFactor, SingularSystemError
 from refngd.curvature import Fisher
 

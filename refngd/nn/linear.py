@@ -11,7 +11,7 @@ import copy
 import math
 
 from ..backend import namespace
-from ..linalg import syrk_lower
+from ..backend.lapack import syrk_lower
 from .base import BiasRows, ParametricLayer, layer_ints
 from .shared import shared_gram, shared_row_grads, shared_row_sq_sum, weighted_row_sum
 
@@ -168,7 +168,7 @@ class Linear(ParametricLayer):
         ``work``: an (R, R) float64 scratch array, or None when ``out`` is still all zero
         (the first layer: the product is formed in ``out`` itself).
 
-        BLAS ``dsyrk`` writes one triangle of B Bᵀ (:func:`refngd.linalg.syrk_lower`);
+        BLAS ``dsyrk`` writes one triangle of B Bᵀ (:func:`refngd.backend.lapack.syrk_lower`);
         the Hadamard product with the input Gram and the sum over layers then run over
         blocks of about 64 rows of that triangle, each still in cache — instead of three
         full passes over R × R matrices (mirror, multiply, add), which cost more than the

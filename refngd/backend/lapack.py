@@ -24,7 +24,10 @@ solves"), on 2-core AVX2 and AVX-512 machines with NumPy and SciPy wheels:
 found (already loaded in this process, ILP64 symbols present) and fall back to SciPy's
 LAPACK, then to NumPy's, otherwise — the same mathematics (LAPACK ``dpotrf``, ``dtrsm``)
 on every route.  ``REFNGD_HOST_LAPACK`` (``auto``, ``numpy-openblas``, ``scipy``,
-``numpy``) or :data:`HOST_LAPACK` picks a route by hand.  CuPy arrays never come here.
+``numpy``) or :data:`HOST_LAPACK` picks a route by hand.  CuPy arrays never come here:
+the callers (:mod:`refngd.backend`, ``Linear.row_gram_lower_into``, ``RowSet.gram``)
+send only NumPy arrays, which is why this module, part of the backend package, imports
+NumPy directly and nothing of refngd (no import circle with the package it serves).
 
 Layout: a C-ordered symmetric matrix is, read in Fortran order, its own transpose, so
 ``dpotrf('U')`` on the C array's memory computes the *lower* factor L (L Lᵀ = A) in the
@@ -36,7 +39,7 @@ import ctypes
 import glob
 import os
 
-from .backend import Array, namespace
+import numpy as np
 
 #: ``"auto"`` (NumPy's own OpenBLAS, else SciPy, else NumPy), or one of the routes by name
 HOST_LAPACK = os.environ.get("REFNGD_HOST_LAPACK", "auto")
@@ -66,7 +69,7 @@ def _find_numpy_openblas():
     whose thread pool would compete with NumPy's), and only with the ILP64 symbols whose
     integer width is known (``…_64_``).
     """
-    root = os.path.dirname(namespace().__file__)  # NumPy (the host module) itself
+    root = os.path.dirname(np.__file__)
     patterns = [os.path.join(root + ".libs", "*openblas64*"),   # Linux and Windows wheels
                 os.path.join(root, ".dylibs", "*openblas64*")]  # macOS wheels
     mode = getattr(os, "RTLD_NOLOAD", None)
@@ -95,7 +98,7 @@ def route() -> str:
     """The host LAPACK route in use: ``"numpy-openblas"``, ``"scipy"`` or ``"numpy"``."""
     want = HOST_LAPACK
     if want not in ROUTES:
-        raise ValueError(f"REFNGD_HOST_LAPACK / refngd.linalg.HOST_LAPACK must be one of "
+        raise ValueError(f"REFNGD_HOST_LAPACK / refngd.backend.lapack.HOST_LAPACK must be one of "
                          f"{ROUTES}, got {want!r}.")
     if want in ("auto", "numpy-openblas") and numpy_openblas() is not None:
         return "numpy-openblas"
@@ -112,11 +115,11 @@ def _c(s: bytes):
     return ctypes.c_char_p(s)
 
 
-def _ptr(a: Array):
+def _ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def cholesky_inplace(M: Array) -> tuple[Array, bool]:
+def cholesky_inplace(M: np.ndarray) -> tuple[np.ndarray, bool]:
     """Lower Cholesky factor of the symmetric float64 matrix ``M``, computed in place.
 
     Parameters
@@ -132,8 +135,7 @@ def cholesky_inplace(M: Array) -> tuple[Array, bool]:
         ``ok`` is False when LAPACK ``dpotrf`` met a non-positive pivot (M is not
         numerically positive definite); L is then partial.
     """
-    xp = namespace(M)
-    if M.dtype != xp.float64 or not M.flags.c_contiguous or M.ndim != 2:
+    if M.dtype != np.float64 or not M.flags.c_contiguous or M.ndim != 2:
         raise ValueError("cholesky_inplace needs a C-contiguous float64 square matrix.")
     n = M.shape[0]
     if n == 0:
@@ -151,28 +153,28 @@ def cholesky_inplace(M: Array) -> tuple[Array, bool]:
         _, info = lapack.dpotrf(M.T, lower=0, clean=0, overwrite_a=1)
         return M, info == 0
     try:
-        M[...] = xp.linalg.cholesky(M)
-    except xp.linalg.LinAlgError:
+        M[...] = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
         return M, False
     return M, True
 
 
-def tril_inplace(L: Array, block: int = 256) -> Array:
+def tril_inplace(L: np.ndarray, block: int = 256) -> np.ndarray:
     """Zero the strict upper triangle of a square C-ordered matrix in place (returns it).
 
     In row blocks: the part right of each block's diagonal square is one slice
     assignment, the square itself a small ``triu`` mask — no n × n index arrays.
     """
-    xp, n = namespace(L), L.shape[0]
+    n = L.shape[0]
     for i in range(0, n, block):
         j = min(n, i + block)
         L[i:j, j:] = 0.0
         sq = L[i:j, i:j]
-        sq[xp.triu(xp.ones((j - i, j - i), dtype=bool), 1)] = 0.0
+        sq[np.triu(np.ones((j - i, j - i), dtype=bool), 1)] = 0.0
     return L
 
 
-def cho_solve(L: Array, B: Array) -> Array:
+def cho_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     """(L Lᵀ)⁻¹ B from the lower factor of :func:`cholesky_inplace` (two triangular solves).
 
     Parameters
@@ -182,8 +184,7 @@ def cho_solve(L: Array, B: Array) -> Array:
 
     BLAS ``dtrsv`` (one right-hand side) or ``dtrsm`` (several), in place on a copy of B.
     """
-    xp = namespace(L)
-    X = xp.array(B, dtype=xp.float64, order="C", copy=True)
+    X = np.array(B, dtype=np.float64, order="C", copy=True)
     n = L.shape[0]
     if n == 0 or X.size == 0:
         return X
@@ -213,7 +214,7 @@ def cho_solve(L: Array, B: Array) -> Array:
                                          overwrite_b=True)
 
 
-def syrk_lower(Bf: Array, out: Array) -> Array:
+def syrk_lower(Bf: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out``'s lower triangle ← Bf Bfᵀ (BLAS ``dsyrk``: half the FLOPs of a GEMM).
 
     Parameters
@@ -240,20 +241,20 @@ def syrk_lower(Bf: Array, out: Array) -> Array:
                  ctypes.byref(ctypes.c_double(1.0)), _ptr(Bf), ctypes.byref(k),
                  ctypes.byref(ctypes.c_double(0.0)), _ptr(out), ctypes.byref(n), s1, s1)
         return out
-    namespace(Bf).matmul(Bf, Bf.T, out=out)
+    np.matmul(Bf, Bf.T, out=out)
     return out
 
 
-def symmetrize_lower(G: Array, block: int = 128) -> Array:
+def symmetrize_lower(G: np.ndarray, block: int = 128) -> np.ndarray:
     """Copy the lower triangle of the square C-ordered ``G`` onto its upper one, in place.
 
     In blocks of ``block`` rows, so that each transposed read stays in cache.
     """
-    xp, n = namespace(G), G.shape[0]
+    n = G.shape[0]
     for i in range(0, n, block):
         j = min(n, i + block)
         G[i:j, j:] = G[j:, i:j].T
         sq = G[i:j, i:j]
-        upper = xp.triu(xp.ones((j - i, j - i), dtype=bool), 1)
+        upper = np.triu(np.ones((j - i, j - i), dtype=bool), 1)
         sq[upper] = sq.T[upper]
     return G

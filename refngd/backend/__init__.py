@@ -295,9 +295,9 @@ def _solve_triangular(xp, L, b, lower: bool, trans: int = 0):
 
 
 def _cho_solve(xp, L, B):
-    """(L Lᵀ)⁻¹ B: on the host LAPACK ``dtrsv``/``dtrsm`` (:func:`refngd.linalg.cho_solve`)."""
+    """(L Lᵀ)⁻¹ B: on the host LAPACK ``dtrsv``/``dtrsm`` (:func:`refngd.backend.lapack.cho_solve`)."""
     if xp is np:
-        from .linalg import cho_solve
+        from .lapack import cho_solve
 
         return cho_solve(L, B)
     y = _solve_triangular(xp, L, B, lower=True)
@@ -314,13 +314,13 @@ def _cholesky_stats(A: Array, unshifted: Array | None = None):
     (:class:`PSDFactor`) and is factored in place; otherwise A is copied first.
 
     On the host, LAPACK ``dpotrf`` of the OpenBLAS that NumPy links, in place, at about
-    the GEMM rate (:mod:`refngd.linalg` says why not ``numpy.linalg.cholesky`` or SciPy's).
+    the GEMM rate (:mod:`refngd.backend.lapack` says why not ``numpy.linalg.cholesky`` or SciPy's).
     Its diagonal tells finiteness: a NaN or Inf anywhere in row i of L reaches L_ii
     through L_ii² = A_ii − Σ_k L_ik².
     """
     xp = namespace(A)
     if xp is np:
-        from .linalg import cholesky_inplace, tril_inplace
+        from .lapack import cholesky_inplace, tril_inplace
 
         own = unshifted is not None and unshifted is not A and A.flags.c_contiguous
         M = A if own else np.array(A, dtype=np.float64, order="C")
