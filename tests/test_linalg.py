@@ -101,9 +101,23 @@ def test_syrk_lower_and_mirror(route, R, d):
     assert rel(out, ref) < 1e-14
 
 
-def test_tril_inplace():
+@pytest.mark.parametrize("shift", [0.0, 0.25])
+def test_lower_copy(shift):
     A = np.arange(600.0 * 600).reshape(600, 600)
-    np.testing.assert_array_equal(linalg.tril_inplace(A.copy(), block=64), np.tril(A))
+    ref = np.tril(A) + shift * np.eye(600)
+    np.testing.assert_array_equal(linalg.lower_copy(A, shift, block=64), ref)
+    np.testing.assert_array_equal(linalg.lower_copy(A[::2, ::2].astype(np.float32), shift),
+                                  np.tril(A[::2, ::2].astype(np.float32)) + shift * np.eye(300))
+
+
+def test_psdfactor_factor_bitwise_as_before(route):
+    """The factor of A + shift·I from lower_copy is that of A.copy() + shift, bit for bit."""
+    A, shift = spd(300, seed=9), 1e-3
+    M = A.copy()
+    M.reshape(-1)[::301] += shift
+    L, ok = linalg.cholesky_inplace(M)
+    assert ok
+    np.testing.assert_array_equal(PSDFactor(A, shift=shift).L, np.tril(L))
 
 
 # ------------------------------------------------------------------ PSDFactor on top

@@ -311,7 +311,9 @@ def _cholesky_stats(A: Array, unshifted: Array | None = None):
     (default A)] (None when the factorisation raised).  CuPy returns NaNs instead of
     raising for a matrix that is not positive definite, hence the finiteness flag.
     When ``unshifted`` is given and is not A itself, A is the caller's shifted temporary
-    (:class:`PSDFactor`) and is factored in place; otherwise A is copied first.
+    (:class:`PSDFactor`) and is factored in place — on the host it must then hold zeros
+    above the diagonal (:func:`refngd.backend.lapack.lower_copy`); otherwise A's lower
+    triangle is copied first.
 
     On the host, LAPACK ``dpotrf`` of the OpenBLAS that NumPy links, in place, at about
     the GEMM rate (:mod:`refngd.backend.lapack` says why not ``numpy.linalg.cholesky`` or SciPy's).
@@ -320,14 +322,14 @@ def _cholesky_stats(A: Array, unshifted: Array | None = None):
     """
     xp = namespace(A)
     if xp is np:
-        from .lapack import cholesky_inplace, tril_inplace
+        from .lapack import cholesky_inplace, lower_copy
 
-        own = unshifted is not None and unshifted is not A and A.flags.c_contiguous
-        M = A if own else np.array(A, dtype=np.float64, order="C")
-        L, ok = cholesky_inplace(M)
+        own = (unshifted is not None and unshifted is not A and A.flags.c_contiguous
+               and A.dtype == np.float64)
+        # dpotrf leaves the strict upper triangle as it was: zeros, so L is lower-triangular
+        L, ok = cholesky_inplace(A if own else lower_copy(A))
         if not ok:
             return None, None
-        L = tril_inplace(L)
     else:
         try:
             L = xp.linalg.cholesky(A)
@@ -418,7 +420,11 @@ class PSDFactor:
         n = A.shape[0]
         self.xp, self.n, self.L = xp, n, None
         M = A
-        if shift:  # A + shift·I without an n × n identity temporary
+        if shift and xp is np:  # lower triangle of A + shift·I, zeros above: one pass
+            from .lapack import lower_copy
+
+            M = lower_copy(A, shift)
+        elif shift:  # A + shift·I without an n × n identity temporary
             M = A.copy()
             M.reshape(-1)[::n + 1] += shift
         self.L, stats = _cholesky_stats(M, A)  # M: factored in place when it is a copy

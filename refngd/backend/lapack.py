@@ -131,7 +131,7 @@ def cholesky_inplace(M: np.ndarray) -> tuple[np.ndarray, bool]:
     -------
     (L, ok) : L is ``M`` itself with the factor in its lower triangle (L Lᵀ = M); its
         strict upper triangle is **not referenced** (it may still hold M's entries — the
-        solves here read only the lower triangle; :func:`tril_inplace` zeroes it).
+        solves here read only the lower triangle; start from :func:`lower_copy` for zeros).
         ``ok`` is False when LAPACK ``dpotrf`` met a non-positive pivot (M is not
         numerically positive definite); L is then partial.
     """
@@ -159,19 +159,26 @@ def cholesky_inplace(M: np.ndarray) -> tuple[np.ndarray, bool]:
     return M, True
 
 
-def tril_inplace(L: np.ndarray, block: int = 256) -> np.ndarray:
-    """Zero the strict upper triangle of a square C-ordered matrix in place (returns it).
+def lower_copy(A: np.ndarray, shift: float = 0.0, block: int = 256) -> np.ndarray:
+    """A new C-ordered float64 matrix: the lower triangle of ``A`` (+ shift on the diagonal),
+    zeros above — what :func:`cholesky_inplace` turns into a clean lower factor.
 
-    In row blocks: the part right of each block's diagonal square is one slice
-    assignment, the square itself a small ``triu`` mask — no n × n index arrays.
+    In row blocks: the part left of each block's diagonal square is copied, the square
+    itself through a small ``tril``, the part right of it set to zero — one pass that
+    reads half of A, instead of a full copy and then a second pass zeroing the upper
+    triangle of the factor.  The entries are those of
+    ``A.copy()`` with ``shift`` added to its diagonal, bit for bit.
     """
-    n = L.shape[0]
+    n = A.shape[0]
+    M = np.empty((n, n), dtype=np.float64)
     for i in range(0, n, block):
         j = min(n, i + block)
-        L[i:j, j:] = 0.0
-        sq = L[i:j, i:j]
-        sq[np.triu(np.ones((j - i, j - i), dtype=bool), 1)] = 0.0
-    return L
+        M[i:j, :i] = A[i:j, :i]
+        M[i:j, i:j] = np.tril(A[i:j, i:j])
+        M[i:j, j:] = 0.0
+    if shift:
+        M.reshape(-1)[::n + 1] += shift
+    return M
 
 
 def cho_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:

@@ -371,27 +371,35 @@ class Conv2d(ParametricLayer):
             out[...] = res
         return res
 
-    def row_sum(self, cache, B, w):
+    def _summed_rows(self, B, w):
+        """Σ_k w_nk b_nk as (C_out, N·T), columns (n, t) as the patch columns'.
+
+        One row per sample (K = 1, e.g. the gradient): the product with w and the
+        transposition are one pass, written straight into that layout; otherwise the
+        per-sample sum (a batched product) and then one transposing copy.
+        """
         xp = namespace(B)
-        cols, N = cache[0], B.shape[0]
-        Co = self.out_channels
-        v = weighted_row_sum(B, w).reshape(N, Co, -1)  # Σ_k w_nk b_nk
-        vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
-        blocks = [self._weight_block(vt, cols).reshape(self.param_shapes[0])]
+        N, K, Co = B.shape[0], B.shape[1], self.out_channels
+        if K == 1:
+            vt = xp.empty((Co, N, B.size // (N * Co)), dtype=xp.result_type(B.dtype, w.dtype))
+            xp.multiply(B.reshape(N, Co, -1).transpose(1, 0, 2), w.reshape(1, N, 1), out=vt)
+            return vt.reshape(Co, -1)
+        v = weighted_row_sum(B, w).reshape(N, Co, -1)
+        return xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
+
+    def row_sum(self, cache, B, w):
+        vt = self._summed_rows(B, w)
+        blocks = [self._weight_block(vt, cache[0]).reshape(self.param_shapes[0])]
         if self.bias:
-            blocks.append(v.sum(axis=(0, 2)))
+            blocks.append(vt.sum(axis=1))
         return blocks
 
     def row_sum_into(self, cache, B, w, out):
         """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw)."""
-        xp = namespace(B)
-        cols, N = cache[0], B.shape[0]
-        Co = self.out_channels
-        v = weighted_row_sum(B, w).reshape(N, Co, -1)
-        vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
-        self._weight_block(vt, cols, out=out[0].reshape(Co, self.D))
+        vt = self._summed_rows(B, w)
+        self._weight_block(vt, cache[0], out=out[0].reshape(self.out_channels, self.D))
         if self.bias:
-            v.sum(axis=(0, 2), out=out[1])
+            vt.sum(axis=1, out=out[1])
 
     def row_sq_sum(self, cache, B):
         """Σ_r G_r ⊙ G_r from per-row gradients materialised a block of channels at a time."""
