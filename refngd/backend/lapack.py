@@ -4,12 +4,12 @@ Every damped solve of refngd factors an R × R float64 Gram matrix (R = N·K row
 20 000 in practice) by Cholesky and solves with its triangular factor twice
 (:class:`refngd.backend.PSDFactor`).  The factorisation is R³/3 FLOPs; at the GEMM rate
 it costs a fraction of the Gram matrix itself (R²·P/2 FLOPs per layer).  Which LAPACK entry
-point reaches that rate was measured (docs/benchmarks.md, "Cholesky and triangular
-solves"), on 2-core AVX2 and AVX-512 machines with NumPy and SciPy wheels:
+point comes closest to that rate was measured (docs/benchmarks.md, "Cholesky and
+triangular solves"; 2-core VMs, NumPy and SciPy wheels, R = 1152):
 
 * ``numpy.linalg.cholesky`` calls OpenBLAS's ``dpotrf`` but copies the matrix into and
-  out of Fortran order and zeroes a triangle around it: 15–36 % of the GEMM rate at
-  R = 1152;
+  out of Fortran order and zeroes a triangle around it: 15–36 % of the GEMM rate on
+  AVX2, 10–38 % on AVX-512, the slowest of the three in every run;
 * SciPy's ``dpotrf`` (``scipy.linalg.lapack``, on the transposed, Fortran-ordered view so
   that nothing is copied) is fast by itself, but SciPy's wheel bundles a *second*
   OpenBLAS with its own thread pool: called right after NumPy's GEMMs (the Gram matrix),
@@ -18,7 +18,10 @@ solves"), on 2-core AVX2 and AVX-512 machines with NumPy and SciPy wheels:
   wheels ship it as ``scipy-openblas64``, ILP64, symbols ``scipy_dpotrf_64_`` …),
   called in place through :mod:`ctypes`: one thread pool for the whole step, no copy;
   OpenBLAS's own recursive, parallel ``potrf`` does its work in GEMM/SYRK/TRSM calls.
-  90–100 % of the GEMM rate at R = 1152.
+  Within the NGD step it ran at 38–46 % of the GEMM rate on the AVX-512 VM (OpenBLAS's
+  SkylakeX kernels, whose TRSM runs at 47–72 % of their GEMM rate there); a recursive
+  Cholesky written here with its triangular solves recursed into GEMMs was measured at
+  0.8–1.2× its speed and is not used.
 
 :func:`cholesky_inplace` and :func:`cho_solve` therefore use NumPy's own LAPACK where it is
 found (already loaded in this process, ILP64 symbols present) and fall back to SciPy's
