@@ -27,24 +27,17 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
-from ..backend import as_generator
-from ..losses import CrossEntropy
 from ..optim.adafisher import AdaFisher
 from ..optim.baselines import SGD, Adafactor, Adam, AdamW
-from .data import load_digits, load_npz
-from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping,
-                          direction_gammas, direction_summary, e1_summary, e3_summary)
+from .gamma_study import DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, best_over_damping
 from ..optim.fadam import FAdam
-from .models import build_model
 from ..optim.natural import EF, IEF, NGD, SF
 from .results import fmt, format_table, save_json
-from ..optim.train import progress_bar, train
+from ..optim.train import progress_bar
 
 
 @dataclass(frozen=True)
@@ -189,163 +182,51 @@ class CompareConfig:
         return tuple(self.lr.get(method, METHODS[method].lr_grid))
 
 
-def run_compare(config: CompareConfig, log=print, on_method: Callable | None = None) -> dict:
+def run_compare(config: CompareConfig, log=print, on_method: Callable | None = None, *,
+                client=None, on_unit: Callable | None = None, done: dict | None = None,
+                threads: int | None = None) -> dict:
     """Run the comparison of ``config``; returns its record (write it with :func:`write_outputs`).
 
-    ``log`` receives the progress lines (``print`` by default); ``on_method(key, rec)`` is
-    called as each method finishes (``refngd compare`` saves it at once:
-    :class:`refngd.experiments.run_output.RunOutput`).  With ``config.seeds > 1`` the
-    whole comparison runs once per seed (``on_method`` then gets keys ``"seed S/METHOD"``)
-    and the record aggregates them (:func:`aggregate_seeds`).
+    The comparison is a grid of units of work (:mod:`refngd.experiments.grid`): one
+    training run per seed, method and learning rate, one γ evaluation per seed,
+    checkpoint and batch.  They run in this process, one after another (the default), or
+    on the workers of ``client``, a ``dask.distributed.Client`` (docs/compare.md, "On a
+    cluster"); the record is the same either way.
+
+    Parameters
+    ----------
+    config : the settings (checked here).
+    log : receives the progress lines (``print`` by default).
+    on_method : ``on_method(key, rec)`` as each method's training runs have all finished
+        (``refngd compare`` saves it at once: :class:`refngd.experiments.run_output.RunOutput`);
+        with ``config.seeds > 1`` the keys are ``"seed S/METHOD"``.
+    client : a ``dask.distributed.Client`` to run the units on (None: in-process).
+    on_unit : ``on_unit(unit, result)`` as each unit finishes, with its
+        :class:`~refngd.experiments.units.Unit` and encoded result.
+    done : unit key → result of units recorded by an interrupted run (``--resume``):
+        they are not run again.
+    threads : BLAS threads while a unit runs (None: as they are).
+
+    With ``config.seeds > 1`` the record aggregates the seeds' records (:func:`aggregate_seeds`).
     """
+    from .executors import DaskExecutor, InProcess
+    from .grid import Grid
+
     config.check()
-    if config.seeds > 1:
-        records = []
-        for k in range(config.seeds):
-            log(f"— seed {config.seed + k} ({k + 1} of {config.seeds}) —")
-            seed = config.seed + k
-            hook = None if on_method is None else (
-                lambda m, rec, seed=seed: on_method(f"seed {seed}/{m}", rec))
-            records.append(run_compare(replace(config, seed=seed, seeds=1), log, hook))
-        return aggregate_seeds(records)
     t_start = time.perf_counter()
-    data = (load_npz(config.data, config.test_fraction, config.seed) if config.data
-            else load_digits(config.test_fraction, config.seed)).for_model(config.model)
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    loss = CrossEntropy()
-    theta0 = model.init(as_generator(config.seed))
-    log(f"refngd compare: {data.name} ({data.X_train.shape[0]} train / {data.X_test.shape[0]} test, "
-        f"{data.num_classes} classes), {config.model} with {model.num_params} parameters, "
-        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} of batch {config.batch_size}, "
-        f"seed {config.seed}")
-    trajectory = "sgd" if "sgd" in config.methods else config.methods[0]
-    per_epoch = math.ceil(data.X_train.shape[0] / config.batch_size)
-    total = config.epochs * per_epoch if config.max_steps is None else min(config.max_steps, config.epochs * per_epoch)
-    n_ck = config.gamma_checkpoints
-    ck_steps = sorted({round(i * total / max(1, n_ck - 1)) for i in range(n_ck)}) if config.gamma else []
-    eval_every = max(1, per_epoch // 4)
-
-    runs = [(m, lr) for m in config.methods for lr in config.grid(m)]
-    outer = progress_bar(len(runs), config.progress, "compare", "run", leave=True)
-    methods_rec, checkpoints, own_runs = {}, {}, {}
-    for m in config.methods:
-        spec = METHODS[m]
-        rec = {"label": spec.label, "settings": spec.settings, "lr_grid": list(config.grid(m)),
-               "runs": [], "best_lr": None, "best": None}
-        best_res = None
-        own = config.gamma and m in OWN_TRAJECTORY_METHODS  # score it at its own checkpoints
-        for lr in config.grid(m):
-            opt = spec.make(lr)
-            res = train(model, theta0, loss, data.X_train, data.y_train, opt, epochs=config.epochs,
-                        batch_size=config.batch_size, max_steps=config.max_steps, rng=config.seed,
-                        X_test=data.X_test, y_test=data.y_test, eval_every=eval_every,
-                        progress=config.progress, desc=f"{spec.label} lr={lr:g}",
-                        checkpoints=ck_steps if m == trajectory or own else (), on_divergence="ignore",
-                        record_state=own)
-            rec["runs"].append({"lr": lr, "final_train_loss": res.final_train_loss,
-                                "test_accuracy": res.evals["test_accuracy"][-1],
-                                "seconds_per_step": res.seconds_per_step, "steps": res.steps,
-                                "stopped": res.stopped})
-            if best_res is None or res.final_train_loss < best_res[1].final_train_loss:
-                best_res = (lr, res)
-            if outer is not None:
-                outer.update(1)
-        lr, res = best_res
-        grid = rec["lr_grid"]
-        rec.update(best_lr=lr, best_on_grid_edge=len(grid) > 1 and lr in (min(grid), max(grid)),
-                   best=res.to_dict(), final_train_loss=res.final_train_loss,
-                   test_accuracy=res.evals["test_accuracy"][-1], seconds_per_step=res.seconds_per_step,
-                   optimizer=spec.make(lr).hyperparameters())
-        if m == trajectory:
-            checkpoints = res.checkpoints
-        if own:
-            own_runs[m] = (lr, res.checkpoints, res.checkpoint_states)
-        methods_rec[m] = rec
-        if on_method is not None:
-            on_method(m, rec)
-    if outer is not None:
-        outer.close()
-
-    from .. import __version__
-
-    record = {
-        "refngd_version": __version__,
-        "config": {**asdict(config), "methods": list(config.methods), "data": data.name,
-                   "data_path": config.data,
-                   "loss": "CrossEntropy(mean)", "num_params": model.num_params,
-                   "model_repr": repr(model), "steps_per_epoch": per_epoch, "eval_every": eval_every},
-        "data": data.describe(),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "cpu_count": os.cpu_count()},
-        "methods": methods_rec,
-    }
-    if config.gamma:
-        record["gamma"] = _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs)
-    record["table"] = summary_rows(record)
-    record["seconds_total"] = time.perf_counter() - t_start
-    return record
-
-
-def _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs=None) -> dict:
-    """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints.
-
-    ``own_runs``: {method: (best lr, {step: θ}, {step: state})} of the state-dependent
-    methods, scored E1-style at their own checkpoints (``"own_trajectory"``).
-    """
-    rng = as_generator(config.seed + 1)
-    N = data.X_train.shape[0]
-    n = min(config.batch_size, N)
-    idx = rng.permutation(N)
-    batches = [idx[i * n:(i + 1) * n] for i in range(min(config.gamma_batches, max(1, N // n)))]
-    dampings = sorted(set(float(v) for v in config.gamma_dampings) | {float(config.e1_damping)})
-    log(f"γ evaluation: {len(checkpoints)} checkpoints of the {METHODS[trajectory].label} run × "
-        f"{len(batches)} fixed batches of {n}")
-    rows = []
-    bar = progress_bar(len(checkpoints), config.progress, "γ evaluation", "checkpoint", leave=True)
-    for step in sorted(checkpoints):
-        theta = checkpoints[step]
-        per = [batch_gammas(model, theta, loss, data.X_train[b], data.y_train[b],
-                            methods=config.gamma_methods, dampings=dampings,
-                            rng=as_generator(config.seed + 100 + k))
-               for k, b in enumerate(batches)]
-        imbalance = [b["imbalance"] for b in per if b["imbalance"] is not None]
-        rows.append({"step": step, "e1": e1_summary(per, config.e1_damping), "e3": e3_summary(per),
-                     "imbalance": sum(imbalance) / len(imbalance) if imbalance else None})
+    executor = InProcess() if client is None else DaskExecutor(client)
+    bar = None
+    try:
+        grid = Grid(config, executor, log, on_method, on_unit, done, threads)
+        bar = progress_bar(grid.expected_units(), config.progress, "compare", "unit", leave=True)
+        records = grid.run(bar)
+    finally:
+        executor.close()  # on Ctrl-C or an error: cancel what has not run
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    last = rows[-1] if rows else {"e1": {}, "e3": {}}
-    out = {"trajectory": trajectory, "methods": list(config.gamma_methods),
-           "batch_size": n, "batches": len(batches), "dampings": dampings,
-           "e1_damping": config.e1_damping,
-           "damping_convention": f"absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
-                                 f"loss as trained ({type(loss).__name__}, reduction="
-                                 f"{loss.reduction!r}); Gram forms use λ/c",
-           "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
-    if own_runs:
-        out["own_trajectory"] = {m: _own_trajectory(config, model, loss, data, batches, m, *run)
-                                 for m, run in own_runs.items()}
-    return out
-
-
-def _own_trajectory(config, model, loss, data, batches, method, lr, thetas, states) -> dict:
-    """γ̄(d)/γ̄(g) ± s.e. and γ̄(d)/γ̄* of ``opt.direction(θ_k, state_k, ...)`` at the
-    method's own checkpoints, on the study's fixed batches (the exact Fisher at θ_k)."""
-    opt = METHODS[method].make(lr)
-    rows = []
-    for step in sorted(states):
-        theta, state = thetas[step], states[step]
-        per = []
-        for k, b in enumerate(batches):
-            X, y = data.X_train[b], data.y_train[b]
-            d = opt.direction(theta, state, model, loss, X, y, rng=as_generator(config.seed + 100 + k))
-            per.append(direction_gammas(model, theta, loss, X, y, d))
-        rows.append({"step": step, **direction_summary(per)})
-    return {"label": METHODS[method].label, "lr": lr,
-            "direction": "opt.direction(θ, state, ...) with the state recorded at the checkpoint "
-                         "of the method's own best run (its own damping)",
-            "checkpoints": rows}
+            bar.close()
+    record = records[0] if config.seeds == 1 else aggregate_seeds(records)
+    record["seconds_wall"] = time.perf_counter() - t_start
+    return record
 
 
 # ------------------------------------------------------------------------- seeds
