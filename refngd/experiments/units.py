@@ -111,6 +111,7 @@ def run_train(config, data, unit: Unit, checkpoints=(), record_state: bool = Fal
     from .compare import METHODS  # compare imports the grid, which imports this module
 
     t0 = time.perf_counter()
+    data = fresh(data)
     with blas_limit(threads):
         model = build_model(config.model, data.input_shape, data.num_classes)
         theta0 = model.init(as_generator(unit.seed))
@@ -132,6 +133,7 @@ def run_gamma(config, data, unit: Unit, theta, rows, dampings, threads: int | No
     """:func:`~refngd.experiments.gamma_study.batch_gammas` at θ on the training rows ``rows``
     (fixed batch ``unit.batch``), its draws from ``default_rng(seed + 100 + batch)``."""
     t0 = time.perf_counter()
+    data, theta = fresh((data, theta))
     with blas_limit(threads):
         model = build_model(config.model, data.input_shape, data.num_classes)
         out = batch_gammas(model, theta, CrossEntropy(), data.X_train[rows], data.y_train[rows],
@@ -146,17 +148,29 @@ def run_own(config, data, unit: Unit, theta, state, rows, threads: int | None = 
     from .compare import METHODS
 
     t0 = time.perf_counter()
+    # also a copy of the state: in-process the same state object serves every batch of
+    # the checkpoint, and a direction that touched it would make one batch's γ depend on another's
+    data, theta, state = fresh((data, theta, state))
     with blas_limit(threads):
         model = build_model(config.model, data.input_shape, data.num_classes)
         loss = CrossEntropy()
         X, y = data.X_train[rows], data.y_train[rows]
-        # a copy: in-process the same state object serves every batch of the checkpoint,
-        # and a direction that touched it would make one batch's γ depend on another's
-        state = copy.deepcopy(state)
         d = METHODS[unit.method].make(unit.lr).direction(
             theta, state, model, loss, X, y, rng=as_generator(unit.seed + 100 + unit.batch))
         out = direction_gammas(model, theta, loss, X, y, d)
     return encode_exact({"gammas": out, "seconds": time.perf_counter() - t0})
+
+
+def fresh(inputs):
+    """A deep copy of a unit's array inputs, in memory allocated by NumPy in this process.
+
+    Arrays a Dask worker unpickles can sit at any byte offset of the message they came in
+    (even unaligned for float64), and BLAS kernels peel their loops to the alignment of
+    their operands: the same γ then differed in the last bits from the in-process one
+    (up to 1e-9 relative for K-FAC at tiny damping).  Fresh copies make every process
+    see its inputs as this process would.
+    """
+    return copy.deepcopy(inputs)
 
 
 def blas_limit(threads: int | None):
