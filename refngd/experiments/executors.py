@@ -16,8 +16,11 @@ touches it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from collections import deque
 from typing import Callable
 
@@ -117,14 +120,54 @@ def local_cluster(workers: int, threads: int, quiet: bool = True):
     n = worker_threads(workers, threads)
     env = {name: str(n) for name in BLAS_ENV}
     try:
-        cluster = distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            env=env, silence_logs=logging.ERROR if quiet else logging.WARNING)
+        with _workers_ignore_ctrl_c():
+            cluster = distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                env=env, silence_logs=logging.ERROR if quiet else logging.WARNING)
     except Exception as err:  # noqa: BLE001 -- any failure to start is reported in one line
         raise ExecutorError(f"could not start a local Dask cluster of {workers} workers: "
                             f"{type(err).__name__}: {err}") from err
     client = distributed.Client(cluster)
     return cluster, client, n
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c():
+    """Start the worker processes with SIGINT ignored (inherited through their exec).
+
+    Ctrl-C in a terminal reaches the whole process group: the workers would die with a
+    traceback each while the driver is saving what finished.  Ignoring it, they are left
+    to the driver, which closes the cluster after saying what was kept.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change signal handlers
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def close_quietly(client, cluster=None) -> None:
+    """Close ``client`` and then ``cluster`` without Dask's shutdown chatter.
+
+    Closing with units in flight (Ctrl-C) makes the scheduler log, at CRITICAL level,
+    every message it can no longer send to the closed client: pages of tracebacks after
+    the one line that says what was kept.  They say nothing the user needs.
+    """
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "distributed" or name.startswith("distributed.")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL + 1)
+    try:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def connect(address: str, timeout: float | None = None):
