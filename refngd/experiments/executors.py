@@ -114,7 +114,8 @@ def local_cluster(workers: int, threads: int, quiet: bool = True):
     Worker processes, not threads: the units spend much of their time in Python, which
     the GIL would serialise.  Each worker runs one unit at a time with
     :func:`worker_threads` BLAS threads (environment variables set before its BLAS loads).
-    No dashboard (it would need a free port and bokeh).
+    The scheduler's HTTP server (it always has one) takes a free port: 8787 may be another
+    cluster's.
     """
     distributed = _import_distributed("--workers")
     n = worker_threads(workers, threads)
@@ -122,7 +123,7 @@ def local_cluster(workers: int, threads: int, quiet: bool = True):
     try:
         with _workers_ignore_ctrl_c():
             cluster = distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                 env=env, silence_logs=logging.ERROR if quiet else logging.WARNING)
     except Exception as err:  # noqa: BLE001 -- any failure to start is reported in one line
         raise ExecutorError(f"could not start a local Dask cluster of {workers} workers: "
