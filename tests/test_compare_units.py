@@ -43,7 +43,8 @@ def without_timings(obj):
 
 
 def tiny_config(**kw) -> CompareConfig:
-    base = dict(methods=("sgd", "ngd", "rfadam"), lr={"sgd": [0.1, 0.3], "ngd": [0.1], "rfadam": [3.0]},
+    base = dict(methods=("sgd", "ngd", "rfadam"),
+                lr={"sgd": [0.1, 0.3], "ngd": [0.1], "rfadam": [3.0]},
                 epochs=1, batch_size=32, max_steps=4, gamma_checkpoints=3, gamma_batches=2,
                 progress=False)
     return CompareConfig(**{**base, **kw})
@@ -203,7 +204,8 @@ def test_bad_executor_options(capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--workers", "0"])
     assert exc.value.code == 2
-    assert "worker processes >= 1 (leave --workers out to run in-process)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "worker processes >= 1 (leave --workers out to run in-process)" in err
     with pytest.raises(SystemExit):
         main(["compare", "--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"])
     assert "not both" in capsys.readouterr().err
@@ -218,7 +220,8 @@ def test_in_process_default_never_imports_dask(tmp_path):
     code = ("import sys; from refngd.cli import main; "
             f"rc = main(['compare', '--methods', 'sgd', '--lr', '0.1', *{SMALL!r}, "
             f"'--out', {str(tmp_path / 'o')!r}]); "
-            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed')))")
+            "print(rc, sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('dask', 'distributed')))")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
