@@ -266,6 +266,8 @@ def aggregate_seeds(records: list[dict]) -> dict:
     out = {"refngd_version": first["refngd_version"],
            "config": {**first["config"], "seed": seeds[0], "seeds": len(seeds)},
            "seeds": seeds, "methods": methods, "per_seed": records,
+           "units": {part: {kind: sum(r["units"][part][kind] for r in records)
+                            for kind in first["units"][part]} for part in ("count", "seconds")},
            "seconds_total": sum(r["seconds_total"] for r in records)}
     if all(r.get("gamma") and r["gamma"]["checkpoints"] for r in records):
         g0 = first["gamma"]

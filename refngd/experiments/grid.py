@@ -56,7 +56,8 @@ class _Seed:
     methods: dict = field(default_factory=dict)  #: method → its record
     gammas: dict = field(default_factory=dict)  #: (step, batch) → batch_gammas result
     own: dict = field(default_factory=dict)  #: (method, step, batch) → direction_gammas result
-    seconds: float = 0.0  #: the compute time of its units
+    units: dict = field(default_factory=lambda: {k: 0 for k in ("train", "gamma", "own")})
+    seconds: dict = field(default_factory=lambda: {k: 0.0 for k in ("train", "gamma", "own")})
 
 
 class Grid:
@@ -152,7 +153,8 @@ class Grid:
 
     def _take(self, unit: Unit, result: dict) -> None:
         s = self.seeds[unit.seed - self.config.seed]
-        s.seconds += result["seconds"]
+        s.units[unit.kind] += 1  # what its units cost, by kind (docs/compare.md)
+        s.seconds[unit.kind] += result["seconds"]
         if unit.kind == "gamma":
             s.gammas[unit.step, unit.batch] = result["gammas"]
         elif unit.kind == "own":
@@ -228,7 +230,8 @@ class Grid:
         if c.gamma:
             record["gamma"] = self._gamma(s)
         record["table"] = summary_rows(record)
-        record["seconds_total"] = s.seconds
+        record["units"] = {"count": dict(s.units), "seconds": dict(s.seconds)}
+        record["seconds_total"] = sum(s.seconds.values())
         return record
 
     def _gamma(self, s: _Seed) -> dict:
