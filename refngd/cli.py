@@ -166,6 +166,15 @@ def _find(module: str):
     return find_spec(module)
 
 
+def _unit_threads(args) -> int | None:
+    """The BLAS threads each unit runs with (None: the library's default)."""
+    if args.workers is not None:
+        from .experiments.executors import worker_threads
+
+        return worker_threads(args.workers, args.threads)
+    return args.threads or None
+
+
 @contextlib.contextmanager
 def _executor(args):
     """``(client, description)``: no client in-process, else a Dask client, closed afterwards.
@@ -230,7 +239,7 @@ def main(argv=None) -> int:
     plots = not args.no_plots and not any("matplotlib" in n for n in notes)
     try:  # before any work: a bad --out must not cost a whole run
         out = RunOutput(config.out, resume=args.resume)
-        out.start(config)
+        out.start(config, blas_threads=_unit_threads(args))
     except OutputError as err:
         parser.compare_parser.error(str(err))
     if out.complete:

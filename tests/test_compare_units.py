@@ -178,6 +178,9 @@ def test_resume_refuses_another_configuration(tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "another configuration (epochs 1 there, 2 here)" in err
+    with pytest.raises(SystemExit):  # other BLAS threads can move the last digits
+        main(["compare", *TINY, "--out", str(out), "--resume", "--threads", "2"])
+    assert "BLAS threads per unit 1 there, 2 here" in capsys.readouterr().err
     assert len(os.listdir(out / "units")) == 3  # untouched
 
 

@@ -158,17 +158,20 @@ class RunOutput:
                                                   f"{UNITS}/ ignored)" if unreadable else "") + ".")
 
     # ------------------------------------------------------------------ saving as we go
-    def start(self, config) -> None:
+    def start(self, config, blas_threads: int | None = None) -> None:
         """Remember the run's settings for the partial records.
 
-        With ``--resume``, raise :class:`OutputError` unless the interrupted run had the
-        same settings (all but :data:`RESUME_FREE`) and the same refngd version.
+        ``blas_threads``: the BLAS threads each unit runs with (None: the library's
+        default).  With ``--resume``, raise :class:`OutputError` unless the interrupted run
+        had the same settings (all but :data:`RESUME_FREE`), the same BLAS threads per unit
+        (another count can move the last digits) and the same refngd version.
         """
         from .. import __version__
 
         settings = asdict(config) if is_dataclass(config) else dict(config)
         self._header = {"config": settings}
-        self._run_header = {"refngd_version": __version__, "config": jsonable(settings)}
+        self._run_header = {"refngd_version": __version__, "blas_threads": blas_threads,
+                            "config": jsonable(settings)}
         if self._earlier is not None:
             self._check_same(self._run_header)
 
@@ -182,6 +185,9 @@ class RunOutput:
         old = jsonable(then.get("config", {}))
         differ = [f"{k.replace('_', '-')} {old.get(k)!r} there, {v!r} here"
                   for k, v in now["config"].items() if k not in RESUME_FREE and old.get(k) != v]
+        if "blas_threads" in then and then["blas_threads"] != now["blas_threads"]:
+            differ.append(f"BLAS threads per unit {then['blas_threads']} there, "
+                          f"{now['blas_threads']} here (--threads, --workers)")
         if differ:
             raise OutputError(f"{where} has another configuration ({'; '.join(differ)}); resume "
                               "with the same options, or leave --resume out to start a fresh run.")
