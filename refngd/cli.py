@@ -201,7 +201,7 @@ def _executor(args):
               f"BLAS thread{'s' if n != 1 else ''}{shared}")
     else:
         client = connect(args.scheduler)
-        workers = len(client.scheduler_info().get("workers", {}))
+        workers = len(client.nthreads())  # some dask versions list 5 in scheduler_info()
         info = {"kind": "Dask scheduler", "address": args.scheduler, "workers": workers,
                 "blas_threads_per_worker": args.threads or None}
         print(f"refngd compare: the Dask cluster at {args.scheduler} ({workers} workers now)")
