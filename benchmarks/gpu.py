@@ -278,7 +278,7 @@ def main(argv=None):
             print(f"  {'float64 FLOP floor':<40} {floor * 1e3:10.2f} ms  "
                   f"(ngd / floor = {vals['ngd'] / floor:.2f})")
     if args.out:
-        from refngd.experiments.results import save_json
+        from refngd.optim.records import save_json
 
         save_json(record, args.out)
         print(f"\nwritten to {args.out}")

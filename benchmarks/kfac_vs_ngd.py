@@ -32,7 +32,7 @@ from kfac import problem, small_cnn
 
 from refngd import losses, updates
 from refngd.curvature import KFAC, Fisher
-from refngd.curvature.kfac import _INPUT_FACTORS, fisher_cotangents
+from refngd.curvature.kfac_factors import INPUT_FACTORS, fisher_cotangents
 from refngd.derivatives import gradient_from
 
 
@@ -55,7 +55,7 @@ def main(argv=None):
         return K.solve(gradient_from(K.lin, loss, y), lam)
 
     def kfac_shared_lin():
-        _INPUT_FACTORS.pop(lin, None)  # the input factors are cached per linearisation
+        INPUT_FACTORS.pop(lin, None)  # the input factors are cached per linearisation
         return KFAC(model, theta, loss, X, y, linearization=lin).solve(g, lam)
 
     variants = {

@@ -25,7 +25,10 @@ import argparse
 import os
 import time
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,7 +36,7 @@ from scipy.optimize import minimize
 
 import refngd
 from refngd import losses, nn, optim
-from refngd.experiments.results import format_table
+from refngd.optim.records import format_table
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/optimizer_table.png")

@@ -40,7 +40,10 @@ is closer per block.
 import argparse
 import os
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -48,7 +51,7 @@ import numpy as np
 from refngd import nn
 from refngd.curvature import KFAC, Fisher
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.sequence_losses import PerToken
+from refngd.losses import PerToken
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="examples_out/transformer_kfac.png")

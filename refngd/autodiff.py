@@ -14,7 +14,7 @@ import autograd.numpy as anp
 
 from .backend import Array, check_float_array, is_cupy
 from .rows import DenseRowSet
-from .subsets import resolve_params
+from .nn.subsets import resolve_params
 
 
 class FunctionModel:

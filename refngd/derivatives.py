@@ -7,8 +7,8 @@ All of them are one backward pass of row cotangents (docs/design.md §2) through
 from __future__ import annotations
 
 from .backend import Array, check_float_array, namespace, one_host_read
-from .validation import check_loss as _check_loss
-from .validation import check_model as _check_model
+from .losses.base import check_loss as _check_loss
+from .nn.protocols import check_model as _check_model
 
 
 def _identity_rows(Z: Array) -> Array:

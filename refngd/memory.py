@@ -183,62 +183,22 @@ def format_bytes(n: float) -> str:
 _F8 = 8
 
 
-def _conv_chunk_elems() -> int:
-    from .nn.conv import _CHUNK_ELEMS
-
-    return _CHUNK_ELEMS
-
-
 def _layer_plan(model, in_shape: tuple, subset) -> list[tuple]:
-    """Per layer of a Sequential: (layer, in_size, out_size, in_shape, stored) in model order.
+    """Per layer of a Sequential: (layer, in_size, out_size, in_shape, out_shape, stored).
 
     ``stored``: the layer holds selected parameters, so the rows at its output are kept
     (one (N, K, *out_shape) buffer for the RowSet).  Layers before the first stored one
-    are not back-propagated through (they are dropped).
+    are not back-propagated through (they are dropped).  What each layer allocates is the
+    layer's own estimate (``backward_workspace``, ``gram_workspace``: the layer protocol).
     """
-    from .nn.base import ParametricLayer
-
     plan, shape = [], tuple(in_shape)
     for i, layer in enumerate(model.layers):
         out = tuple(layer.out_shape(shape))
-        stored = isinstance(layer, ParametricLayer) and (
-            subset is None or any(subset.active[i]))
-        plan.append((layer, math.prod(shape), math.prod(out), shape, stored))
+        stored = bool(layer.param_shapes) and (subset is None or any(subset.active[i]))
+        plan.append((layer, math.prod(shape), math.prod(out), shape, out, stored))
         shape = out
-    first = next((i for i, p in enumerate(plan) if p[4]), len(plan))
+    first = next((i for i, p in enumerate(plan) if p[5]), len(plan))
     return plan[first:]
-
-
-def _backward_extra(layer, in_shape, out_size, R: int) -> int:
-    """Elements, beyond the result, that ``layer.backward`` allocates for R rows."""
-    from .nn.conv import Conv2d
-
-    if isinstance(layer, Conv2d):  # the (C_out, R·T) copy of the rows, the padded output,
-        (ph, pw), (_, H, W) = layer.padding, in_shape  # and one block of the product Y
-        T = out_size // layer.out_channels
-        block = min(R, max(1, _conv_chunk_elems() // (layer.D * T))) * layer.D * T
-        return R * (out_size + layer.in_channels * (H + 2 * ph) * (W + 2 * pw)) + block
-    return 0
-
-
-def _gram_temporaries(layer, in_shape, out_size, N: int, K: int, itemsize: int) -> int:
-    """Bytes a layer's ``row_gram`` holds besides the accumulated Gram matrix."""
-    from .nn.conv import Conv2d, conv_gram_route
-
-    R = N * K
-    cast = itemsize != _F8  # float32 rows are cast to float64 copies first
-    if isinstance(layer, Conv2d):
-        Co, D = layer.out_channels, layer.D
-        T = out_size // Co
-        route = layer.gram_route or conv_gram_route(N, K, T, Co, D, layer.bias)
-        b = cast * (N * T * D + R * Co * T) * _F8
-        if route == "materialise":  # per-row gradients one block of channels at a time
-            step = max(1, _conv_chunk_elems() // max(1, R * D))
-            return b + (2 * R * R + R * min(step, Co) * D) * _F8
-        S = max(1, min(-(-N // 8), math.isqrt(_conv_chunk_elems() // (T * (T + Co * K)))))
-        return b + (3 * R * R + 2 * R * Co * T + S * S * T * (T + Co * K)) * _F8
-    # a Linear layer (and any other one): its R × R contribution and the input Gram
-    return (R * R + 2 * N * N + cast * R * out_size) * _F8
 
 
 def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
@@ -252,13 +212,14 @@ def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
     * ``rows``: the rows kept at the output of every parametric layer, Σ_l N·K·out_l·s
       (s = the model's itemsize) — the RowSet;
     * ``backward temporaries``: the largest transient of the backward pass: the rows in
-      flight and what one layer's backward allocates (Conv2d: a copy of the rows, the
-      padded input-shaped output and one block of its product);
+      flight and what one layer's backward allocates (``layer.backward_workspace``; Conv2d:
+      a copy of the rows and one block of its product);
     * ``Gram route`` (R = N·K < P only): the R × R float64 Gram matrix and its
       factorisation — K, K + μI (with its identity temporary) and the Cholesky factor,
-      4·8·R² — or, while the Gram is being summed, one layer's Gram temporaries (Conv2d's
-      per-row gradients on the "materialise" route, its block products on the "spatial"
-      one), whichever is larger; the backward temporaries are freed by then;
+      4·8·R² — or, while the Gram is being summed, one layer's Gram temporaries
+      (``layer.gram_workspace``; Conv2d's per-row gradients on the "materialise" route,
+      its block products on the "spatial" one), whichever is larger; the backward
+      temporaries are freed by then;
     * ``parameter-space vectors``: the direction Uᵀw and its per-layer blocks, 2·8·P.
 
     For a model without ``layers`` (:class:`refngd.FunctionModel`) the rows are an
@@ -272,12 +233,12 @@ def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
             return parts
         return est_dense
     plan = _layer_plan(model, in_shape, subset)
-    stored_per_row = sum(p[2] for p in plan if p[4])
+    stored_per_row = sum(p[2] for p in plan if p[5])
 
     def transient(R: int) -> int:  # elements: rows in flight and one layer's backward
         return max((R * ((0 if stored else out_size) + in_size)
-                    + _backward_extra(layer, shape, out_size, R)
-                    for j, (layer, in_size, out_size, shape, stored) in enumerate(plan)
+                    + layer.backward_workspace(shape, out, R)
+                    for j, (layer, in_size, out_size, shape, out, stored) in enumerate(plan)
                     if j > 0), default=0)  # no cotangent for the first selected layer's input
 
     def est(N: int) -> dict[str, int]:
@@ -285,8 +246,8 @@ def gram_route_estimate(model, in_shape: tuple, K: int, itemsize: int, P: int,
         parts = {"rows' per-layer buffers": R * stored_per_row * itemsize,
                  "backward temporaries": transient(R) * itemsize}
         if gram and R < P:
-            summing = R * R * _F8 + max((_gram_temporaries(p[0], p[3], p[2], N, K, itemsize)
-                                         for p in plan if p[4]), default=0)
+            summing = R * R * _F8 + max((p[0].gram_workspace(p[3], p[4], N, K, itemsize)
+                                         for p in plan if p[5]), default=0)
             factor = 4 * R * R * _F8
             parts["backward temporaries"] = 0  # freed before the Gram is formed
             parts["Gram route"] = max(summing, factor, transient(R) * itemsize)
@@ -309,8 +270,7 @@ def dense_estimate(model, K: int, itemsize: int, P: int, route: str, subset=None
     """
     block = P
     if hasattr(model, "layers"):  # one layer's per-row gradients and their concatenation
-        block = max((sum(math.prod(s) for s in layer.param_shapes) for layer in model.layers),
-                    default=P)
+        block = max((b - a for a, b in model.layout.layer_slices), default=P)
         block = min(block, P)
 
     def est(N: int) -> dict[str, int]:

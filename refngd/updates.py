@@ -35,14 +35,16 @@ from __future__ import annotations
 from .backend import Array, PSDFactor, check_damping, host_values, namespace, one_host_read
 from .curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from .derivatives import gradient_from
-from .subsets import resolve_params
-from .validation import check_loss, linearization_for
-
-_FORMS = ("tikhonov", "gram")
+from .losses.base import check_loss
+from .nn.protocols import linearization_for
+from .nn.subsets import resolve_params
+from .options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, FORM, FORMS,
+                      KFAC_APPROX_DEFAULT, BiasMode, DampingMode, FisherType, Form, KfacApprox,
+                      check_choice)
 
 
 def _lin(model, theta, X, linearization, loss=None):
-    """The checked linearisation of every update (:func:`refngd.validation.linearization_for`)."""
+    """The checked linearisation of every update (:func:`refngd.nn.protocols.linearization_for`)."""
     if loss is not None:
         check_loss(loss)
     return linearization_for(model, theta, X, linearization)
@@ -57,7 +59,7 @@ def sgd(model, theta: Array, loss, X: Array, y: Array, linearization=None, param
 
 @one_host_read
 def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, linearization=None,
-        params=None, convention="refngd") -> Array:
+        params=None, convention=CONVENTION) -> Array:
     """Exact damped natural gradient d = (F + λI)⁻¹ g (Amari 1998; Martens 2020, eq. 8).
 
     F is the exact Fisher / GGN (:class:`refngd.curvature.Fisher`).  The gradient lies in
@@ -72,7 +74,7 @@ def ngd(model, theta: Array, loss, X: Array, y: Array, damping: float, lineariza
 
 @one_host_read
 def sf(model, theta: Array, loss, X: Array, y: Array, damping: float, mc_samples: int = 1,
-       rng=None, linearization=None, params=None, convention="refngd") -> Array:
+       rng=None, linearization=None, params=None, convention=CONVENTION) -> Array:
     """Sampled-Fisher natural gradient d = (F̂ + λI)⁻¹ g with K = ``mc_samples`` labels per input.
 
     F̂ is :class:`refngd.curvature.SampledFisher` (Martens 2020, eq. 13); ``rng`` required.
@@ -98,8 +100,8 @@ def _sq_norms(e: Array) -> Array:
 
 
 @one_host_read
-def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
-       linearization=None, params=None, convention="refngd") -> Array:
+def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: Form = FORM,
+       linearization=None, params=None, convention=CONVENTION) -> Array:
     """Empirical-Fisher update (Kunstner et al. 2019, eq. 5; Wu et al. 2024, eq. 4 and 5).
 
     ``form="gram"`` (default, the paper's): Δ_EF = Gᵀ(GGᵀ + λI)⁻¹ 1.
@@ -111,16 +113,15 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str 
     F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
                         convention=convention)
     xp = namespace(lin.outputs)
-    ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
-    if form == "gram":
-        return _gram_form(F, ones[:, 0], damping)
+    if form == "gram":  # one 1 per row (per token under a convention with ef_rows="token")
+        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), damping)
     # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
     return F.natural_gradient(damping)
 
 
 @one_host_read
-def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str = "gram",
-        linearization=None, params=None, convention="refngd") -> Array:
+def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: Form = FORM,
+        linearization=None, params=None, convention=CONVENTION) -> Array:
     """Improved-empirical-Fisher update (Wu et al. 2024, eq. 8; the iEF matrix is eq. 14).
 
     ``form="gram"`` (default, the paper's): Δ_iEF = Gᵀ(GGᵀ + λI)⁻¹ s, s_n = ‖e_n‖².
@@ -140,8 +141,7 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: str
 
 
 def _check_form(form: str) -> None:
-    if form not in _FORMS:
-        raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+    check_choice(form, "form", FORMS)
 
 
 # --------------------------------------------------------------------------- K-FAC family
@@ -166,10 +166,10 @@ def _kronecker_gradient(F, lin, loss, y) -> Array:
 
 
 @one_host_read
-def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
-         mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-         damping_mode: str = "tikhonov", linearization=None, params=None,
-         convention="refngd") -> Array:
+def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
+         mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
+         damping_mode: DampingMode = DAMPING_MODE, linearization=None, params=None,
+         convention=CONVENTION) -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
@@ -185,9 +185,9 @@ def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_t
 
 
 @one_host_read
-def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: str = "type-2",
-          mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-          linearization=None, params=None, convention="refngd") -> Array:
+def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
+          mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
+          linearization=None, params=None, convention=CONVENTION) -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row

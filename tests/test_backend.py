@@ -34,10 +34,10 @@ NUMPY_ALLOWED = frozenset({
     "cli.py",            # command line: host-side argument parsing and I/O
     "__main__.py",       # `python -m refngd` entry point
     "optim/train.py",    # training loop driver: host-side logging and bookkeeping
-    "experiments/results.py",  # saving / loading results files (host I/O)
+    "optim/records.py",        # saving / loading results files (host I/O)
     "experiments/plots.py",    # matplotlib figures (host only)
     "experiments/data.py",     # data set loading and preprocessing on the host
-    "check/compare.py",        # validation reports: candidates are judged on the host in float64
+    "check/report.py",         # validation reports: candidates are judged on the host in float64
     "check/files.py",          # `refngd check`: reading .npz / .json / state_dict files on the host
 })
 

@@ -2,9 +2,9 @@
 
 One test (or one parametrised family) per class of problem, each fixed at its root:
 
-* a reused ``linearization=`` for another θ / X / model   (refngd.validation)
+* a reused ``linearization=`` for another θ / X / model   (refngd.nn.protocols, refngd.losses.check_loss)
 * a FunctionModel written with plain numpy                (refngd.autodiff)
-* loss class / string / plain function as arguments       (refngd.validation)
+* loss class / string / plain function as arguments       (refngd.nn.protocols, refngd.losses.check_loss)
 * masked arrays, ``np.matrix``, ``F @ list``              (refngd.backend, CurvatureOperator)
 * metrics at extreme scales, zero g, a vanishing Fisher   (refngd.metrics, scaled form)
 * overflowing losses                                      (refngd.losses)

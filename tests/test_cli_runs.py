@@ -19,7 +19,7 @@ import pytest
 
 from refngd import __version__
 from refngd.cli import main
-from refngd.experiments.results import load_json, save_json
+from refngd.optim.records import load_json, save_json
 from refngd.experiments.run_output import OutputError, RunOutput
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_save_json_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("refngd.experiments.results.os.replace", boom)
+    monkeypatch.setattr("refngd.optim.records.os.replace", boom)
     with pytest.raises(KeyboardInterrupt):
         save_json({"a": 2, "big": list(range(1000))}, str(path))
     assert json.loads(path.read_text()) == {"a": 1}  # the old file, whole

@@ -18,7 +18,7 @@ from refngd.cli import main  # noqa: E402
 from refngd.experiments import executors  # noqa: E402
 from refngd.experiments.compare import run_compare  # noqa: E402
 from refngd.experiments.executors import close_quietly, local_cluster  # noqa: E402
-from refngd.experiments.results import jsonable, load_json  # noqa: E402
+from refngd.optim.records import jsonable, load_json  # noqa: E402
 
 from test_compare_units import SMALL, TINY, tiny_config, without_timings  # noqa: E402
 

@@ -20,7 +20,7 @@ from refngd.cli import main
 from refngd.experiments.compare import CompareConfig
 from refngd.experiments.executors import InProcess, worker_threads
 from refngd.experiments.grid import Grid
-from refngd.experiments.results import decode_exact, encode_exact, load_json
+from refngd.optim.records import decode_exact, encode_exact, load_json
 from refngd.experiments.run_output import RunOutput
 from refngd.experiments.units import Unit
 

@@ -18,7 +18,7 @@ import pytest
 from refngd import nn
 from refngd.curvature import EKFAC, KFAC, Fisher, KroneckerDiagonal, SampledFisher
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.sequence_losses import PerToken
+from refngd.losses import PerToken
 
 from kfac_helpers import block_mask, rel_err
 
@@ -90,10 +90,26 @@ def test_nonlinear_network_is_not_exact_but_factors_follow_definition():
     assert np.allclose(R.G, c * np.einsum("nkh,nki->hi", Bs, Bs), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_ekfac_on_sequences_is_its_definition(approx):
+    """EKFAC on Linear layers over tokens (read off the layer protocol, as Conv2d's): in
+    K-FAC's eigenbasis Q = U_G ⊗ U_A the diagonal is c Σ_r (Qᵀ u_r)², u_r the exact
+    per-row gradient Σ_t b_rt ā_ntᵀ (George et al. 2018, §3), whatever ``kfac_approx``
+    chose the basis — checked against the dense row matrix, block by block."""
+    model, theta, loss, X, y = expand_setting()
+    ek = EKFAC(model, theta, loss, X, y, kfac_approx=approx)
+    U = ek.rows.dense().reshape(-1, model.num_params)           # (R, P) per-row gradients
+    for blk, S in zip(ek.blocks, ek.scalings()):
+        (_, UG, _), (_, UA, _) = blk.eig()
+        assert UG.shape[1] == UG.shape[0] and UA.shape[1] == UA.shape[0]  # full bases
+        Ub = U[:, blk.index(np).reshape(-1)]                     # (R, d_out·d_A)
+        proj = Ub @ np.kron(UG, UA)
+        assert np.allclose(S.reshape(-1), ek.c * (proj ** 2).sum(axis=0),
+                           rtol=1e-10, atol=1e-14 * np.abs(S).max())
+
+
 def test_unsupported_layers_are_refused():
     model, theta, loss, X, y = expand_setting()
-    with pytest.raises(TypeError, match="applied to sequences"):
-        EKFAC(model, theta, loss, X, y).dense()
     tf = nn.Sequential(nn.Linear(D, 4), nn.TransformerEncoderLayer(4, 2, 6), nn.Flatten(),
                        nn.Linear(T * 4, C))
     th = tf.init(np.random.default_rng(0))

@@ -18,7 +18,7 @@ import pytest
 from refngd import nn
 from refngd.curvature import KFAC, Fisher, KroneckerDiagonal
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.sequence_losses import PerToken
+from refngd.losses import PerToken
 from refngd.subsets import peft_mask, resolve_params
 
 import layer_oracles as R

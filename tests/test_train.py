@@ -11,7 +11,7 @@ import pytest
 import refngd
 from refngd import nn, optim
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.experiments.results import format_table, jsonable, load_json
+from refngd.optim.records import format_table, jsonable, load_json
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import refngd
 from refngd import nn
 from refngd.curvature import EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from refngd.losses import CrossEntropy, MSELoss
-from refngd.sequence_losses import PerToken
+from refngd.losses import PerToken
 
 import layer_oracles as R
 

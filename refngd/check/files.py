@@ -162,16 +162,15 @@ def load_weights(path: str, model) -> np.ndarray:
                                   f"{model.num_params} parameters.")
         return theta
     parts = []
-    for i, layer in enumerate(model.layers):
-        for shape, kind in zip(layer.param_shapes, param_names(layer)):
-            key = f"{i}.{kind}"
-            if key not in arrays:
-                raise FileFormatError(f"weights file {path!r} has no {key!r} (expected "
-                                      f"'theta' or the state_dict keys {_keys(model)}).")
-            a = _float(key, arrays[key])
-            if a.shape != tuple(shape):
-                raise FileFormatError(f"{key} has shape {a.shape}; the architecture needs {tuple(shape)}.")
-            parts.append(a.reshape(-1))
+    for slot in model.layout:
+        key = slot.key
+        if key not in arrays:
+            raise FileFormatError(f"weights file {path!r} has no {key!r} (expected "
+                                  f"'theta' or the state_dict keys {_keys(model)}).")
+        a = _float(key, arrays[key])
+        if a.shape != slot.shape:
+            raise FileFormatError(f"{key} has shape {a.shape}; the architecture needs {slot.shape}.")
+        parts.append(a.reshape(-1))
     extra = set(arrays) - set(_keys(model))
     if extra:
         raise FileFormatError(f"weights file {path!r} has entries the architecture lacks: {sorted(extra)}.")
@@ -182,29 +181,12 @@ def load_weights(path: str, model) -> np.ndarray:
 
 
 def _keys(model) -> list:
-    return [f"{i}.{k}" for i, l in enumerate(model.layers) for _, k in zip(l.param_shapes, param_names(l))]
-
-
-def _mha_names(layer) -> list:
-    return (["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"] if layer.bias
-            else ["in_proj_weight", "out_proj.weight"])
+    return model.layout.keys()
 
 
 def param_names(layer) -> list:
     """PyTorch's ``state_dict`` names of a layer's parameters, in θ order (prefix ``i.``)."""
-    if isinstance(layer, nn.MultiheadAttention):
-        return _mha_names(layer)
-    if isinstance(layer, nn.TransformerEncoderLayer):
-        subs = [("self_attn", _mha_names(layer.children["self_attn"]))]
-        wb = ["weight", "bias"] if layer.bias else ["weight"]
-        subs += [(name, wb) for name in ("linear1", "linear2", "norm1", "norm2")]
-        return [f"{name}.{k}" for name, keys in subs for k in keys]
-    if isinstance(layer, nn.LoRALinear):  # refngd.interop.lora_linear_module's names
-        return (["base_layer.weight"] + (["base_layer.bias"] if layer.bias else [])
-                + ["lora_A.weight", "lora_B.weight"])
-    if isinstance(layer, (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.Embedding)):
-        return ["weight", "bias"][:len(layer.param_shapes)]
-    return ["weight", "bias"] if len(layer.param_shapes) == 2 else ["weight"]
+    return list(layer.param_names)
 
 
 def _take_running_stats(arrays: dict, model, path: str) -> dict:
@@ -212,13 +194,14 @@ def _take_running_stats(arrays: dict, model, path: str) -> dict:
     self-attention wrapper's ``i.attn.*`` names read as ``nn.MultiheadAttention``'s ``i.*``)."""
     arrays = dict(arrays)
     for i, layer in enumerate(model.layers):
-        if isinstance(layer, nn.MultiheadAttention):
-            for k in _mha_names(layer):
-                if f"{i}.attn.{k}" in arrays and f"{i}.{k}" not in arrays:
-                    arrays[f"{i}.{k}"] = arrays.pop(f"{i}.attn.{k}")
+        prefix = getattr(layer, "torch_wrapper_prefix", "")
+        if prefix:
+            for k in layer.param_names:
+                if f"{i}.{prefix}{k}" in arrays and f"{i}.{k}" not in arrays:
+                    arrays[f"{i}.{k}"] = arrays.pop(f"{i}.{prefix}{k}")
         keys = [f"{i}.running_mean", f"{i}.running_var"]
         arrays.pop(f"{i}.num_batches_tracked", None)  # a training counter: not used in eval
-        if not isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) or not any(k in arrays for k in keys):
+        if not hasattr(layer, "set_running_stats") or not any(k in arrays for k in keys):
             continue
         if not all(k in arrays for k in keys):
             raise FileFormatError(f"weights file {path!r} has one of {keys} but not both.")

@@ -7,15 +7,13 @@ which :func:`refngd.check.compare` names when a candidate equals one of them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from .. import conventions, updates
 from ..backend import as_generator, namespace
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from ..derivatives import gradient, per_sample_gradients
-from ..nn.conv import Conv2d
-from ..nn.linear import Linear
+from ..options import BIAS, DAMPING_MODE, FISHER_TYPE, FORM, KFAC_APPROX_DEFAULT
 
 
 @dataclass
@@ -34,19 +32,20 @@ class Twin:
     @property
     def kfac_kw(self) -> dict:
         o = self.options
-        return dict(fisher_type=o.get("fisher_type", "type-2"), kfac_approx=o.get("kfac_approx", "expand"),
-                    bias=o.get("bias", "separate"), mc_samples=o.get("mc_samples", 1),
+        return dict(fisher_type=o.get("fisher_type", FISHER_TYPE),
+                    kfac_approx=o.get("kfac_approx", KFAC_APPROX_DEFAULT),
+                    bias=o.get("bias", BIAS), mc_samples=o.get("mc_samples", 1),
                     rng=o.get("rng", 0) if o.get("fisher_type") == "mc" else None)
 
     def param_blocks(self) -> dict:
         """name → (start, stop) of every weight and bias block of θ (PyTorch names)."""
         out, i = {}, 0
-        for layer, (start, stop) in zip(self.model.layers, self.model.slices):
+        for index, (start, stop) in enumerate(self.model.layout.layer_slices):
             if stop == start:
                 continue
             name = self.prefixes[i]
             i += 1
-            w = start + math.prod(layer.param_shapes[0])
+            w = self.model.layout.of_layer(index)[0].stop
             out[f"{name}.weight"] = (start, w)
             if stop > w:
                 out[f"{name}.bias"] = (w, stop)
@@ -56,12 +55,18 @@ class Twin:
         """name → (d_out, D) of every weight block, for the row/column-major vec test."""
         out, i = {}, 0
         for layer in self.model.layers:
-            if isinstance(layer, (Linear, Conv2d)):
-                d_out = layer.out_features if isinstance(layer, Linear) else layer.out_channels
-                D = layer.in_features if isinstance(layer, Linear) else layer.D
-                out[f"{self.prefixes[i]}.weight"] = (d_out, D)
+            if layer.param_shapes and layer.kfac_refusal() is None:
+                out[f"{self.prefixes[i]}.weight"] = layer.weight_matrix_shape
                 i += 1
         return out
+
+    def kfac_rows(self) -> list:
+        """The LayerRows of every layer with K-FAC factors, from one backward pass of zeros
+        (their caches say whether and how a layer shares its weight)."""
+        Z = self.model.forward(self.theta, self.X)
+        lin = self.model.linearize(self.theta, self.X)
+        rows = lin.backprop(namespace(Z).zeros((Z.shape[0], 1, Z.shape[1]), dtype=Z.dtype))
+        return [e for e in rows.layers if e.layer.kfac_refusal() is None]
 
     def context(self) -> dict:
         Z = self.model.forward(self.theta, self.X)
@@ -70,16 +75,11 @@ class Twin:
         if K > 1:
             ctx["K"] = K
         T = {}
-        lin = self.model.linearize(self.theta, self.X)
-        rows = lin.backprop(namespace(Z).zeros((Z.shape[0], 1, Z.shape[1]), dtype=Z.dtype))
-        i = 0
-        for e in rows.layers:
-            if isinstance(e.layer, Conv2d):
-                t = int(e.cache[0].shape[2])
+        for i, e in enumerate(self.kfac_rows()):
+            if e.layer.weight_sharing(e.cache) == "spatial":
+                t = int(e.layer.tokens(e.cache).shape[1])
                 for s in ("A", "G", "weight", "bias"):
                     T[f"{self.prefixes[i]}.{s}"] = t
-            if isinstance(e.layer, (Linear, Conv2d)):
-                i += 1
         if T:
             ctx["T"] = T
         return ctx
@@ -100,7 +100,8 @@ def _kfac(twin: Twin, **over) -> KFAC:
 
 
 def _has_conv(twin: Twin) -> bool:
-    return any(isinstance(l, Conv2d) for l in twin.model.layers)
+    """Does a layer share its weight over image locations (a convolution)?"""
+    return any(e.layer.weight_sharing(e.cache) == "spatial" for e in twin.kfac_rows())
 
 
 def _kfac_alternatives(twin: Twin, get) -> dict:
@@ -195,11 +196,11 @@ def _update(t: Twin, method: str):
     if method == "ngd":
         return updates.ngd(*base, convention=t.convention)
     if method == "ef":
-        return updates.ef(*base, form=o.get("form", "tikhonov"), convention=t.convention)
+        return updates.ef(*base, form=o.get("form", FORM), convention=t.convention)
     if method == "ief":
-        return updates.ief(*base, form=o.get("form", "tikhonov"), convention=t.convention)
+        return updates.ief(*base, form=o.get("form", FORM), convention=t.convention)
     if method == "kfac":
-        return updates.kfac(*base, damping_mode=o.get("damping_mode", "tikhonov"),
+        return updates.kfac(*base, damping_mode=o.get("damping_mode", DAMPING_MODE),
                             convention=t.convention, **t.kfac_kw)
     if method == "ekfac":
         return updates.ekfac(*base, convention=t.convention, **t.kfac_kw)

@@ -4,8 +4,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import conventions
+from ..options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, FORM, KFAC_APPROX_DEFAULT,
+                       BiasMode, DampingMode, FisherType, Form, KfacApprox)
 from ..backend import namespace
-from .compare import Report, compare
+from .report import Report, compare
 from .quantities import QUANTITIES, Twin, mc_tolerance, reference
 
 
@@ -22,12 +24,12 @@ def _prefixes_from_torch(module) -> list:
 def _as_array(a):
     if a is None or not hasattr(a, "detach"):
         return a
-    from ..interop import to_array
+    from .interop import to_array
 
     return to_array(a)
 
 
-def make_twin(model, loss, X, y, convention="refngd", **options) -> Twin:
+def make_twin(model, loss, X, y, convention=CONVENTION, **options) -> Twin:
     """A :class:`Twin` from a torch model (or a ``(refngd model, θ)`` pair) and a loss.
 
     ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`) or a
@@ -37,12 +39,12 @@ def make_twin(model, loss, X, y, convention="refngd", **options) -> Twin:
         ours, theta = model
         prefixes = [str(i) for i, (a, b) in enumerate(ours.slices) if b > a]
     else:
-        from ..interop import from_torch
+        from .interop import from_torch
 
         ours, theta = from_torch(model)
         prefixes = _prefixes_from_torch(model)
     if not hasattr(loss, "hessian_factor"):
-        from ..interop import from_torch_loss
+        from .interop import from_torch_loss
 
         loss = from_torch_loss(loss)
     # The reference is computed in float64 whatever the model's dtype: a float32 candidate is
@@ -56,8 +58,9 @@ def make_twin(model, loss, X, y, convention="refngd", **options) -> Twin:
 
 def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str = "refngd", *,
              rtol: float | None = None, damping: float | None = None, v=None, mc_samples: int = 1,
-             fisher_type: str = "type-2", kfac_approx: str = "expand", bias: str = "separate",
-             damping_mode: str = "tikhonov", form: str = "tikhonov", rng=0) -> Report:
+             fisher_type: FisherType = FISHER_TYPE, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT,
+             bias: BiasMode = BIAS, damping_mode: DampingMode = DAMPING_MODE,
+             form: Form = FORM, rng=0) -> Report:
     """Compare a candidate ``quantity`` with refngd's value for the same model and batch.
 
     Parameters

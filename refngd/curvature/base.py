@@ -10,17 +10,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from ..options import CONVENTION
 from ..backend import (Array, PSDFactor, SingularSystemError, check_damping, check_float_array,
                        eigh_psd, lstsq_ridge, namespace, numerical_range, one_host_read, prefetch,
                        require)
 from ..derivatives import gradient_from
 from ..memory import plan_dense, plan_rows
-from ..subsets import resolve_params
-from ..validation import check_loss, linearization_for
+from ..nn.subsets import resolve_params
+from ..losses.base import check_loss
+from ..nn.protocols import linearization_for
 
 
 class CurvatureOperator(ABC):
-    """A symmetric positive semi-definite P × P curvature matrix, never formed unless asked."""
+    """A symmetric positive semi-definite P × P curvature matrix, never formed unless asked.
+
+    The interface every curvature of refngd has: ``matvec`` / ``@``, ``dense()``,
+    ``solve(g, damping)``, ``trace()``, ``diagonal()`` (abstract), ``quadratic_form(v)``,
+    ``shape`` and ``to_linear_operator()``.  The Kronecker-factored ones add ``factors()``
+    and ``logdet(damping)``.
+    """
 
     num_params: int
     dtype: object
@@ -40,6 +48,20 @@ class CurvatureOperator(ABC):
     @abstractmethod
     def solve(self, g: Array, damping: float) -> Array:
         """(F + damping·I)⁻¹ g."""
+
+    @abstractmethod
+    def trace(self) -> float:
+        """tr F."""
+
+    @abstractmethod
+    def diagonal(self) -> Array:
+        """diag F as a (P,) vector in θ's order."""
+
+    def quadratic_form(self, v: Array) -> float:
+        """vᵀ F v (in float64); a curvature with a cheaper route overrides it."""
+        self._check_vector("v", v)
+        xp = namespace(v)
+        return float(xp.dot(v.astype(xp.float64), self.matvec(v).astype(xp.float64)))
 
     def __matmul__(self, v: Array) -> Array:
         if not hasattr(v, "ndim") or not hasattr(v, "dtype"):
@@ -98,7 +120,7 @@ class RowCurvature(CurvatureOperator):
 
     @one_host_read
     def __init__(self, model, theta: Array, loss, X: Array, y: Array, linearization=None,
-                 params=None, convention="refngd"):
+                 params=None, convention=CONVENTION):
         from .. import conventions
 
         check_loss(loss)

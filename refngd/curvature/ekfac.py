@@ -11,8 +11,9 @@ the second moments of the per-row gradients in that basis — for a fixed basis 
 that minimises the Frobenius distance to F's block (George et al., §3), so EKFAC is
 never farther from the Fisher block than K-FAC.  In the basis, a row's gradient matrix
 b_r āᵀ becomes (U_Gᵀ b_r)(U_Aᵀ ā)ᵀ; for Linear layers the sum of its squares is one GEMM,
-S = c (Σ_k (B_nk U_G)²)ᵀ (Ā U_A)²; for Conv2d each row's gradient Σ_t b_rt ā_ntᵀ is formed
-in the rotated basis (B_r U_G)ᵀ (Ā_n U_A), a chunk of samples at a time.
+S = c (Σ_k (B_nk U_G)²)ᵀ (Ā U_A)²; for layers that share their weight over T positions
+(Conv2d, Linear on sequences) each row's gradient Σ_t b_rt ā_ntᵀ is formed in the rotated
+basis (B_r U_G)ᵀ (Ā_n U_A), a chunk of samples at a time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import copy
 from .. import conventions
 from ..backend import Array, check_damping, namespace
 from ..memory import plan_square
-from ..nn.linear import Linear
-from .kfac import KFAC, input_rows, output_rows
+from ..options import CONVENTION, DAMPING_MODE, FISHER_TYPE, BIAS, KFAC_APPROX_DEFAULT
+from .kfac import KFAC
+from .kfac_factors import input_rows, output_rows, shares_weights
 from .kronecker import KroneckerOperator, _log_sum, eig_solve
 
 _CHUNK_ELEMS = 1 << 22
@@ -82,8 +84,8 @@ class EKFAC(KroneckerOperator):
         options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
                    "bias": bias, "convention": convention}
         if kfac is None:
-            defaults = {"fisher_type": "type-2", "mc_samples": 1, "kfac_approx": "expand",
-                        "bias": "separate", "convention": "refngd"}
+            defaults = {"fisher_type": FISHER_TYPE, "mc_samples": 1,
+                        "kfac_approx": KFAC_APPROX_DEFAULT, "bias": BIAS, "convention": CONVENTION}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
             kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params, **kw)
         else:
@@ -107,8 +109,11 @@ class EKFAC(KroneckerOperator):
         for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias",
                      "subset"):
             setattr(self, name, getattr(kfac, name))
-        self._factors = kfac.factors()
-        self.blocks = [b.replace(b.G, b.A, isinstance(b.entry.layer, Linear)) for b in kfac.blocks]
+        self._factor_list = kfac.factors()
+        # thin bases where the per-row gradients lie in the span of A's and G's rows: a layer
+        # without weight sharing (its rows are exactly the factors' rows)
+        self.blocks = [b.replace(b.G, b.A, not shares_weights(b.entry.layer, b.entry.cache))
+                       for b in kfac.blocks]
         self._scal = None  # the diagonals, estimated on first use
 
     @property
@@ -148,7 +153,7 @@ class EKFAC(KroneckerOperator):
         e = blk.entry
         xp = namespace(UG)
         N, K = e.B.shape[:2]
-        if isinstance(e.layer, Linear):
+        if not shares_weights(e.layer, e.cache):
             rotated = {} if rotated is None else rotated
             if id(blk.G) not in rotated:
                 Bq = output_rows(e.layer, e.B, None) @ UG
@@ -160,15 +165,14 @@ class EKFAC(KroneckerOperator):
                 a = input_rows(e.layer, e.cache, None, blk.kind == "wb")[0]
             Aq = a @ UA
             return self.c * (B2.T @ (Aq * Aq))
-        cols = e.cache[0]  # (N, D, T)
-        T = cols.shape[2]
-        P = cols.transpose(0, 2, 1).astype(xp.float64)
+        P = e.layer.tokens(e.cache).astype(xp.float64)               # (N, T, D)
+        T = P.shape[1]
         if blk.kind == "b":
             P = xp.ones((N, T, 1), dtype=xp.float64)
         elif blk.kind == "wb":
             P = xp.concatenate([P, xp.ones((N, T, 1), dtype=xp.float64)], axis=2)
         Pq = P @ UA                                                    # (N, T, r_A)
-        Bq = e.B.reshape(N, K, blk.d_out, T).astype(xp.float64).transpose(0, 1, 3, 2) @ UG
+        Bq = e.layer.token_rows(e.B).astype(xp.float64).transpose(0, 1, 3, 2) @ UG
         S = xp.zeros((UG.shape[1], UA.shape[1]), dtype=xp.float64)
         step = max(1, _CHUNK_ELEMS // max(1, K * S.size))
         for n0 in range(0, N, step):
@@ -239,7 +243,7 @@ class EKFAC(KroneckerOperator):
     def trace(self) -> float:
         return float(sum(float(s.sum()) for s in self._S))
 
-    def solve(self, g: Array, damping: float, damping_mode: str = "tikhonov") -> Array:
+    def solve(self, g: Array, damping: float, damping_mode: str = DAMPING_MODE) -> Array:
         """(Q diag(s) Qᵀ + λI)⁻¹ g blockwise (Tikhonov damping only)."""
         lam = check_damping(damping)
         if damping_mode != "tikhonov":

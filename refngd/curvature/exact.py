@@ -13,6 +13,7 @@ Each row becomes u_nk = J_nᵀ s_nk, so F = c Σ_nk u_nk u_nkᵀ = c UᵀU.
 """
 from __future__ import annotations
 
+from ..options import CONVENTION, check_int
 from ..backend import Array, as_generator, namespace
 from .base import RowCurvature
 
@@ -38,7 +39,7 @@ class Fisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, linearization=None, params=None,
-                 convention="refngd"):
+                 convention=CONVENTION):
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
@@ -61,10 +62,8 @@ class SampledFisher(RowCurvature):
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, params=None, convention="refngd"):
-        if isinstance(mc_samples, bool) or not hasattr(mc_samples, "__index__") or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        self.mc_samples = int(mc_samples)
+                 linearization=None, params=None, convention=CONVENTION):
+        self.mc_samples = check_int(mc_samples, "mc_samples")
         self.rng = as_generator(rng)
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
@@ -105,13 +104,18 @@ class EmpiricalFisher(RowCurvature):
     label_based = True
 
     def cotangents(self) -> Array:
-        return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
+        e = self.loss.output_gradient(self.outputs, self.y)
+        if self.convention.ef_rows == "token":  # one row per token term (refngd.conventions)
+            return self.loss.split_tokens(e)
+        return e[:, None, :]
 
     def gradient_coefficients(self):
-        """The rows are the e_n themselves: a = 1, r = 0."""
+        """The rows are the e_n themselves (or their token blocks, which sum to e_n): a = 1,
+        r = 0."""
         xp = namespace(self.outputs)
         N = self.outputs.shape[0]
-        return xp.ones((N, 1), dtype=self.outputs.dtype), xp.zeros_like(self.outputs)
+        K = self.loss.tokens_per_sample if self.convention.ef_rows == "token" else 1
+        return xp.ones((N, K), dtype=self.outputs.dtype), xp.zeros_like(self.outputs)
 
 
 class ImprovedEmpiricalFisher(RowCurvature):

@@ -23,191 +23,20 @@ is shared between K-FAC objects built on the same ``linearization``.
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass
 
 from .. import conventions
-from ..backend import Array, as_generator, check_damping, namespace
+from ..losses.base import check_loss
 from ..memory import plan_square
-from ..nn.conv import Conv2d
-from ..nn.base import BiasRows
-from ..validation import check_loss, linearization_for
-from ..nn.linear import Linear
-from ..subsets import resolve_params
-from .convention_rules import apply_convention
+from ..nn.protocols import linearization_for
+from ..nn.subsets import resolve_params
+from ..options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, KFAC_APPROX_DEFAULT,
+                       BiasMode, DampingMode, FisherType, KfacApprox)
+from ..backend import Array, namespace
+from .kfac_factors import (INPUT_FACTORS, LayerFactors, build_blocks, check_mode, check_options,
+                           fisher_cotangents, input_rows, output_rows, parametric_rows,
+                           pi_correction, shares_weights)
 from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
-
-FISHER_TYPES = ("type-2", "mc", "empirical")
-KFAC_APPROX = ("expand", "reduce")
-BIAS_MODES = ("separate", "joint")
-DAMPING_MODES = ("tikhonov", "factored")
-
-#: input factors per forward pass: {linearization: {(layer index, part, approx, joint): KronFactor}}
-#: (``part``: LayerRows.part, the (sub-)layer within model.layers[index] whose input forms A)
-_INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-# --------------------------------------------------------------------------- factor rows
-def shares_weights(layer, cache) -> bool:
-    """True for layers whose weight is shared over T positions: Conv2d, and Linear applied
-    to sequences (N, *S, d), T = ∏S.  These get ``kfac_approx`` expand / reduce."""
-    return isinstance(layer, Conv2d) or (isinstance(layer, Linear) and cache.ndim > 2)
-
-
-def _tokens(layer, cache):
-    """Inputs of a weight-sharing layer as (N, T, D): im2col patches or sequence tokens."""
-    if isinstance(layer, Conv2d):
-        return cache[0].transpose(0, 2, 1)  # (N, D, T) im2col columns
-    return cache.reshape(cache.shape[0], -1, layer.in_features)
-
-
-def _refuse_unshared(layer, approx):
-    if approx is None:
-        raise TypeError(f"{layer!r} is applied to sequences (weight sharing): its K-FAC needs "
-                        "kfac_approx='expand' or 'reduce' (EKFAC does not support it yet).")
-
-
-def input_rows(layer, cache, approx: str, joint: bool):
-    """Rows M and scale of the input factor A = scale · MᵀM, in float64."""
-    if not shares_weights(layer, cache):
-        a, scale = cache, 1.0 / cache.shape[0]
-    else:
-        _refuse_unshared(layer, approx)
-        A3 = _tokens(layer, cache)
-        N, T, D = A3.shape
-        if approx == "expand":
-            a, scale = A3.reshape(N * T, D), 1.0 / (N * T)
-        else:
-            a, scale = A3.mean(axis=1), 1.0 / N
-    xp = namespace(a)
-    a = a.astype(xp.float64, copy=False)
-    if joint:
-        a = xp.concatenate([a, xp.ones((a.shape[0], 1), dtype=xp.float64)], axis=1)
-    return xp.ascontiguousarray(a), scale
-
-
-def output_rows(layer, B: Array, approx: str) -> Array:
-    """Rows of the output factor G = c · MᵀM: b_nk (Linear), b_nkt (expand), Σ_t b_nkt (reduce)."""
-    xp = namespace(B)
-    N, K = B.shape[:2]
-    if isinstance(layer, Linear) and B.ndim == 3:
-        M = B.reshape(N * K, -1)
-    elif isinstance(layer, Linear):  # sequences: rows (N, K, *S, d_out)
-        _refuse_unshared(layer, approx)
-        Bm = B.reshape(N * K, -1, layer.out_features)
-        M = Bm.reshape(-1, layer.out_features) if approx == "expand" else Bm.sum(axis=1)
-    else:
-        Bm = B.reshape(N * K, layer.out_channels, -1)
-        M = Bm.transpose(0, 2, 1).reshape(-1, layer.out_channels) if approx == "expand" else Bm.sum(axis=2)
-    return xp.ascontiguousarray(M.astype(xp.float64, copy=False))
-
-
-def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng) -> Array:
-    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`)."""
-    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE);
-        # with labels the CE factor is aligned with the gradient (updates.kfac writes g in it)
-        F = loss.hessian_factor(Z) if y is None else loss.hessian_factor(Z, y)
-        return F.transpose(0, 2, 1)
-    if fisher_type == "mc":
-        return loss.sampled_output_gradients(Z, rng, mc_samples) / mc_samples ** 0.5
-    return loss.output_gradient(Z, y)[:, None, :]
-
-
-def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
-    for name, val, opts in (("fisher_type", fisher_type, FISHER_TYPES),
-                            ("kfac_approx", kfac_approx, KFAC_APPROX), ("bias", bias, BIAS_MODES)):
-        if val not in opts:
-            raise ValueError(f"{name} must be one of {opts}, got {val!r}.")
-    if fisher_type == "empirical" and y is None:
-        raise ValueError("fisher_type='empirical' needs the labels y.")
-    if fisher_type == "mc":
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-        return as_generator(rng)
-    return None
-
-
-def parametric_rows(model, rows):
-    """(index in model.layers, LayerRows) of every parametric layer; refuses other models.
-
-    A Linear inside a composite layer (an attention's in- and out-projection) gets the
-    index of the composite that holds it; its factors are its own.
-    """
-    if not getattr(rows, "layers", None):
-        raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
-                        f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
-    out = []
-    for e in rows.layers:
-        if isinstance(e.layer, BiasRows):
-            raise ValueError(
-                f"K-FAC needs a layer's weight: the subset selects the bias of "
-                f"{e.layer.parent!r} without its weight (layer {e.index}); select the whole "
-                "layer, or use the exact curvatures, which support bias-only subsets.")
-        if not isinstance(e.layer, (Linear, Conv2d)):
-            raise TypeError(f"K-FAC supports Linear and Conv2d layers (also the projections "
-                            f"inside MultiheadAttention), not {e.layer!r}.")
-        out.append((e.index, e))
-    return out
-
-
-def _check_mode(damping, damping_mode: str) -> float:
-    if damping_mode not in DAMPING_MODES:
-        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}.")
-    return check_damping(damping)
-
-
-# --------------------------------------------------------------------------- blocks
-@dataclass
-class LayerFactors:
-    """K-FAC factors of one layer: its Fisher block ≈ G ⊗ A in row-major vec(W).
-
-    Attributes
-    ----------
-    index : the layer's position in ``model.layers`` (for a projection inside attention, the
-        attention's);  layer : the layer itself
-    start, stop : its slice of θ
-    A : input factor (d_A, d_A), no c.  Linear: (1/N) Σ ā ā ᵀ; Conv2d: see ``approx``.
-        d_A = D (in_features, or C_in·kh·kw) — or D + 1 with ``bias="joint"`` (ā = [a; 1]).
-    G : output-gradient factor (d_out, d_out), c Σ b bᵀ over the Fisher type's rows.
-    bias : ``"separate"`` (weight block G ⊗ A, bias block G, cross terms dropped),
-           ``"joint"`` (one block G ⊗ A over [W | b]), or ``None`` (no bias).
-    approx : ``"expand"`` / ``"reduce"`` for Conv2d and Linear on sequences, ``None`` for
-        Linear on (N, d).
-    """
-
-    index: int
-    layer: object
-    start: int
-    stop: int
-    A: Array
-    G: Array
-    bias: str | None
-    approx: str | None
-
-
-def build_blocks(e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
-    """The blocks of one layer: [w] (no bias), [w, b] (separate) or [wb] (joint)."""
-    layer = e.layer
-    D = layer.in_features if isinstance(layer, Linear) else layer.D
-    d_out = G.dim
-    if not layer.bias:
-        return [Block("w", G, A, e.start, d_out, D, thin, e)]
-    if bias == "joint":
-        return [Block("wb", G, A, e.start, d_out, D, thin, e)]
-    one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
-    return [Block("w", G, A, e.start, d_out, D, thin, e), Block("b", G, one, e.start, d_out, D, thin, e)]
-
-
-def pi_correction(A: Array, G: Array) -> float:
-    """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0.
-
-    Factored damping (A + π√λ I) ⊗ (G + √λ/π I) splits λ between the factors in
-    proportion to their average eigenvalues.
-    """
-    xp = namespace(A)
-    ta, tg = float(xp.trace(A)) / A.shape[0], float(xp.trace(G)) / G.shape[0]
-    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
-
+from .preset_factors import preset_factors
 
 class KFAC(KroneckerOperator):
     """K-FAC approximation of the Fisher type ``fisher_type``, block-diagonal over layers.
@@ -238,9 +67,10 @@ class KFAC(KroneckerOperator):
     ``linearization`` (A is): treat them as read-only.
     """
 
-    def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
-                 mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
-                 linearization=None, params=None, convention="refngd"):
+    def __init__(self, model, theta: Array, loss, X: Array, y=None,
+                 fisher_type: FisherType = FISHER_TYPE, mc_samples: int = 1, rng=None,
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
+                 linearization=None, params=None, convention=CONVENTION):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.convention = conventions.get(convention)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
@@ -249,11 +79,14 @@ class KFAC(KroneckerOperator):
         self.lin = linearization_for(model, theta, X, linearization)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
+        if fisher_type == "empirical" and self.convention.empirical_kfac_rows == "c*e_n":
+            self.c *= self.c  # rows c·e_n: the library's loss constant enters G twice
         self.subset = resolve_params(model, params)
-        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
-                                      params=self.subset)
+        cot = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
+                                self.convention.factor_columns)
+        self.rows = self.lin.backprop(cot, params=self.subset)
         self.num_params, self.dtype = self.rows.P, theta.dtype
-        cache = _INPUT_FACTORS.setdefault(self.lin, {})
+        cache = INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
         self.blocks, self._pending, self._factor_list = [], [], None
         for idx, e in parametric_rows(model, self.rows):
@@ -268,20 +101,21 @@ class KFAC(KroneckerOperator):
             G = KronFactor(output_rows(e.layer, e.B, approx), self.c)
             self.blocks += build_blocks(e, A, G, bias, True, xp)
             self._pending.append((idx, e, A, G, bias if e.layer.bias else None, approx))
-        apply_convention(self, self.convention, model, loss, y)
+        # another library's factors (refngd.conventions): new blocks and factors, computed
+        # from the ones above; refngd's own convention keeps them
+        preset = preset_factors(self.convention, self.blocks, self._layer_factors, self.lin,
+                                self.c, loss, y)
+        if preset is not None:
+            self.blocks, self._factor_list = preset
 
-    @property
-    def _factors(self) -> list:
-        """The :class:`LayerFactors`, formed on first use: a solve with thin bases never
-        needs the d × d matrices A and G (:attr:`KronFactor.F`)."""
-        if self._factor_list is None:
-            self._factor_list = [LayerFactors(i, e.layer, e.start, e.stop, A.F, G.F, b, ap)
-                                 for i, e, A, G, b, ap in self._pending]
-        return self._factor_list
+    def _layer_factors(self) -> list:
+        """refngd's own :class:`LayerFactors` of every layer (d × d matrices formed here)."""
+        return [LayerFactors(i, e.layer, e.start, e.stop, A.F, G.F, b, ap)
+                for i, e, A, G, b, ap in self._pending]
 
-    @_factors.setter
-    def _factors(self, value: list) -> None:
-        self._factor_list = value
+    # The LayerFactors are formed on first use (KroneckerOperator._factors): a solve with
+    # thin bases never needs the d × d matrices A and G (KronFactor.F).
+    _build_factors = _layer_factors
 
     # ------------------------------------------------------------------ products
     def matvec(self, v: Array) -> Array:
@@ -335,14 +169,14 @@ class KFAC(KroneckerOperator):
         p, s = self._pi(blk), math.sqrt(damping)
         return s / p, s * p
 
-    def solve(self, g: Array, damping: float, damping_mode: str = "tikhonov") -> Array:
+    def solve(self, g: Array, damping: float, damping_mode: DampingMode = DAMPING_MODE) -> Array:
         """Blockwise inverse of the damped K-FAC matrix applied to g, from cached ``eigh``.
 
         ``"tikhonov"``: (G ⊗ A + λI)⁻¹ — exact damping of every block, eigenvalues
         g_i a_j + λ (:func:`eig_solve`).  ``"factored"``: Martens & Grosse (2015, §6.3),
         ((G + (√λ/π) I) ⊗ (A + π√λ I))⁻¹ = vec((G + γ_G I)⁻¹ V (A + γ_A I)⁻¹).
         """
-        lam = _check_mode(damping, damping_mode)
+        lam = check_mode(damping, damping_mode)
         xp = self._xp()
         self._check_vector("g", g)
 
@@ -356,10 +190,10 @@ class KFAC(KroneckerOperator):
 
         return self._map(g, tik if damping_mode == "tikhonov" else fac)
 
-    def logdet(self, damping: float, damping_mode: str = "tikhonov") -> float:
+    def logdet(self, damping: float, damping_mode: DampingMode = DAMPING_MODE) -> float:
         """log det of the damped matrix: Σ_blocks Σ_ij log(g_i a_j + λ) (Tikhonov), or
         Σ_blocks [d_A Σ_i log(g_i + γ_G) + d_G Σ_j log(a_j + γ_A)] (factored)."""
-        lam = _check_mode(damping, damping_mode)
+        lam = check_mode(damping, damping_mode)
         xp = self._xp()
         total = 0.0
         for blk in self.blocks:

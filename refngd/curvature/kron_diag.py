@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from ..backend import Array, SingularSystemError, check_damping, namespace
 from .base import CurvatureOperator
-from .kfac import (LayerFactors, check_options, fisher_cotangents, input_rows, output_rows,
-                   parametric_rows, shares_weights)
-from ..subsets import resolve_params
-from ..validation import check_loss, linearization_for
+from ..options import (BIAS, FISHER_TYPE, KFAC_APPROX_DEFAULT, BiasMode, FisherType,
+                       KfacApprox)
+from .kfac_factors import (LayerFactors, check_options, fisher_cotangents, input_rows,
+                           output_rows, parametric_rows, shares_weights)
+from ..nn.subsets import resolve_params
+from ..losses.base import check_loss
+from ..nn.protocols import linearization_for
 
 
 def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool) -> None:
@@ -41,8 +44,9 @@ class KroneckerDiagonal(CurvatureOperator):
     (1-D arrays; ``A`` has the trailing 1 of the bias with ``bias="joint"``).
     """
 
-    def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str = "type-2",
-                 mc_samples: int = 1, rng=None, kfac_approx: str = "expand", bias: str = "separate",
+    def __init__(self, model, theta: Array, loss, X: Array, y=None,
+                 fisher_type: FisherType = FISHER_TYPE, mc_samples: int = 1, rng=None,
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
                  linearization=None, params=None):
         rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias

@@ -202,7 +202,17 @@ class KroneckerOperator(CurvatureOperator):
     """Shared machinery of K-FAC and EKFAC: block-diagonal in θ, blocks in a Kronecker basis."""
 
     blocks: list
-    _factors: list
+    #: the LayerFactors, or None until :meth:`_build_factors` forms them on first use
+    _factor_list: list | None = None
+
+    def _build_factors(self) -> list:
+        raise NotImplementedError  # pragma: no cover - every subclass sets or builds them
+
+    @property
+    def _factors(self) -> list:
+        if self._factor_list is None:
+            self._factor_list = self._build_factors()
+        return self._factor_list
 
     def factors(self) -> list:
         """Per parametric layer its :class:`LayerFactors` (A, G and conventions)."""
@@ -242,7 +252,7 @@ class KroneckerOperator(CurvatureOperator):
             eA, eG = (None, None) if eigen is None else eigen[i]
             kron[f.start] = (KronFactor.from_matrix(G, eG), KronFactor.from_matrix(A, eA))
         new = copy.copy(self)
-        new._factors = [dataclasses.replace(f, A=A, G=G) for f, (A, G) in zip(own, factors)]
+        new._factor_list = [dataclasses.replace(f, A=A, G=G) for f, (A, G) in zip(own, factors)]
         new.blocks = [b.replace(*kron[b.start], thin=False) for b in self.blocks]
         return new
 

@@ -15,7 +15,7 @@ The executor (:mod:`refngd.experiments.executors`) decides where and in what ord
 units run; the record is assembled from their results in the grid's own order (methods,
 learning rates, checkpoints and batches as configured), never in completion order, and
 each unit owns its random streams — so the record is the same in-process and on any
-cluster.  Every result passes through :func:`~refngd.experiments.results.encode_exact`
+cluster.  Every result passes through :func:`~refngd.optim.records.encode_exact`
 and back, also in-process, so a result read back by ``--resume`` is indistinguishable
 from a fresh one.
 """
@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from ..backend import as_generator
 from .data import load_digits, load_npz
 from ..losses import CrossEntropy
-from .gamma_study import direction_summary, e1_summary, e3_summary
+from .gamma_study import checkpoint_imbalance, direction_summary, e1_summary, e3_summary
 from .models import build_model
-from .results import decode_exact
+from ..optim.records import decode_exact
 from .units import Unit, checkpoint_steps, run_gamma, run_own, run_train
 
 
@@ -242,9 +242,8 @@ class Grid:
         rows = []
         for step in sorted({st for st, _ in s.gammas}):
             per = [s.gammas[step, k] for k in range(nb)]
-            imbalance = [b["imbalance"] for b in per if b["imbalance"] is not None]
             rows.append({"step": step, "e1": e1_summary(per, c.e1_damping), "e3": e3_summary(per),
-                         "imbalance": sum(imbalance) / len(imbalance) if imbalance else None})
+                         **checkpoint_imbalance(per)})
         last = rows[-1] if rows else {"e1": {}, "e3": {}}
         out = {"trajectory": s.trajectory, "methods": list(c.gamma_methods),
                "batch_size": s.n, "batches": nb, "dampings": s.dampings,

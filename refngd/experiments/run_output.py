@@ -11,7 +11,7 @@ Three rules, each enforced here and nowhere else:
 3. **Save as you go.**  Each unit of work (:mod:`refngd.experiments.units`) is saved as
    it finishes, one file per unit in ``OUT/units/`` beside a copy of the configuration
    (``units/run.json``); after each method finishes, ``compare.json`` is rewritten
-   atomically (:func:`refngd.experiments.results.save_json`) with every finished method
+   atomically (:func:`refngd.optim.records.save_json`) with every finished method
    and ``"complete": false``.  An interrupted run (Ctrl-C) keeps them, and
    :meth:`RunOutput.interrupted_message` is the one line that says so.  The finished run
    replaces the file with the full record (``"complete": true``) and removes ``units/``.
@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, is_dataclass
 
-from .results import jsonable, load_json, save_json
+from ..optim.records import jsonable, load_json, save_json
 
 RECORD = "compare.json"
 UNITS = "units"  #: the folder of the finished units' results while a run goes on

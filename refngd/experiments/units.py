@@ -17,7 +17,7 @@ kind       identity (:class:`Unit`)               what it computes
 Each ``run_*`` function is a pure function of its explicit inputs (the configuration, the
 seed's data set, the unit, and for the γ units θ and the optimizer state at the
 checkpoint) and returns plain data encoded by
-:func:`refngd.experiments.results.encode_exact`, so a result can travel to another
+:func:`refngd.optim.records.encode_exact`, so a result can travel to another
 process, be stored, and be read back bit for bit.
 
 **Random streams belong to the unit.**  Nothing is drawn from a stream that another unit
@@ -49,7 +49,7 @@ from ..losses import CrossEntropy
 from ..optim.train import train
 from .gamma_study import batch_gammas, direction_gammas
 from .models import build_model
-from .results import encode_exact
+from ..optim.records import encode_exact
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,9 @@ holds PyTorch's projection and whose adapters are the default selection.
 from __future__ import annotations
 
 import math
-import operator
 
 from ..backend import namespace
-from .base import Layer, host_full
+from .base import Layer, host_full, layer_ints
 from .composite import Composite
 from .linear import Linear
 from .peft import LoRALinear
@@ -87,11 +86,7 @@ class ScaledDotProductAttention(Layer):
 
 
 def _check_dims(embed_dim, num_heads, owner: str) -> tuple[int, int]:
-    vals = []
-    for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-        if isinstance(v, bool) or not hasattr(v, "__index__") or operator.index(v) < 1:
-            raise ValueError(f"{owner} {name} must be an integer >= 1, got {v!r}.")
-        vals.append(operator.index(v))
+    vals = layer_ints({"embed_dim": embed_dim, "num_heads": num_heads}, owner)
     if vals[0] % vals[1]:
         raise ValueError(f"{owner}: embed_dim {vals[0]} is not divisible by num_heads {vals[1]}; "
                          "each head gets embed_dim // num_heads features, so choose num_heads "
@@ -163,6 +158,18 @@ class MultiheadAttention(Composite):
         lora = (f", lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha:g}, "
                 f"lora_targets={self.lora_targets}") if self.lora_targets else ""
         return f"MultiheadAttention({self.embed_dim}, {self.num_heads}, bias={self.bias}{lora})"
+
+    @property
+    def param_names(self):
+        """``torch.nn.MultiheadAttention``'s names (packed in-projection); with LoRA
+        adapters, the sub-layers' names."""
+        if self.lora_targets:
+            return super().param_names
+        return (("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+                if self.bias else ("in_proj_weight", "out_proj.weight"))
+
+    #: refngd.interop wraps self-attention in a module whose attention is ``attn``
+    torch_wrapper_prefix = "attn."
 
     def out_shape(self, in_shape):
         in_shape = tuple(in_shape)

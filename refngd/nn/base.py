@@ -26,6 +26,28 @@ their weight block is then one GEMM straight into Uᵀw, with no temporary and n
 
 Like HIPS autograd's primitives, each layer's derivatives sit right beside its forward.
 
+Beyond its derivatives a layer owns every other fact about itself that the rest of refngd
+reads (docs/design.md §6, "The layer protocol"); nothing outside :mod:`refngd.nn` asks
+what type a layer is:
+
+==============================  ===========================================================
+attribute / method               used by
+==============================  ===========================================================
+``param_shapes``, ``param_names``  the θ layout (:class:`refngd.nn.ParamLayout`), weight files, names
+``kfac_refusal()``               K-FAC / EKFAC / the Kronecker diagonal: None, or the error
+``weight_matrix_shape``          (d_out, D): the weight as the matrix K-FAC factors
+``weight_sharing(cache)``        None, ``"sequence"`` or ``"spatial"``: T positions share W
+``tokens(cache)``                (N, T, D) the inputs W sees (T = 1 without sharing)
+``token_rows(B)``                (N, K, d_out, T) the rows at those T positions
+``backward_workspace(...)``      :mod:`refngd.memory`: temporaries of ``backward``
+``gram_workspace(...)``          :mod:`refngd.memory`: temporaries of ``row_gram``
+==============================  ===========================================================
+
+A new layer that implements the row primitives (or only ``row_grads``, as a
+:class:`SmallParametricLayer`) works with every exact curvature, update and subset; one
+that also implements the four K-FAC entries gets K-FAC, EKFAC and the Kronecker diagonal
+(tests/test_layer_protocol.py defines one in a single file).
+
 Parameter subsets (docs/subsets.md) enter through :meth:`ParametricLayer.row_views`: it
 returns the row-primitive objects of the layer's *selected* tensors only — the layer
 itself when all are selected, a restriction of it (say its weight without its bias) when
@@ -44,13 +66,46 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from ..backend import Array, namespace, to_numpy
+from ..options import ArgumentTypeError, check_int
+
+#: bytes of a float64: Gram matrices and factorisations are float64 (docs/design.md §3)
+_F8 = 8
 
 
 def positive_int(value, name: str, owner: str) -> int:
-    """``value`` as an int ≥ 1, or a ValueError naming the layer's argument."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}.")
-    return operator.index(value)
+    """``value`` as an int ≥ 1 (:func:`refngd.options.check_int`), naming the layer."""
+    return check_int(value, f"{owner} {name}")
+
+
+def layer_ints(values: dict, owner: str, message: str | None = None) -> list[int]:
+    """Each of ``values`` (name → value) as an int ≥ 1: :class:`ArgumentTypeError` for a
+    non-integer, ``ValueError`` for one below 1 — with ``message`` if given (the layer's
+    own wording, naming both sizes), else :func:`positive_int`'s."""
+    out = []
+    for name, v in values.items():
+        if message is None:
+            out.append(positive_int(v, name, owner))
+            continue
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise ArgumentTypeError(message)
+        if operator.index(v) < 1:
+            raise ValueError(message)
+        out.append(operator.index(v))
+    return out
+
+
+def int_pair(value, name: str, owner: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints (kernel size, stride, padding, ...), each ≥ ``minimum``."""
+    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    what = f"{owner} {name} must be an int or a pair of ints, got {value!r}."
+    if len(vals) != 2:
+        raise ValueError(what)
+    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in vals):
+        raise ArgumentTypeError(what)
+    vals = tuple(operator.index(v) for v in vals)
+    if min(vals) < minimum:
+        raise ValueError(f"{owner} {name} must be >= {minimum}, got {value!r}.")
+    return vals
 
 
 def host_full(shape: tuple[int, ...], value: float):
@@ -66,6 +121,18 @@ class Layer(ABC):
 
     #: shapes of the parameter arrays, in PyTorch's ``parameters()`` order
     param_shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """PyTorch's ``state_dict`` names of the parameter tensors, in θ order (relative to
+        the module: ``"weight"``, ``"bias"``; a composite's ``"linear1.weight"``)."""
+        return ("weight", "bias")[:len(self.param_shapes)]
+
+    @property
+    def peft_tensors(self) -> tuple[bool, ...]:
+        """Per tensor: is it one PEFT trains (a LoRA adapter, a prompt embedding)?
+        (:func:`refngd.nn.subsets.peft_mask`)."""
+        return (False,) * len(self.param_shapes)
 
     def out_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Per-sample output shape for a per-sample input shape; raises on a mismatch."""
@@ -95,6 +162,11 @@ class Layer(ABC):
         sub-layers, which forms the input rows anyway.
         """
         return [], (self.backward(params, cache, B) if need_input else None)
+
+    # ------------------------------------------------------------ memory (refngd.memory)
+    def backward_workspace(self, in_shape: tuple, out_shape: tuple, R: int) -> int:
+        """Array elements that :meth:`backward` allocates for R rows besides its result."""
+        return 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -157,6 +229,48 @@ class ParametricLayer(Layer):
         views = self.row_views(cache, B, active) if any(active) else []
         return views, (self.backward(params, cache, B) if need_input else None)
 
+    # ------------------------------------------------------------ memory (refngd.memory)
+    def gram_workspace(self, in_shape: tuple, out_shape: tuple, N: int, K: int,
+                       itemsize: int) -> int:
+        """Bytes :meth:`row_gram` holds besides the accumulated R × R Gram matrix.
+
+        The default is a dense layer's: its R × R contribution, the N × N input Gram (and
+        its copy), and float64 copies of float32 rows.
+        """
+        R, out_size = N * K, math.prod(out_shape)
+        return (R * R + 2 * N * N + (itemsize != _F8) * R * out_size) * _F8
+
+    # ------------------------------------------------------------ K-FAC (docs/kfac.md)
+    def kfac_refusal(self) -> Exception | None:
+        """None when K-FAC applies to this layer's rows, else the error that says why not.
+
+        K-FAC needs a weight matrix W (d_out × D) acting on input vectors (at T positions
+        that share it): the four entries below.  Layers without one refuse it here.
+        """
+        return TypeError(f"K-FAC supports Linear and Conv2d layers (also the projections "
+                         "inside MultiheadAttention) and other layers whose weight is a "
+                         f"matrix acting on input vectors, not {self!r}; use the exact "
+                         "curvatures (Fisher, EmpiricalFisher, ...) for it.")
+
+    @property
+    def weight_matrix_shape(self) -> tuple[int, int]:
+        """(d_out, D): the weight as the matrix whose K-FAC factors are G and A."""
+        raise self.kfac_refusal()
+
+    def weight_sharing(self, cache: Any) -> str | None:
+        """How many positions share the weight: None (one, a dense layer), ``"sequence"``
+        (tokens) or ``"spatial"`` (image locations); K-FAC's ``kfac_approx`` applies to
+        the last two (Eschenhagen et al. 2023, §3)."""
+        raise self.kfac_refusal()
+
+    def tokens(self, cache: Any) -> Array:
+        """(N, T, D): the input vectors ā_nt the weight multiplies (T = 1 without sharing)."""
+        raise self.kfac_refusal()
+
+    def token_rows(self, B: Array) -> Array:
+        """(N, K, d_out, T): row b_rt at each of the T positions (a view where possible)."""
+        raise self.kfac_refusal()
+
     @abstractmethod
     def row_gram(self, cache: Any, B: Array) -> Array:
         """(R, R) float64 Gram matrix U Uᵀ of this layer's rows."""
@@ -209,13 +323,7 @@ class SmallParametricLayer(ParametricLayer):
         return (self._U(cache, B) @ v).reshape(B.shape[:2])
 
     def row_sum(self, cache, B, w):
-        flat = w.reshape(-1) @ self._U(cache, B)
-        out, i = [], 0
-        for shape in self.param_shapes:
-            size = math.prod(shape)
-            out.append(flat[i:i + size].reshape(shape))
-            i += size
-        return out
+        return split_blocks(w.reshape(-1) @ self._U(cache, B), 0, self.param_shapes)
 
     def row_sq_sum(self, cache, B):
         U = self._U(cache, B)
@@ -256,6 +364,12 @@ class BiasRows(_RowsView):
     def __repr__(self) -> str:
         return f"BiasRows({self.parent!r})"
 
+    def kfac_refusal(self) -> Exception | None:
+        return ValueError(
+            f"K-FAC needs a layer's weight: the subset selects the bias of {self.parent!r} "
+            "without its weight; select the whole layer, or use the exact curvatures, "
+            "which support bias-only subsets.")
+
     def row_grads(self, cache, B):
         """β (N, K, d_out): each row summed over the output positions."""
         N, K = B.shape[:2]
@@ -291,3 +405,14 @@ class _Columns(_RowsView):
 def num_elements(shapes) -> int:
     """Σ over ``shapes`` of the number of entries."""
     return sum(math.prod(s) for s in shapes)
+
+
+def split_blocks(v: Array, start: int, shapes) -> list:
+    """Views of ``v[start:]`` cut into consecutive blocks of ``shapes`` (row-major): the θ
+    layout of one layer or row view, for code that holds its start and shapes."""
+    out, i = [], start
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(v[i:i + size].reshape(shape))
+        i += size
+    return out

@@ -64,6 +64,16 @@ class Composite(ParametricLayer):
             elem += size
         self.param_shapes = tuple(shapes)
 
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """``state_dict`` names: each sub-layer's names under its registered name."""
+        return tuple(f"{name}.{n}" for name, child in self.children.items()
+                     for n in child.param_names)
+
+    @property
+    def peft_tensors(self) -> tuple[bool, ...]:
+        return tuple(f for child in self.children.values() for f in child.peft_tensors)
+
     # ------------------------------------------------------------------ selection
     @property
     def trainable(self) -> tuple[bool, ...]:

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 
 from ..backend import namespace
-from .base import BiasRows, ParametricLayer
+from .base import BiasRows, ParametricLayer, int_pair, layer_ints
 from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
                      shared_row_sq_sum, weighted_row_sum)
 
@@ -30,22 +29,6 @@ _CHUNK_ELEMS = 1 << 22
 #: back once per kernel offset, and 8 MB blocks stay in cache (on 2 cores, Conv2d(16, 32)
 #: with 576 rows: 57 ms with 32 MB blocks, 38–42 ms with 8 MB)
 _BACKWARD_CHUNK_ELEMS = 1 << 20
-
-
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"Conv2d {name} must be an int or a pair of ints, got {value!r}.")
-    v = operator.index(value)
-    if v < minimum:
-        raise ValueError(f"Conv2d {name} must be >= {minimum}, got {value!r}.")
-    return v
-
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(vals) != 2:
-        raise ValueError(f"Conv2d {name} must be an int or a pair of ints, got {value!r}.")
-    return tuple(_int(v, name, minimum) for v in vals)
 
 
 def _reads(offset: int, stride: int, n_out: int, n_in: int) -> tuple[int, int, int]:
@@ -92,7 +75,7 @@ class Conv2d(ParametricLayer):
 
     * U v:   r ↦ Σ_t ⟨b_rt, V_W ā_nt + V_b⟩          (V_W Ā_nᵀ once per sample)
     * Uᵀ w:  Σ_n Σ_t (Σ_k w_nk b_nkt) ā_ntᵀ           (contract over k first)
-    * Gram:  K[r, r'] = Σ_{t,t'} (B_r B_r'ᵀ)_{tt'} (Ā_n Ā_mᵀ + 1_bias)_{tt'}  ("spatial"),
+    * Gram:  ``K[r, r'] = Σ_{t,t'} (B_r B_r'ᵀ)_{tt'} (Ā_n Ā_mᵀ + 1_bias)_{tt'}`` ("spatial"),
       or U_l U_lᵀ from per-row gradients ("materialise"), whichever needs fewer FLOPs.
 
     The spatial route is the "ghost norm" trick: Goodfellow (2015) observed that
@@ -116,15 +99,14 @@ class Conv2d(ParametricLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding=0, dilation=1, bias: bool = True):
-        if not all(hasattr(c, "__index__") and not isinstance(c, bool) and operator.index(c) >= 1
-                   for c in (in_channels, out_channels)):
-            raise ValueError("Conv2d needs in_channels >= 1 and out_channels >= 1 (integers), "
-                             f"got {in_channels!r} and {out_channels!r}.")
-        self.in_channels, self.out_channels = operator.index(in_channels), operator.index(out_channels)
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
-        self.dilation = _pair(dilation, "dilation", 1)
+        self.in_channels, self.out_channels = layer_ints(
+            {"in_channels": in_channels, "out_channels": out_channels}, "Conv2d",
+            "Conv2d needs in_channels >= 1 and out_channels >= 1 (integers), "
+            f"got {in_channels!r} and {out_channels!r}.")
+        self.kernel_size = int_pair(kernel_size, "kernel_size", "Conv2d", 1)
+        self.stride = int_pair(stride, "stride", "Conv2d", 1)
+        self.padding = int_pair(padding, "padding", "Conv2d", 0)
+        self.dilation = int_pair(dilation, "dilation", "Conv2d", 1)
         self.bias = bool(bias)
         self.gram_route: str | None = None  #: None (auto), "materialise" or "spatial"
         self.D = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
@@ -248,11 +230,51 @@ class Conv2d(ParametricLayer):
         weight_only.param_shapes = self.param_shapes[:1]
         return weight_only
 
+    # ------------------------------------------------------------------ K-FAC protocol
+    def kfac_refusal(self):
+        return None
+
+    @property
+    def weight_matrix_shape(self):
+        return (self.out_channels, self.D)
+
+    def weight_sharing(self, cache):
+        return "spatial"
+
+    def tokens(self, cache):
+        """Patches Ā (N, T, D): a view of the cached columns."""
+        return cache[0].transpose(0, 2, 1)
+
+    def token_rows(self, B):
+        """Rows as (N, K, C_out, T): a view."""
+        return B.reshape(B.shape[0], B.shape[1], self.out_channels, -1)
+
+    # ------------------------------------------------------------------ memory
+    def backward_workspace(self, in_shape, out_shape, R):
+        """The (C_out, R·T) copy of the rows and one block of the product Y
+        (:meth:`backward`); the result is written in place, with no padded buffer."""
+        out_size = math.prod(out_shape)
+        T = out_size // self.out_channels
+        block = min(R, max(1, _BACKWARD_CHUNK_ELEMS // (self.D * T))) * self.D * T
+        return R * out_size + block
+
+    def gram_workspace(self, in_shape, out_shape, N, K, itemsize):
+        """Float64 copies of float32 patches and rows, and the temporaries of the Gram
+        route :func:`conv_gram_route` picks (:func:`refngd.nn.shared.shared_gram`)."""
+        R, Co, D = N * K, self.out_channels, self.D
+        T = math.prod(out_shape) // Co
+        route = self.gram_route or conv_gram_route(N, K, T, Co, D, self.bias)
+        b = (itemsize != 8) * (N * T * D + R * Co * T) * 8
+        if route == "materialise":  # per-row gradients one block of channels at a time
+            step = max(1, _CHUNK_ELEMS // max(1, R * D))
+            return b + (2 * R * R + R * min(step, Co) * D) * 8
+        S = max(1, min(-(-N // 8), math.isqrt(_CHUNK_ELEMS // (T * (T + Co * K)))))
+        return b + (3 * R * R + 2 * R * Co * T + S * S * T * (T + Co * K)) * 8
+
     # ------------------------------------------------------------------ row primitives
     def _rows(self, cache, B):
-        """Patches Ā (N, T, D) (a view of the cached columns) and rows as (N, K, C_out, T)."""
-        cols = cache[0]
-        return cols.transpose(0, 2, 1), B.reshape(B.shape[0], B.shape[1], self.out_channels, -1)
+        """Patches Ā (N, T, D) and rows (N, K, C_out, T), for :mod:`refngd.nn.shared`."""
+        return self.tokens(cache), self.token_rows(B)
 
     def row_grads(self, cache, B):
         return shared_row_grads(*self._rows(cache, B), self.bias)
@@ -270,7 +292,7 @@ class Conv2d(ParametricLayer):
 
     def row_sum(self, cache, B, w):
         xp = namespace(B)
-        cols, (N, K) = cache[0], B.shape[:2]
+        cols, N = cache[0], B.shape[0]
         Co = self.out_channels
         v = weighted_row_sum(B, w).reshape(N, Co, -1)  # Σ_k w_nk b_nk
         # Σ_n v_n Ā_n as one (C_out × N·T)(N·T × D) GEMM
@@ -283,7 +305,7 @@ class Conv2d(ParametricLayer):
     def row_sum_into(self, cache, B, w, out):
         """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw)."""
         xp = namespace(B)
-        cols, (N, K) = cache[0], B.shape[:2]
+        cols, N = cache[0], B.shape[0]
         Co = self.out_channels
         v = weighted_row_sum(B, w).reshape(N, Co, -1)
         vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)

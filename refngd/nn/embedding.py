@@ -14,7 +14,7 @@ from __future__ import annotations
 import operator
 
 from ..backend import namespace
-from .base import ParametricLayer
+from .base import ParametricLayer, layer_ints
 from .shared import gram_route, shared_gram, weighted_row_sum
 
 
@@ -41,11 +41,8 @@ class Embedding(ParametricLayer):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  max_norm: float | None = None, norm_type: float = 2.0,
                  scale_grad_by_freq: bool = False, sparse: bool = False):
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(v, bool) or not hasattr(v, "__index__") or operator.index(v) < 1:
-                raise ValueError(f"Embedding {name} must be an integer >= 1, got {v!r}.")
-        self.num_embeddings = operator.index(num_embeddings)
-        self.embedding_dim = operator.index(embedding_dim)
+        self.num_embeddings, self.embedding_dim = layer_ints(
+            {"num_embeddings": num_embeddings, "embedding_dim": embedding_dim}, "Embedding")
         if padding_idx is not None:
             V = self.num_embeddings
             if isinstance(padding_idx, bool) or not hasattr(padding_idx, "__index__") \

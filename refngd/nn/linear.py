@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 
 from ..backend import namespace
-from .base import BiasRows, ParametricLayer
+from .base import BiasRows, ParametricLayer, layer_ints
 from .shared import shared_gram, shared_row_grads, shared_row_sq_sum, weighted_row_sum
 
 
@@ -49,14 +48,10 @@ class Linear(ParametricLayer):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        sizes = []
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not hasattr(v, "__index__"):
-                raise TypeError(f"Linear {name} must be an integer, got {v!r}.")
-            sizes.append(operator.index(v))
-        if min(sizes) < 1:
-            raise ValueError("Linear needs in_features >= 1 and out_features >= 1.")
-        self.in_features, self.out_features = sizes
+        self.in_features, self.out_features = layer_ints(
+            {"in_features": in_features, "out_features": out_features}, "Linear",
+            "Linear needs in_features >= 1 and out_features >= 1 (integers), got "
+            f"{in_features!r} and {out_features!r}.")
         self.bias = bool(bias)
         shapes = [(self.out_features, self.in_features)]
         if self.bias:
@@ -93,12 +88,31 @@ class Linear(ParametricLayer):
         # each re-reading W from memory (6× slower at N = 128, K = 10).
         return (B.reshape(-1, B.shape[-1]) @ params[0]).reshape(B.shape[:-1] + (self.in_features,))
 
+    # ------------------------------------------------------- the K-FAC protocol
+    def kfac_refusal(self):
+        return None
+
+    @property
+    def weight_matrix_shape(self):
+        return (self.out_features, self.in_features)
+
+    def weight_sharing(self, cache):
+        """``"sequence"`` on (N, *S, d_in) inputs, None on (N, d_in)."""
+        return "sequence" if cache.ndim > 2 else None
+
+    def tokens(self, cache):
+        """(N, T, d_in): the inputs, T = ∏S tokens (T = 1 on (N, d_in)); a view."""
+        return cache.reshape(cache.shape[0], -1, self.in_features)
+
+    def token_rows(self, B):
+        """(N, K, d_out, T): the rows of each token (a transposed view)."""
+        N, K = B.shape[:2]
+        return B.reshape(N, K, -1, self.out_features).transpose(0, 1, 3, 2)
+
     # ------------------------------------------------------- sequences (weight sharing)
     def _seq(self, cache, B):
-        """Tokens A (N, T, d_in) and rows Bm (N, K, d_out, T) for :mod:`refngd.nn.shared`."""
-        N, K = B.shape[:2]
-        A = cache.reshape(N, -1, self.in_features)
-        return A, B.reshape(N, K, A.shape[1], self.out_features).transpose(0, 1, 3, 2)
+        """Tokens and rows for :mod:`refngd.nn.shared`."""
+        return self.tokens(cache), self.token_rows(B)
 
     def _seq_row_dot(self, cache, B, V):
         N, K = B.shape[:2]

@@ -74,6 +74,18 @@ class LoRALinear(Composite):
         self.base = base
         base.trainable = (False,) * len(base.param_shapes)  # PEFT freezes the base layer
 
+    @property
+    def param_names(self):
+        """PEFT's names (``refngd.interop.lora_linear_module``): ``base_layer.*``,
+        ``lora_A.weight``, ``lora_B.weight``."""
+        return (("base_layer.weight",) + (("base_layer.bias",) if self.bias else ())
+                + ("lora_A.weight", "lora_B.weight"))
+
+    @property
+    def peft_tensors(self):
+        """All of them: PEFT trains what of this layer is trainable (the adapters)."""
+        return (True,) * len(self.param_shapes)
+
     def __repr__(self) -> str:
         return (f"LoRALinear({self.in_features}, {self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha:g}, bias={self.bias})")
@@ -116,6 +128,11 @@ class PromptPrefix(SmallParametricLayer):
     Gram ⟨b_r[:m], b_r'[:m]⟩, U v = ⟨b_r[:m], V⟩, Uᵀ w = Σ_r w_r b_r[:m].  The backward
     pass hands b_r[m:] to the layer below.
     """
+
+    @property
+    def peft_tensors(self):
+        """All of them: PEFT trains what of this layer is trainable (the adapters)."""
+        return (True,) * len(self.param_shapes)
 
     def __init__(self, num_tokens: int, dim: int):
         self.num_tokens = positive_int(num_tokens, "num_tokens", "PromptPrefix")

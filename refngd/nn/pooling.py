@@ -17,17 +17,10 @@ import operator
 from abc import abstractmethod
 
 from ..backend import namespace
-from .base import Layer
+from .base import Layer, int_pair
 
 
-def _pair(value, name: str, owner: str, minimum: int) -> tuple[int, int]:
-    vals = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(vals) != 2 or any(isinstance(v, bool) or not hasattr(v, "__index__") for v in vals):
-        raise ValueError(f"{owner} {name} must be an int or a pair of ints, got {value!r}.")
-    vals = tuple(operator.index(v) for v in vals)
-    if min(vals) < minimum:
-        raise ValueError(f"{owner} {name} must be >= {minimum}, got {value!r}.")
-    return vals
+_pair = int_pair  # (value, name, owner, minimum): refngd.nn.base
 
 
 def pool_out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:

@@ -1,12 +1,12 @@
 """``Sequential``: a chain of layers on one flat parameter vector θ in PyTorch order."""
 from __future__ import annotations
 
-import math
-
-from ..backend import Array, check_float_array, get_backend, namespace, one_host_read, require
+from ..backend import (Array, as_generator, check_float_array, get_backend, namespace,
+                       one_host_read, require)
 from ..rows import LayerRows, RowSet
-from ..subsets import resolve_params, trainable_mask
 from .base import Layer, ParametricLayer, num_elements
+from .layout import ParamLayout
+from .subsets import resolve_params, trainable_mask
 
 
 class Sequential:
@@ -29,12 +29,11 @@ class Sequential:
             if not isinstance(layer, Layer):
                 raise TypeError(f"layer {i} ({layer!r}) is not a refngd.nn layer.")
         self.layers = tuple(layers)
-        self.slices, start = [], 0
-        for layer in self.layers:
-            size = sum(math.prod(s) for s in layer.param_shapes)
-            self.slices.append((start, start + size))
-            start += size
-        self.num_params = start
+        #: the θ layout: one TensorSlot per parameter tensor (name, shape, start, stop)
+        self.layout = ParamLayout(self.layers)
+        #: (start, stop) of each layer's slice of θ
+        self.slices = list(self.layout.layer_slices)
+        self.num_params = self.layout.num_params
 
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
@@ -42,13 +41,18 @@ class Sequential:
 
     # ------------------------------------------------------------------ parameters
     def init(self, rng, dtype="float64", backend: str = "numpy") -> Array:
-        """θ drawn with PyTorch's default initialisation, using NumPy Generator ``rng``."""
+        """θ drawn with PyTorch's default initialisation, from ``rng``.
+
+        ``rng``: a NumPy ``Generator`` or an int seed (``init(0)`` is
+        ``init(numpy.random.default_rng(0))``), as everywhere in refngd.
+        """
         xp = get_backend(backend)
         if not hasattr(rng, "uniform"):
-            raise TypeError(
-                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
-                f"got {type(rng).__name__}."
-            )
+            if isinstance(rng, bool) or not hasattr(rng, "__index__"):
+                raise TypeError(
+                    f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)) or "
+                    f"an int seed, got {type(rng).__name__}.")
+            rng = as_generator(int(rng))
         if xp.dtype(dtype) not in (xp.float32, xp.float64):
             raise TypeError(f"dtype must be float64 (default) or float32, got {dtype!r}.")
         parts = [xp.asarray(p, dtype=dtype).reshape(-1) for layer in self.layers
@@ -58,15 +62,7 @@ class Sequential:
     def unflatten(self, theta: Array) -> list[list[Array]]:
         """Per layer, the list of its parameter arrays (views of θ, PyTorch shapes)."""
         self._check_theta(theta)
-        out = []
-        for layer, (start, _) in zip(self.layers, self.slices):
-            blocks, i = [], start
-            for shape in layer.param_shapes:
-                size = math.prod(shape)
-                blocks.append(theta[i:i + size].reshape(shape))
-                i += size
-            out.append(blocks)
-        return out
+        return self.layout.split(theta)
 
     def flatten(self, params: list[list[Array]]) -> Array:
         """Inverse of :meth:`unflatten`."""
@@ -149,7 +145,7 @@ class Linearization:
     ----------
     outputs : (N, C) model outputs z_n.
     theta, X : the point and batch it was built for (checked when it is reused:
-        :func:`refngd.validation.linearization_for`).
+        :func:`refngd.nn.protocols.linearization_for`).
     """
 
     def __init__(self, model, theta, outputs, steps, X=None):

@@ -42,6 +42,7 @@ Where the public reference code differs, and what refngd does
 """
 from __future__ import annotations
 
+from ..options import FISHER_TYPES, FisherType
 from ..backend import namespace, to_float
 from ..curvature import KroneckerDiagonal
 from ..curvature.kron_diag import place_kronecker_diagonal
@@ -110,7 +111,10 @@ class AdaFisher(Optimizer):
 
     def __init__(self, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
                  gammas=(0.92, 0.08), update_every: int = 1, normalize: bool = True,
-                 weight_decay: float = 0.0, decoupled: bool = False, fisher_type: str = "empirical"):
+                 weight_decay: float = 0.0, decoupled: bool = False,
+                 fisher_type: FisherType = "empirical"):
+        # fisher_type "empirical" (not refngd.options' "type-2"): the authors' code builds its
+        # factors from loss.backward() on the observed labels (module docstring)
         self.lr = check_lr(lr)
         self.beta = check_unit_interval(beta, "beta")
         self.damping = check_positive(damping, "damping")  # F̃ = G⊗A + λ divides the step; its
@@ -122,7 +126,7 @@ class AdaFisher(Optimizer):
         self.normalize = bool(normalize)
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         self.decoupled = bool(decoupled)
-        self.fisher_type = check_choice(fisher_type, "fisher_type", ("empirical", "mc", "type-2"))
+        self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
 
     def init(self, theta):
         return {"step": 0, "exp_avg": zeros_like(theta), "factors": None}

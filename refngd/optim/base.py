@@ -30,59 +30,14 @@ from typing import Any
 
 from ..backend import Array, namespace, to_float
 from ..derivatives import gradient_from
+from ..options import (ArgumentTypeError, check_choice, check_int, check_nonnegative,  # noqa: F401
+                       check_positive, check_real, check_unit_interval)
 
 
 # --------------------------------------------------------------------------- checks
 def check_lr(lr: Any, name: str = "lr") -> float:
     """A learning rate: a finite float > 0."""
     return check_positive(lr, name)
-
-
-def check_positive(value: Any, name: str) -> float:
-    v = _as_real(value, name)
-    if not v > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}.")
-    return v
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    v = _as_real(value, name)
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}.")
-    return v
-
-
-def check_unit_interval(value: Any, name: str, closed_right: bool = False) -> float:
-    """A decay / momentum coefficient in [0, 1) (or [0, 1] with ``closed_right``)."""
-    v = _as_real(value, name)
-    if v < 0 or v > 1 or (v == 1 and not closed_right):
-        interval = "[0, 1]" if closed_right else "[0, 1)"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
-    return v
-
-
-def check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def check_choice(value: Any, name: str, choices: tuple) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-    return value
-
-
-def _as_real(value: Any, name: str) -> float:
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        raise TypeError(f"{name} must be a real number, got {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}.") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-    return v
 
 
 def require_rng(rng: Any, who: str):

@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import math
 
+from ..options import (BIAS, BIAS_MODES, DAMPING_MODES, FISHER_TYPES, KFAC_APPROX,
+                       KFAC_APPROX_DEFAULT, BiasMode, DampingMode, FisherType, KfacApprox)
 from ..backend import check_damping, eigh_psd, to_float
 from ..curvature import EKFAC as EKFACCurvature
 from ..curvature import KFAC as KFACCurvature
@@ -80,10 +82,10 @@ class _KroneckerOptimizer(Optimizer):
         self.damping = check_damping(damping, allow_zero=False)
         self.ema_decay = check_unit_interval(ema_decay, "ema_decay")
         self.inverse_every = check_int(inverse_every, "inverse_every")
-        self.fisher_type = check_choice(fisher_type, "fisher_type", ("type-2", "mc", "empirical"))
+        self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
         self.mc_samples = check_int(mc_samples, "mc_samples")
-        self.kfac_approx = check_choice(kfac_approx, "kfac_approx", ("expand", "reduce"))
-        self.bias = check_choice(bias, "bias", ("separate", "joint"))
+        self.kfac_approx = check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
+        self.bias = check_choice(bias, "bias", BIAS_MODES)
         self.kl_clip = None if kl_clip is None else check_positive(kl_clip, "kl_clip")
         self.momentum = check_unit_interval(momentum, "momentum")
         self.adapt_damping = bool(adapt_damping)
@@ -174,14 +176,18 @@ class KFAC(_KroneckerOptimizer):
     name = "kfac"
     _hyper = _KroneckerOptimizer._hyper + ("damping_mode",)
 
-    def __init__(self, lr: float = 0.1, damping: float = 1e-3, damping_mode: str = "factored",
-                 ema_decay: float = 0.95, inverse_every: int = 20, fisher_type: str = "mc",
-                 mc_samples: int = 1, kfac_approx: str = "expand", bias: str = "separate",
+    # Defaults that differ from refngd.options on purpose: the optimizer follows Martens &
+    # Grosse (2015) — factored damping (§6.3) and sampled labels (the Fisher, not the
+    # empirical Fisher, at the cost of one backward pass, §5) — as kfac-pytorch does.
+    def __init__(self, lr: float = 0.1, damping: float = 1e-3,
+                 damping_mode: DampingMode = "factored", ema_decay: float = 0.95,
+                 inverse_every: int = 20, fisher_type: FisherType = "mc", mc_samples: int = 1,
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
                  kl_clip: float | None = 1e-3, momentum: float = 0.0, adapt_damping: bool = False,
                  adapt_every: int = 5, damping_bounds=(1e-8, 1e2)):
         super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
                          bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
-        self.damping_mode = check_choice(damping_mode, "damping_mode", ("factored", "tikhonov"))
+        self.damping_mode = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
 
     def _direction(self, state, new_state, kf, factors, t, g, lam, problem):
         """The running factors with the eigendecomposition of the last refresh (π from A_t, G_t)."""
@@ -201,9 +207,11 @@ class EKFAC(_KroneckerOptimizer):
 
     name = "ekfac"
 
+    # fisher_type "mc" as K-FAC's optimizer (George et al. 2018 sample labels likewise)
     def __init__(self, lr: float = 0.1, damping: float = 1e-3, ema_decay: float = 0.95,
-                 inverse_every: int = 20, fisher_type: str = "mc", mc_samples: int = 1,
-                 kfac_approx: str = "expand", bias: str = "separate", kl_clip: float | None = 1e-3,
+                 inverse_every: int = 20, fisher_type: FisherType = "mc", mc_samples: int = 1,
+                 kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
+                 kl_clip: float | None = 1e-3,
                  momentum: float = 0.0, adapt_damping: bool = False, adapt_every: int = 5,
                  damping_bounds=(1e-8, 1e2)):
         super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,

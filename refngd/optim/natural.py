@@ -25,6 +25,7 @@ from __future__ import annotations
 from abc import abstractmethod
 
 from .. import updates
+from ..options import FORM, FORMS, Form
 from ..backend import check_damping
 from .base import (
     Optimizer,
@@ -126,9 +127,9 @@ class EF(_ExactNatural):
     _default_normalize = "grad"
 
     def __init__(self, lr: float = 0.1, damping: float = 1e-3, momentum: float = 0.0,
-                 normalize: str | None = "default", form: str = "gram"):
+                 normalize: str | None = "default", form: Form = FORM):
         super().__init__(lr, damping, momentum, normalize)
-        self.form = check_choice(form, "form", ("gram", "tikhonov"))
+        self.form = check_choice(form, "form", FORMS)
 
     def direction(self, model, theta, loss, X, y, lin, rng):
         return updates.ef(model, theta, loss, X, y, self.damping, form=self.form, linearization=lin)
@@ -146,9 +147,9 @@ class IEF(_ExactNatural):
     _hyper = _ExactNatural._hyper + ("form",)
 
     def __init__(self, lr: float = 1.0, damping: float = 1e-3, momentum: float = 0.0,
-                 normalize: str | None = "default", form: str = "gram"):
+                 normalize: str | None = "default", form: Form = FORM):
         super().__init__(lr, damping, momentum, normalize)
-        self.form = check_choice(form, "form", ("gram", "tikhonov"))
+        self.form = check_choice(form, "form", FORMS)
 
     def direction(self, model, theta, loss, X, y, lin, rng):
         return updates.ief(model, theta, loss, X, y, self.damping, form=self.form, linearization=lin)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_device, to_float, to_numpy
+from ..options import check_int
 from .base import batch_accuracy
 
 #: rows per forward pass when evaluating on a whole data set
@@ -80,7 +81,7 @@ class TrainResult:
 
     def save(self, path: str) -> None:
         """Write :meth:`to_dict` as JSON (NaN/Inf written as null)."""
-        from ..experiments.results import save_json
+        from .records import save_json
 
         save_json(self.to_dict(), path)
 
@@ -117,11 +118,10 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
     """
     if not hasattr(optimizer, "step") or not hasattr(optimizer, "init"):
         raise TypeError(f"optimizer must be a refngd.optim optimizer, got {optimizer!r}.")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
-    if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) != max_steps or max_steps < 0):
-        raise ValueError(f"max_steps must be an integer >= 0, got {max_steps!r}.")
+    check_int(epochs, "epochs")
+    check_int(batch_size, "batch_size")
+    if max_steps is not None:
+        check_int(max_steps, "max_steps", minimum=0)
     if on_divergence not in ("warn", "ignore", "raise"):
         raise ValueError(f"on_divergence must be 'warn', 'ignore' or 'raise', got {on_divergence!r}.")
     X_host, y_host = _check_data("X", "y", X, y)
@@ -133,9 +133,7 @@ def train(model, theta, loss, X, y, optimizer, *, epochs: int = 1, batch_size: i
     data_rng, opt_rng = _streams(rng)
     per_epoch = math.ceil(N / batch_size)
     total = epochs * per_epoch if max_steps is None else min(int(max_steps), epochs * per_epoch)
-    eval_every = per_epoch if eval_every is None else int(eval_every)
-    if eval_every < 1:
-        raise ValueError(f"eval_every must be >= 1, got {eval_every!r}.")
+    eval_every = per_epoch if eval_every is None else check_int(eval_every, "eval_every")
     want = _check_checkpoints(checkpoints)
 
     state = optimizer.init(theta) if state is None else state

@@ -32,7 +32,7 @@ indexing, which would synchronise a GPU).
 """
 from __future__ import annotations
 
-from .backend import Array, namespace
+from ..backend import Array, namespace
 
 
 def householder_complement(u: Array) -> Array:

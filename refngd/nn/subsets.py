@@ -26,10 +26,9 @@ What ``params=`` accepts (:func:`resolve_params`):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from .backend import Array, namespace, to_device, to_numpy
+from ..backend import Array, namespace, to_device, to_numpy
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,12 +82,13 @@ def trainable_mask(model) -> Array:
     otherwise; every entry of a FunctionModel is.
     """
     m = to_numpy(True).repeat(int(model.num_params))
-    for layer, (start, _) in zip(getattr(model, "layers", ()), getattr(model, "slices", ())):
-        i = start
-        for shape, on in zip(layer.param_shapes, getattr(layer, "trainable", ())):
-            size = math.prod(shape)
-            m[i:i + size] = bool(on)
-            i += size
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return m
+    for slot in model.layout:
+        flags = getattr(layers[slot.layer], "trainable", ())
+        if slot.tensor < len(flags):
+            m[slot.start:slot.stop] = bool(flags[slot.tensor])
     return m
 
 
@@ -102,28 +102,11 @@ def peft_mask(model) -> Array:
     ``requires_grad``.
     """
     m = trainable_mask(model)
-    for layer, (start, stop) in zip(model.layers, model.slices):
-        flags = _peft_flags(layer)
-        i = start
-        for shape, on in zip(layer.param_shapes, flags):
-            size = math.prod(shape)
-            m[i:i + size] &= on
-            i += size
+    for slot in model.layout:
+        m[slot.start:slot.stop] &= model.layers[slot.layer].peft_tensors[slot.tensor]
     if not bool(m.any()):
         raise ValueError("peft_mask: the model has no LoRALinear or PromptPrefix layer.")
     return m
-
-
-def _peft_flags(layer) -> tuple[bool, ...]:
-    """Per tensor of ``layer``: does it belong to a LoRA or prompt layer (at any depth)?"""
-    from .nn.composite import Composite  # here: nn imports this module
-    from .nn.peft import LoRALinear, PromptPrefix
-
-    if isinstance(layer, (LoRALinear, PromptPrefix)):
-        return (True,) * len(layer.param_shapes)
-    if isinstance(layer, Composite):
-        return tuple(f for c in layer.children.values() for f in _peft_flags(c))
-    return (False,) * len(layer.param_shapes)
 
 
 def resolve_params(model, params) -> ParamSubset | None:
@@ -175,7 +158,7 @@ def _as_mask(model, params, P: int) -> Array:
         if not -len(layers) <= i < len(layers):
             raise ValueError(f"params: layer index {i} is out of range for a model with "
                              f"{len(layers)} layers.")
-        start, stop = model.slices[i]
+        start, stop = model.layout.layer_slices[i]
         if start == stop:
             raise ValueError(f"params: layer {i} ({layers[i]!r}) has no parameters; index "
                              "parametric layers only.")
@@ -193,21 +176,19 @@ def _from_mask(model, mask, P: int) -> ParamSubset | None:
     if layers is None:
         return ParamSubset(P, mask, index)
     active, starts, pos = [], [], 0
-    for i, (layer, (start, _)) in enumerate(zip(layers, model.slices)):
+    for i, layer in enumerate(layers):
         starts.append(pos)
-        flags, off = [], start
-        for t, shape in enumerate(layer.param_shapes):
-            size = math.prod(shape)
-            n_on = int(mask[off:off + size].sum())
-            if 0 < n_on < size:
+        flags = []
+        for slot in model.layout.of_layer(i):
+            n_on = int(mask[slot.start:slot.stop].sum())
+            if 0 < n_on < slot.size:
                 raise ValueError(
-                    f"params selects {n_on} of the {size} entries of parameter tensor {t} "
-                    f"(shape {tuple(shape)}) of layer {i} ({layer!r}); refngd selects whole "
-                    "tensors, as curvlinops' params list and PyTorch's requires_grad do: "
-                    "select all of its entries or none.")
-            flags.append(n_on == size)
+                    f"params selects {n_on} of the {slot.size} entries of parameter tensor "
+                    f"{slot.tensor} (shape {slot.shape}) of layer {i} ({layer!r}); refngd "
+                    "selects whole tensors, as curvlinops' params list and PyTorch's "
+                    "requires_grad do: select all of its entries or none.")
+            flags.append(n_on == slot.size)
             pos += n_on
-            off += size
         flags = tuple(flags)
         if any(flags) and not all(flags):
             try:

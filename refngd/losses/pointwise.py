@@ -46,207 +46,10 @@ import math
 from typing import Any
 
 from . import softmax_factors
-from .backend import Array, check_float_array, namespace, require, to_device
+from ..backend import Array, namespace, require, to_device
+from .base import PointwiseLoss
 
 __all__ = ["CrossEntropy", "MSELoss", "BCEWithLogits"]
-
-_REDUCTIONS = ("mean", "sum")
-
-
-class _Loss:
-    """Shared validation and public API.
-
-    Subclasses define the formulas on validated inputs: ``_check_y``, ``_per_sample``,
-    ``_gradient`` (which must broadcast over rows, as ``sampled_output_gradients`` calls
-    it on N·K rows), ``_hessian``, ``_sqrt`` and ``_sample``; and, for the exact natural
-    gradient in row space, ``_gradient_in_factor`` (the default puts all of e_n in the
-    residual r_n, which is correct but solved by the Woodbury route).
-    """
-
-    def _gradient_in_factor(self, Z: Array, y: Array):
-        """Default: a_n = 0, r_n = e_n (no closed form known for this loss)."""
-        xp = namespace(Z)
-        M = self.hessian_factor(Z).shape[2]
-        return xp.zeros((Z.shape[0], M), dtype=Z.dtype), self._gradient(Z, y)
-
-    name: str = ""
-    _per_element_mean: bool = False  # True: `mean` divides by N·C, else by N
-
-    def __init__(self, reduction: str = "mean") -> None:
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
-        self.reduction = reduction
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(reduction={self.reduction!r})"
-
-    # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_Z(Z: Array) -> Array:
-        check_float_array("Z", Z, ndim=2)
-        N, C = Z.shape
-        if N < 1 or C < 1:
-            raise ValueError(f"Z must have shape (N, C) with N >= 1 and C >= 1, got {Z.shape}.")
-        return Z
-
-    def check_targets(self, Z: Array, y: Any) -> Array:
-        """Validate ``Z`` and the targets ``y``; return ``y`` on ``Z``'s device.
-
-        Raises
-        ------
-        TypeError
-            ``Z`` not a float array, or ``y`` of the wrong dtype.
-        ValueError
-            ``Z`` not 2-D or not finite, batch size or shape mismatch, targets out of range.
-        """
-        self._check_Z(Z)
-        y = to_device(y, like=Z)
-        if y.ndim < 1 or y.shape[0] != Z.shape[0]:
-            raise ValueError(
-                f"batch size mismatch: Z has N = {Z.shape[0]} rows but y has shape "
-                f"{tuple(y.shape)}; pass one target per row of Z."
-            )
-        return self._check_y(Z, y)
-
-    @staticmethod
-    def _check_float_targets(Z: Array, y: Array) -> Array:
-        """Shared check of (N, C) float targets (MSE, BCE); casts to ``Z.dtype``."""
-        N, C = Z.shape
-        if tuple(y.shape) != (N, C):
-            hint = f" Use y.reshape({N}, {C})." if y.size == N * C else ""
-            raise ValueError(
-                f"targets y must have the same shape as Z, {(N, C)}, got {tuple(y.shape)}.{hint}"
-            )
-        if y.dtype.kind != "f":
-            raise TypeError(f"targets y must be floats, got dtype {y.dtype}; use y.astype(float).")
-        xp = namespace(Z)
-        require(xp.all(xp.isfinite(y)),
-                ValueError("targets y contain NaN or Inf; refngd refuses to propagate them."), y)
-        return y.astype(Z.dtype, copy=False)
-
-    @staticmethod
-    def _check_rng(rng: Any, mc_samples: int) -> int:
-        if not (hasattr(rng, "random") and hasattr(rng, "standard_normal")):
-            raise TypeError(
-                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
-                f"got {type(rng).__name__}."
-            )
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}.")
-        return mc_samples
-
-    # ---------------------------------------------------------------- public API
-    def scale(self, Z: Array) -> float:
-        """The constant c of L = c Σ_n l_n for this batch (1, 1/N or 1/(N·C))."""
-        N, C = self._check_Z(Z).shape
-        if self.reduction == "sum":
-            return 1.0
-        return 1.0 / (N * C) if self._per_element_mean else 1.0 / N
-
-    def per_sample(self, Z: Array, y: Any) -> Array:
-        """Per-sample losses l_n, shape (N,), never reduced.
-
-        Raises ``ValueError`` when a loss is too large for the dtype (e.g. logits of
-        ±1e308, MSE residuals of 1e200): such a value cannot be represented, and an
-        ``inf`` would silently poison every sum it enters.
-        """
-        y = self.check_targets(Z, y)
-        return self._finite(self._per_sample(Z, y), "per-sample losses", Z)
-
-    def __call__(self, Z: Array, y: Any) -> Array:
-        """Batch loss L = c Σ_n l_n as a 0-d array (equals the PyTorch loss)."""
-        xp = namespace(Z)
-        total = xp.sum(self.per_sample(Z, y))
-        return xp.asarray(self.scale(Z) * total, dtype=Z.dtype)
-
-    def output_gradient(self, Z: Array, y: Any) -> Array:
-        """Output gradients e_n = ∂l_n/∂z_n of the *unreduced* l_n, shape (N, C)."""
-        y = self.check_targets(Z, y)
-        return self._finite(self._gradient(Z, y), "output gradients", Z)
-
-    def _finite(self, values: Array, what: str, Z: Array) -> Array:
-        """``values`` unchanged, or a clear error when they overflowed (Z and y are finite)."""
-        xp = namespace(values)
-        require(xp.all(xp.isfinite(values)), lambda: ValueError(
-            f"{self!r}: the {what} are NaN or Inf: they overflow {Z.dtype} (largest |output| "
-            f"{float(xp.max(xp.abs(Z))):.3g}). The true values cannot be represented; rescale "
-            "the outputs and targets (e.g. standardise the data) or lower the learning rate."),
-            values)
-        return values
-
-    def output_hessian(self, Z: Array) -> Array:
-        """Output Hessians H_n = ∂²l_n/∂z_n², shape (N, C, C); independent of y."""
-        return self._hessian(self._check_Z(Z))
-
-    def hessian_sqrt(self, Z: Array) -> Array:
-        """Factors S_n with S_n S_nᵀ = H_n, shape (N, C, C).
-
-        Column k of S_n is the k-th output-space row cotangent of the Fisher (docs/design.md
-        §2): Σ_k S_n[:, k] S_n[:, k]ᵀ = H_n, so back-propagating the C columns through the
-        network gives rows J_nᵀ S_n[:, k] whose outer products sum to J_nᵀ H_n J_n.
-        """
-        return self._sqrt(self._check_Z(Z))
-
-    def hessian_factor(self, Z: Array, y: Any = None) -> Array:
-        """A factor of H_n with the fewest columns: (N, C, M), M = rank H_n, F_n F_nᵀ = H_n.
-
-        These are the Fisher's row cotangents (refngd.curvature.Fisher).  For MSE and BCE
-        M = C and the factor is :meth:`hessian_sqrt` (``y`` is not used);
-        ``CrossEntropy`` overrides it and, given the labels ``y``, aligns the factor with
-        the gradient so that :meth:`gradient_in_factor` needs no large coefficients.
-        """
-        return self.hessian_sqrt(Z)
-
-    def gradient_in_factor(self, Z: Array, y: Any) -> tuple[Array, Array]:
-        """Coefficients of e_n in the Fisher's factor: e_n = F_n a_n + r_n.
-
-        F_n (C, M) is :meth:`hessian_factor` ``(Z, y)`` — with the same labels, which
-        matters for the cross-entropy.  Returns ``a`` (N, M) and ``r`` (N, C).  The
-        output gradient of these likelihoods lies in the range of H_n (cross-entropy:
-        1ᵀe_n = 0 = the null vector of diag(p) − ppᵀ; MSE and BCE: H_n is invertible), so
-        ``r`` is exactly zero except for a sample whose curvature underflowed to zero in
-        floating point (a softmax probability p_{y_n} = 0, a BCE variance σ(z)σ(−z) = 0),
-        where ``r_n = e_n`` carries the part of the gradient outside the factor's range.
-
-        ``a`` is computed from closed forms, never by dividing e_n by a tiny curvature, and
-        F_n a_n reproduces e_n to a few ulps with no cancellation (a column of F_n that is
-        tiny where a_n is huge is tiny *accurately*), so the gradient written in the rows
-        is as accurate as the gradient itself.  With it the batch gradient is a combination
-        of the Fisher's own rows, g = c Σ_n J_nᵀ F_n a_n (+ the residual rows), which lets
-        :meth:`refngd.curvature.Fisher.natural_gradient` solve in row space at every
-        damping (docs/fisher.md, "Natural gradient in row space").
-        """
-        y = self.check_targets(Z, y)
-        return self._gradient_in_factor(Z, y)
-
-    def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
-        """Draw K = ``mc_samples`` targets per sample from the model's p(y | z_n).
-
-        Returns targets with leading shape (N, K): ``(N, K)`` int64 class labels for
-        ``CrossEntropy``, ``(N, K, C)`` floats for ``MSELoss`` and ``BCEWithLogits``.
-        """
-        K = self._check_rng(rng, mc_samples)
-        return self._sample(self._check_Z(Z), rng, K)
-
-    def sampled_output_gradients(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
-        """Output gradients at sampled targets, shape (N, K, C).
-
-        E_ŷ[e eᵀ] = H_n (Martens, 2020), so these K rows per sample are the row cotangents
-        of the sampled Fisher.  They are *not* divided by √K: the sampled Fisher is
-        c Σ_n (1/K) Σ_k J_nᵀ e_nk e_nkᵀ J_n.
-        """
-        return self.output_gradients_at(Z, self.sample_targets(Z, rng, mc_samples))
-
-    def output_gradients_at(self, Z: Array, Yhat: Array) -> Array:
-        """Output gradients ∂ℓ(z_n, ŷ_nk)/∂z_n at targets ``Yhat`` of leading shape (N, K): (N, K, C)."""
-        Z = self._check_Z(Z)
-        N, K = Yhat.shape[:2]
-        C = Z.shape[1]
-        xp = namespace(Z)
-        Zrep = xp.repeat(Z, K, axis=0)  # row n·K + k is z_n
-        E = self._gradient(Zrep, Yhat.reshape((N * K,) + tuple(Yhat.shape[2:])))
-        return E.reshape(N, K, C)
-
 
 def _log_softmax(Z: Array) -> Array:
     xp = namespace(Z)
@@ -261,7 +64,7 @@ def _sigmoid(Z: Array) -> Array:
     return xp.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-class CrossEntropy(_Loss):
+class CrossEntropy(PointwiseLoss):
     """Softmax cross-entropy with integer labels, equal to ``torch.nn.CrossEntropyLoss``.
 
     l_n = logsumexp(z_n) − z_n[y_n] (computed through a stable log-softmax),
@@ -382,7 +185,7 @@ class CrossEntropy(_Loss):
         return xp.minimum(yhat, C - 1).astype(xp.int64)  # cdf[-1] may round below 1
 
 
-class MSELoss(_Loss):
+class MSELoss(PointwiseLoss):
     """Squared error summed over outputs, equal to ``torch.nn.MSELoss``.
 
     l_n = Σ_c (z_nc − y_nc)², e_n = 2(z_n − y_n), H_n = 2I, S_n = √2·I,
@@ -431,7 +234,7 @@ class MSELoss(_Loss):
         return Z[:, None, :] + math.sqrt(0.5) * eps
 
 
-class BCEWithLogits(_Loss):
+class BCEWithLogits(PointwiseLoss):
     """Independent binary cross-entropies on logits, equal to ``torch.nn.BCEWithLogitsLoss``.
 
     l_n = Σ_c softplus(z_nc) − y_nc z_nc, computed stably as

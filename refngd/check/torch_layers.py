@@ -26,14 +26,10 @@ from __future__ import annotations
 
 import functools
 
-from . import nn
+from .. import nn
+from .torch_arrays import _torch, to_array
 
 __all__ = ["install", "self_attention_module", "lora_linear_module"]
-
-
-def _torch():
-    from .interop import _torch as get
-    return get()
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +133,6 @@ def install(register, register_builder, unsupported) -> None:
                                        "eval mode")
         cls = nn.BatchNorm1d if isinstance(m, tnn.BatchNorm1d) else nn.BatchNorm2d
         layer = cls(m.num_features, eps=m.eps, affine=m.affine, bias=m.bias is not None)
-        from .interop import to_array
         layer.set_running_stats(to_array(m.running_mean.cpu()), to_array(m.running_var.cpu()))
         return [(layer, params(m))]
 
@@ -198,8 +193,7 @@ def install(register, register_builder, unsupported) -> None:
     register(LoRA, lora)
 
     # ------------------------------------------------------------------ builders
-    def build_batch_norm(l):
-        cls = tnn.BatchNorm1d if isinstance(l, nn.BatchNorm1d) else tnn.BatchNorm2d
+    def build_batch_norm(cls, l):
         # float64 buffers: to_torch casts the whole model to θ's dtype afterwards, and a
         # float32 default here would round the running statistics on the way.
         m = cls(l.num_features, eps=l.eps, affine=l.affine, dtype=torch.float64)
@@ -211,8 +205,8 @@ def install(register, register_builder, unsupported) -> None:
 
     register_builder(nn.LayerNorm, lambda l: tnn.LayerNorm(
         l.normalized_shape, eps=l.eps, elementwise_affine=l.elementwise_affine, bias=l.bias))
-    register_builder(nn.BatchNorm1d, build_batch_norm)
-    register_builder(nn.BatchNorm2d, build_batch_norm)
+    register_builder(nn.BatchNorm1d, functools.partial(build_batch_norm, tnn.BatchNorm1d))
+    register_builder(nn.BatchNorm2d, functools.partial(build_batch_norm, tnn.BatchNorm2d))
     register_builder(nn.Embedding, lambda l: tnn.Embedding(
         l.num_embeddings, l.embedding_dim, padding_idx=l.padding_idx, sparse=l.sparse))
     register_builder(nn.AvgPool2d, lambda l: tnn.AvgPool2d(

@@ -1,14 +1,50 @@
-"""The argument checks shared by every public entry point (derivatives, curvatures, updates).
+"""The model and linearisation protocols, and the checks of a model and a reused linearisation.
 
-Each check runs once, where a public function receives its arguments, and raises with a
-message that says what was wrong and what to do — never a traceback from deep inside
-NumPy, and never a silently wrong number.  Array checks (dtype, shape, NaN/Inf, masked
-arrays, ``np.matrix``) live in :func:`refngd.backend.check_float_array`; this module holds
-the checks of refngd's own objects: the model, the loss and a reused linearisation.
+Every curvature, update and optimizer of refngd reads a model through :class:`Model` and
+one forward pass through :class:`Linearization` — :class:`refngd.nn.Sequential` and
+:class:`refngd.FunctionModel` (HIPS autograd) implement both, and so can a user's own
+model class.  The checks run once, where a public function receives its arguments, and
+raise with a message that says what was wrong and what to do.  Array checks live in
+:func:`refngd.backend.check_float_array`, the loss's in :func:`refngd.losses.check_loss`.
 """
 from __future__ import annotations
 
-from .backend import Array, namespace
+from typing import Any, Protocol, runtime_checkable
+
+from ..backend import Array, namespace
+
+
+@runtime_checkable
+class Linearization(Protocol):
+    """One forward pass kept for back-propagating row cotangents (cf. ``jax.vjp``).
+
+    ``outputs`` are the (N, C) model outputs; ``backprop(S, params=None)`` pulls R = N·K
+    output-space rows S (N, K, C) back to the parameters once and returns a
+    :class:`refngd.rows.RowSet` (or a ``DenseRowSet``) that contracts the implicit row
+    matrix U (docs/design.md §2).  ``model``, ``theta`` and ``X`` say where it was built
+    (checked when it is reused: :func:`linearization_for`).
+    """
+
+    model: Any
+    theta: Array
+    outputs: Array
+
+    def backprop(self, cotangents: Array, params=None) -> Any: ...
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A refngd model: a map θ (P,), X (N, ...) ↦ Z (N, C) with row back-propagation.
+
+    ``num_params`` is P; ``linearize(theta, X)`` runs the forward pass once and returns a
+    :class:`Linearization`.  :class:`refngd.nn.Sequential` also has ``layers`` and a θ
+    ``layout`` (:class:`refngd.nn.ParamLayout`), which layer-wise methods (K-FAC, layer
+    indices as ``params=``) need.
+    """
+
+    num_params: int
+
+    def linearize(self, theta: Array, X: Array) -> Linearization: ...
 
 
 def check_model(model) -> None:
@@ -20,17 +56,6 @@ def check_model(model) -> None:
                     "refngd.FunctionModel(f, theta).")
         raise TypeError("model must be a refngd.nn.Sequential or a refngd.FunctionModel, got "
                         f"{type(model).__name__}.{hint}")
-
-
-def check_loss(loss) -> None:
-    """A refngd loss *instance* (``CrossEntropy()``, not the class, not a string)."""
-    if isinstance(loss, type):
-        raise TypeError(f"pass a loss instance, e.g. {loss.__name__}(), not the class {loss.__name__}.")
-    if not (hasattr(loss, "output_gradient") and hasattr(loss, "scale")):
-        raise TypeError(
-            "loss must be a refngd.losses loss (CrossEntropy(), MSELoss(), BCEWithLogits()), "
-            f"got {loss!r}."
-        )
 
 
 def _same_array(a, b) -> bool:

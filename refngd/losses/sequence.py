@@ -23,16 +23,16 @@ unbiased.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
-from .backend import Array, namespace, to_device
-from .losses import _Loss
+from ..backend import Array, namespace, to_device
+from ..options import check_int
+from .base import Loss, PointwiseLoss
 
 __all__ = ["PerToken"]
 
 
-class PerToken(_Loss):
+class PerToken(Loss):
     """A loss of :mod:`refngd.losses` applied to each of T tokens; see the module docstring.
 
     Parameters
@@ -46,14 +46,12 @@ class PerToken(_Loss):
     other two.
     """
 
-    def __init__(self, loss: _Loss, num_tokens: int):
-        if not isinstance(loss, _Loss) or isinstance(loss, PerToken):
+    def __init__(self, loss: PointwiseLoss, num_tokens: int):
+        if not isinstance(loss, PointwiseLoss):
             raise TypeError("PerToken needs a loss instance of refngd.losses (CrossEntropy(), "
                             f"MSELoss(), BCEWithLogits()), got {loss!r}.")
-        if isinstance(num_tokens, bool) or not hasattr(num_tokens, "__index__") \
-                or operator.index(num_tokens) < 1:
-            raise ValueError(f"num_tokens must be an integer >= 1, got {num_tokens!r}.")
-        self.base, self.num_tokens = loss, operator.index(num_tokens)
+        self.base, self.num_tokens = loss, check_int(num_tokens, "num_tokens")
+        self.tokens_per_sample = self.num_tokens
         self.reduction = loss.reduction
         self.name = "per_token_" + loss.name
 

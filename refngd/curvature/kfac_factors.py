@@ -1,0 +1,192 @@
+"""K-FAC's factor rows, read off the layer protocol (docs/kfac.md, docs/design.md §3).
+
+Every K-FAC factor is ``scale · MᵀM`` for a row matrix M.  A layer that supports K-FAC
+(:meth:`refngd.nn.ParametricLayer.kfac_refusal` is None) says which input vectors its
+weight multiplies — ``tokens(cache)``, (N, T, D) — and which rows arrive at the T
+positions — ``token_rows(B)``, (N, K, d_out, T); T = 1 for a dense layer, T tokens for a
+Linear on sequences, T image locations for Conv2d.  From these this module forms the rows
+of A and G, for every layer alike:
+
+    no sharing (T = 1):  A = (1/N) Σ_n ā_n ā_nᵀ,              G = c Σ_{n,k} b_nk b_nkᵀ
+    expand:              A = 1/(N·T) Σ_{n,t} ā_nt ā_ntᵀ,      G = c Σ_{n,k,t} b_nkt b_nktᵀ
+    reduce:              A = (1/N) Σ_n ā_n ā_nᵀ, ā_n = (1/T) Σ_t ā_nt,
+                         G = c Σ_{n,k} b_nk b_nkᵀ, b_nk = Σ_t b_nkt
+
+(Martens & Grosse 2015, §3–4; Grosse & Martens 2016; Eschenhagen et al. 2023, §3).
+Nothing here asks what type a layer is: a new layer with the four K-FAC entries of the
+protocol gets K-FAC, EKFAC and the Kronecker diagonal.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+from ..backend import Array, as_generator, check_damping, namespace
+from ..options import (BIAS_MODES, DAMPING_MODES, FISHER_TYPES, KFAC_APPROX, check_choice,
+                       check_int)
+from .kronecker import Block, KronFactor
+
+#: input factors per forward pass: {linearization: {(layer index, part, approx, joint): KronFactor}}
+#: (``part``: LayerRows.part, the (sub-)layer within model.layers[index] whose input forms A)
+INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------- factor rows
+def shares_weights(layer, cache) -> bool:
+    """True when T positions share the layer's weight (``kfac_approx`` applies)."""
+    return layer.weight_sharing(cache) is not None
+
+
+def _refuse_unshared(layer, approx):
+    if approx is None:
+        raise TypeError(f"{layer!r} shares its weight over several positions: its K-FAC needs "
+                        "kfac_approx='expand' or 'reduce'.")
+
+
+def input_rows(layer, cache, approx: str | None, joint: bool):
+    """Rows M and scale of the input factor A = scale · MᵀM, in float64."""
+    A3 = layer.tokens(cache)                                       # (N, T, D)
+    N, T, D = A3.shape
+    if not shares_weights(layer, cache):
+        a, scale = A3.reshape(N, D), 1.0 / N
+    else:
+        _refuse_unshared(layer, approx)
+        if approx == "expand":
+            a, scale = A3.reshape(N * T, D), 1.0 / (N * T)
+        else:
+            a, scale = A3.mean(axis=1), 1.0 / N
+    xp = namespace(a)
+    a = a.astype(xp.float64, copy=False)
+    if joint:
+        a = xp.concatenate([a, xp.ones((a.shape[0], 1), dtype=xp.float64)], axis=1)
+    return xp.ascontiguousarray(a), scale
+
+
+def output_rows(layer, B: Array, approx: str | None) -> Array:
+    """Rows of the output factor G = c · MᵀM: b_nk (no sharing), b_nkt (expand), Σ_t b_nkt
+    (reduce).  ``approx`` None means the layer does not share its weight (T = 1)."""
+    xp = namespace(B)
+    Bt = layer.token_rows(B)                                       # (N, K, d_out, T)
+    N, K, d_out, T = Bt.shape
+    if approx == "reduce":
+        M = Bt.sum(axis=3).reshape(N * K, d_out)
+    else:  # expand, or one position: the rows at every position
+        M = Bt.transpose(0, 1, 3, 2).reshape(N * K * T, d_out)
+    return xp.ascontiguousarray(M.astype(xp.float64, copy=False))
+
+
+def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
+                      factor_columns: str = "per-token") -> Array:
+    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`).
+
+    ``factor_columns="stacked"`` (a convention's, :mod:`refngd.conventions`): for a loss
+    with T terms per sample, column m of every token's square factor S_nt
+    (``loss.hessian_sqrt``; for the cross-entropy diag(√p) − p√pᵀ, as curvlinops) in one
+    row (:meth:`refngd.losses.Loss.stack_token_columns`).  Stacked rows depend on which
+    factor is stacked — their cross-token terms S_nt[:, m] S_nt'[:, m]ᵀ pair columns of
+    equal index — so the square root the library uses is taken, not refngd's C − 1.
+    """
+    if fisher_type == "type-2":
+        if factor_columns == "stacked" and loss.tokens_per_sample > 1:
+            return loss.stack_token_columns(loss.hessian_sqrt(Z)).transpose(0, 2, 1)
+        # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE); with labels the CE factor
+        # is aligned with the gradient (updates.kfac writes g in it)
+        F = loss.hessian_factor(Z) if y is None else loss.hessian_factor(Z, y)
+        return F.transpose(0, 2, 1)
+    if fisher_type == "mc":
+        return loss.sampled_output_gradients(Z, rng, mc_samples) / mc_samples ** 0.5
+    return loss.output_gradient(Z, y)[:, None, :]
+
+
+def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
+    """Check K-FAC's options (:mod:`refngd.options`); the Generator for ``"mc"``."""
+    check_choice(fisher_type, "fisher_type", FISHER_TYPES)
+    check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
+    check_choice(bias, "bias", BIAS_MODES)
+    if fisher_type == "empirical" and y is None:
+        raise ValueError("fisher_type='empirical' needs the labels y.")
+    if fisher_type == "mc":
+        check_int(mc_samples, "mc_samples")
+        return as_generator(rng)
+    return None
+
+
+def parametric_rows(model, rows):
+    """(index in model.layers, LayerRows) of every parametric layer; refuses the others.
+
+    A Linear inside a composite layer (an attention's in- and out-projection) gets the
+    index of the composite that holds it; its factors are its own.  A layer without K-FAC
+    factors is refused with the error it gives (``kfac_refusal``).
+    """
+    if not getattr(rows, "layers", None):
+        raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
+                        f"(got {type(model).__name__}); use the exact curvatures for FunctionModel.")
+    out = []
+    for e in rows.layers:
+        refusal = e.layer.kfac_refusal()
+        if refusal is not None:
+            raise type(refusal)(f"layer {e.index}: {refusal}")
+        out.append((e.index, e))
+    return out
+
+
+def check_mode(damping, damping_mode: str) -> float:
+    """The damping as a float, after checking ``damping_mode``."""
+    check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+    return check_damping(damping)
+
+
+# --------------------------------------------------------------------------- blocks
+@dataclass
+class LayerFactors:
+    """K-FAC factors of one layer: its Fisher block ≈ G ⊗ A in row-major vec(W).
+
+    Attributes
+    ----------
+    index : the layer's position in ``model.layers`` (for a projection inside attention, the
+        attention's);  layer : the layer itself
+    start, stop : its slice of θ
+    A : input factor (d_A, d_A), no c.  Dense layers: (1/N) Σ ā ā ᵀ; weight sharing: see
+        ``approx``.  d_A = D (``weight_matrix_shape[1]``) — or D + 1 with
+        ``bias="joint"`` (ā = [a; 1]).
+    G : output-gradient factor (d_out, d_out), c Σ b bᵀ over the Fisher type's rows.
+    bias : ``"separate"`` (weight block G ⊗ A, bias block G, cross terms dropped),
+           ``"joint"`` (one block G ⊗ A over [W | b]), or ``None`` (no bias).
+    approx : ``"expand"`` / ``"reduce"`` for layers that share their weight (Conv2d, Linear
+        on sequences), ``None`` for a dense layer.
+    """
+
+    index: int
+    layer: object
+    start: int
+    stop: int
+    A: Array
+    G: Array
+    bias: str | None
+    approx: str | None
+
+
+def build_blocks(e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
+    """The blocks of one layer: [w] (no bias), [w, b] (separate) or [wb] (joint)."""
+    layer = e.layer
+    D = layer.weight_matrix_shape[1]
+    d_out = G.dim
+    if not layer.bias:
+        return [Block("w", G, A, e.start, d_out, D, thin, e)]
+    if bias == "joint":
+        return [Block("wb", G, A, e.start, d_out, D, thin, e)]
+    one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
+    return [Block("w", G, A, e.start, d_out, D, thin, e),
+            Block("b", G, one, e.start, d_out, D, thin, e)]
+
+
+def pi_correction(A: Array, G: Array) -> float:
+    """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0.
+
+    Factored damping (A + π√λ I) ⊗ (G + √λ/π I) splits λ between the factors in
+    proportion to their average eigenvalues.
+    """
+    xp = namespace(A)
+    ta, tg = float(xp.trace(A)) / A.shape[0], float(xp.trace(G)) / G.shape[0]
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0

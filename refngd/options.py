@@ -1,0 +1,143 @@
+"""Every option's name, allowed values and default — defined once — and the argument checks.
+
+refngd's entry points (``refngd.curvature``, ``refngd.updates``, ``refngd.optim``,
+``refngd.check`` and the command line) take the same options.  Each option's allowed values
+are a ``Literal`` type below, its tuple of values is read off that type, and its default is
+one constant; every signature uses these names, so the values and defaults cannot drift
+apart between entry points.  Where an entry point deliberately uses another default (an
+optimizer follows its paper), the reason is stated where that default is set.
+
+=================  ===============================  ==========  ==================================
+option             values                           default     meaning (docs/design.md §3)
+=================  ===============================  ==========  ==================================
+``reduction``      ``"mean"``, ``"sum"``            ``"mean"``  the loss constant c (1/N or 1)
+``fisher_type``    ``"type-2"``, ``"mc"``,          ``"type-2"``  K-FAC's rows: a factor of H_n,
+                   ``"empirical"``                              sampled gradients, or e_n
+``kfac_approx``    ``"expand"``, ``"reduce"``       ``"expand"``  weight sharing (Eschenhagen
+                                                                et al. 2023, §3)
+``bias``           ``"separate"``, ``"joint"``      ``"separate"``  K-FAC's bias block
+``damping_mode``   ``"tikhonov"``, ``"factored"``   ``"tikhonov"``  (F + λI) or Martens & Grosse's
+                                                                factored damping (2015, §6.3)
+``form``           ``"gram"``, ``"tikhonov"``       ``"gram"``  EF/iEF damping: the paper's
+                                                                N × N Gram (Wu et al. 2024,
+                                                                eq. 4, 8) or P × P Tikhonov
+``convention``     a preset of :mod:`refngd.conventions`  ``"refngd"``
+=================  ===============================  ==========  ==================================
+
+The argument checks form one vocabulary with one exception type per mistake: a value of the
+wrong *type* (a float where an integer is needed, a string where a number is) raises
+:class:`ArgumentTypeError`; a value of the right type outside its range or set raises
+``ValueError``.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Literal, get_args
+
+__all__ = ["Reduction", "FisherType", "KfacApprox", "BiasMode", "DampingMode", "Form",
+           "REDUCTIONS", "FISHER_TYPES", "KFAC_APPROX", "BIAS_MODES", "DAMPING_MODES", "FORMS",
+           "REDUCTION", "FISHER_TYPE", "KFAC_APPROX_DEFAULT", "BIAS", "DAMPING_MODE", "FORM",
+           "CONVENTION", "ArgumentTypeError", "check_choice", "check_int", "check_real",
+           "check_positive", "check_nonnegative", "check_unit_interval"]
+
+# ------------------------------------------------------------------ names and values
+Reduction = Literal["mean", "sum"]
+FisherType = Literal["type-2", "mc", "empirical"]
+KfacApprox = Literal["expand", "reduce"]
+BiasMode = Literal["separate", "joint"]
+DampingMode = Literal["tikhonov", "factored"]
+Form = Literal["gram", "tikhonov"]
+
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
+KFAC_APPROX: tuple[str, ...] = get_args(KfacApprox)
+BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
+DAMPING_MODES: tuple[str, ...] = get_args(DampingMode)
+FORMS: tuple[str, ...] = get_args(Form)
+
+# ------------------------------------------------------------------ defaults
+#: PyTorch's default reduction
+REDUCTION: Reduction = "mean"
+#: the exact GGN/Fisher rows: K-FAC without sampling noise, the reference to validate against
+FISHER_TYPE: FisherType = "type-2"
+#: Eschenhagen et al. (2023) recommend expand for layers whose weight sharing is a batch axis
+KFAC_APPROX_DEFAULT: KfacApprox = "expand"
+#: Martens & Grosse (2015) treat the bias with its own block; joint is one option away
+BIAS: BiasMode = "separate"
+#: exact damping of the curvature: the matrix refngd compares against is F + λI
+DAMPING_MODE: DampingMode = "tikhonov"
+#: the paper's damping of EF and iEF (Wu et al. 2024, eq. 4 and 8)
+FORM: Form = "gram"
+#: refngd's own conventions (docs/conventions.md)
+CONVENTION = "refngd"
+
+
+# ------------------------------------------------------------------ checks
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a float where an integer is needed, a string where a
+    number is, a bool where either is.
+
+    It is a ``TypeError`` (what the mistake is) and, like NumPy's ``AxisError``, also a
+    ``ValueError``: some entry points raised ``ValueError`` for this mistake before the
+    checks were unified, and code that catches that keeps working.
+    """
+
+
+def check_choice(value: Any, name: str, choices: tuple) -> Any:
+    """``value`` if it is one of ``choices``, else ``ValueError`` listing them."""
+    if any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        return value
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum``: :class:`ArgumentTypeError` for a non-integer
+    (bool and float included), ``ValueError`` below ``minimum``."""
+    what = {1: "a positive integer", 0: "a non-negative integer"}.get(
+        minimum, f"an integer >= {minimum}")
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ArgumentTypeError(f"{name} must be {what}, got {value!r}.")
+    v = operator.index(value)
+    if v < minimum:
+        raise ValueError(f"{name} must be {what}, got {value!r}.")
+    return v
+
+
+def check_real(value: Any, name: str) -> float:
+    """``value`` as a finite float: :class:`ArgumentTypeError` for a non-number (bool and
+    str included), ``ValueError`` for NaN or ±Inf."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r}.")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r}.") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return v
+
+
+def check_positive(value: Any, name: str) -> float:
+    """A finite real number > 0."""
+    v = check_real(value, name)
+    if not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    return v
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite real number ≥ 0."""
+    v = check_real(value, name)
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}.")
+    return v
+
+
+def check_unit_interval(value: Any, name: str, closed_right: bool = False) -> float:
+    """A decay / momentum coefficient in [0, 1) (or [0, 1] with ``closed_right``)."""
+    v = check_real(value, name)
+    if v < 0 or v > 1 or (v == 1 and not closed_right):
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
+    return v
