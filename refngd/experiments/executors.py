@@ -1,7 +1,7 @@
 """Who runs the units of ``refngd compare``: this process, or a Dask cluster.
 
 Two executors with one small interface (``scatter``, ``submit``, ``next_done``,
-``close``), used by :func:`refngd.experiments.grid.run_grid`:
+``close``), used by :class:`refngd.experiments.grid.Grid`:
 
 * :class:`InProcess` (the default): runs each unit when the driver asks for the next
   result, in the order they were submitted.  No dependency beyond refngd's own.

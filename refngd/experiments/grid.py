@@ -31,6 +31,7 @@ from ..backend import as_generator
 from .data import load_digits, load_npz
 from ..losses import CrossEntropy
 from .gamma_study import checkpoint_imbalance, direction_summary, e1_summary, e3_summary
+from .methods import METHODS, OWN_TRAJECTORY_METHODS
 from .models import build_model
 from ..optim.records import decode_exact
 from .units import Unit, checkpoint_steps, run_gamma, run_own, run_train
@@ -104,8 +105,6 @@ class Grid:
 
     def expected_units(self) -> int:
         """How many units the grid will have if every run reaches every checkpoint."""
-        from .compare import OWN_TRAJECTORY_METHODS
-
         c = self.config
         train = sum(len(set(c.grid(m))) for m in c.methods)
         per_ck = len(self.seeds[0].ck_steps) * len(self.seeds[0].batches)
@@ -147,8 +146,6 @@ class Grid:
         return [self._record(s) for s in self.seeds]
 
     def _own(self, method: str) -> bool:
-        from .compare import OWN_TRAJECTORY_METHODS
-
         return self.config.gamma and method in OWN_TRAJECTORY_METHODS
 
     def _take(self, unit: Unit, result: dict) -> None:
@@ -165,8 +162,6 @@ class Grid:
                 self._method_done(s, unit.method)
 
     def _method_done(self, s: _Seed, m: str) -> None:
-        from .compare import METHODS
-
         c, spec = self.config, METHODS[m]
         grid = list(c.grid(m))
         runs = [s.runs[m, lr] for lr in grid]
@@ -213,7 +208,6 @@ class Grid:
     # ------------------------------------------------------------------ the record
     def _record(self, s: _Seed) -> dict:
         from .. import __version__
-        from .compare import summary_rows
 
         c, data = self.config, s.data
         record = {
@@ -236,8 +230,6 @@ class Grid:
 
     def _gamma(self, s: _Seed) -> dict:
         """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints."""
-        from .compare import METHODS
-
         c, nb, loss = self.config, len(s.batches), CrossEntropy()
         rows = []
         for step in sorted({st for st, _ in s.gammas}):
@@ -268,4 +260,16 @@ class Grid:
         return out
 
 
-__all__ = ["Grid"]
+def summary_rows(record: dict) -> list[dict]:
+    """The record's ``table``: one row per method with its best run's numbers."""
+    rows = []
+    for m, rec in record["methods"].items():
+        rows.append({"method": rec["label"], "key": m, "best_lr": rec["best_lr"],
+                     "best_on_grid_edge": rec["best_on_grid_edge"],
+                     "final_train_loss": rec["final_train_loss"], "test_accuracy": rec["test_accuracy"],
+                     "seconds_per_step": rec["seconds_per_step"],
+                     "diverged_runs": sum(r["stopped"] is not None for r in rec["runs"])})
+    return rows
+
+
+__all__ = ["Grid", "summary_rows"]

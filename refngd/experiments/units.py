@@ -48,6 +48,7 @@ from ..backend import as_generator
 from ..losses import CrossEntropy
 from ..optim.train import train
 from .gamma_study import batch_gammas, direction_gammas
+from .methods import METHODS
 from .models import build_model
 from ..optim.records import encode_exact
 
@@ -108,8 +109,6 @@ def run_train(config, data, unit: Unit, checkpoints=(), record_state: bool = Fal
     is kept, for the γ units.  Returns the encoded ``{"run": the row of the method's
     ``runs`` list, "result": TrainResult.to_dict(), "checkpoints", "states", "seconds"}``.
     """
-    from .compare import METHODS  # compare imports the grid, which imports this module
-
     t0 = time.perf_counter()
     data = fresh(data)
     with blas_limit(threads):
@@ -145,8 +144,6 @@ def run_gamma(config, data, unit: Unit, theta, rows, dampings, threads: int | No
 def run_own(config, data, unit: Unit, theta, state, rows, threads: int | None = None) -> dict:
     """γ of ``opt.direction(θ, state, ...)`` of ``unit.method`` at ``unit.lr`` on one batch
     (:func:`~refngd.experiments.gamma_study.direction_gammas`)."""
-    from .compare import METHODS
-
     t0 = time.perf_counter()
     # also a copy of the state: in-process the same state object serves every batch of
     # the checkpoint, and a direction that touched it would make one batch's γ depend on another's
