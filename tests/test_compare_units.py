@@ -20,9 +20,9 @@ from refngd.cli import main
 from refngd.experiments.compare import CompareConfig
 from refngd.experiments.executors import InProcess, worker_threads
 from refngd.experiments.grid import Grid
-from refngd.optim.records import decode_exact, encode_exact, load_json
 from refngd.experiments.run_output import RunOutput
-from refngd.experiments.units import Unit
+from refngd.experiments.units import Unit, decode_exact, encode_exact
+from refngd.optim.records import load_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: numbers that depend on the machine's speed, not on the computation

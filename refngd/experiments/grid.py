@@ -15,7 +15,7 @@ The executor (:mod:`refngd.experiments.executors`) decides where and in what ord
 units run; the record is assembled from their results in the grid's own order (methods,
 learning rates, checkpoints and batches as configured), never in completion order, and
 each unit owns its random streams — so the record is the same in-process and on any
-cluster.  Every result passes through :func:`~refngd.optim.records.encode_exact`
+cluster.  Every result passes through :func:`~refngd.experiments.units.encode_exact`
 and back, also in-process, so a result read back by ``--resume`` is indistinguishable
 from a fresh one.
 """
@@ -33,8 +33,7 @@ from ..losses import CrossEntropy
 from .gamma_study import checkpoint_imbalance, direction_summary, e1_summary, e3_summary
 from .methods import METHODS, OWN_TRAJECTORY_METHODS
 from .models import build_model
-from ..optim.records import decode_exact
-from .units import Unit, checkpoint_steps, run_gamma, run_own, run_train
+from .units import Unit, checkpoint_steps, decode_exact, run_gamma, run_own, run_train
 
 
 @dataclass

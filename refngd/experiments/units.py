@@ -17,7 +17,7 @@ kind       identity (:class:`Unit`)               what it computes
 Each ``run_*`` function is a pure function of its explicit inputs (the configuration, the
 seed's data set, the unit, and for the γ units θ and the optimizer state at the
 checkpoint) and returns plain data encoded by
-:func:`refngd.optim.records.encode_exact`, so a result can travel to another
+:func:`encode_exact`, so a result can travel to another
 process, be stored, and be read back bit for bit.
 
 **Random streams belong to the unit.**  Nothing is drawn from a stream that another unit
@@ -39,10 +39,14 @@ environment variables for its worker processes (:mod:`refngd.experiments.executo
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..backend import as_generator
 from ..losses import CrossEntropy
@@ -50,7 +54,6 @@ from ..optim.train import train
 from .gamma_study import batch_gammas, direction_gammas
 from .methods import METHODS
 from .models import build_model
-from ..optim.records import encode_exact
 
 
 @dataclass(frozen=True)
@@ -184,3 +187,69 @@ def blas_limit(threads: int | None):
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(limits=threads, user_api="blas")
+
+
+# ------------------------------------------------------------------ exact round trips
+#: the tags of :func:`encode_exact`; a dict that uses one as a key is itself tagged
+_TAGS = ("__ndarray__", "__float__", "__tuple__", "__items__")
+
+
+def encode_exact(obj):
+    """``obj`` as JSON-able data that :func:`decode_exact` turns back into *exactly* ``obj``.
+
+    For the results of the units of work, stored one file each while a run goes on and
+    read back by ``--resume`` (:mod:`refngd.experiments.run_output`): a resumed run must
+    assemble the same record as an uninterrupted one, so θ's bytes, float32 against
+    float64 and inf against NaN must survive, which :func:`refngd.optim.records.jsonable`
+    (NaN/Inf as null, arrays as lists of Python floats) does not promise.  Tagged values:
+
+    * an ndarray or NumPy scalar: ``{"__ndarray__": base64 of its bytes, "dtype", "shape"}``
+      (``shape`` null for a scalar);
+    * NaN and ±inf: ``{"__float__": "nan" | "inf" | "-inf"}``;
+    * a tuple: ``{"__tuple__": [...]}``;
+    * a dict with a key that is not a string (or is a tag): ``{"__items__": [[k, v], ...]}``.
+
+    Strings, ints, finite floats, bools and None are themselves; anything else is a
+    ``TypeError`` (a unit's result must be plain data).
+    """
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, (np.ndarray, np.generic)):
+        a = np.asarray(obj)
+        if a.dtype.hasobject:
+            raise TypeError(f"cannot store an object array exactly (dtype {a.dtype}).")
+        data = base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+        shape = None if isinstance(obj, np.generic) else list(a.shape)
+        return {"__ndarray__": data, "dtype": a.dtype.str, "shape": shape}
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_exact(v) for v in obj]}
+    if isinstance(obj, list):
+        return [encode_exact(v) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _TAGS for k in obj):
+            return {k: encode_exact(v) for k, v in obj.items()}
+        return {"__items__": [[encode_exact(k), encode_exact(v)] for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} exactly: a unit's result must be "
+                    "plain data (dicts, lists, numbers, strings, NumPy arrays).")
+
+
+def decode_exact(obj):
+    """The inverse of :func:`encode_exact`."""
+    if isinstance(obj, list):
+        return [decode_exact(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__ndarray__" in obj:
+        a = np.frombuffer(base64.b64decode(obj["__ndarray__"]), dtype=np.dtype(obj["dtype"]))
+        return a[0] if obj["shape"] is None else a.reshape(obj["shape"]).copy()  # writable
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    if "__tuple__" in obj:
+        return tuple(decode_exact(v) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {decode_exact(k): decode_exact(v) for k, v in obj["__items__"]}
+    return {k: decode_exact(v) for k, v in obj.items()}
