@@ -121,6 +121,39 @@ def test_completion_order_cannot_change_the_record():
     assert [c["step"] for c in own["checkpoints"]] == [0, 2, 4]
 
 
+def test_gamma_rows_are_the_studys_summary_of_its_batches():
+    """A checkpoint row of the grid's γ study is gamma_study's summary of batch_gammas on the
+    fixed batches, with both imbalance statistics: the units change who computes, not what."""
+    pytest.importorskip("sklearn")
+    from refngd.backend import as_generator
+    from refngd.experiments.data import load_digits
+    from refngd.experiments.gamma_study import (batch_gammas, checkpoint_imbalance, e1_summary,
+                                                e3_summary)
+    from refngd.experiments.models import build_model
+    from refngd.experiments.units import blas_limit
+    from refngd.losses import CrossEntropy
+    from refngd.optim.records import jsonable
+
+    config = tiny_config(methods=("sgd",), lr={"sgd": [0.1]})
+    record = Grid(config, InProcess(), lambda *a: None, threads=1).run()[0]
+    row = record["gamma"]["checkpoints"][0]
+    assert row["step"] == 0  # θ₀, which the test can rebuild without training
+    data = load_digits(config.test_fraction, config.seed).for_model(config.model)
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    theta = model.init(as_generator(config.seed))
+    n, N = record["gamma"]["batch_size"], data.X_train.shape[0]
+    idx = as_generator(config.seed + 1).permutation(N)
+    with blas_limit(1):  # as the units ran: another thread count can move the last digits
+        per = [batch_gammas(model, theta, CrossEntropy(), data.X_train[b], data.y_train[b],
+                            methods=config.gamma_methods, dampings=record["gamma"]["dampings"],
+                            rng=as_generator(config.seed + 100 + k))
+               for k, b in enumerate(idx[i * n:(i + 1) * n] for i in range(config.gamma_batches))]
+    want = {"step": 0, "e1": e1_summary(per, config.e1_damping), "e3": e3_summary(per),
+            **checkpoint_imbalance(per)}
+    assert row["imbalance_paper"] is not None and row["imbalance_paper"] != row["imbalance"]
+    assert jsonable(row) == jsonable(want)
+
+
 # ------------------------------------------------------------------ --resume
 def _interrupt_after(monkeypatch, n):
     """Make the n-th saved unit raise KeyboardInterrupt, as Ctrl-C would between units."""
