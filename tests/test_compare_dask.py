@@ -39,6 +39,22 @@ def cluster():
     close_quietly(client, cluster)
 
 
+def _worker_env():
+    import os
+
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_",
+                                           "OPENBLAS_NUM_THREADS")}
+
+
+def test_local_workers_keep_freed_memory_and_one_blas_thread(cluster):
+    """Dask's nanny default (trim at 64 KiB) is overridden by refngd's own settings."""
+    from refngd.memory import keep_freed_memory_env
+
+    _, client = cluster
+    want = dict(keep_freed_memory_env(), OPENBLAS_NUM_THREADS="1")
+    assert set(map(str, client.run(_worker_env).values())) == {str(want)}
+
+
 def test_two_workers_give_the_in_process_record(cluster, in_process):
     _, client = cluster
     seen = []

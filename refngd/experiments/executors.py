@@ -113,13 +113,22 @@ def local_cluster(workers: int, threads: int, quiet: bool = True):
 
     Worker processes, not threads: the units spend much of their time in Python, which
     the GIL would serialise.  Each worker runs one unit at a time with
-    :func:`worker_threads` BLAS threads (environment variables set before its BLAS loads).
+    :func:`worker_threads` BLAS threads (environment variables set before its BLAS loads)
+    and keeps the memory its units free for the next ones
+    (:func:`refngd.memory.keep_freed_memory_env`).
     The scheduler's HTTP server (it always has one) takes a free port: 8787 may be another
     cluster's.
     """
+    from ..memory import keep_freed_memory_env
+
     distributed = _import_distributed("--workers")
     n = worker_threads(workers, threads)
     env = {name: str(n) for name in BLAS_ENV}
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 for its workers, which also fixes
+    # glibc's mmap threshold at 128 KiB: every temporary of a unit above it was mapped and
+    # unmapped afresh, twice the page faults of the same unit in-process and ~1.6x its time
+    # (docs/benchmarks.md).  The workers are refngd's own processes: keep freed memory there.
+    env.update(keep_freed_memory_env())
     try:
         with _workers_ignore_ctrl_c():
             cluster = distributed.LocalCluster(
