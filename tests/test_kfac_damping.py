@@ -171,7 +171,8 @@ def test_updates_and_optimizers_take_the_variants(kw):
     d = updates.kfac(model, theta, loss, X, y, 0.1, **kw)
     assert rel_err(d, K.solve(g, 0.1, **kw)) <= 1e-10
     E = EKFAC(model, theta, loss, X, y)
-    assert rel_err(updates.ekfac(model, theta, loss, X, y, 0.1, **kw), E.solve(g, 0.1, **kw)) <= 1e-10
+    d_ek = updates.ekfac(model, theta, loss, X, y, 0.1, **kw)
+    assert rel_err(d_ek, E.solve(g, 0.1, **kw)) <= 1e-10
     # one step, T = 1 and one batch in the averages: the optimizers' direction is the update's
     for opt, ref in ((optim.KFAC(lr=1.0, damping=0.1, inverse_every=1, kl_clip=None,
                                  fisher_type="type-2", **kw), d),

@@ -40,14 +40,36 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bias", default=options.BIAS, choices=options.BIAS_MODES)
     p.add_argument("--damping-mode", default=options.DAMPING_MODE, choices=options.DAMPING_MODES)
     p.add_argument("--form", default=options.FORM, choices=options.FORMS)
+    p.add_argument("--pi", default=options.PI, type=_pi,
+                   help="factored damping's π: 'trace' (Martens & Grosse §6.3) or a number")
+    p.add_argument("--damping-split", default=options.DAMPING_SPLIT,
+                   choices=options.DAMPING_SPLITS,
+                   help="'locations': factored damping λ/T per location of a shared weight")
+    p.add_argument("--factor-damping", type=float, nargs=2, default=None,
+                   metavar=("LAMBDA_A", "LAMBDA_G"),
+                   help="per-factor damping (A + λ_A I) ⊗ (G + λ_G I); needs "
+                        "--damping-mode per-factor (instead of --damping)")
+    p.add_argument("--labels", default=None, metavar="LABELS.npz",
+                   help="array 'labels': your sampled targets for fisher_type mc / "
+                        "sampled_fisher (exact comparison)")
     p.add_argument("--rtol", type=float, default=None, help="tolerance (default: by dtype)")
     return p
+
+
+def _pi(text: str):
+    """``--pi``: 'trace' or a number."""
+    if text in options.PI_RULES:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'trace' or a number, got {text!r}") from None
 
 
 def run_check(args) -> int:
     """Run ``refngd check``; returns the exit status."""
     from .files import (FileFormatError, input_shape_ok, load_architecture, load_batch,
-                        load_candidate, load_weights)
+                        load_candidate, load_labels, load_weights)
     from .validate import check_twin, make_twin
 
     try:
@@ -56,10 +78,17 @@ def run_check(args) -> int:
         X, y = load_batch(args.batch, theta.dtype, integer=model.layers[0].integer_input)
         input_shape_ok(model, theta, X)
         candidate, v = load_candidate(args.candidate, args.quantity)
-        twin = make_twin((model, theta), loss, X, y, args.convention, damping=args.damping, v=v,
+        damping = args.damping
+        if args.factor_damping is not None:
+            if damping is not None:
+                raise ValueError("pass --damping or --factor-damping, not both.")
+            damping = tuple(args.factor_damping)
+        labels = None if args.labels is None else load_labels(args.labels)
+        twin = make_twin((model, theta), loss, X, y, args.convention, damping=damping, v=v,
                          mc_samples=args.mc_samples, fisher_type=args.fisher_type,
                          kfac_approx=args.kfac_approx, bias=args.bias,
-                         damping_mode=args.damping_mode, form=args.form, rng=0)
+                         damping_mode=args.damping_mode, form=args.form, rng=0, pi=args.pi,
+                         damping_split=args.damping_split, labels=labels)
         report = check_twin(twin, args.quantity, candidate, rtol=args.rtol)
     except (FileFormatError, ValueError, TypeError) as err:
         print(f"refngd check: error: {err}", file=sys.stderr)

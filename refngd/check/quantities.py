@@ -108,6 +108,8 @@ def _kfac(twin: Twin, **over) -> KFAC:
     kw = {**twin.kfac_kw, **over}
     conv = over.pop("convention", twin.convention)
     kw.pop("convention", None)
+    if kw["fisher_type"] != "mc":  # an alternative of another Fisher type draws nothing
+        kw.update(rng=None, labels=None)
     return KFAC(twin.model, twin.theta, twin.loss, twin.X, twin.y, convention=conv, **kw)
 
 

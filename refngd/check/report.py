@@ -268,9 +268,9 @@ def _moved_scalars(results: list, cand: dict, ref: dict, context, rtol: float) -
         hits = _hits(s, tol, _block_context(context, name))
         what = hits[0][1] if hits else f"{s:.6g}"
         src, dst = ("G", "A") if aA > 1 else ("A", "G")
-        same = ("apart from the bias column (joint vs separate bias: "
-                f"{'a joint bias column too many' if extra > 0 else 'the joint bias column missing'}"
-                "), the same K-FAC block G ⊗ A" if extra else "the same K-FAC block G ⊗ A")
+        col = "a joint bias column too many" if extra > 0 else "the joint bias column missing"
+        same = (f"apart from the bias column (joint vs separate bias: {col}), the same K-FAC "
+                "block G ⊗ A" if extra else "the same K-FAC block G ⊗ A")
         text = (f"layer {layer!r}: {same} — a factor {what} moved from {src} to {dst} "
                 f"(A × {aA:.6g}, G × {aG:.6g}); the K-FAC matrix and its Tikhonov- and "
                 "trace-π-damped (pi='trace') updates are unchanged by the move, damping with a "
@@ -342,8 +342,8 @@ def _shape_cause(c: np.ndarray, r: np.ndarray, tol: float, context=None) -> str:
         if e == d + 1:
             if _close(c, r[1:, 1:], tol) and not _close(c, r[:-1, :-1], tol):
                 return "the bias row/column is missing (the reference has it first)"
-            return ("the bias row/column is missing: the reference is joint (ā = [a; 1], last), the "
-                    "candidate has no bias column — joint vs separate bias"
+            return ("the bias row/column is missing: the reference is joint (ā = [a; 1], last), "
+                    "the candidate has no bias column — joint vs separate bias"
                     + _rest(c, r[:-1, :-1], tol, context))
     if c.shape == r.shape[::-1] and c.ndim == 2 and _close(c.T, r, tol):
         return f"the transpose of the reference (shape {c.shape} instead of {r.shape})"

@@ -89,8 +89,8 @@ class EKFAC(KroneckerOperator):
             defaults = {"fisher_type": FISHER_TYPE, "mc_samples": 1,
                         "kfac_approx": KFAC_APPROX_DEFAULT, "bias": BIAS, "convention": CONVENTION}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
-            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params,
-                        labels=labels, **kw)
+            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization,
+                        params=params, labels=labels, **kw)
         else:
             if not isinstance(kfac, KFAC):
                 raise TypeError(f"kfac must be a refngd.curvature.KFAC (whose factors EKFAC reuses), "
