@@ -120,6 +120,7 @@ class EKFAC(KroneckerOperator):
                        for b in kfac.blocks]
         self._scal = None  # the diagonals, estimated on first use
         self._scal_given = False  # set by with_scalings: not re-estimated in another basis
+        self._full: dict = {}  # block index -> (full-basis block, its diagonal): factor damping
 
     @property
     def _S(self) -> list:
@@ -203,12 +204,13 @@ class EKFAC(KroneckerOperator):
         if len(scalings) != len(self._S) or any(s.shape != t.shape for s, t in zip(scalings, self._S)):
             raise ValueError("scalings must match EKFAC.scalings() in number and shapes.")
         new = copy.copy(self)
-        new._scal, new._scal_given = list(scalings), True
+        new._scal, new._scal_given, new._full = list(scalings), True, {}
         return new
 
     def with_factors(self, factors: list, eigen: list | None = None) -> "EKFAC":
         new = super().with_factors(factors, eigen)
-        new._scal, new._scal_given = None, False  # re-estimated in the new basis (this batch)
+        # re-estimated in the new basis (this batch)
+        new._scal, new._scal_given, new._full = None, False, {}
         return new
 
     with_factors.__doc__ = KroneckerOperator.with_factors.__doc__
@@ -261,13 +263,15 @@ class EKFAC(KroneckerOperator):
             return [(blk, blk.eig(), s, lam) for blk, s in self._pairs()]
         pi = check_damping_options(pi, damping_split)
         out = []
-        for blk, s in self._pairs():
+        for i, (blk, s) in enumerate(self._pairs()):
             if blk.thin:
                 if self._scal_given:
                     raise ValueError("with_scalings on thin eigenbases supports damping_mode="
                                      "'tikhonov' only; build EKFAC from with_factors instead.")
-                blk = blk.replace(blk.G, blk.A, False)
-                s = self._canonical(blk, self._estimate(blk, {}))
+                if i not in self._full:
+                    full = blk.replace(blk.G, blk.A, False)
+                    self._full[i] = (full, self._canonical(full, self._estimate(full, {})))
+                blk, s = self._full[i]
             eG, eA = blk.eig()
             wG = eG[0] if eG[0] is not None else _rayleigh(blk.G, eG[1])
             wA = eA[0] if eA[0] is not None else _rayleigh(blk.A, eA[1])
