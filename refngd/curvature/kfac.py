@@ -82,8 +82,11 @@ class KFAC(KroneckerOperator):
         self.lin = linearization_for(model, theta, X, linearization)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
+        if fisher_type == "empirical" and self.convention.empirical_kfac_rows == "c*e_n":
+            self.c *= self.c  # rows c·e_n: the library's loss constant enters G twice
         self.subset = resolve_params(model, params)
-        S = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng, labels)
+        S = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
+                              self.convention.factor_columns, labels)
         if labels is not None:
             self.mc_samples = int(S.shape[1])
         self.rows = self.lin.backprop(S, params=self.subset)

@@ -93,17 +93,28 @@ def given_draws(loss, Z: Array, labels) -> Array:
 
 
 def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
-                      labels=None) -> Array:
+                      factor_columns: str = "per-token", labels=None) -> Array:
     """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`);
-    for ``"mc"`` at the given sampled targets ``labels`` (:func:`given_draws`) if any."""
+    for ``"mc"`` at the given sampled targets ``labels`` (:func:`given_draws`) if any.
+
+    ``factor_columns="stacked"`` (a convention's, :mod:`refngd.conventions`): for a loss
+    with T terms per sample, column m of every token's square factor S_nt
+    (``loss.hessian_sqrt``; for the cross-entropy diag(√p) − p√pᵀ, as curvlinops) in one
+    row (:meth:`refngd.losses.Loss.stack_token_columns`).  Stacked rows depend on which
+    factor is stacked — their cross-token terms S_nt[:, m] S_nt'[:, m]ᵀ pair columns of
+    equal index — so the square root the library uses is taken, not refngd's C − 1.
+    """
     if labels is not None:
         if fisher_type != "mc":
             raise ValueError("labels= are the sampled targets of fisher_type='mc'; got "
                              f"fisher_type={fisher_type!r}.")
         Yhat = given_draws(loss, Z, labels)
         return loss.output_gradients_at(Z, Yhat) / Yhat.shape[1] ** 0.5
-    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE);
-        # with labels the CE factor is aligned with the gradient (updates.kfac writes g in it)
+    if fisher_type == "type-2":
+        if factor_columns == "stacked" and loss.tokens_per_sample > 1:
+            return loss.stack_token_columns(loss.hessian_sqrt(Z)).transpose(0, 2, 1)
+        # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE); with labels the CE factor
+        # is aligned with the gradient (updates.kfac writes g in it)
         F = loss.hessian_factor(Z) if y is None else loss.hessian_factor(Z, y)
         return F.transpose(0, 2, 1)
     if fisher_type == "mc":

@@ -51,6 +51,7 @@ class PerToken(Loss):
             raise TypeError("PerToken needs a loss instance of refngd.losses (CrossEntropy(), "
                             f"MSELoss(), BCEWithLogits()), got {loss!r}.")
         self.base, self.num_tokens = loss, check_int(num_tokens, "num_tokens")
+        self.tokens_per_sample = self.num_tokens
         self.reduction = loss.reduction
         self.name = "per_token_" + loss.name
 
