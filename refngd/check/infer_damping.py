@@ -60,6 +60,9 @@ class EigenBlock:
     trace_pi: float = 1.0
     T: int = 1
     bias: bool = False
+    #: a thin basis Q (P × r) of an exact update's row space: the direction of the gradient's
+    #: part outside it (eigenvalue 0), or None; coordinates then end with two for that part
+    perp: np.ndarray | None = None
 
     def denominator(self, hyp: dict) -> np.ndarray:
         if "mu" in hyp:
@@ -68,9 +71,22 @@ class EigenBlock:
         return self.S + gA * self.g[:, None] + gG * self.a[None, :] + gA * gG
 
     def coords(self, v: np.ndarray) -> np.ndarray:
-        """A θ-vector's coordinates in this block's eigenbasis (Qᵀ v)."""
+        """A θ-vector's coordinates in this block's eigenbasis (Qᵀ v).
+
+        A thin basis (exact updates) adds two: the part of v outside span(Q) along the
+        gradient's own part there (``perp``), and the norm of the rest (which no update
+        of the family has).
+        """
         if len(self.basis) == 1:
-            return self.basis[0].T @ v[self.idx]
+            Q = self.basis[0]
+            x = v[self.idx]
+            c = Q.T @ x
+            if Q.shape[1] == Q.shape[0]:
+                return c
+            rest = x - Q @ c
+            along = float(rest @ self.perp) if self.perp is not None else 0.0
+            other = rest - along * self.perp if self.perp is not None else rest
+            return np.concatenate([c, [along, float(np.linalg.norm(other))]])
         UG, UA = self.basis
         return UG.T @ v[self.idx] @ UA
 
@@ -80,7 +96,10 @@ class EigenBlock:
     def back(self, X: np.ndarray) -> np.ndarray:
         """The block's coordinates X back in θ order (Q X)."""
         if len(self.basis) == 1:
-            return self.basis[0] @ X
+            Q = self.basis[0]
+            r = Q.shape[1]
+            out = Q @ X[:r]
+            return out + X[r] * self.perp if r < Q.shape[0] and self.perp is not None else out
         UG, UA = self.basis
         return (UG @ X @ UA.T).reshape(-1)
 
@@ -190,12 +209,29 @@ def kronecker_blocks(F, grad, names: dict, ekfac=None) -> list:
     return out
 
 
-def dense_blocks(M: np.ndarray, rhs: np.ndarray) -> list:
-    """One :class:`EigenBlock` for an exact update d = κ (M + μI)⁻¹ r (M symmetric P × P)."""
-    w, V = np.linalg.eigh(np.asarray(M, dtype=np.float64))
-    w = np.maximum(w, 0.0)
+def row_blocks(U: np.ndarray, c: float, rhs: np.ndarray) -> list:
+    """One :class:`EigenBlock` for an exact update d = κ (M + μI)⁻¹ r, M = c UᵀU.
+
+    From the thin SVD U = L Σ Vᵀ (R × P rows, R ≤ P): M = V (cΣ²) Vᵀ, so the eigenbasis of
+    the row space costs O(R²P), not the O(P³) of ``eigh(M)``; outside it M is 0 and the
+    update is κ r_⊥/μ (the two extra coordinates of :meth:`EigenBlock.coords`).
+    """
+    U = np.asarray(U, dtype=np.float64)
     rhs = np.asarray(rhs, dtype=np.float64)
-    return [EigenBlock("all", "all", np.arange(M.shape[0]), (V,), V.T @ rhs, None, w)]
+    P = U.shape[1]
+    if U.shape[0] >= P:  # more rows than parameters: the full eigendecomposition
+        w, V = np.linalg.eigh(c * (U.T @ U))
+        return [EigenBlock("all", "all", np.arange(P), (V,), V.T @ rhs, None,
+                           np.maximum(w, 0.0))]
+    _, sv, Vt = np.linalg.svd(U, full_matrices=False)
+    keep = sv > (sv.max() if sv.size else 0.0) * 1e-13
+    V, w = Vt[keep].T, c * sv[keep] ** 2
+    rest = rhs - V @ (V.T @ rhs)
+    nr = float(np.linalg.norm(rest))
+    perp = rest / nr if nr > 1e-14 * max(float(np.linalg.norm(rhs)), 1e-300) else None
+    b = EigenBlock("all", "all", np.arange(P), (V,), np.zeros(0), None,
+                   np.concatenate([w, [0.0, 0.0]]), perp=perp)
+    return [dataclasses.replace(b, W=b.coords(rhs))]
 
 
 def reproduce(blocks: list, ev: Evaluated, P: int) -> np.ndarray:

@@ -96,6 +96,8 @@ _OPTION_WORDS = {
     ("damping_mode", "factored"): "factored damping (G + γ_G I)⁻¹ ⊗ (A + γ_A I)⁻¹ "
                                   "(Martens & Grosse 2015, §6.3)",
     ("damping_mode", "per-factor"): "per-factor damping (G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹",
+    ("damping_split", "locations"): "λ/T per location of a shared weight before the split "
+                                    "(TF K-FAC, EKFAC-pytorch)",
     ("form", "gram"): "the Gram form Gᵀ(GGᵀ + λI)⁻¹ (Wu et al. 2024, eq. 5/8)",
     ("form", "tikhonov"): "the Tikhonov form (F̃ + λI)⁻¹g",
 }

@@ -16,7 +16,7 @@ from ..derivatives import per_sample_gradients
 from ..options import (BIAS, BIAS_MODES, DAMPING_MODES, FISHER_TYPE, FORMS, KFAC_APPROX,
                        KFAC_APPROX_DEFAULT, check_choice, check_pi)
 from . import scalars
-from .infer_damping import RULES, dense_blocks, kronecker_blocks
+from .infer_damping import RULES, kronecker_blocks, row_blocks
 from .quantities import reference
 from .validate import make_twin
 
@@ -185,28 +185,26 @@ class Search:
             return out
         kw = dict(linearization=self.lin)
         base = (t.model, t.theta, t.loss, t.X, t.y)
+
+        def rows(F):  # M = c UᵀU from the (R, P) rows and the gradient r
+            return lambda: (F.row_matrix(), F.c, F.gradient())
+
         if quantity == "ngd_update":
-            F = Fisher(*base, **kw)
-            return [({}, self._dense("ngd", F.dense, F.gradient), 1.0)]
+            return [({}, self._rows("ngd", rows(Fisher(*base, **kw))), 1.0)]
         c = float(t.loss.scale(self.lin.outputs))
         for opts in self.option_sets(quantity):
             if quantity == "ef_update":  # gram: Gᵀ(GGᵀ + λI)⁻¹1 = (F̃ + cλ)⁻¹ g (push-through)
-                F = EmpiricalFisher(*base, **kw)
-                blocks = self._dense("ef", F.dense, F.gradient)
+                blocks = self._rows("ef", rows(EmpiricalFisher(*base, **kw)))
                 out.append((opts, blocks, c if opts["form"] == "gram" else 1.0))
             elif opts["form"] == "tikhonov":
-                F = ImprovedEmpiricalFisher(*base, **kw)
-                out.append((opts, self._dense("ief", F.dense, F.gradient), 1.0))
+                blocks = self._rows("ief", rows(ImprovedEmpiricalFisher(*base, **kw)))
+                out.append((opts, blocks, 1.0))
             else:  # Gᵀ(GGᵀ + λI)⁻¹ s = (GᵀG + λI)⁻¹ Gᵀs, s_n = ‖e_n‖² (Wu et al. 2024, eq. 8)
-                def gram():
+                def gram_form():
                     G = self._psg()
-                    return G.T @ G
-
-                def rhs():
                     e = to_numpy(t.loss.output_gradient(self.lin.outputs, t.y))
-                    s = (e.reshape(e.shape[0], -1) ** 2).sum(axis=1)
-                    return self._psg().T @ s
-                out.append((opts, self._dense("ief-gram", gram, rhs), 1.0))
+                    return G, 1.0, G.T @ (e.reshape(e.shape[0], -1) ** 2).sum(axis=1)
+                out.append((opts, self._rows("ief-gram", gram_form), 1.0))
         return out
 
     def _psg(self) -> np.ndarray:
@@ -216,11 +214,12 @@ class Search:
                                                                t.y)).astype(np.float64)
         return self._cache["psg"]
 
-    def _dense(self, key, matrix, rhs) -> list:
-        if ("dense", key) not in self._cache:
-            self._cache[("dense", key)] = dense_blocks(to_numpy(matrix()),
-                                                       to_numpy(rhs()).astype(np.float64))
-        return self._cache[("dense", key)]
+    def _rows(self, key, make) -> list:
+        if ("rows", key) not in self._cache:
+            U, c, rhs = make()
+            self._cache[("rows", key)] = row_blocks(to_numpy(U), float(c),
+                                                    to_numpy(rhs).astype(np.float64))
+        return self._cache[("rows", key)]
 
     def _starts(self) -> dict:
         return {a: self.layer_of(k) for k, (a, b) in self.param_blocks().items()
