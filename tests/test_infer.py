@@ -193,6 +193,10 @@ def test_known_options_are_kept(small):
     d = updates.kfac(model, theta, loss, X, y, LAM, damping_mode="factored")
     r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, damping_mode="tikhonov")
     assert not r.passed and r.convention["damping_mode"] == "tikhonov"
+    d = updates.kfac(model, theta, loss, X, y, LAM, damping_mode="factored", pi=0.5)
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, pi=0.5)
+    assert r.passed and r.convention["pi"] == 0.5
+    assert not infer((model, theta), loss, X, y, "kfac_update", d, LAM, pi=2.0).passed
 
 
 def test_torch_module_and_mc_labels():

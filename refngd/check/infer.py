@@ -239,7 +239,8 @@ class Inference:
                 chosen, shared = {}, {}
                 for _ in range(2):  # the second pass: what the other layers named, shared
                     for layer, bl in layers.items():
-                        ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared)
+                        ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
+                                           self._fixed_pi(layer))
                         if not ch:
                             break
                         chosen[layer] = ch[0]
@@ -256,6 +257,17 @@ class Inference:
                                                 isinstance(damping, tuple),
                                                 quantity in KFAC_QUANTITIES[3:]))
         return out
+
+    def _fixed_pi(self, layer: str):
+        """(π, name) of a layer when the user gave ``pi=`` a number (``damping_split`` too)."""
+        p = self.known.get("pi")
+        if p is None or p == "trace":
+            return None
+        p = float(p)
+        T = self.search.T(layer)
+        if self.known.get("damping_split") == "locations" and T > 1:
+            return p / math.sqrt(T), ("1/T^0.5" if p == 1 else f"{p / math.sqrt(T):g}")
+        return p, ("1" if p == 1 else f"{p:g}")
 
     def _update_fit(self, cand, opts, rule, chosen, blocks, tol, pair: bool,
                     kronecker: bool) -> Fit:
@@ -409,6 +421,10 @@ def _damping_names(rule: str, names: dict, search, pair: bool) -> dict:
             out["_options"] = {"damping_split": "locations"}
         else:
             out["pi"] = one(pis)
+            try:
+                out["pi"] = float(out["pi"])  # a number the user gave
+            except (TypeError, ValueError):
+                pass
     return out
 
 

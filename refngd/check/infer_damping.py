@@ -300,7 +300,7 @@ def _shifts(rule: str, blk: EigenBlock, weight: EigenBlock, lam_eff: float, pi: 
 PRIOR = 30
 
 
-def _prior(rule: str, ctx: dict) -> dict:
+def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None) -> dict:
     """{key: (names, recipe, complexity)} of the simplest damping maps under ``rule``."""
     from .scalars import monomials
 
@@ -314,20 +314,22 @@ def _prior(rule: str, ctx: dict) -> dict:
              for va, na, ca in ms for vg, ng, cg in ms[:4]}
     if "trace" in rule:
         return {(n, "trace"): ({"damping": n, "pi": "trace"}, (v, None), c) for v, n, c in ms}
-    pis = [(m.value, str(m), m.complexity) for m in monomials(ctx, half=True)[:4]]
+    pis = [(m.value, str(m), m.complexity) for m in monomials(ctx, half=True)[:4]] \
+        if fixed_pi is None else [(fixed_pi[0], fixed_pi[1], 0.0)]
     return {(n, pn): ({"damping": n, "pi": pn}, (v, p), c + pc)
             for v, n, c in ms for p, pn, pc in pis}
 
 
 def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: float,
-                  shared: dict | None = None) -> list:
+                  shared: dict | None = None, fixed_pi: tuple | None = None) -> list:
     """Named damping candidates for one layer's ``blocks`` under ``rule``, best first.
 
     ``lam``: the user's λ (or (λ_A, λ_G), per-factor only); ``ctx``: the layer's sizes;
     ``window``: how far a fitted value may be from a name; ``tol``: the pass tolerance;
     ``shared``: candidates other layers named ({key: (names, recipe, complexity)}), tried
     here too — a layer whose own data do not determine its damping (the tutorial's factors,
-    of rank ≤ 2, say) takes the one the network's other layers show.
+    of rank ≤ 2, say) takes the one the network's other layers show; ``fixed_pi``: (π, its
+    name) the user knows, for the fixed-π rules.
     """
     main = next((b for b in blocks if not b.bias), blocks[0])
     pair = isinstance(lam, tuple)
@@ -353,6 +355,8 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
         ms = (_named(fit["gamma_A"] * fit["gamma_G"] / lam, ctx, window) if ok else []) or one
         if "trace" in rule:
             pis = [(None, "trace", 0.0)]
+        elif fixed_pi is not None:
+            pis = [(fixed_pi[0], fixed_pi[1], 0.0)]
         else:
             pis = (_named(math.sqrt(fit["gamma_A"] / fit["gamma_G"]), ctx, window, half=True)
                    if ok else []) or one
@@ -362,7 +366,12 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
 
     if not cands or all(c >= RAW for _, _, c in cands.values()) or (
             rule != "tikhonov" and not ffits):
-        cands.update(_prior(rule, ctx))  # undetermined here: the simplest names, tried
+        cands.update(_prior(rule, ctx, fixed_pi))  # undetermined here: the simplest names
+
+    if fixed_pi is not None and rule.startswith("factored-fixed"):  # shared: this layer's π
+        cands = {(nm["damping"], fixed_pi[1]): ({"damping": nm["damping"], "pi": fixed_pi[1]},
+                                                (rc[0], fixed_pi[0]), c)
+                 for nm, rc, c in cands.values()}
 
     def hyp(recipe):
         if rule == "tikhonov":
