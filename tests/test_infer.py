@@ -248,3 +248,18 @@ def test_reference_reproduces(small):
     assert r.convention["damping_mode"] == "factored" and r.convention["pi"] == "trace"
     assert isinstance(str(r), str) and "PASSED" in str(r)
     assert check.infer is infer
+
+
+def test_sequences_search_kfac_approx():
+    from refngd import nn
+    from refngd.losses import CrossEntropy, PerToken
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.Flatten())
+    theta, loss = model.init(rng), PerToken(CrossEntropy(), 5)
+    X, y = rng.standard_normal((4, 5, 3)), rng.integers(0, 3, (4, 5))
+    d = 4 * updates.kfac(model, theta, loss, X, y, 4 * LAM, kfac_approx="reduce",
+                         damping_mode="factored")
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM)
+    assert r.passed and r.convention["kfac_approx"] == "reduce"
+    assert r.convention["damping"] == "N*lambda" and r.convention["scale"] == "N"

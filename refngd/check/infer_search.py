@@ -48,7 +48,10 @@ class Search:
         self.N, self.C = ctx["N"], ctx["C"]
         self.K = int(known.get("mc_samples", 1)) if self.labels is None else \
             int(np.asarray(self.labels).reshape(self.N, -1).shape[1])
-        self._T = {k[:-2]: v for k, v in ctx.get("T", {}).items() if k.endswith(".A")}
+        # T per layer that shares its weight (a convolution's locations, a sequence's tokens)
+        self._T = {name: int(e.layer.tokens(e.cache).shape[1])
+                   for name, e in zip(t.prefixes, t.kfac_rows())
+                   if e.layer.weight_sharing(e.cache) is not None}
         self.betas = (float(known["ema_beta"]),) if "ema_beta" in known else scalars.EMA_BETAS
         self._cache: dict = {}
 
