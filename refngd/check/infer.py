@@ -39,7 +39,7 @@ import numpy as np
 
 from . import scalars
 from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce
-from .infer_report import Fit, InferenceReport, summarise
+from .infer_report import Fit, InferenceReport, assemble, damping_names, summarise
 from .infer_search import Search
 from .quantities import QUANTITIES
 from .report import _host, default_rtol, split_blocks
@@ -204,7 +204,7 @@ class Inference:
                 resid[k] = _rel(cb[k].astype(np.float64), repro[k], total)
         labels = set(named.values())
         scale = labels.pop() if len(labels) == 1 else named
-        return Fit(dict(opts), {"scale": scale}, resid, _assemble(quantity, repro, ref, s),
+        return Fit(dict(opts), {"scale": scale}, resid, assemble(quantity, repro, ref, s),
                    s.complexity(opts) + cx, unnamed)
 
     def _name_scalar(self, alpha, c, r, ctx, tol):
@@ -299,7 +299,7 @@ class Inference:
             cx += ch.complexity
             for key, v in ch.names.items():
                 names.setdefault(key, {})[layer] = v
-        named = _damping_names(rule, names, s, pair)
+        named = damping_names(rule, names, s, pair)
         labels = set(named_k.values())
         named["scale"] = labels.pop() if len(labels) == 1 else named_k
         options = dict(opts)
@@ -366,65 +366,3 @@ def _shapes(cand) -> str:
 
 def _key(conv: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in conv.items()))
-
-
-def _assemble(quantity, repro: dict, ref, search):
-    """The reproduction as the candidate's layout (dict for factors, array otherwise)."""
-    if quantity == "kfac_factors":
-        return repro
-    out = np.zeros(np.shape(ref))
-    blocks = search.layer_slices() if quantity in ("kfac", "ekfac") else search.param_blocks()
-    sq = out.ndim == 2 and out.shape[0] == out.shape[1] == search.P
-    mask = np.ones(out.shape, bool) if sq else None
-    for k, (a, b) in blocks.items():
-        if sq:
-            out[a:b, a:b] = repro[k]
-            mask[a:b, a:b] = False
-        else:
-            out[..., a:b] = repro[k]
-    if sq and "off-diagonal" in repro:
-        out[mask] = repro["off-diagonal"][mask]
-    return out
-
-
-def _damping_names(rule: str, names: dict, search, pair: bool) -> dict:
-    """The named damping of an update fit, per layer collapsed where all agree."""
-    def one(d):
-        vals = set(d.values())
-        return vals.pop() if len(vals) == 1 else d
-
-    def times(m, sym="lambda"):
-        if m == "1":
-            return sym
-        if "/" in m and not m.startswith("("):
-            num, den = m.split("/", 1)
-            return f"{sym}/{den}" if num == "1" else f"{num}*{sym}/{den}"
-        return f"{m}*{sym}"
-
-    out: dict = {}
-    if rule == "per-factor":
-        la = {k: times(v, "lambda_A" if pair else "lambda") for k, v in names["lambda_A"].items()}
-        lg = {k: times(v, "lambda_G" if pair else "lambda") for k, v in names["lambda_G"].items()}
-        out["damping"] = one({k: f"({la[k]}, {lg[k]})" for k in la})
-        return out
-    out["damping"] = one({k: times(v) for k, v in names["damping"].items()})
-    if "pi" in names:
-        pis = names["pi"]
-        if all(v == "trace" for v in pis.values()):
-            out["pi"] = "trace"
-        elif all(v == "1" for v in pis.values()):
-            out["pi"] = 1.0
-        elif all(v in ("1", "1/T^0.5") for v in pis.values()) and \
-                all(search.T(k) > 1 for k, v in pis.items() if v != "1") and \
-                all(search.T(k) == 1 for k, v in pis.items() if v == "1"):
-            out["pi"] = 1.0
-            out["_options"] = {"damping_split": "locations"}
-        else:
-            out["pi"] = one(pis)
-            try:
-                out["pi"] = float(out["pi"])  # a number the user gave
-            except (TypeError, ValueError):
-                pass
-    return out
-
-

@@ -170,5 +170,64 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
     return text
 
 
-def as_float(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
+# ----------------------------------------------------------------------------- values
+def assemble(quantity, repro: dict, ref, search):
+    """The reproduction as the candidate's layout (dict for factors, array otherwise)."""
+    if quantity == "kfac_factors":
+        return repro
+    out = np.zeros(np.shape(ref))
+    blocks = search.layer_slices() if quantity in ("kfac", "ekfac") else search.param_blocks()
+    sq = out.ndim == 2 and out.shape[0] == out.shape[1] == search.P
+    mask = np.ones(out.shape, bool) if sq else None
+    for k, (a, b) in blocks.items():
+        if sq:
+            out[a:b, a:b] = repro[k]
+            mask[a:b, a:b] = False
+        else:
+            out[..., a:b] = repro[k]
+    if sq and "off-diagonal" in repro:
+        out[mask] = repro["off-diagonal"][mask]
+    return out
+
+
+def damping_names(rule: str, names: dict, search, pair: bool) -> dict:
+    """The named damping of an update fit, per layer collapsed where all agree."""
+    def one(d):
+        vals = set(d.values())
+        return vals.pop() if len(vals) == 1 else d
+
+    def times(m, sym="lambda"):
+        if m == "1":
+            return sym
+        if "/" in m and not m.startswith("("):
+            num, den = m.split("/", 1)
+            return f"{sym}/{den}" if num == "1" else f"{num}*{sym}/{den}"
+        return f"{m}*{sym}"
+
+    out: dict = {}
+    if rule == "per-factor":
+        la = {k: times(v, "lambda_A" if pair else "lambda") for k, v in names["lambda_A"].items()}
+        lg = {k: times(v, "lambda_G" if pair else "lambda") for k, v in names["lambda_G"].items()}
+        out["damping"] = one({k: f"({la[k]}, {lg[k]})" for k in la})
+        return out
+    out["damping"] = one({k: times(v) for k, v in names["damping"].items()})
+    if "pi" in names:
+        pis = names["pi"]
+        if all(v == "trace" for v in pis.values()):
+            out["pi"] = "trace"
+        elif all(v == "1" for v in pis.values()):
+            out["pi"] = 1.0
+        elif all(v in ("1", "1/T^0.5") for v in pis.values()) and \
+                all(search.T(k) > 1 for k, v in pis.items() if v != "1") and \
+                all(search.T(k) == 1 for k, v in pis.items() if v == "1"):
+            out["pi"] = 1.0
+            out["_options"] = {"damping_split": "locations"}
+        else:
+            out["pi"] = one(pis)
+            try:
+                out["pi"] = float(out["pi"])  # a number the user gave
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
