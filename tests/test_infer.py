@@ -263,3 +263,23 @@ def test_sequences_search_kfac_approx():
     r = infer((model, theta), loss, X, y, "kfac_update", d, LAM)
     assert r.passed and r.convention["kfac_approx"] == "reduce"
     assert r.convention["damping"] == "N*lambda" and r.convention["scale"] == "N"
+
+
+def test_theta_at_the_time_of_the_candidate():
+    torch = pytest.importorskip("torch")
+    import copy
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 3)).double()
+    rng = np.random.default_rng(1)
+    X, y = torch.tensor(rng.standard_normal((N, 3))), torch.tensor(rng.integers(0, 3, N))
+    ce = torch.nn.CrossEntropyLoss()
+    ce(net(X), y).backward()
+    grad = 3.0 * torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+    saved = copy.deepcopy(net.state_dict())
+    torch.optim.SGD(net.parameters(), lr=0.5).step()          # the weights move
+    late = infer(net, ce, X, y, "gradient", grad)
+    assert not late.passed and "optimizer.step()" in late.summary
+    r = infer(net, ce, X, y, "gradient", grad, theta=saved)
+    assert r.passed and r.convention["scale"] == "C"

@@ -344,6 +344,12 @@ class Inference:
             for k in best.unnamed:
                 differing.setdefault(k, best.residual.get(k, math.nan))
         notes += self.search.notes(quantity)
+        if not passed and self.search.module is not None:
+            from .weights import stale_weights_note
+
+            note = stale_weights_note(self.search.module, self.search.twin)
+            if note:
+                notes.append(note)
         summary = summarise(quantity, best, conv, passed, best.worst, tol, alts, differing, notes)
         return InferenceReport(passed, quantity, conv, best.worst, tol, alts, differing,
                                best.reference, summary, dict(best.residual), notes)

@@ -13,7 +13,8 @@ from .. import conventions, updates
 from ..backend import to_numpy
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher
 from ..derivatives import per_sample_gradients
-from ..options import (BIAS, BIAS_MODES, DAMPING_MODES, FISHER_TYPE, FORMS, KFAC_APPROX,
+from ..options import (BIAS, BIAS_MODES, CONVENTION, DAMPING_MODE, DAMPING_MODES,
+                       DAMPING_SPLIT, FISHER_TYPE, FISHER_TYPES, FORM, FORMS, KFAC_APPROX,
                        KFAC_APPROX_DEFAULT, check_choice, check_pi)
 from . import scalars
 from .infer_damping import RULES, kronecker_blocks, row_blocks
@@ -33,13 +34,16 @@ class Search:
             if key in known:
                 check_choice(known[key], key, choices)
         if "fisher_type" in known:
-            check_choice(known["fisher_type"], "fisher_type", ("type-2", "mc", "empirical"))
+            check_choice(known["fisher_type"], "fisher_type", FISHER_TYPES)
         if "pi" in known:
             known["pi"] = check_pi(known["pi"])
         if "convention" in known:
             known["convention"] = conventions.get(known["convention"]).name
         self.twin = make_twin(model, loss, X, y, "refngd", theta=theta, labels=labels, v=v,
                               mc_samples=known.get("mc_samples", 1))
+        # a torch module whose weights the twin read (not a pair, not theta=): for the note
+        # that its weights moved since the candidate (refngd.check.weights)
+        self.module = model if theta is None and not isinstance(model, tuple) else None
         t = self.twin
         self.labels = t.options.get("labels")
         self.lin = t.model.linearize(t.theta, t.X)
@@ -105,7 +109,7 @@ class Search:
         biases = [kn["bias"]] if "bias" in kn else list(BIAS_MODES)
         approx = [kn["kfac_approx"]] if "kfac_approx" in kn else \
             (list(KFAC_APPROX) if self._shares() else [KFAC_APPROX_DEFAULT])
-        conv = kn.get("convention", "refngd")
+        conv = kn.get("convention", CONVENTION)
         out = []
         for ft in fts:
             for b in biases:
@@ -127,8 +131,8 @@ class Search:
     def complexity(self, opts: dict) -> float:
         """How far ``opts`` are from refngd's defaults (ranking of equally good fits)."""
         defaults = {"fisher_type": FISHER_TYPE, "bias": BIAS, "kfac_approx": KFAC_APPROX_DEFAULT,
-                    "convention": "refngd", "damping_mode": "tikhonov", "form": "gram",
-                    "damping_split": "even"}
+                    "convention": CONVENTION, "damping_mode": DAMPING_MODE, "form": FORM,
+                    "damping_split": DAMPING_SPLIT}
         return float(sum(1 for k, v in opts.items() if k in defaults and v != defaults[k]))
 
     # ------------------------------------------------------------------ values
