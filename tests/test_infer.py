@@ -63,6 +63,19 @@ def test_tutorial_with_ema_is_named_tutorial(small):
     assert r.passed and r.convention["convention"] == "tutorial"
     assert r.convention["scale"] == "(1-0.99)"
     assert "tutorial" in r.summary
+    K95 = factors(K, names, 0.05, 0.05)
+    r = infer((model, theta), loss, X, y, "kfac_factors", K95, ema_beta=0.95)
+    assert r.passed and r.convention["scale"] == "(1-0.95)"
+
+
+def test_backpack_per_sample_gradients_are_named(small):
+    model, theta, loss, X, y, names, inf = small
+    from refngd.derivatives import per_sample_gradients
+
+    r = inf.infer("per_sample_gradients", per_sample_gradients(model, theta, loss, X, y) / N)
+    assert r.passed and r.convention["convention"] == "backpack"   # BatchGrad: c·g_n
+    with pytest.raises(ValueError, match="labels="):
+        inf.infer("sampled_fisher", np.eye(theta.size))
 
 
 def test_several_differences_at_once(small):

@@ -112,6 +112,10 @@ class Inference:
             raise ValueError(f"infer() takes an array quantity, one of "
                              f"{', '.join(q for q in QUANTITIES if q != 'gamma')}; got "
                              f"{quantity!r} (check γ with check.validate).")
+        if quantity == "sampled_fisher" and self.search.labels is None:
+            raise ValueError("sampled_fisher is random: pass labels= (the targets your code "
+                             "sampled) so that infer can compare exactly, or check it with "
+                             "check.validate's statistical tolerance.")
         update = quantity.endswith("_update")
         if update and damping is None:
             raise ValueError(f"{quantity} is an update: pass damping= (the λ your code used, or "

@@ -267,7 +267,8 @@ class Search:
             return []
         out = []
         for name in conventions.names():
-            if name in ("refngd", "tutorial", "backpack", "curvlinops"):
+            if name in ("refngd", "tutorial", "curvlinops") or (
+                    name == "backpack" and quantity in _KFAC_Q):  # those are option sets
                 continue
             opts = {**fit.options, "convention": name}
             try:
