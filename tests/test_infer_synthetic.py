@@ -2,8 +2,8 @@
 
 Each draw (fixed seed) picks a problem (MLP or CNN), a quantity, options (Fisher type,
 bias, kfac_approx, the tutorial / BackPACK factor rules, an EF/iEF form), a scalar (a
-monomial in N, T, C, 2 and (1 − β)), a damping variant with a map λ' = s·λ, and float32
-or not; the candidate is refngd's own value under that convention, computed through the
+monomial in N, T, C, 2 and (1 − β); for a CNN's factors sometimes T moved from A to G),
+a damping variant with a map λ' = s·λ, and float32 or not; the candidate is refngd's own value under that convention, computed through the
 public functions (``updates.kfac``, ``KFAC``, ``quantities.reference``).  ``infer`` must
 pass and name a convention whose value — recomputed here from the *names* through the
 public functions, an independent route — reproduces the candidate to 1e-10 (float64) or
@@ -61,7 +61,8 @@ def _draw(i):
                 scale=SCALES[rng.integers(len(SCALES))],
                 dmap=DAMPING_MAPS[rng.integers(len(DAMPING_MAPS))],
                 lam=float((0.01, 0.1)[rng.integers(2)]), f32=bool(rng.random() < 0.2),
-                form=("gram", "tikhonov")[rng.integers(2)])
+                form=("gram", "tikhonov")[rng.integers(2)],
+                moved=bool(rng.random() < 0.5))  # kfac_factors, CNN: T moved from A to G
 
 
 CASES = [_draw(i) for i in range(DRAWS)]
@@ -117,6 +118,8 @@ def make_candidate(p, case):
     if q == "ekfac_update" and opts.get("convention") == "tutorial":
         opts = {}
     cand = truth_value(p, case, scale, damping, opts, {**variant, "pair": None}, case["form"])
+    if q == "kfac_factors" and case["problem"] == "cnn" and case["moved"]:
+        cand["0.A"], cand["0.G"] = cand["0.A"] / 16, cand["0.G"] * 16   # per-layer scalars
     if case["f32"]:
         cand = ({k: v.astype(np.float32) for k, v in cand.items()} if isinstance(cand, dict)
                 else cand.astype(np.float32))
@@ -169,3 +172,5 @@ def test_draws_cover_the_space():
     assert sum(c["f32"] for c in CASES) >= 20
     assert any(c["opts"].get("convention") == "tutorial" for c in CASES)
     assert any(c["opts"].get("convention") == "backpack" for c in CASES)
+    assert any(c["moved"] and c["problem"] == "cnn" and c["quantity"] == "kfac_factors"
+               for c in CASES)
