@@ -30,6 +30,10 @@ Among the conventions that fit (every block within ``rtol``, every scalar named)
 with the fewest changes from refngd's defaults wins; the others are ``alternatives``.  A
 float64 candidate that fits only to float32 round-off (≤ 1e-4) passes with
 ``"arithmetic": "float32"``.
+
+refngd's values are computed through :mod:`refngd.backend` (NumPy or CuPy); the fits,
+names and verdict then run on host copies in float64, as :mod:`refngd.check.report` judges
+candidates.
 """
 from __future__ import annotations
 
