@@ -115,6 +115,7 @@ def test_moved_scalar_per_layer_in_a_cnn():
     r = infer((model, theta), loss, X, y, "kfac_factors", f)
     assert r.passed
     assert r.convention["scale"] == {"0.A": "1/T", "0.G": "T", "3.A": "1", "3.G": "1"}
+    assert "layer '0': the same K-FAC block G ⊗ A — a factor T moved from A to G" in r.summary
 
 
 def test_float32_arithmetic_in_a_float64_candidate(small):

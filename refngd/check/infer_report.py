@@ -109,10 +109,26 @@ def _what(quantity: str) -> str:
     return quantity.replace("_", " ")
 
 
+def _moved(scale: dict) -> list:
+    """Layers whose A and G carry reciprocal scalars: the same K-FAC block G ⊗ A."""
+    out = []
+    for k, a in scale.items():
+        if not k.endswith(".A"):
+            continue
+        g = scale.get(k[:-2] + ".G")
+        if a != "1" and g is not None and (g == f"1/{a}" or a == f"1/{g}"):
+            big, (src, dst) = (a, ("G", "A")) if g == f"1/{a}" else (g, ("A", "G"))
+            out.append(f"layer {k[:-2]!r}: the same K-FAC block G ⊗ A — a factor {big} moved "
+                       f"from {src} to {dst}")
+    return out
+
+
 def _scale_words(scale) -> str:
     if isinstance(scale, dict):
         parts = ", ".join(f"{k} × {v}" for k, v in scale.items() if v != "1")
-        return f"blockwise your values are refngd's times: {parts}" if parts else ""
+        moved = _moved(scale)
+        text = f"blockwise your values are refngd's times: {parts}" if parts else ""
+        return text + (" (" + "; ".join(moved) + ")" if moved else "")
     if scale in (None, "1"):
         return ""
     return f"your values are {scale} × refngd's"
