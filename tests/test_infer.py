@@ -297,3 +297,13 @@ def test_theta_at_the_time_of_the_candidate():
     assert not late.passed and "optimizer.step()" in late.summary
     r = infer(net, ce, X, y, "gradient", grad, theta=saved)
     assert r.passed and r.convention["scale"] == "C"
+
+
+@pytest.mark.parametrize("pi", ["trace", 1.0])
+def test_curvlinops_bias_damping(small, pi):
+    model, theta, loss, X, y, names, inf = small
+    d = updates.kfac(model, theta, loss, X, y, LAM, damping_mode="factored", pi=pi,
+                     convention="curvlinops")
+    r = inf.infer("kfac_update", d, LAM)
+    assert r.passed and r.convention["convention"] == "curvlinops"
+    assert r.convention["pi"] == pi and r.convention["damping"] == "lambda"
