@@ -307,3 +307,12 @@ def test_curvlinops_bias_damping(small, pi):
     r = inf.infer("kfac_update", d, LAM)
     assert r.passed and r.convention["convention"] == "curvlinops"
     assert r.convention["pi"] == pi and r.convention["damping"] == "lambda"
+
+
+def test_kfac_jax_empirical_factors_are_named(small):
+    model, theta, loss, X, y, names, inf = small
+    K = KFAC(model, theta, loss, X, y, fisher_type="empirical", bias="joint",
+             convention="kfac-jax")                        # G of the rows c·e_n: 1/N × refngd's
+    r = inf.infer("kfac_factors", factors(K, names))
+    assert r.passed and r.convention["convention"] == "kfac-jax" and r.convention["scale"] == "1"
+    assert "0.G × 1/N, 2.G × 1/N refngd's" in r.summary

@@ -335,8 +335,11 @@ class Inference:
         presets = self.search.preset_match(quantity, cand, best, tol, damping) if passed else []
         if presets and presets[0] != conv.get("convention"):
             # the preset's value *is* the candidate: its scale relative to the preset is 1
-            notes.append(f"Relative to refngd's own convention your values are "
-                         f"{conv['scale']} × refngd's: the {presets[0]!r} preset's scaling.")
+            sc = conv["scale"]
+            sc = (", ".join(f"{k} × {v}" for k, v in sc.items() if v != "1")
+                  if isinstance(sc, dict) else f"{sc} ×")
+            notes.append(f"Relative to refngd's own convention your values are {sc} "
+                         f"refngd's: the {presets[0]!r} preset's scaling.")
             conv["convention"], conv["scale"] = presets[0], "1"
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
