@@ -38,9 +38,9 @@ from .derivatives import gradient_from
 from .losses.base import check_loss
 from .nn.protocols import linearization_for
 from .nn.subsets import resolve_params
-from .options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, FORM, FORMS,
-                      KFAC_APPROX_DEFAULT, BiasMode, DampingMode, FisherType, Form, KfacApprox,
-                      check_choice)
+from .options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE, FORM, FORMS,
+                      KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
+                      Form, KfacApprox, Pi, check_choice)
 
 
 def _lin(model, theta, X, linearization, loss=None):
@@ -169,32 +169,45 @@ def _kronecker_gradient(F, lin, loss, y) -> Array:
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
          mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
          damping_mode: DampingMode = DAMPING_MODE, linearization=None, params=None,
-         convention=CONVENTION) -> Array:
+         convention=CONVENTION, pi: Pi = PI, damping_split: DampingSplit = DAMPING_SPLIT,
+         labels=None) -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
     ``damping_mode="tikhonov"`` damps every block exactly, (G ⊗ A + λI)⁻¹;
-    ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹.
+    ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹ (π by ``pi``:
+    ``"trace"`` or a number; ``damping_split="locations"``: (G + √(λT)/π I)⁻¹ ⊗
+    (A + π√(λ/T) I)⁻¹ for T positions sharing a weight); ``"per-factor"``
+    (G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹ with ``damping`` = λ (on each factor) or (λ_A, λ_G) —
+    :meth:`refngd.curvature.KFAC.solve`.
     ``convention`` selects a library's factors and loss scaling (:mod:`refngd.conventions`).
+    ``labels``: the sampled targets of ``fisher_type="mc"`` instead of drawing them.
     """
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
-             convention=convention)
-    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode)
+             convention=convention, labels=labels)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode,
+                   pi=pi, damping_split=damping_split)
 
 
 @one_host_read
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
           mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
-          linearization=None, params=None, convention=CONVENTION) -> Array:
+          linearization=None, params=None, convention=CONVENTION,
+          damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+          damping_split: DampingSplit = DAMPING_SPLIT, labels=None) -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
-    gradients in it (:class:`refngd.curvature.EKFAC`).
+    gradients in it (:class:`refngd.curvature.EKFAC`).  ``damping_mode`` ``"factored"`` /
+    ``"per-factor"`` (with ``pi``, ``damping_split``) add K-FAC's factor-damping term
+    instead of λI: eigenvalues s_ij + γ_A g_i + γ_G a_j + γ_A γ_G
+    (:meth:`refngd.curvature.EKFAC.solve`).  ``labels`` as :func:`kfac`.
     """
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
               kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
-              convention=convention)
-    return F.solve(_kronecker_gradient(F, lin, loss, y), damping)
+              convention=convention, labels=labels)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode,
+                   pi=pi, damping_split=damping_split)
