@@ -224,6 +224,11 @@ PRESETS: dict = {p.name: p for p in (
         sources=("a common blog-post K-FAC (hooks on weight.grad)",)),
 )}
 
+# public research code (refngd.conventions.public holds their fields; one registry)
+from .public import PUBLIC_PRESETS  # noqa: E402
+
+PRESETS.update({kw["name"]: Convention(**kw) for kw in PUBLIC_PRESETS})
+
 
 def names() -> list:
     """All preset names."""
