@@ -34,9 +34,9 @@ def cnn():
     return net, X, y
 
 
-def hooked(net, X, labels):
-    """Per layer (layer, input, grad_output) of CE(net(X), labels) with mean reduction —
-    what every hook-based code sees — and the joint gradient matrices [∇W | ∇b]."""
+def hooked(net, X, labels, loss=CE):
+    """Per layer (layer, input, grad_output) of loss(net(X), labels) — what every
+    hook-based code sees — and the joint gradient matrices [∇W | ∇b]."""
     seen = {}
     layers = [m for m in net if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     hs = [m.register_forward_hook(lambda m, i, o: seen.__setitem__((m, "in"), i[0].detach()))
@@ -44,7 +44,7 @@ def hooked(net, X, labels):
     hs += [m.register_full_backward_hook(
         lambda m, gi, go: seen.__setitem__((m, "gout"), go[0].detach())) for m in layers]
     net.zero_grad()
-    CE(net(X), labels).backward()
+    loss(net(X), labels).backward()
     for h in hs:
         h.remove()
     out = []
@@ -337,3 +337,62 @@ def test_public_presets_cite_file_and_commit():
         assert "options its code uses" in text
         assert name in conventions.names()
 
+
+
+# --------------------------------------------------------------------------- other losses
+def code_factors(name, net, X, y, loss):
+    """Each K-FAC code's factor formulas, for any loss (N·c ≠ 1 shows what a mean
+    cross-entropy hides): kfac-pytorch get_cov, alecwangcq ComputeCov*, EKFAC-pytorch
+    _compute_covs (G reported as T·ggt)."""
+    facs = {}
+    for lname, (m, x, g, _) in zip(("0", "3"), hooked(net, X, y, loss)):
+        a, gr, T = rows(m, x, g)
+        conv = isinstance(m, torch.nn.Conv2d)
+        if name == "kfac-pytorch":
+            a, gr = (a / T, gr / T) if conv else (a, gr)
+            A, G = a.T @ a / len(a), gr.T @ gr / len(gr)
+        elif name == "alecwangcq":
+            A = (a / T).T @ (a / T) / N if conv else a.T @ a / N
+            G = (gr * N * T).T @ (gr * N * T) / len(gr) if conv else gr.T @ (gr * N)
+        else:
+            A, G = a.T @ a / len(a), T * ((gr * N).T @ (gr * N) / len(gr))
+        facs[f"{lname}.A"], facs[f"{lname}.G"] = A, G
+    return facs
+
+
+@pytest.mark.parametrize("name", ["kfac-pytorch", "alecwangcq", "ekfac-pytorch"])
+@pytest.mark.parametrize("lossname", ["mse-mean", "ce-sum"])
+def test_factor_scalars_carry_c(cnn, name, lossname):
+    """The scalars are monomials in N, T and c: with MSELoss('mean') (c = 1/(N·C)) and
+    CrossEntropyLoss('sum') (c = 1) they are not the mean cross-entropy's."""
+    net, X, y = cnn
+    if lossname == "mse-mean":
+        target = torch.tensor(np.random.default_rng(2).standard_normal((N, 3)))
+        loss = torch.nn.MSELoss()
+    else:
+        loss, target = torch.nn.CrossEntropyLoss(reduction="sum"), y
+    facs = code_factors(name, net, X, target, loss)
+    kw = dict(convention=name, fisher_type="empirical", bias="joint")
+    r = check.validate(net, loss, X, target, "kfac_factors", facs, **kw)
+    assert r.passed, str(r)
+    assert not check.validate(net, loss, X, target, "kfac_factors", planted(facs, "3.G"),
+                              **kw).passed
+    K = check.validate(net, loss, X, target, "kfac", _block_diag(facs), **kw)
+    assert K.passed, str(K)     # the P × P K-FAC matrix: a dense construction of the same
+
+
+def _block_diag(facs):
+    """diag(G₀ ⊗ A₀, G₃ ⊗ A₃) reordered from the joint [W | b] layout to θ's (W then b)."""
+    mats = []
+    for n in ("0", "3"):
+        G, A = facs[f"{n}.G"], facs[f"{n}.A"]
+        d_out, d_a = len(G), len(A)
+        idx = np.arange(d_out * d_a).reshape(d_out, d_a)
+        perm = np.concatenate([idx[:, :-1].reshape(-1), idx[:, -1]])
+        mats.append(np.kron(G, A)[np.ix_(perm, perm)])
+    P = sum(len(m) for m in mats)
+    out, i = np.zeros((P, P)), 0
+    for m in mats:
+        out[i:i + len(m), i:i + len(m)] = m
+        i += len(m)
+    return out
