@@ -30,7 +30,8 @@ the preset keeps refngd's factors:
 
   Only the factors change: the gradient that an update preconditions stays the user's.
   The codes form a row per position (``expand``); with ``kfac_approx="reduce"`` (which
-  none of them has) a layer keeps refngd's factors.
+  none of them has) a layer keeps refngd's factors.  EKFAC's diagonal, an estimate of
+  the same block, is scaled by s_A·s_G (:func:`block_scale`).
 """
 from __future__ import annotations
 
@@ -83,6 +84,23 @@ def factor_scalars(rule: str, c: float, N: int, T: int, spatial: bool) -> tuple[
     if rule == "ekfac-pytorch":  # grad_output × N, every factor averaged over its rows
         return 1.0, N * c
     raise ValueError(f"unknown factor_scale {rule!r}.")
+
+
+def block_scale(conv, entry, c: float, N: int, approx: str | None) -> float:
+    """s_A·s_G of one layer's K-FAC block under ``conv.factor_scale`` (1 for ``"none"``).
+
+    EKFAC's diagonal estimates the same Fisher block as K-FAC's factors, so under such a
+    convention it is scaled by this product too (:class:`refngd.curvature.EKFAC`).
+    """
+    if conv.factor_scale == "none":
+        return 1.0
+    layer = entry.layer
+    sharing = layer.weight_sharing(entry.cache)
+    if sharing is not None and approx == "reduce":  # the factors are refngd's (see _scaled)
+        return 1.0
+    T = layer.tokens(entry.cache).shape[1]
+    sA, sG = factor_scalars(conv.factor_scale, c, N, T, sharing == "spatial")
+    return sA * sG
 
 
 def _scaled(rule: str, c: float, N: int):
