@@ -219,10 +219,10 @@ def test_alecwangcq_conv_block_is_refngds_expand_block(cnn):
 
 
 # --------------------------------------------------------------------------- EKFAC-pytorch
-def thrandis_covs(net, X, y):
+def thrandis_covs(net, X, y, loss=CE):
     """kfac.py _compute_covs: gy = grad_output·N; xxt, ggt averaged over the N·T rows."""
     out = []
-    for name, (m, x, g, V) in zip(("0", "3"), hooked(net, X, y)):
+    for name, (m, x, g, V) in zip(("0", "3"), hooked(net, X, y, loss)):
         a, gr, T = rows(m, x, g)
         gr = gr * N
         out.append((name, a, gr, T, a.T @ a / a.shape[0], gr.T @ gr / gr.shape[0], V))
@@ -265,28 +265,49 @@ def test_ekfac_pytorch_kfac(cnn, pi):
         assert r.passed != plant, (pi, plant, str(r))
 
 
-def thrandis_ekfac_update(net, X, y, lam, plant=False):
+def thrandis_ekfac_update(net, X, y, lam, plant=False, loss=CE, ra=False):
     """ekfac.py _compute_kfe and _precond_intra: per-sample gradients Σ_t gy ā ᵀ in the
-    eigenbases of xxt and ggt, m2 their mean square, g_kfe the mean, / (m2 + λ)."""
+    eigenbases of xxt and ggt, m2 their mean square, g_kfe the mean, / (m2 + λ).  With
+    ``ra`` (_precond_ra, alpha=1): m2 stays T·(eigenvalue products) of _compute_kfe."""
     blocks = []
-    for name, a, gr, T, xxt, ggt, V in thrandis_covs(net, X, y):
-        _, QA = np.linalg.eigh(xxt)
-        _, QG = np.linalg.eigh(ggt)
+    for name, a, gr, T, xxt, ggt, V in thrandis_covs(net, X, y, loss):
+        Ex, QA = np.linalg.eigh(xxt)
+        Eg, QG = np.linalg.eigh(ggt)
         per = np.einsum("ntc,ntd->ncd", gr.reshape(N, T, -1), a.reshape(N, T, -1))
         kfe = np.einsum("ci,ncd,dj->nij", QG, per, QA)
-        m2 = (kfe ** 2).mean(0) * (2 if plant and name == "3" else 1)
-        blocks.append(QG @ (kfe.mean(0) / (m2 + lam)) @ QA.T)
+        m2 = T * np.outer(Eg, Ex) if ra else (kfe ** 2).mean(0)
+        m2 = m2 * (2 if plant and name == "3" else 1)
+        g_kfe = QG.T @ V @ QA if ra else kfe.mean(0)   # weight.grad, or from the hooks
+        blocks.append(QG @ (g_kfe / (m2 + lam)) @ QA.T)
     return to_theta(blocks)
 
 
-def test_ekfac_pytorch_ekfac(cnn):
+@pytest.mark.parametrize("lossname", ["ce-mean", "mse-mean"])
+def test_ekfac_pytorch_ekfac(cnn, lossname):
+    """Intra-batch EKFAC (ra=False) for a mean cross-entropy (N·c = 1) and a mean MSE
+    (N·c = 1/C: the diagonal carries the block's scalar)."""
     net, X, y = cnn
+    loss, target = CE, y
+    if lossname == "mse-mean":
+        target = torch.tensor(np.random.default_rng(2).standard_normal((N, 3)))
+        loss = torch.nn.MSELoss()
     opts = dict(conventions.get("ekfac-pytorch").options, damping_mode="tikhonov")
     lam = 1e-3
     for plant in (False, True):
-        d = thrandis_ekfac_update(net, X, y, lam, plant)
-        r = check.validate(net, CE, X, y, "ekfac_update", d, convention="ekfac-pytorch",
+        d = thrandis_ekfac_update(net, X, target, lam, plant, loss)
+        r = check.validate(net, loss, X, target, "ekfac_update", d, convention="ekfac-pytorch",
                            damping=lam, **opts)
+        assert r.passed != plant, (plant, str(r))
+
+
+def test_ekfac_pytorch_running_average_at_alpha_one_is_kfac(cnn):
+    """ra=True, alpha=1 keeps m2 = T·E_g E_xᵀ: the K-FAC update, damped on the eigenvalues."""
+    net, X, y = cnn
+    opts = dict(conventions.get("ekfac-pytorch").options, damping_mode="tikhonov")
+    for plant in (False, True):
+        d = thrandis_ekfac_update(net, X, y, 1e-3, plant, ra=True)
+        r = check.validate(net, CE, X, y, "kfac_update", d, convention="ekfac-pytorch",
+                           damping=1e-3, **opts)
         assert r.passed != plant, (plant, str(r))
 
 

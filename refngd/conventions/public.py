@@ -132,10 +132,9 @@ PUBLIC_PRESETS = (
             "then cancels).",
             "EKFAC (ra=False, alpha=1; the default alpha=0.75 without ra=True raises): "
             "eigenbases of xxt and ggt, diagonal (1/N) Σ_n (Q_Gᵀ N·∇W_n Q_A)² over the true "
-            "per-sample gradients — refngd's EKFAC diagonal times N·c — and λ added to it: "
-            "damping_mode='tikhonov'. The preset applies N·c to the factors only, so its "
-            "EKFAC is this code's where N·c = 1 (a batch-mean loss with one term per sample, "
-            "e.g. CrossEntropyLoss('mean')).",
+            "per-sample gradients — refngd's EKFAC diagonal times N·c, the scalar of the "
+            "preset's K-FAC block, which the preset's EKFAC applies too — and λ added to "
+            "it: damping_mode='tikhonov'.",
             "EKFAC with ra=True re-estimates the diagonal from the squared *mean* gradient "
             "(a running average of N·(Q_Gᵀ ∇W Q_A)² started at T·(eigenvalue products)): "
             "not expressible in refngd, except alpha=1, which keeps K-FAC's eigenvalues — "
@@ -168,13 +167,15 @@ PUBLIC_PRESETS = (
             "neither is λI (compute the λ it amounts to and pass that).",
             "Rows whose gradients have |cosine| > 0.99 are dropped (the larger norm kept) "
             "before the solve: refngd keeps every sample; a batch with near-parallel "
-            "per-sample gradients differs.",
+            "per-sample gradients differs. max_samples / mean_truncate (off in the configs) "
+            "merge the smallest-norm rows into one: not expressible.",
             "J and JJᵀ are formed in float32 (the solve in float64): a float64 model agrees "
             "to float32 accuracy — pass rtol=1e-4. Conv2d layers with a trainable bias are "
             "refused by its per-sample code.",
             "Outside refngd: momentum on the update, lr (50 in the ViT config, the 1/N of "
             "the rows taken into the learning rate), clip_norm / norm_update and line "
-            "search.",
+            "search; with accumulate_steps > 1 one step stacks the rows of several "
+            "mini-batches, each of its own mean loss (validate one mini-batch).",
         ),
         sources=(f"iEFOptimizer_GP.py (compute_Jacobian, update_logits_grad, step) @ {IEF_COMMIT}",
                  f"example_glue_sst2_train.py (CE_grad, logits.backward) @ {IEF_COMMIT}",
