@@ -417,3 +417,31 @@ def _block_diag(facs):
         out[i:i + len(m), i:i + len(m)] = m
         i += len(m)
     return out
+
+
+def test_kfac_pytorch_linear_on_sequences():
+    """kfac-pytorch flattens a Linear layer's leading axes (N·T rows) and averages over them:
+    A is refngd's expand A, G = c/(N·T) × refngd's expand G (no 1/T on the rows)."""
+    from refngd import nn
+    from refngd.losses import MSELoss, PerToken
+
+    n, T, D, H, C = 5, 4, 3, 4, 2
+    model = nn.Sequential(nn.Linear(D, H), nn.Linear(H, C), nn.Flatten())
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((n, T, D)), rng.standard_normal((n, T, C))
+    theta, loss = model.init(rng), PerToken(MSELoss(), T)
+    W1, b1 = theta[:H * D].reshape(H, D), theta[H * D:H * D + H]
+    W2 = theta[16:16 + C * H].reshape(C, H)
+    h = X @ W1.T + b1
+    Z = model.forward(theta, X)
+    g2 = (loss.scale(Z) * loss.output_gradient(Z, y)).reshape(n, T, C)  # the hook's grad_output
+    g1 = g2 @ W2
+    facs = {}
+    for name, a, g in (("0", X, g1), ("1", h, g2)):
+        a = np.concatenate([a.reshape(n * T, -1), np.ones((n * T, 1))], 1)
+        g = g.reshape(n * T, -1)
+        facs[f"{name}.A"], facs[f"{name}.G"] = a.T @ a / (n * T), g.T @ g / (n * T)
+    kw = dict(convention="kfac-pytorch", fisher_type="empirical", bias="joint")
+    assert check.validate((model, theta), loss, X, y, "kfac_factors", facs, **kw).passed
+    assert not check.validate((model, theta), loss, X, y, "kfac_factors",
+                              planted(facs, "1.G"), **kw).passed
