@@ -51,7 +51,8 @@ PUBLIC_PRESETS = (
             "already-averaged gradients).",
             "Conv2d: patches and the ones column divided by T before the average over N·T "
             "rows, A = refngd's A/T²; grad_output divided by T, G = c/(N·T³) × refngd's G "
-            "(1/(N²T³) for a mean cross-entropy). Product: c/(N·T⁵) × refngd's block.",
+            "(1/(N²T³) for a mean cross-entropy). Product: c/(N·T⁵) × refngd's block. Its "
+            "patches ignore dilation and groups (dilation=1, groups=1 only).",
             "Bias: joint ([W | b] with ā = [a; 1]); pass bias='joint'.",
             "Eigen method (default): (G ⊗ A + λI)⁻¹ through the eigendecompositions, "
             "eigenvalues clamped at 0 — damping_mode='tikhonov' on these factors. Inverse "
@@ -90,7 +91,8 @@ PUBLIC_PRESETS = (
             "column.",
             "Conv2d: patch rows (ones column included) divided by T, A = refngd's A/T; "
             "G rows multiplied by N·T and averaged over N·T, G = N·c·T × refngd's. The "
-            "product G ⊗ A is refngd's expand K-FAC block: a factor T moved from A to G.",
+            "product G ⊗ A is refngd's expand K-FAC block: a factor T moved from A to G. "
+            "Its patches ignore dilation and groups.",
             "Bias: joint; pass bias='joint'. Linear layers on sequences are not supported "
             "by its hooks (2-D inputs only).",
             "Damping: (G ⊗ A + λI)⁻¹ through the eigendecompositions (eigenvalues below "
@@ -124,7 +126,8 @@ PUBLIC_PRESETS = (
             "A = refngd's expand A (joint ones column; pass bias='joint'); the stored ggt is "
             "N·c/T × refngd's G (N·c = 1 for a mean cross-entropy). _precond divides the "
             "update by T, so the block it inverts is T·ggt ⊗ xxt = N·c × refngd's: the "
-            "preset's G is T·ggt — compare {'<layer>.G': T·ggt}.",
+            "preset's G is T·ggt — compare {'<layer>.G': T·ggt}. Its patches (F.unfold, a "
+            "gathering filter in EKFAC) ignore dilation.",
             "K-FAC damping: λ/T split over the stored factors, xxt + π√(λ/T) I and "
             "ggt + √(λ/T)/π I, then the factor 1/T; in refngd's factors that is factored "
             "damping with damping_split='locations'. pi=False (default): π = 1 (pass "
