@@ -28,6 +28,11 @@ option             values                           default     meaning (docs/de
 ``convention``     a preset of :mod:`refngd.conventions`  ``"refngd"``
 =================  ===============================  ==========  ==================================
 
+Two fields of :class:`refngd.conventions.Convention` take their values from here too:
+``factor_scale`` (how a public implementation's K-FAC factors are scaled relative to
+refngd's, :data:`FACTOR_SCALES`) and ``gram_rows`` (the rows of the EF/iEF Gram form,
+:data:`GRAM_ROWS`); docs/conventions.md derives each.
+
 The argument checks form one vocabulary with one exception type per mistake: a value of the
 wrong *type* (a float where an integer is needed, a string where a number is) raises
 :class:`ArgumentTypeError`; a value of the right type outside its range or set raises
@@ -42,12 +47,12 @@ from typing import Any, Literal, get_args
 from .backend import check_damping
 
 __all__ = ["Reduction", "FisherType", "KfacApprox", "BiasMode", "DampingMode", "Form", "Pi",
-           "PiRule", "DampingSplit", "REDUCTIONS", "FISHER_TYPES", "KFAC_APPROX", "BIAS_MODES",
-           "DAMPING_MODES", "FORMS", "PI_RULES", "DAMPING_SPLITS", "REDUCTION", "FISHER_TYPE",
-           "KFAC_APPROX_DEFAULT", "BIAS", "DAMPING_MODE", "FORM", "PI", "DAMPING_SPLIT",
-           "CONVENTION", "ArgumentTypeError", "check_choice", "check_int", "check_real",
-           "check_positive", "check_nonnegative", "check_unit_interval", "check_pi",
-           "check_kfac_damping"]
+           "PiRule", "DampingSplit", "FactorScale", "GramRows", "REDUCTIONS", "FISHER_TYPES",
+           "KFAC_APPROX", "BIAS_MODES", "DAMPING_MODES", "FORMS", "PI_RULES", "DAMPING_SPLITS",
+           "FACTOR_SCALES", "GRAM_ROWS", "REDUCTION", "FISHER_TYPE", "KFAC_APPROX_DEFAULT", "BIAS",
+           "DAMPING_MODE", "FORM", "PI", "DAMPING_SPLIT", "FACTOR_SCALE", "GRAM_ROW", "CONVENTION",
+           "ArgumentTypeError", "check_choice", "check_int", "check_real", "check_positive",
+           "check_nonnegative", "check_unit_interval", "check_pi", "check_kfac_damping"]
 
 # ------------------------------------------------------------------ names and values
 Reduction = Literal["mean", "sum"]
@@ -60,6 +65,12 @@ Form = Literal["gram", "tikhonov"]
 PiRule = Literal["trace"]
 Pi = PiRule | float
 DampingSplit = Literal["even", "locations"]
+#: a convention's K-FAC factors relative to refngd's ``expand`` factors, per layer
+#: (:mod:`refngd.curvature.preset_factors`): refngd's own, or one public implementation's
+FactorScale = Literal["none", "kfac-pytorch", "alecwangcq", "ekfac-pytorch"]
+#: the rows of the EF/iEF Gram form: refngd's g_n, or the reduced loss's c·g_n (with the
+#: targets of iEF then ‖c·e_n‖²)
+GramRows = Literal["g_n", "c*g_n"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -69,6 +80,8 @@ DAMPING_MODES: tuple[str, ...] = get_args(DampingMode)
 FORMS: tuple[str, ...] = get_args(Form)
 PI_RULES: tuple[str, ...] = get_args(PiRule)
 DAMPING_SPLITS: tuple[str, ...] = get_args(DampingSplit)
+FACTOR_SCALES: tuple[str, ...] = get_args(FactorScale)
+GRAM_ROWS: tuple[str, ...] = get_args(GramRows)
 
 # ------------------------------------------------------------------ defaults
 #: PyTorch's default reduction
@@ -87,6 +100,10 @@ FORM: Form = "gram"
 PI: Pi = "trace"
 #: the same split for every layer (refngd's factored damping before these options existed)
 DAMPING_SPLIT: DampingSplit = "even"
+#: refngd's factors: A and G as docs/kfac.md defines them
+FACTOR_SCALE: FactorScale = "none"
+#: the paper's Gram form, Gᵀ(GGᵀ + λI)⁻¹ t over the unreduced losses' gradients g_n
+GRAM_ROW: GramRows = "g_n"
 #: refngd's own conventions (docs/conventions.md)
 CONVENTION = "refngd"
 

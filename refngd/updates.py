@@ -9,7 +9,8 @@ a vector of length |S| in θ's order — step with ``theta[mask] -= lr * d``, or
 ``theta - lr * subset.embed(d)`` for ``subset = refngd.subsets.resolve_params(model, mask)``.
 ``convention=`` (:mod:`refngd.conventions`) computes a library's update: its α scales
 the curvature and the gradient alike (the paper-defined ``form="gram"`` has no c and is
-unaffected).
+unaffected, except under a convention with ``gram_rows="c*g_n"`` — rows of the reduced
+loss, as the iEF authors' code back-propagates them: then Δ_EF/c and c·Δ_iEF at λ/c²).
 
 Two dampings for EF and iEF (``form=``)
 ---------------------------------------
@@ -95,6 +96,17 @@ def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
     return F.rows.rmatvec(w.reshape(-1, 1).astype(F.dtype, copy=False))
 
 
+def _gram_row_scale(convention, loss, Z) -> float:
+    """k with the Gram form's rows k·g_n: 1, or c under ``gram_rows="c*g_n"``.
+
+    With rows J = k·G (and iEF's targets ‖k·e_n‖² = k²s), Jᵀ(JJᵀ + λI)⁻¹ t is
+    (1/k)·Gᵀ(GGᵀ + (λ/k²) I)⁻¹ t for EF (t = 1) and k·Gᵀ(GGᵀ + (λ/k²) I)⁻¹ s for iEF.
+    """
+    from .conventions import get
+
+    return float(loss.scale(Z)) if get(convention).gram_rows == "c*g_n" else 1.0
+
+
 def _sq_norms(e: Array) -> Array:
     return (e * e).sum(axis=1)
 
@@ -114,7 +126,8 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: Form
                         convention=convention)
     xp = namespace(lin.outputs)
     if form == "gram":  # one 1 per row (per token under a convention with ef_rows="token")
-        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), damping)
+        k = _gram_row_scale(convention, loss, lin.outputs)
+        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), check_damping(damping) / k ** 2) / k
     # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
     return F.natural_gradient(damping)
 
@@ -133,7 +146,8 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: For
     e = loss.output_gradient(lin.outputs, y)
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
-        return _gram_form(F, _sq_norms(e), damping)
+        k = _gram_row_scale(convention, loss, lin.outputs)
+        return _gram_form(F, _sq_norms(e), check_damping(damping) / k ** 2) * k
     F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
                                 convention=convention)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import scalars
 from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce
-from .infer_report import Fit, InferenceReport, assemble, damping_names, summarise
+from .infer_report import Fit, InferenceReport, assemble, damping_names, moved_scalars, summarise
 from .infer_search import Search
 from .quantities import QUANTITIES
 from .report import _host, default_rtol, split_blocks
@@ -335,11 +335,13 @@ class Inference:
         presets = self.search.preset_match(quantity, cand, best, tol, damping) if passed else []
         if presets and presets[0] != conv.get("convention"):
             # the preset's value *is* the candidate: its scale relative to the preset is 1
-            sc = conv["scale"]
-            sc = (", ".join(f"{k} × {v}" for k, v in sc.items() if v != "1")
-                  if isinstance(sc, dict) else f"{sc} ×")
+            raw = conv["scale"]
+            sc = (", ".join(f"{k} × {v}" for k, v in raw.items() if v != "1")
+                  if isinstance(raw, dict) else f"{raw} ×")
+            moved = moved_scalars(raw) if isinstance(raw, dict) else []
             notes.append(f"Relative to refngd's own convention your values are {sc} "
-                         f"refngd's: the {presets[0]!r} preset's scaling.")
+                         f"refngd's: the {presets[0]!r} preset's scaling"
+                         + (" (" + "; ".join(moved) + ")." if moved else "."))
             conv["convention"], conv["scale"] = presets[0], "1"
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "

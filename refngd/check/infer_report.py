@@ -109,7 +109,7 @@ def _what(quantity: str) -> str:
     return quantity.replace("_", " ")
 
 
-def _moved(scale: dict) -> list:
+def moved_scalars(scale: dict) -> list:
     """Layers whose A and G carry reciprocal scalars: the same K-FAC block G ⊗ A."""
     out = []
     for k, a in scale.items():
@@ -126,7 +126,7 @@ def _moved(scale: dict) -> list:
 def _scale_words(scale) -> str:
     if isinstance(scale, dict):
         parts = ", ".join(f"{k} × {v}" for k, v in scale.items() if v != "1")
-        moved = _moved(scale)
+        moved = moved_scalars(scale)
         text = f"blockwise your values are refngd's times: {parts}" if parts else ""
         return text + (" (" + "; ".join(moved) + ")" if moved else "")
     if scale in (None, "1"):

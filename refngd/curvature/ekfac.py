@@ -27,6 +27,7 @@ from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYP
 from .damping import check_damping_options
 from .kfac import KFAC
 from .kfac_factors import check_mode, input_rows, output_rows, shares_weights
+from .preset_factors import block_scale
 from .kronecker import KroneckerOperator, _log_sum, eig_solve
 
 _CHUNK_ELEMS = 1 << 22
@@ -170,7 +171,7 @@ class EKFAC(KroneckerOperator):
             else:
                 a = input_rows(e.layer, e.cache, None, blk.kind == "wb")[0]
             Aq = a @ UA
-            return self.c * (B2.T @ (Aq * Aq))
+            return self._c_of(blk) * (B2.T @ (Aq * Aq))
         P = e.layer.tokens(e.cache).astype(xp.float64)               # (N, T, D)
         T = P.shape[1]
         if blk.kind == "b":
@@ -184,7 +185,14 @@ class EKFAC(KroneckerOperator):
         for n0 in range(0, N, step):
             Gq = Bq[n0:n0 + step].transpose(0, 1, 3, 2) @ Pq[n0:n0 + step, None]  # (n, K, r_G, r_A)
             S += (Gq * Gq).sum(axis=(0, 1))
-        return self.c * S
+        return self._c_of(blk) * S
+
+    def _c_of(self, blk) -> float:
+        """c, times the block's s_A·s_G under a convention's ``factor_scale``: the diagonal
+        estimates the same rescaled Fisher block as the factors (George et al.'s s_ij =
+        g_i a_j case stays K-FAC's eigenvalues)."""
+        return self.c * block_scale(self.convention, blk.entry, self.c,
+                                    self.lin.outputs.shape[0], self.kfac_approx)
 
     def scalings(self) -> list:
         """The re-estimated diagonal of every block, (r_G, r_A) in the basis U_G ⊗ U_A."""
