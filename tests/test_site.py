@@ -51,8 +51,9 @@ NUMBERS = {w: i for i, w in enumerate(
 #: the pages that the browser check opens (~4 s each); screenshots of the first two
 KEY_PAGES = ["theory", "gallery", "fisher", "kfac", "api"]
 #: every other page with mathematics, opened in CI (CI=true) or on an explicit site
-MORE_PAGES = ["metrics", "empirical_fisher", "sampled_fisher", "layers", "losses",
-              "conventions", "tutorials", "subsets", "validating", "bad_input", "index"]
+MORE_PAGES = ["optim", "metrics", "empirical_fisher", "sampled_fisher", "layers", "losses",
+              "conventions", "tutorials", "subsets", "validating", "bad_input", "index",
+              "compare"]
 BROWSER_PAGES = KEY_PAGES + (MORE_PAGES if os.environ.get("CI") or os.environ.get(
     "REFNGD_SITE_DIR") else [])
 
