@@ -1,0 +1,127 @@
+"""Conv2d's row primitives (docs/design.md §4): Gram, U v, Uᵀw, per-row gradients.
+
+:class:`ConvRows` is the half of :class:`refngd.nn.Conv2d` that contracts the rows with the
+cached im2col patches; :mod:`refngd.nn.conv` holds the geometry, the forward and backward
+passes and the K-FAC and memory entries of the layer protocol.  The methods read the
+layer's ``groups``, ``D``, ``out_channels``, ``bias``, ``gram_route`` and its patch views
+(``tokens``, ``token_rows``, ``_cols_matrix``, ``_weight_times``).
+"""
+from __future__ import annotations
+
+from ..backend import namespace
+from .shared import (shared_gram, shared_row_grads, shared_row_sq_sum,
+                     weighted_row_sum)
+
+#: rough bound (in array elements) on the temporaries of the chunked primitives
+_CHUNK_ELEMS = 1 << 22
+
+
+class ConvRows:
+    """Row primitives of a (grouped) convolution over its im2col patches (a mixin)."""
+
+    def _rows(self, cache, B):
+        """Patches Ā (N, T, D) and rows (N, K, C_out, T), for :mod:`refngd.nn.shared`."""
+        return self.tokens(cache), self.token_rows(B)
+
+    def _groups(self, cache, B):
+        """Per group j: its patches Ā_j (N, T, D) and rows (N, K, C_out/groups, T) (views)."""
+        A, Bm = self._rows(cache, B)
+        D, Cog = self.D, self.out_channels // self.groups
+        return [(A[:, :, j * D:(j + 1) * D], Bm[:, :, j * Cog:(j + 1) * Cog])
+                for j in range(self.groups)]
+
+    def _bias_rows(self, B):
+        """(N, K, C_out): each row summed over the output locations (the bias gradients)."""
+        return self.token_rows(B).sum(axis=3)
+
+    def row_grads(self, cache, B):
+        if self.groups == 1:
+            return shared_row_grads(*self._rows(cache, B), self.bias)
+        xp = namespace(B)
+        parts = [shared_row_grads(A, Bm, False) for A, Bm in self._groups(cache, B)]
+        if self.bias:
+            parts.append(self._bias_rows(B))
+        return xp.concatenate(parts, axis=2)
+
+    def row_dot(self, cache, B, V):
+        xp = namespace(B)
+        cols, (N, K) = cache[0], B.shape[:2]
+        Co, T = self.out_channels, cols.shape[2]
+        # V_W ā_nt for every (n, t): one GEMM (per group), then the (n, o, t) layout
+        M = self._weight_times(V[0], self._cols_matrix(cols)).reshape(Co, N, T)
+        M = xp.ascontiguousarray(M.transpose(1, 0, 2))
+        if self.bias:
+            M += V[1][:, None]
+        return (B.reshape(N, K, -1) @ M.reshape(N, -1, 1))[..., 0]
+
+    def _weight_block(self, vt, cols, out=None):
+        """Σ_n v_n Ā_n as (C_out, D): one (N·T)-long product, or one per group.
+
+        Computed as Ā (vt)ᵀ, (D × N·T)(N·T × C_out), then transposed into place (C_out·D
+        entries): OpenBLAS runs this orientation of the long inner dimension 1.3–1.8×
+        faster than vt Āᵀ (the two Conv2d layers of benchmarks/vs_torch.py's CNN, 2 threads
+        on the AVX-512 VM).
+        """
+        xp = namespace(vt)
+        g, Co = self.groups, self.out_channels
+        C = self._cols_matrix(cols).reshape(g, self.D, -1)
+        res = xp.matmul(C, vt.reshape(g, Co // g, -1).transpose(0, 2, 1))  # (g, D, C_out/g)
+        if out is None:
+            out = xp.empty((Co, self.D), dtype=res.dtype)
+        out.reshape(g, Co // g, self.D)[...] = res.transpose(0, 2, 1)  # C_out·D entries
+        return out
+
+    def _summed_rows(self, B, w):
+        """Σ_k w_nk b_nk as (C_out, N·T), columns (n, t) as the patch columns'.
+
+        One row per sample (K = 1, e.g. the gradient): the product with w and the
+        transposition are one pass, written straight into that layout; otherwise the
+        per-sample sum (a batched product) and then one transposing copy.
+        """
+        xp = namespace(B)
+        N, K, Co = B.shape[0], B.shape[1], self.out_channels
+        if K == 1:
+            vt = xp.empty((Co, N, B.size // (N * Co)), dtype=xp.result_type(B.dtype, w.dtype))
+            xp.multiply(B.reshape(N, Co, -1).transpose(1, 0, 2), w.reshape(1, N, 1), out=vt)
+            return vt.reshape(Co, -1)
+        v = weighted_row_sum(B, w).reshape(N, Co, -1)
+        return xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
+
+    def row_sum(self, cache, B, w):
+        vt = self._summed_rows(B, w)
+        blocks = [self._weight_block(vt, cache[0]).reshape(self.param_shapes[0])]
+        if self.bias:
+            blocks.append(vt.sum(axis=1))
+        return blocks
+
+    def row_sum_into(self, cache, B, w, out):
+        """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw)."""
+        vt = self._summed_rows(B, w)
+        self._weight_block(vt, cache[0], out=out[0].reshape(self.out_channels, self.D))
+        if self.bias:
+            vt.sum(axis=1, out=out[1])
+
+    def row_sq_sum(self, cache, B):
+        """Σ_r G_r ⊙ G_r from per-row gradients materialised a block of channels at a time."""
+        if self.groups == 1:
+            return shared_row_sq_sum(*self._rows(cache, B), self.bias, _CHUNK_ELEMS)
+        xp = namespace(B)
+        parts = [shared_row_sq_sum(A, Bm, False, _CHUNK_ELEMS) for A, Bm in self._groups(cache, B)]
+        if self.bias:
+            gb = self._bias_rows(B)
+            parts.append((gb * gb).sum(axis=(0, 1)))
+        return xp.concatenate(parts)
+
+    def row_gram(self, cache, B):
+        """(R, R) float64 Gram U_l U_lᵀ by the cheaper route (or ``self.gram_route``); with
+        groups, the sum of the groups' Grams (their weights are disjoint) and the bias's."""
+        if self.groups == 1:
+            return shared_gram(*self._rows(cache, B), self.bias, self.gram_route, _CHUNK_ELEMS)
+        xp = namespace(B)
+        G = sum(shared_gram(A, Bm, False, self.gram_route, _CHUNK_ELEMS)
+                for A, Bm in self._groups(cache, B))
+        if self.bias:
+            N, K = B.shape[:2]
+            U = self._bias_rows(B).reshape(N * K, -1).astype(xp.float64, copy=False)
+            G += U @ U.T
+        return G
