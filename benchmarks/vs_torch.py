@@ -11,6 +11,11 @@ the same weights and batch (float64, cross-entropy, mean; λ = 1e-3):
 * the small CNN of ``benchmarks/kfac.py`` (3×16×16 input: conv3×3(16)-ReLU-conv3×3/2(32)-
   ReLU-Linear(2048, 10), P = 25 578), N = 64: ``refngd.gradient`` (goal: ≤ 1.2× torch's).
 
+Issue 22 restated them for every CPU (AVX2 and AVX-512): the NGD step at ≥ 60 % of the
+plain A @ B rate and ≤ 6.5 torch gradients, its Cholesky at ≥ 50 % of that rate, the CNN
+gradient ≤ 1.3× torch's.  The header names the CPU, its widest vector extension and the
+BLAS kernel OpenBLAS picked (threadpoolctl), and the MLP table each stage's share.
+
 ``--keep-freed-memory`` first calls :func:`refngd.memory.keep_freed_memory` (for the
 whole process, PyTorch included).  Every time includes the forward pass.  Timing: best single call, in alternating blocks
 of consecutive calls (``_common.best_in_blocks``).  Beside the MLP figures: the FLOPs of
