@@ -166,11 +166,17 @@ def lower_copy(A: np.ndarray, shift: float = 0.0, block: int = 256) -> np.ndarra
     """A new C-ordered float64 matrix: the lower triangle of ``A`` (+ shift on the diagonal),
     zeros above — what :func:`cholesky_inplace` turns into a clean lower factor.
 
+    Parameters
+    ----------
+    A : (n, n) array (any float dtype or strides); only its lower triangle is read.
+    shift : added to the diagonal after the copy, as ``M.reshape(-1)[::n + 1] += shift``.
+    block : rows per block.
+
     In row blocks: the part left of each block's diagonal square is copied, the square
     itself through a small ``tril``, the part right of it set to zero — one pass that
     reads half of A, instead of a full copy and then a second pass zeroing the upper
-    triangle of the factor.  The entries are those of
-    ``A.copy()`` with ``shift`` added to its diagonal, bit for bit.
+    triangle of the factor.  The lower triangle is that of ``A.copy()`` with ``shift``
+    added to its diagonal, bit for bit.
     """
     n = A.shape[0]
     M = np.empty((n, n), dtype=np.float64)
