@@ -21,7 +21,7 @@ import json
 import numpy as np
 import pytest
 
-from infer_helpers import N, cnn, mlp, rel
+from infer_helpers import N, cnn, mlp, rel, value_of
 from refngd import check, conventions, updates
 from refngd.check import Inference, infer, scalars
 from refngd.cli import main
@@ -66,6 +66,22 @@ def test_tutorial_with_ema_is_named_tutorial(small):
     K95 = factors(K, names, 0.05, 0.05)
     r = infer((model, theta), loss, X, y, "kfac_factors", K95, ema_beta=0.95)
     assert r.passed and r.convention["scale"] == "(1-0.95)"
+
+
+def test_update_from_ema_factors_started_at_zero(small):
+    """Factors (1 − β)·F after one EMA step from zero, no bias correction: the update is
+    1/(1 − β)² × refngd's at λ/(1 − β)² — a negative power of (1 − β), named."""
+    model, theta, loss, X, y, names, inf = small
+    b = 0.95
+    d = updates.kfac(model, theta, loss, X, y, LAM / (1 - b) ** 2) / (1 - b) ** 2
+    r = inf.infer("kfac_update", d, LAM)
+    assert r.passed, r.summary
+    assert r.convention["damping_mode"] == "tikhonov"
+    assert value_of(r.convention["scale"], {"N": N, "C": 3}) == pytest.approx((1 - b) ** -2)
+    assert value_of(r.convention["damping"], {"N": N, "C": 3}, LAM) == \
+        pytest.approx(LAM / (1 - b) ** 2)
+    assert str(scalars.name(400.0, scalars.sizes(N=32, C=3), 1e-9, betas=(0.95,))[0]) == \
+        "1/(1-0.95)^2"
 
 
 def test_backpack_per_sample_gradients_are_named(small):
