@@ -84,6 +84,17 @@ def test_update_from_ema_factors_started_at_zero(small):
         "1/(1-0.95)^2"
 
 
+def test_ema_beta_names_the_damping_too(small):
+    """ema_beta= reaches the damping's names, not only the scale (β = 0.98 is not a default)."""
+    model, theta, loss, X, y, names, inf = small
+    b = 0.98
+    d = updates.kfac(model, theta, loss, X, y, LAM / (1 - b) ** 2) / (1 - b) ** 2
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, ema_beta=b)
+    assert r.passed, r.summary
+    assert r.convention["scale"] == "1/(1-0.98)^2"
+    assert r.convention["damping"] == "lambda/(1-0.98)^2"
+
+
 def test_backpack_per_sample_gradients_are_named(small):
     model, theta, loss, X, y, names, inf = small
     from refngd.derivatives import per_sample_gradients

@@ -248,7 +248,7 @@ class Inference:
                 for _ in range(2):  # the second pass: what the other layers named, shared
                     for layer, bl in layers.items():
                         ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
-                                           self._fixed_pi(layer))
+                                           self._fixed_pi(layer), s.betas)
                         if not ch:
                             break
                         chosen[layer] = ch[0]
