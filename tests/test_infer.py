@@ -234,6 +234,39 @@ def test_bad_input(small):
         inf.infer("fisher", np.zeros((3, 3)))
 
 
+
+def test_bad_options_and_damping_are_named(small):
+    """Values infer used to accept silently or fail on with an unrelated message."""
+    torch = pytest.importorskip("torch")
+    model, theta, loss, X, y, names, inf = small
+    with pytest.raises(ValueError, match="damping_split must be one of"):
+        Inference((model, theta), loss, X, y, damping_split="loc")
+    for beta in (1, 1.5, 0):
+        with pytest.raises(ValueError, match="0 < β < 1"):
+            Inference((model, theta), loss, X, y, ema_beta=beta)
+    with pytest.raises(ValueError, match="mc_samples"):
+        Inference((model, theta), loss, X, y, mc_samples=0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, K\) with N = 5"):
+        Inference((model, theta), loss, X, y, labels=y[:3])
+    with pytest.raises(TypeError, match="damping must be a number"):
+        inf.infer("kfac_update", np.zeros(theta.size), "0.1")
+    # torch and NumPy scalars are numbers: the same verdict as a float
+    d = updates.kfac(model, theta, loss, X, y, LAM)
+    for lam in (torch.tensor(LAM), np.float64(LAM)):
+        assert inf.infer("kfac_update", d, lam).passed
+    pf = updates.kfac(model, theta, loss, X, y, (LAM, 2 * LAM), damping_mode="per-factor")
+    assert inf.infer("kfac_update", pf, (torch.tensor(LAM), np.float32(2 * LAM))).passed is \
+        inf.infer("kfac_update", pf, (LAM, float(np.float32(2 * LAM)))).passed
+
+
+def test_labels_in_a_draws_layout_are_one_draw():
+    """MSE labels (N, C) are one draw (K = 1), not K = C draws."""
+    model, theta, mse, X, Y, names = mlp("mse")
+    Yhat = np.random.default_rng(5).standard_normal(Y.shape)
+    assert Inference((model, theta), mse, X, Y, labels=Yhat).search.K == 1
+    assert Inference((model, theta), mse, X, Y, labels=np.stack([Yhat] * 2, 1)).search.K == 2
+
+
 def test_known_options_are_kept(small):
     model, theta, loss, X, y, names, inf = small
     d = updates.kfac(model, theta, loss, X, y, LAM, damping_mode="factored")

@@ -124,12 +124,7 @@ class Inference:
         if update and damping is None:
             raise ValueError(f"{quantity} is an update: pass damping= (the λ your code used, or "
                              "(λ_A, λ_G) for per-factor damping).")
-        if isinstance(damping, list):
-            damping = tuple(damping)
-        if isinstance(damping, tuple) and (len(damping) != 2 or min(damping) <= 0):
-            raise ValueError(f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}.")
-        if damping is not None and not isinstance(damping, tuple) and not damping > 0:
-            raise ValueError(f"infer() needs damping > 0 (its map λ' = s·λ), got {damping!r}.")
+        damping = _damping(damping)
         cand = ({str(k): _host(f"candidate[{k!r}]", v) for k, v in candidate.items()}
                 if isinstance(candidate, dict) else _host("candidate", candidate))
         dtypes = [a.dtype for a in (cand.values() if isinstance(cand, dict) else [cand])]
@@ -369,6 +364,30 @@ class Inference:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _damping(damping):
+    """λ as a float > 0, or (λ_A, λ_G) as floats > 0 (torch / NumPy scalars accepted)."""
+    if damping is None:
+        return None
+    pair = isinstance(damping, (tuple, list))
+    if pair and len(damping) != 2:
+        raise ValueError(f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}.")
+    if hasattr(damping, "detach"):  # a torch scalar
+        damping = damping.detach().cpu().numpy()
+    try:
+        vals = [float(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+                for v in (damping if pair else [damping])]
+        if isinstance(damping, (str, bytes)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f"damping must be a number λ > 0 or a pair (λ_A, λ_G), got "
+                        f"{damping!r}.") from None
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError((f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}."
+                          if pair else
+                          f"infer() needs damping > 0 (its map λ' = s·λ), got {damping!r}."))
+    return tuple(vals) if pair else vals[0]
+
+
 def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
     nr = float(np.linalg.norm(r))
     d = float(np.linalg.norm(c - r))

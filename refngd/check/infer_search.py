@@ -12,10 +12,12 @@ import numpy as np
 from .. import conventions, updates
 from ..backend import to_numpy
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher
+from ..curvature.kfac_factors import given_draws
 from ..derivatives import per_sample_gradients
 from ..options import (BIAS, BIAS_MODES, CONVENTION, DAMPING_MODE, DAMPING_MODES,
-                       DAMPING_SPLIT, FISHER_TYPE, FISHER_TYPES, FORM, FORMS, KFAC_APPROX,
-                       KFAC_APPROX_DEFAULT, check_choice, check_pi)
+                       DAMPING_SPLIT, DAMPING_SPLITS, FISHER_TYPE, FISHER_TYPES, FORM, FORMS,
+                       KFAC_APPROX, KFAC_APPROX_DEFAULT, check_choice, check_int, check_pi,
+                       check_real)
 from . import scalars
 from .infer_damping import RULES, kronecker_blocks, row_blocks
 from .quantities import reference
@@ -30,7 +32,8 @@ class Search:
     def __init__(self, model, loss, X, y, labels, theta, known: dict, v=None):
         self.known = known
         for key, choices in (("bias", BIAS_MODES), ("kfac_approx", KFAC_APPROX),
-                             ("damping_mode", DAMPING_MODES), ("form", FORMS)):
+                             ("damping_mode", DAMPING_MODES), ("form", FORMS),
+                             ("damping_split", DAMPING_SPLITS)):
             if key in known:
                 check_choice(known[key], key, choices)
         if "fisher_type" in known:
@@ -39,6 +42,14 @@ class Search:
             known["pi"] = check_pi(known["pi"])
         if "convention" in known:
             known["convention"] = conventions.get(known["convention"]).name
+        if "mc_samples" in known:
+            known["mc_samples"] = check_int(known["mc_samples"], "mc_samples")
+        if "ema_beta" in known:
+            b = check_real(known["ema_beta"], "ema_beta")
+            if not 0 < b < 1:
+                raise ValueError(f"ema_beta is a running average's decay β, 0 < β < 1; got "
+                                 f"{known['ema_beta']!r}.")
+            known["ema_beta"] = b
         self.twin = make_twin(model, loss, X, y, "refngd", theta=theta, labels=labels, v=v,
                               mc_samples=known.get("mc_samples", 1))
         # a torch module whose weights the twin read (not a pair, not theta=): for the note
@@ -50,8 +61,11 @@ class Search:
         self.P = int(t.theta.shape[0])
         ctx = t.context()
         self.N, self.C = ctx["N"], ctx["C"]
+        # K: the draws per sample; given labels in a draw's layout ((N,) classes, (N, C) for
+        # MSE / BCE) are one draw — given_draws checks the shape and adds the K axis
         self.K = int(known.get("mc_samples", 1)) if self.labels is None else \
-            int(np.asarray(self.labels).reshape(self.N, -1).shape[1])
+            int(given_draws(t.loss, to_numpy(self.lin.outputs),
+                            to_numpy(self.labels)).shape[1])
         # T per layer that shares its weight (a convolution's locations, a sequence's tokens)
         self._T = {name: int(e.layer.tokens(e.cache).shape[1])
                    for name, e in zip(t.prefixes, t.kfac_rows())
