@@ -150,6 +150,22 @@ def test_moved_scalar_per_layer_in_a_cnn():
     assert "layer '0': the same K-FAC block G ⊗ A — a factor T moved from A to G" in r.summary
 
 
+
+@pytest.mark.parametrize("mode", ["per-factor", "tikhonov"])
+def test_kfac_pytorch_conv_update_is_named(mode):
+    """kfac-pytorch's Conv2d block is 1/(N²T⁵) × refngd's (A/T², G/(N²T³)): T⁵ is named,
+    and not as an alias with (1 − β) (N = 5, T = 16: N²T⁵ = T⁴/(1 − 0.95)²)."""
+    model, theta, loss, X, y, names = cnn()
+    d = updates.kfac(model, theta, loss, X, y, LAM, convention="kfac-pytorch",
+                     damping_mode=mode, bias="joint", fisher_type="empirical")
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM)
+    assert r.passed and "arithmetic" not in r.convention, r.summary
+    assert r.convention["scale"] == {"0.weight+bias": "N^2*T^5", "3.weight+bias": "N^2"}
+    damping = {"0": "(T^2*lambda, N^2*T^3*lambda)", "3": "(lambda, N^2*lambda)"} \
+        if mode == "per-factor" else {"0": "N^2*T^5*lambda", "3": "N^2*lambda"}
+    assert r.convention["damping"] == damping
+
+
 def test_float32_arithmetic_in_a_float64_candidate(small):
     model, theta, loss, X, y, names, inf = small
     d = updates.kfac(model, theta, loss, X, y, LAM)

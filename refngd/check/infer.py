@@ -80,7 +80,7 @@ def infer(model, loss, X, y, quantity: str, candidate, damping=None, *, rtol: fl
     Notes
     -----
     The search space and the ranking are in the module docstring.  Scalars are monomials
-    N^a T^b C^c K^d 2^e (1 − β)^k with |a|, |b| ≤ 3, |c|, |e| ≤ 2, |d| ≤ 1, |k| ≤ 2; the damping
+    N^a T^b C^c K^d 2^e (1 − β)^k with |a| ≤ 3, |b| ≤ 5, |c|, |e| ≤ 2, |d| ≤ 1, |k| ≤ 2; the damping
     rules are those of :mod:`refngd.curvature.damping` (Tikhonov; factored with π = trace,
     Martens & Grosse 2015, §6.3, or a fixed π — λ/T per location included; per-factor; a
     separate bias damped with its weight's π, as curvlinops), each with the map λ' = s·λ.
