@@ -175,6 +175,26 @@ def test_float32_arithmetic_in_a_float64_candidate(small):
     assert "float32" in r.summary and r.residual > 1e-10
 
 
+
+def test_no_float32_verdict_for_an_exact_float64_fit():
+    """A damping named only in the wider (float32) window, whose named value reproduces the
+    candidate to 1e-14, is a float64 fit: no "arithmetic": "float32", tolerance 1e-10."""
+    from refngd import nn
+    from refngd.losses import CrossEntropy
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 10))
+    theta = model.init(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((32, 1, 8, 8)), rng.integers(0, 10, 32)
+    d = updates.kfac(model, theta, CrossEntropy(), X, y, 1e-2, convention="kfac-pytorch",
+                     damping_mode="factored", pi=1.0, bias="joint", fisher_type="empirical")
+    r = infer((model, theta), CrossEntropy(), X, y, "kfac_update", d, 1e-2)
+    assert r.passed and r.residual < 1e-12
+    assert "arithmetic" not in r.convention and r.rtol == 1e-10, r.summary
+    assert "float32" not in r.summary
+
+
 def test_alternatives_when_the_data_cannot_tell(small):
     model, theta, loss, X, y, names, inf = small
     # EF's Gram form at λ is its Tikhonov form at c·λ (push-through): the same numbers

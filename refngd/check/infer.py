@@ -141,7 +141,11 @@ class Inference:
                              "(check.validate describes it).")
         if not f32 and rtol is None and not any(f.fits(tol) for f in fits):
             loose = search(FLOAT32_RTOL)  # float32 round-off inside a float64 candidate?
-            if any(f.fits(FLOAT32_RTOL) for f in loose):
+            if any(f.fits(tol) for f in loose):
+                # a name found only in the wider window (a damping the data pin down
+                # loosely) whose exact value reproduces the candidate to float64: no float32
+                fits = loose
+            elif any(f.fits(FLOAT32_RTOL) for f in loose):
                 fits, tol, arithmetic = loose, FLOAT32_RTOL, "float32"
         return self._report(quantity, cand, fits, tol, arithmetic, damping)
 
