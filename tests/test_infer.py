@@ -353,6 +353,16 @@ def test_cli_infer(tmp_path, capsys):
     assert "PASSED" in out and "N*lambda" in out
     assert main(args + ["--fisher-type", "type-2"]) == 1   # a known option is kept
     assert "FAILED" in capsys.readouterr().out
+    # an EMA from zero with β = 0.98 (not a default β): --ema-beta names it
+    s = N / (1 - 0.98) ** 2
+    np.savez(tmp_path / "e.npz", candidate=s * updates.kfac(
+        model, theta, loss, X, y, s * LAM, fisher_type="empirical", damping_mode="factored"))
+    ema = [a if a != str(tmp_path / "c.npz") else str(tmp_path / "e.npz") for a in args]
+    assert main(ema + ["--ema-beta", "0.98"]) == 0
+    assert "N/(1-0.98)^2" in capsys.readouterr().out
+    assert main(ema[:-1] + ["--ema-beta", "0.98"]) == 2        # without --infer: an error
+    assert "--ema-beta" in capsys.readouterr().err
+    assert main(ema + ["--ema-beta", "1.5"]) == 2
 
 
 def test_reference_reproduces(small):
