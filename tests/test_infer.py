@@ -223,6 +223,17 @@ def test_transposed_gradient_fails(small):
     assert "0.weight" in r.summary and "nearest" in r.summary
 
 
+
+def test_unnamed_damping_is_reported_as_a_number(small):
+    """A damping no monomial names (0.37·λ): the report gives the number, not 'nan', and
+    does not list it as a block that differs."""
+    model, theta, loss, X, y, names, inf = small
+    r = inf.infer("kfac_update", updates.kfac(model, theta, loss, X, y, 0.37 * LAM), LAM)
+    assert not r.passed and r.convention["damping"] == "0.37*lambda"
+    assert "nan" not in r.summary and "0.damping × 0.37" in r.summary
+    assert "reproduces the candidate" in r.summary and r.differing == {}
+
+
 def test_factors_of_the_wrong_layer_fail():
     from refngd import nn
     from refngd.losses import CrossEntropy

@@ -302,7 +302,9 @@ class Inference:
         names = {}
         for layer, ch in chosen.items():
             if ch.complexity >= RAW:  # a damping no monomial names: the nearest only
-                unnamed[f"{layer}.damping"] = math.nan
+                raw = {f"{layer}.{key}": v for (key, nm), v in zip(ch.names.items(), ch.recipe)
+                       if v is not None and nm == f"{v:.6g}"}
+                unnamed.update(raw or {f"{layer}.damping": math.nan})
             cx += ch.complexity
             for key, v in ch.names.items():
                 names.setdefault(key, {})[layer] = v
@@ -352,9 +354,10 @@ class Inference:
                 seen.add(_key(c))
                 alts.append(c)
         differing = {} if passed else {k: e for k, e in best.residual.items() if e > tol}
-        if not passed:
+        if not passed:  # blocks whose scale no monomial names (a damping's: in the summary)
             for k in best.unnamed:
-                differing.setdefault(k, best.residual.get(k, math.nan))
+                if k in best.residual:
+                    differing.setdefault(k, best.residual[k])
         notes += self.search.notes(quantity)
         if not passed and self.search.module is not None:
             from .weights import stale_weights_note

@@ -166,11 +166,16 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
     if passed:
         text += f"; the {quantity} then agrees to {residual:.1e} (tolerance {tol:.0e})."
     else:
-        text = ("no convention explains the candidate. The nearest: " + text
-                + f"; it still differs by {residual:.2g} (tolerance {tol:.0e})")
-        if fit.unnamed:
-            text += "; scalars no monomial in N, T, C, K, 2 and (1 − β) names: " + ", ".join(
-                f"{k} × {v:.6g}" for k, v in fit.unnamed.items())
+        text = "no convention explains the candidate. The nearest: " + text
+        unnamed = "scalars no monomial in N, T, C, K, 2 and (1 − β) names: " + ", ".join(
+            f"{k} × {v:.6g}" for k, v in fit.unnamed.items())
+        if fit.unnamed and residual <= tol:  # the numbers fit; only their names are missing
+            text += (f"; it reproduces the candidate to {residual:.2g} (tolerance {tol:.0e}) "
+                     f"only with {unnamed}")
+        else:
+            text += f"; it still differs by {residual:.2g} (tolerance {tol:.0e})"
+            if fit.unnamed:
+                text += "; " + unnamed
         if differing:
             text += "; blocks that differ: " + ", ".join(
                 f"{k} ({e:.2g})" for k, e in differing.items())
