@@ -234,6 +234,15 @@ def test_unnamed_damping_is_reported_as_a_number(small):
     assert "reproduces the candidate" in r.summary and r.differing == {}
 
 
+
+def test_ekfac_damping_in_ekfac_words(small):
+    """EKFAC's Tikhonov damping is (S + λ)⁻¹ on its eigenvalues, not (G ⊗ A + λI)⁻¹."""
+    model, theta, loss, X, y, names, inf = small
+    r = inf.infer("ekfac_update", updates.ekfac(model, theta, loss, X, y, LAM), LAM)
+    assert r.passed and r.convention["damping_mode"] == "tikhonov"
+    assert "(S + λ)⁻¹" in r.summary and "G ⊗ A + λI" not in r.summary
+
+
 def test_factors_of_the_wrong_layer_fail():
     from refngd import nn
     from refngd.losses import CrossEntropy

@@ -103,6 +103,17 @@ _OPTION_WORDS = {
 }
 
 
+#: EKFAC's damping in words: its matrix is diagonal in U_G ⊗ U_A with eigenvalues S, and a
+#: factor damping adds K-FAC's term (G + γ_G I) ⊗ (A + γ_A I) − G ⊗ A (refngd.curvature.damping)
+_EKFAC_WORDS = {
+    ("damping_mode", "tikhonov"): "Tikhonov damping (S + λ)⁻¹ on EKFAC's eigenvalues S",
+    ("damping_mode", "factored"): "factored damping, S + γ_A g + γ_G a + γ_A γ_G on EKFAC's "
+                                  "eigenvalues S (Martens & Grosse 2015, §6.3)",
+    ("damping_mode", "per-factor"): "per-factor damping, S + λ_A g + λ_G a + λ_A λ_G on "
+                                    "EKFAC's eigenvalues S",
+}
+
+
 def _what(quantity: str) -> str:
     if quantity.startswith(("kfac", "ekfac")):
         return "EKFAC" if quantity.startswith("ekfac") else "K-FAC"
@@ -138,7 +149,8 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
               alternatives: list, differing: dict, notes: list) -> str:
     """The paragraph of :attr:`InferenceReport.summary` (``conv``: the convention reported)."""
     what = _what(quantity)
-    opts = [_OPTION_WORDS[(k, v)] for k, v in fit.options.items() if (k, v) in _OPTION_WORDS]
+    words = {**_OPTION_WORDS, **_EKFAC_WORDS} if quantity.startswith("ekfac") else _OPTION_WORDS
+    opts = [words[(k, v)] for k, v in fit.options.items() if (k, v) in words]
     preset = conv.get("convention")
     head = f"your {what} "
     if preset and preset != "refngd":
