@@ -209,6 +209,26 @@ def test_alternatives_when_the_data_cannot_tell(small):
     assert one.passed and "N = 1" in one.summary
 
 
+
+def test_coinciding_sizes_are_said():
+    """N = C = 4: a factor 1/N is also 1/C and 1/2²; the summary says the name is not unique
+    (refngd.check.scalars promises it)."""
+    from refngd import nn
+    from refngd.losses import CrossEntropy
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    theta, loss = model.init(rng), CrossEntropy()
+    X, y = rng.standard_normal((4, 3)), rng.integers(0, 4, 4)
+    f = factors(KFAC(model, theta, loss, X, y), ("0", "2"), 1.0, 1 / 4)
+    r = infer((model, theta), loss, X, y, "kfac_factors", f)
+    assert r.passed and r.convention["scale"]["0.G"] == "1/N"
+    assert "1/N is also 1/C or 1/2^2" in r.summary
+    plain = factors(KFAC(model, theta, loss, X, y), ("0", "2"))
+    alone = infer((model, theta), loss, X, y, "kfac_factors", plain)
+    assert "not unique" not in alone.summary
+
+
 # ------------------------------------------------------------------------- planted bugs
 def test_transposed_gradient_fails(small):
     model, theta, loss, X, y, names, inf = small

@@ -134,6 +134,7 @@ class Inference:
             return (self._update_fits(quantity, cand, damping, tol) if update
                     else self._scalar_fits(quantity, cand, tol))
 
+        self._aliases: dict = {}
         fits, arithmetic = search(tol), None
         if not fits:
             raise ValueError(f"no option set of {quantity} has the candidate's shapes "
@@ -215,17 +216,27 @@ class Inference:
                    s.complexity(opts) + cx, unnamed)
 
     def _name_scalar(self, alpha, c, r, ctx, tol):
-        """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r."""
+        """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r.
+
+        Other names of the same number about as simple (sizes that coincide: N = C = 4
+        makes 1/N also 1/C and 1/2²) are kept in ``self._aliases`` for the report.
+        """
         if alpha == 0:
             return 0.0, None, 0.0
         sign = -1.0 if alpha < 0 else 1.0
         window = max(1e-8, 100 * tol)
         nc = float(np.linalg.norm(c))
-        for m in scalars.name(abs(alpha), ctx, window, betas=self.search.betas)[:6]:
+        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas)
+        for m in hits[:6]:
             v = sign * m.value
             if np.linalg.norm(c - v * r) <= max(tol, 1e-300) * abs(v) * np.linalg.norm(r) \
                     or nc == 0:
-                return v, ("-" if sign < 0 else "") + str(m), m.complexity + (sign < 0)
+                pre = "-" if sign < 0 else ""
+                same = [pre + str(o) for o in hits if o is not m and o.complexity <=
+                        m.complexity + 1 and abs(o.value / m.value - 1) <= 1e-12]
+                if same:
+                    self._aliases[pre + str(m)] = same[:3]
+                return v, pre + str(m), m.complexity + (sign < 0)
         return alpha, None, 0.0
 
     # ------------------------------------------------------------------ updates
@@ -358,6 +369,11 @@ class Inference:
             for k in best.unnamed:
                 if k in best.residual:
                     differing.setdefault(k, best.residual[k])
+        used = _labels(conv)
+        same = {k: v for k, v in self._aliases.items() if k in used}
+        if same:
+            notes.append("Sizes coincide here, so these names are not unique: " + "; ".join(
+                f"{k} is also {' or '.join(v)}" for k, v in same.items()) + ".")
         notes += self.search.notes(quantity)
         if not passed and self.search.module is not None:
             from .weights import stale_weights_note
@@ -401,6 +417,12 @@ def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
     if nr > 0:
         return d / nr
     return d / total if total > 0 else 0.0
+
+
+def _labels(conv: dict) -> set:
+    """Every scalar name in a convention dict (its "scale", per block or whole)."""
+    sc = conv.get("scale")
+    return set(sc.values()) if isinstance(sc, dict) else {sc}
 
 
 def _shapes(cand) -> str:
