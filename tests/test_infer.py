@@ -326,6 +326,12 @@ def test_bad_options_and_damping_are_named(small):
         Inference((model, theta), loss, X, y, labels=y[:3])
     with pytest.raises(TypeError, match="damping must be a number"):
         inf.infer("kfac_update", np.zeros(theta.size), "0.1")
+    # a pair (λ_A, λ_G) where it cannot apply: said so, not "no option set has the shapes"
+    with pytest.raises(ValueError, match="per-factor damping of a K-FAC or EKFAC update"):
+        inf.infer("ngd_update", np.ones(theta.size), (LAM, LAM))
+    with pytest.raises(ValueError, match="damping_mode='tikhonov'"):
+        infer((model, theta), loss, X, y, "kfac_update", np.ones(theta.size), (LAM, LAM),
+              damping_mode="tikhonov")
     # torch and NumPy scalars are numbers: the same verdict as a float
     d = updates.kfac(model, theta, loss, X, y, LAM)
     for lam in (torch.tensor(LAM), np.float64(LAM)):

@@ -125,6 +125,14 @@ class Inference:
             raise ValueError(f"{quantity} is an update: pass damping= (the λ your code used, or "
                              "(λ_A, λ_G) for per-factor damping).")
         damping = _damping(damping)
+        if isinstance(damping, tuple) and (quantity not in KFAC_QUANTITIES[3:] or
+                                           self.known.get("damping_mode",
+                                                          "per-factor") != "per-factor"):
+            raise ValueError(
+                f"damping={damping!r}: a pair (λ_A, λ_G) is per-factor damping of a K-FAC or "
+                f"EKFAC update (kfac_update, ekfac_update; damping_mode='per-factor'), not of "
+                f"{quantity}" + (f" with damping_mode={self.known['damping_mode']!r}"
+                                 if "damping_mode" in self.known else "") + "; pass one λ.")
         cand = ({str(k): _host(f"candidate[{k!r}]", v) for k, v in candidate.items()}
                 if isinstance(candidate, dict) else _host("candidate", candidate))
         dtypes = [a.dtype for a in (cand.values() if isinstance(cand, dict) else [cand])]
