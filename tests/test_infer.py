@@ -148,6 +148,19 @@ def test_moved_scalar_per_layer_in_a_cnn():
     else:
         assert r.convention["scale"] == {"0.A": "1/T", "0.G": "T", "3.A": "1", "3.G": "1"}
     assert "layer '0': the same K-FAC block G ⊗ A — a factor T moved from A to G" in r.summary
+    # π = 1 on these factors is π = T on refngd's for layer 0: said per layer, not as a dict
+    g, s, T = updates.sgd(model, theta, loss, X, y), np.sqrt(LAM), 16
+    upd = []
+    for n, fa in zip(names, K.factors()):
+        A, G = f[f"{n}.A"], f[f"{n}.G"]
+        I_G, t = np.eye(len(G)), T if n == "0" else 1
+        gW, gb = g[fa.start:fa.stop - len(G)].reshape(len(G), -1), g[fa.stop - len(G):fa.stop]
+        upd += [np.linalg.solve(G + s * I_G, gW) @ np.linalg.inv(A + s * np.eye(len(A))),
+                np.linalg.solve(G / t + s / t * I_G, gb) / (1 + t * s)]  # the bias: π = t too
+    d = np.concatenate([u.reshape(-1) for u in upd])
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, damping_mode="factored")
+    assert r.passed and r.convention["pi"] == {"0": "T", "3": "1"}, r.summary
+    assert "π per layer: layer 0: T, layer 3: 1" in r.summary and "{" not in r.summary
 
 
 

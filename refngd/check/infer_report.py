@@ -168,7 +168,9 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
             damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items())
         parts.append(f"your λ corresponds to refngd's {damp}")
     if "pi" in conv and conv.get("damping_mode") == "factored":
-        parts.append(f"π = {conv['pi']}")
+        pi = conv["pi"]
+        parts.append("π per layer: " + ", ".join(f"layer {k}: {v}" for k, v in pi.items())
+                     if isinstance(pi, dict) else f"π = {pi}")
     for key in ("lambda_A", "lambda_G"):
         if key in conv:
             parts.append(f"{key.replace('lambda', 'γ')} = {conv[key]}")
