@@ -171,6 +171,10 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
         pi = conv["pi"]
         parts.append("π per layer: " + ", ".join(f"layer {k}: {v}" for k, v in pi.items())
                      if isinstance(pi, dict) else f"π = {pi}")
+        if pi not in ("trace", 1.0, "1"):
+            parts[-1] += (" on refngd's factors (a fixed π on factors scaled unlike refngd's — "
+                          "a scalar on G, or one moved from A to G — is another π on "
+                          "refngd's; docs/validating.md §9)")
     for key in ("lambda_A", "lambda_G"):
         if key in conv:
             parts.append(f"{key.replace('lambda', 'γ')} = {conv[key]}")
