@@ -178,6 +178,10 @@ def test_kfac_pytorch_conv_update_is_named(mode):
     damping = {"0": "(T^2*lambda, N^2*T^3*lambda)", "3": "(lambda, N^2*lambda)"} \
         if mode == "per-factor" else {"0": "N^2*T^5*lambda", "3": "N^2*lambda"}
     assert r.convention["damping"] == damping
+    # the preset's own update at the user's λ: named
+    how = f"convention='kfac-pytorch', damping_mode={mode!r}"
+    assert "This is the 'kfac-pytorch' preset's update at your λ itself" in r.summary
+    assert f"refngd.updates.kfac(..., {how}))" in r.summary
 
 
 def test_float32_arithmetic_in_a_float64_candidate(small):

@@ -366,6 +366,13 @@ class Inference:
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
                              "value (their loss scalings coincide here).")
+        if passed and not presets:
+            for name, kw in self.search.preset_update_match(quantity, cand, best, tol, damping):
+                how = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+                notes.append(f"This is the {name!r} preset's update at your λ itself "
+                             f"(refngd.updates.{quantity[:-7]}(..., convention={name!r}"
+                             + (f", {how}" if how else "") + ")); the scalars above are "
+                             "relative to refngd's own convention.")
         alts, seen = [], {_key(conv)}
         for f in pool[1:] if passed else []:
             c = f.convention()

@@ -302,6 +302,42 @@ class Search:
                 out.append(name)
         return out
 
+    def preset_update_match(self, quantity: str, cand, fit, tol: float, damping) -> list:
+        """[(preset, damping options)] whose K-FAC / EKFAC update at the user's λ *is* the
+        candidate — the preset's factors damped as the code damps them (π = trace or 1).
+
+        Only where the fit needed a scale (refngd's own update at the user's λ is not it).
+        """
+        if quantity not in ("kfac_update", "ekfac_update") or fit.options.get("convention") \
+                or fit.named.get("scale") == "1":
+            return []
+        t = self.twin
+        base = {k: fit.options[k] for k in ("fisher_type", "bias", "kfac_approx",
+                                            "damping_mode", "damping_split")
+                if k in fit.options}
+        if base.get("fisher_type") == "mc":
+            base["labels"] = self.labels
+        pis = ["trace", 1.0] if base.get("damping_mode") == "factored" else [None]
+        fn = updates.kfac if quantity == "kfac_update" else updates.ekfac
+        cand = np.asarray(cand, dtype=np.float64)
+        out = []
+        for name in conventions.names():
+            if name in ("refngd", "tutorial", "curvlinops"):  # option sets of the search
+                continue
+            for pi in pis:
+                kw = dict(base, convention=name, **({} if pi is None else {"pi": pi}))
+                try:
+                    d = to_numpy(fn(t.model, t.theta, t.loss, t.X, t.y, damping,
+                                    linearization=self.lin, **kw)).astype(np.float64)
+                except (ValueError, TypeError, NotImplementedError):
+                    continue
+                if d.shape == cand.shape and np.linalg.norm(cand - d) <= \
+                        tol * max(float(np.linalg.norm(d)), 1e-300):
+                    out.append((name, {k: kw[k] for k in ("damping_mode", "pi", "damping_split")
+                                       if k in kw}))
+                    break
+        return out
+
     def notes(self, quantity: str) -> list:
         out = []
         if quantity in _KFAC_Q and not self._shares():
