@@ -38,6 +38,7 @@ NUMPY_ALLOWED = frozenset({
     "optim/records.py",        # saving / loading results files (host I/O)
     "experiments/plots.py",    # matplotlib figures (host only)
     "experiments/data.py",     # data set loading and preprocessing on the host
+    "experiments/units.py",    # exact byte encoding of results for storage and transport (host)
     "check/report.py",         # validation reports: candidates are judged on the host in float64
     "check/files.py",          # `refngd check`: reading .npz / .json / state_dict files on the host
     # check.infer: refngd's values (computed through the backend) copied to the host, where the

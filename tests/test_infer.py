@@ -21,7 +21,7 @@ import json
 import numpy as np
 import pytest
 
-from infer_helpers import N, cnn, mlp, rel
+from infer_helpers import N, cnn, mlp, rel, value_of
 from refngd import check, conventions, updates
 from refngd.check import Inference, infer, scalars
 from refngd.cli import main
@@ -66,6 +66,33 @@ def test_tutorial_with_ema_is_named_tutorial(small):
     K95 = factors(K, names, 0.05, 0.05)
     r = infer((model, theta), loss, X, y, "kfac_factors", K95, ema_beta=0.95)
     assert r.passed and r.convention["scale"] == "(1-0.95)"
+
+
+def test_update_from_ema_factors_started_at_zero(small):
+    """Factors (1 − β)·F after one EMA step from zero, no bias correction: the update is
+    1/(1 − β)² × refngd's at λ/(1 − β)² — a negative power of (1 − β), named."""
+    model, theta, loss, X, y, names, inf = small
+    b = 0.95
+    d = updates.kfac(model, theta, loss, X, y, LAM / (1 - b) ** 2) / (1 - b) ** 2
+    r = inf.infer("kfac_update", d, LAM)
+    assert r.passed, r.summary
+    assert r.convention["damping_mode"] == "tikhonov"
+    assert value_of(r.convention["scale"], {"N": N, "C": 3}) == pytest.approx((1 - b) ** -2)
+    assert value_of(r.convention["damping"], {"N": N, "C": 3}, LAM) == \
+        pytest.approx(LAM / (1 - b) ** 2)
+    assert str(scalars.name(400.0, scalars.sizes(N=32, C=3), 1e-9, betas=(0.95,))[0]) == \
+        "1/(1-0.95)^2"
+
+
+def test_ema_beta_names_the_damping_too(small):
+    """ema_beta= reaches the damping's names, not only the scale (β = 0.98 is not a default)."""
+    model, theta, loss, X, y, names, inf = small
+    b = 0.98
+    d = updates.kfac(model, theta, loss, X, y, LAM / (1 - b) ** 2) / (1 - b) ** 2
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, ema_beta=b)
+    assert r.passed, r.summary
+    assert r.convention["scale"] == "1/(1-0.98)^2"
+    assert r.convention["damping"] == "lambda/(1-0.98)^2"
 
 
 def test_backpack_per_sample_gradients_are_named(small):
@@ -121,6 +148,40 @@ def test_moved_scalar_per_layer_in_a_cnn():
     else:
         assert r.convention["scale"] == {"0.A": "1/T", "0.G": "T", "3.A": "1", "3.G": "1"}
     assert "layer '0': the same K-FAC block G ⊗ A — a factor T moved from A to G" in r.summary
+    # π = 1 on these factors is π = T on refngd's for layer 0: said per layer, not as a dict
+    g, s, T = updates.sgd(model, theta, loss, X, y), np.sqrt(LAM), 16
+    upd = []
+    for n, fa in zip(names, K.factors()):
+        A, G = f[f"{n}.A"], f[f"{n}.G"]
+        I_G, t = np.eye(len(G)), T if n == "0" else 1
+        gW, gb = g[fa.start:fa.stop - len(G)].reshape(len(G), -1), g[fa.stop - len(G):fa.stop]
+        upd += [np.linalg.solve(G + s * I_G, gW) @ np.linalg.inv(A + s * np.eye(len(A))),
+                np.linalg.solve(G / t + s / t * I_G, gb) / (1 + t * s)]  # the bias: π = t too
+    d = np.concatenate([u.reshape(-1) for u in upd])
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM, damping_mode="factored")
+    assert r.passed and r.convention["pi"] == {"0": "T", "3": "1"}, r.summary
+    assert "π per layer: layer 0: T, layer 3: 1 on refngd's factors" in r.summary
+    assert "{" not in r.summary
+
+
+
+@pytest.mark.parametrize("mode", ["per-factor", "tikhonov"])
+def test_kfac_pytorch_conv_update_is_named(mode):
+    """kfac-pytorch's Conv2d block is 1/(N²T⁵) × refngd's (A/T², G/(N²T³)): T⁵ is named,
+    and not as an alias with (1 − β) (N = 5, T = 16: N²T⁵ = T⁴/(1 − 0.95)²)."""
+    model, theta, loss, X, y, names = cnn()
+    d = updates.kfac(model, theta, loss, X, y, LAM, convention="kfac-pytorch",
+                     damping_mode=mode, bias="joint", fisher_type="empirical")
+    r = infer((model, theta), loss, X, y, "kfac_update", d, LAM)
+    assert r.passed and "arithmetic" not in r.convention, r.summary
+    assert r.convention["scale"] == {"0.weight+bias": "N^2*T^5", "3.weight+bias": "N^2"}
+    damping = {"0": "(T^2*lambda, N^2*T^3*lambda)", "3": "(lambda, N^2*lambda)"} \
+        if mode == "per-factor" else {"0": "N^2*T^5*lambda", "3": "N^2*lambda"}
+    assert r.convention["damping"] == damping
+    # the preset's own update at the user's λ: named
+    how = f"convention='kfac-pytorch', damping_mode={mode!r}"
+    assert "This is the 'kfac-pytorch' preset's update at your λ itself" in r.summary
+    assert f"refngd.updates.kfac(..., {how}))" in r.summary
 
 
 def test_float32_arithmetic_in_a_float64_candidate(small):
@@ -130,6 +191,26 @@ def test_float32_arithmetic_in_a_float64_candidate(small):
     r = inf.infer("kfac_update", d32, LAM)
     assert r.passed and r.convention["arithmetic"] == "float32"
     assert "float32" in r.summary and r.residual > 1e-10
+
+
+
+def test_no_float32_verdict_for_an_exact_float64_fit():
+    """A damping named only in the wider (float32) window, whose named value reproduces the
+    candidate to 1e-14, is a float64 fit: no "arithmetic": "float32", tolerance 1e-10."""
+    from refngd import nn
+    from refngd.losses import CrossEntropy
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 10))
+    theta = model.init(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((32, 1, 8, 8)), rng.integers(0, 10, 32)
+    d = updates.kfac(model, theta, CrossEntropy(), X, y, 1e-2, convention="kfac-pytorch",
+                     damping_mode="factored", pi=1.0, bias="joint", fisher_type="empirical")
+    r = infer((model, theta), CrossEntropy(), X, y, "kfac_update", d, 1e-2)
+    assert r.passed and r.residual < 1e-12
+    assert "arithmetic" not in r.convention and r.rtol == 1e-10, r.summary
+    assert "float32" not in r.summary
 
 
 def test_alternatives_when_the_data_cannot_tell(small):
@@ -146,6 +227,26 @@ def test_alternatives_when_the_data_cannot_tell(small):
     assert one.passed and "N = 1" in one.summary
 
 
+
+def test_coinciding_sizes_are_said():
+    """N = C = 4: a factor 1/N is also 1/C and 1/2²; the summary says the name is not unique
+    (refngd.check.scalars promises it)."""
+    from refngd import nn
+    from refngd.losses import CrossEntropy
+
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4))
+    theta, loss = model.init(rng), CrossEntropy()
+    X, y = rng.standard_normal((4, 3)), rng.integers(0, 4, 4)
+    f = factors(KFAC(model, theta, loss, X, y), ("0", "2"), 1.0, 1 / 4)
+    r = infer((model, theta), loss, X, y, "kfac_factors", f)
+    assert r.passed and r.convention["scale"]["0.G"] == "1/N"
+    assert "1/N is also 1/C or 1/2^2" in r.summary
+    plain = factors(KFAC(model, theta, loss, X, y), ("0", "2"))
+    alone = infer((model, theta), loss, X, y, "kfac_factors", plain)
+    assert "not unique" not in alone.summary
+
+
 # ------------------------------------------------------------------------- planted bugs
 def test_transposed_gradient_fails(small):
     model, theta, loss, X, y, names, inf = small
@@ -158,6 +259,26 @@ def test_transposed_gradient_fails(small):
     assert "0.weight" in r.differing and "2.weight" not in r.differing
     assert r.convention["fisher_type"] == "type-2"    # the nearest: the right options
     assert "0.weight" in r.summary and "nearest" in r.summary
+
+
+
+def test_unnamed_damping_is_reported_as_a_number(small):
+    """A damping no monomial names (0.37·λ): the report gives the number, not 'nan', and
+    does not list it as a block that differs."""
+    model, theta, loss, X, y, names, inf = small
+    r = inf.infer("kfac_update", updates.kfac(model, theta, loss, X, y, 0.37 * LAM), LAM)
+    assert not r.passed and r.convention["damping"] == "0.37*lambda"
+    assert "nan" not in r.summary and "0.damping × 0.37" in r.summary
+    assert "reproduces the candidate" in r.summary and r.differing == {}
+
+
+
+def test_ekfac_damping_in_ekfac_words(small):
+    """EKFAC's Tikhonov damping is (S + λ)⁻¹ on its eigenvalues, not (G ⊗ A + λI)⁻¹."""
+    model, theta, loss, X, y, names, inf = small
+    r = inf.infer("ekfac_update", updates.ekfac(model, theta, loss, X, y, LAM), LAM)
+    assert r.passed and r.convention["damping_mode"] == "tikhonov"
+    assert "(S + λ)⁻¹" in r.summary and "G ⊗ A + λI" not in r.summary
 
 
 def test_factors_of_the_wrong_layer_fail():
@@ -205,6 +326,45 @@ def test_bad_input(small):
         inf.infer("kfac_update", np.zeros(3), LAM)
     with pytest.raises(ValueError, match="shapes"):
         inf.infer("fisher", np.zeros((3, 3)))
+
+
+
+def test_bad_options_and_damping_are_named(small):
+    """Values infer used to accept silently or fail on with an unrelated message."""
+    torch = pytest.importorskip("torch")
+    model, theta, loss, X, y, names, inf = small
+    with pytest.raises(ValueError, match="damping_split must be one of"):
+        Inference((model, theta), loss, X, y, damping_split="loc")
+    for beta in (1, 1.5, 0):
+        with pytest.raises(ValueError, match="0 < β < 1"):
+            Inference((model, theta), loss, X, y, ema_beta=beta)
+    with pytest.raises(ValueError, match="mc_samples"):
+        Inference((model, theta), loss, X, y, mc_samples=0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, K\) with N = 5"):
+        Inference((model, theta), loss, X, y, labels=y[:3])
+    with pytest.raises(TypeError, match="damping must be a number"):
+        inf.infer("kfac_update", np.zeros(theta.size), "0.1")
+    # a pair (λ_A, λ_G) where it cannot apply: said so, not "no option set has the shapes"
+    with pytest.raises(ValueError, match="per-factor damping of a K-FAC or EKFAC update"):
+        inf.infer("ngd_update", np.ones(theta.size), (LAM, LAM))
+    with pytest.raises(ValueError, match="damping_mode='tikhonov'"):
+        infer((model, theta), loss, X, y, "kfac_update", np.ones(theta.size), (LAM, LAM),
+              damping_mode="tikhonov")
+    # torch and NumPy scalars are numbers: the same verdict as a float
+    d = updates.kfac(model, theta, loss, X, y, LAM)
+    for lam in (torch.tensor(LAM), np.float64(LAM)):
+        assert inf.infer("kfac_update", d, lam).passed
+    pf = updates.kfac(model, theta, loss, X, y, (LAM, 2 * LAM), damping_mode="per-factor")
+    assert inf.infer("kfac_update", pf, (torch.tensor(LAM), np.float32(2 * LAM))).passed is \
+        inf.infer("kfac_update", pf, (LAM, float(np.float32(2 * LAM)))).passed
+
+
+def test_labels_in_a_draws_layout_are_one_draw():
+    """MSE labels (N, C) are one draw (K = 1), not K = C draws."""
+    model, theta, mse, X, Y, names = mlp("mse")
+    Yhat = np.random.default_rng(5).standard_normal(Y.shape)
+    assert Inference((model, theta), mse, X, Y, labels=Yhat).search.K == 1
+    assert Inference((model, theta), mse, X, Y, labels=np.stack([Yhat] * 2, 1)).search.K == 2
 
 
 def test_known_options_are_kept(small):
@@ -257,6 +417,16 @@ def test_cli_infer(tmp_path, capsys):
     assert "PASSED" in out and "N*lambda" in out
     assert main(args + ["--fisher-type", "type-2"]) == 1   # a known option is kept
     assert "FAILED" in capsys.readouterr().out
+    # an EMA from zero with β = 0.98 (not a default β): --ema-beta names it
+    s = N / (1 - 0.98) ** 2
+    np.savez(tmp_path / "e.npz", candidate=s * updates.kfac(
+        model, theta, loss, X, y, s * LAM, fisher_type="empirical", damping_mode="factored"))
+    ema = [a if a != str(tmp_path / "c.npz") else str(tmp_path / "e.npz") for a in args]
+    assert main(ema + ["--ema-beta", "0.98"]) == 0
+    assert "N/(1-0.98)^2" in capsys.readouterr().out
+    assert main(ema[:-1] + ["--ema-beta", "0.98"]) == 2        # without --infer: an error
+    assert "--ema-beta" in capsys.readouterr().err
+    assert main(ema + ["--ema-beta", "1.5"]) == 2
 
 
 def test_reference_reproduces(small):

@@ -90,6 +90,9 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
                         "sampled_fisher (exact comparison)")
     p.add_argument("--rtol", type=float, default=None,
                    help="tolerance on the relative error (default: by the candidate's dtype)")
+    p.add_argument("--ema-beta", type=float, default=None, metavar="BETA",
+                   help="with --infer: the β of your code's running averages, for scalars "
+                        "(1-β)^k (default: tries 0.9, 0.95, 0.99, 0.999)")
     p.add_argument("--infer", action="store_true",
                    help="search the conventions (options, named scalars N, T, C, K, 2, (1-β), "
                         "the damping map) for one that reproduces the candidate "
@@ -126,12 +129,17 @@ def run_check(args) -> int:
                 raise ValueError("pass --damping or --factor-damping, not both.")
             damping = tuple(args.factor_damping)
         labels = None if args.labels is None else load_labels(args.labels)
+        if args.ema_beta is not None and not args.infer:
+            raise ValueError("--ema-beta is an option of --infer (the β of the scalars it "
+                             "names); pass --infer too, or drop --ema-beta.")
         if args.infer:
             from .infer import infer
 
             known = {k: getattr(args, k) for k in _KNOWN_FLAGS if k in args.given}
             if args.mc_samples != 1:
                 known["mc_samples"] = args.mc_samples
+            if args.ema_beta is not None:
+                known["ema_beta"] = args.ema_beta
             report = infer((model, theta), loss, X, y, args.quantity, candidate, damping,
                            rtol=args.rtol, labels=labels, v=v, **known)
             print(report)

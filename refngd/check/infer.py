@@ -80,7 +80,7 @@ def infer(model, loss, X, y, quantity: str, candidate, damping=None, *, rtol: fl
     Notes
     -----
     The search space and the ranking are in the module docstring.  Scalars are monomials
-    N^a T^b C^c K^d 2^e (1 − β)^k with |a|, |b| ≤ 3, |c|, |e| ≤ 2, |d| ≤ 1, k ≤ 2; the damping
+    N^a T^b C^c K^d 2^e (1 − β)^k with |a| ≤ 3, |b| ≤ 5, |c|, |e| ≤ 2, |d| ≤ 1, |k| ≤ 2; the damping
     rules are those of :mod:`refngd.curvature.damping` (Tikhonov; factored with π = trace,
     Martens & Grosse 2015, §6.3, or a fixed π — λ/T per location included; per-factor; a
     separate bias damped with its weight's π, as curvlinops), each with the map λ' = s·λ.
@@ -124,12 +124,15 @@ class Inference:
         if update and damping is None:
             raise ValueError(f"{quantity} is an update: pass damping= (the λ your code used, or "
                              "(λ_A, λ_G) for per-factor damping).")
-        if isinstance(damping, list):
-            damping = tuple(damping)
-        if isinstance(damping, tuple) and (len(damping) != 2 or min(damping) <= 0):
-            raise ValueError(f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}.")
-        if damping is not None and not isinstance(damping, tuple) and not damping > 0:
-            raise ValueError(f"infer() needs damping > 0 (its map λ' = s·λ), got {damping!r}.")
+        damping = _damping(damping)
+        if isinstance(damping, tuple) and (quantity not in KFAC_QUANTITIES[3:] or
+                                           self.known.get("damping_mode",
+                                                          "per-factor") != "per-factor"):
+            raise ValueError(
+                f"damping={damping!r}: a pair (λ_A, λ_G) is per-factor damping of a K-FAC or "
+                f"EKFAC update (kfac_update, ekfac_update; damping_mode='per-factor'), not of "
+                f"{quantity}" + (f" with damping_mode={self.known['damping_mode']!r}"
+                                 if "damping_mode" in self.known else "") + "; pass one λ.")
         cand = ({str(k): _host(f"candidate[{k!r}]", v) for k, v in candidate.items()}
                 if isinstance(candidate, dict) else _host("candidate", candidate))
         dtypes = [a.dtype for a in (cand.values() if isinstance(cand, dict) else [cand])]
@@ -139,6 +142,7 @@ class Inference:
             return (self._update_fits(quantity, cand, damping, tol) if update
                     else self._scalar_fits(quantity, cand, tol))
 
+        self._aliases: dict = {}
         fits, arithmetic = search(tol), None
         if not fits:
             raise ValueError(f"no option set of {quantity} has the candidate's shapes "
@@ -146,7 +150,11 @@ class Inference:
                              "(check.validate describes it).")
         if not f32 and rtol is None and not any(f.fits(tol) for f in fits):
             loose = search(FLOAT32_RTOL)  # float32 round-off inside a float64 candidate?
-            if any(f.fits(FLOAT32_RTOL) for f in loose):
+            if any(f.fits(tol) for f in loose):
+                # a name found only in the wider window (a damping the data pin down
+                # loosely) whose exact value reproduces the candidate to float64: no float32
+                fits = loose
+            elif any(f.fits(FLOAT32_RTOL) for f in loose):
                 fits, tol, arithmetic = loose, FLOAT32_RTOL, "float32"
         return self._report(quantity, cand, fits, tol, arithmetic, damping)
 
@@ -216,17 +224,27 @@ class Inference:
                    s.complexity(opts) + cx, unnamed)
 
     def _name_scalar(self, alpha, c, r, ctx, tol):
-        """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r."""
+        """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r.
+
+        Other names of the same number about as simple (sizes that coincide: N = C = 4
+        makes 1/N also 1/C and 1/2²) are kept in ``self._aliases`` for the report.
+        """
         if alpha == 0:
             return 0.0, None, 0.0
         sign = -1.0 if alpha < 0 else 1.0
         window = max(1e-8, 100 * tol)
         nc = float(np.linalg.norm(c))
-        for m in scalars.name(abs(alpha), ctx, window, betas=self.search.betas)[:6]:
+        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas)
+        for m in hits[:6]:
             v = sign * m.value
             if np.linalg.norm(c - v * r) <= max(tol, 1e-300) * abs(v) * np.linalg.norm(r) \
                     or nc == 0:
-                return v, ("-" if sign < 0 else "") + str(m), m.complexity + (sign < 0)
+                pre = "-" if sign < 0 else ""
+                same = [pre + str(o) for o in hits if o is not m and o.complexity <=
+                        m.complexity + 1 and abs(o.value / m.value - 1) <= 1e-12]
+                if same:
+                    self._aliases[pre + str(m)] = same[:3]
+                return v, pre + str(m), m.complexity + (sign < 0)
         return alpha, None, 0.0
 
     # ------------------------------------------------------------------ updates
@@ -248,7 +266,7 @@ class Inference:
                 for _ in range(2):  # the second pass: what the other layers named, shared
                     for layer, bl in layers.items():
                         ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
-                                           self._fixed_pi(layer))
+                                           self._fixed_pi(layer), s.betas)
                         if not ch:
                             break
                         chosen[layer] = ch[0]
@@ -303,7 +321,9 @@ class Inference:
         names = {}
         for layer, ch in chosen.items():
             if ch.complexity >= RAW:  # a damping no monomial names: the nearest only
-                unnamed[f"{layer}.damping"] = math.nan
+                raw = {f"{layer}.{key}": v for (key, nm), v in zip(ch.names.items(), ch.recipe)
+                       if v is not None and nm == f"{v:.6g}"}
+                unnamed.update(raw or {f"{layer}.damping": math.nan})
             cx += ch.complexity
             for key, v in ch.names.items():
                 names.setdefault(key, {})[layer] = v
@@ -346,6 +366,13 @@ class Inference:
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
                              "value (their loss scalings coincide here).")
+        if passed and not presets:
+            for name, kw in self.search.preset_update_match(quantity, cand, best, tol, damping):
+                how = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+                notes.append(f"This is the {name!r} preset's update at your λ itself "
+                             f"(refngd.updates.{quantity[:-7]}(..., convention={name!r}"
+                             + (f", {how}" if how else "") + ")); the scalars above are "
+                             "relative to refngd's own convention.")
         alts, seen = [], {_key(conv)}
         for f in pool[1:] if passed else []:
             c = f.convention()
@@ -353,9 +380,15 @@ class Inference:
                 seen.add(_key(c))
                 alts.append(c)
         differing = {} if passed else {k: e for k, e in best.residual.items() if e > tol}
-        if not passed:
+        if not passed:  # blocks whose scale no monomial names (a damping's: in the summary)
             for k in best.unnamed:
-                differing.setdefault(k, best.residual.get(k, math.nan))
+                if k in best.residual:
+                    differing.setdefault(k, best.residual[k])
+        used = _labels(conv)
+        same = {k: v for k, v in self._aliases.items() if k in used}
+        if same:
+            notes.append("Sizes coincide here, so these names are not unique: " + "; ".join(
+                f"{k} is also {' or '.join(v)}" for k, v in same.items()) + ".")
         notes += self.search.notes(quantity)
         if not passed and self.search.module is not None:
             from .weights import stale_weights_note
@@ -369,12 +402,42 @@ class Inference:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _damping(damping):
+    """λ as a float > 0, or (λ_A, λ_G) as floats > 0 (torch / NumPy scalars accepted)."""
+    if damping is None:
+        return None
+    pair = isinstance(damping, (tuple, list))
+    if pair and len(damping) != 2:
+        raise ValueError(f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}.")
+    if hasattr(damping, "detach"):  # a torch scalar
+        damping = damping.detach().cpu().numpy()
+    try:
+        vals = [float(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+                for v in (damping if pair else [damping])]
+        if isinstance(damping, (str, bytes)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f"damping must be a number λ > 0 or a pair (λ_A, λ_G), got "
+                        f"{damping!r}.") from None
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError((f"damping must be λ > 0 or a pair (λ_A, λ_G) > 0, got {damping!r}."
+                          if pair else
+                          f"infer() needs damping > 0 (its map λ' = s·λ), got {damping!r}."))
+    return tuple(vals) if pair else vals[0]
+
+
 def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
     nr = float(np.linalg.norm(r))
     d = float(np.linalg.norm(c - r))
     if nr > 0:
         return d / nr
     return d / total if total > 0 else 0.0
+
+
+def _labels(conv: dict) -> set:
+    """Every scalar name in a convention dict (its "scale", per block or whole)."""
+    sc = conv.get("scale")
+    return set(sc.values()) if isinstance(sc, dict) else {sc}
 
 
 def _shapes(cand) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..curvature.damping import trace_pi
-from .scalars import name
+from .scalars import EMA_BETAS, name
 
 
 @dataclass
@@ -274,9 +274,11 @@ class LayerChoice:
         return max(self.ev.residual.values())
 
 
-def _named(x: float, ctx: dict, window: float, half: bool = False, top: int = 3) -> list:
+def _named(x: float, ctx: dict, window: float, half: bool = False, top: int = 3,
+           betas=EMA_BETAS) -> list:
     """Up to ``top`` (value, name, complexity) for x: the simplest monomials near it, and x."""
-    out = [(m.value, str(m), m.complexity) for m in name(x, ctx, window, half=half)[:top]]
+    out = [(m.value, str(m), m.complexity)
+           for m in name(x, ctx, window, half=half, betas=betas)[:top]]
     if x > 0 and math.isfinite(x) and f"{x:.6g}" not in {n for _, n, _ in out}:
         out.append((x, f"{x:.6g}", RAW))  # the raw number: for the nearest convention
     return out
@@ -300,11 +302,11 @@ def _shifts(rule: str, blk: EigenBlock, weight: EigenBlock, lam_eff: float, pi: 
 PRIOR = 30
 
 
-def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None) -> dict:
+def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None, betas=EMA_BETAS) -> dict:
     """{key: (names, recipe, complexity)} of the simplest damping maps under ``rule``."""
     from .scalars import monomials
 
-    ms = [(m.value, str(m), m.complexity) for m in monomials(ctx)[:PRIOR]]
+    ms = [(m.value, str(m), m.complexity) for m in monomials(ctx, betas=betas)[:PRIOR]]
     if rule == "tikhonov":
         return {(n,): ({"damping": n}, (v,), c) for v, n, c in ms}
     if rule == "per-factor":
@@ -321,7 +323,8 @@ def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None) -> dict:
 
 
 def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: float,
-                  shared: dict | None = None, fixed_pi: tuple | None = None) -> list:
+                  shared: dict | None = None, fixed_pi: tuple | None = None,
+                  betas=EMA_BETAS) -> list:
     """Named damping candidates for one layer's ``blocks`` under ``rule``, best first.
 
     ``lam``: the user's λ (or (λ_A, λ_G), per-factor only); ``ctx``: the layer's sizes;
@@ -329,7 +332,8 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     ``shared``: candidates other layers named ({key: (names, recipe, complexity)}), tried
     here too — a layer whose own data do not determine its damping (the tutorial's factors,
     of rank ≤ 2, say) takes the one the network's other layers show; ``fixed_pi``: (π, its
-    name) the user knows, for the fixed-π rules.
+    name) the user knows, for the fixed-π rules; ``betas``: the EMA decays names may use
+    (the user's ``ema_beta``, else :data:`refngd.check.scalars.EMA_BETAS`).
     """
     main = next((b for b in blocks if not b.bias), blocks[0])
     pair = isinstance(lam, tuple)
@@ -340,19 +344,21 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     cands = dict(shared or {})  # key → (names, recipe, complexity)
     if rule == "tikhonov":
         fit = free_fit(main, factored=False)
-        for v, n, c in (_named(fit[0]["mu"] / lam, ctx, window) if fit else []) or one:
+        for v, n, c in (_named(fit[0]["mu"] / lam, ctx, window, betas=betas)
+                        if fit else []) or one:
             cands[(n,)] = ({"damping": n}, (v,), c)
     ffits = free_fit(main, factored=True) if rule != "tikhonov" else []
     for fit in ((ffits or [None]) if rule != "tikhonov" else []):
         ok = fit is not None and fit["gamma_A"] > 0 and fit["gamma_G"] > 0
         if rule == "per-factor":
-            ma = _named(fit["gamma_A"] / lam_a, ctx, window) if ok else one
-            mg = _named(fit["gamma_G"] / lam_g, ctx, window) if ok else one
+            ma = _named(fit["gamma_A"] / lam_a, ctx, window, betas=betas) if ok else one
+            mg = _named(fit["gamma_G"] / lam_g, ctx, window, betas=betas) if ok else one
             for va, na, ca in ma:
                 for vg, ng, cg in mg:
                     cands[(na, ng)] = ({"lambda_A": na, "lambda_G": ng}, (va, vg), ca + cg)
             continue
-        ms = (_named(fit["gamma_A"] * fit["gamma_G"] / lam, ctx, window) if ok else []) or one
+        ms = (_named(fit["gamma_A"] * fit["gamma_G"] / lam, ctx, window, betas=betas)
+              if ok else []) or one
         if "trace" in rule:
             pis = [(None, "trace", 0.0)]
         elif fixed_pi is not None:
@@ -366,7 +372,7 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
 
     if not cands or all(c >= RAW for _, _, c in cands.values()) or (
             rule != "tikhonov" and not ffits):
-        cands.update(_prior(rule, ctx, fixed_pi))  # undetermined here: the simplest names
+        cands.update(_prior(rule, ctx, fixed_pi, betas))  # undetermined here: the simplest names
 
     if fixed_pi is not None and rule.startswith("factored-fixed"):  # shared: this layer's π
         cands = {(nm["damping"], fixed_pi[1]): ({"damping": nm["damping"], "pi": fixed_pi[1]},
@@ -389,7 +395,7 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     def rank(ch):  # the simplest choice that fits with every κ named; else the closest
         if ch.residual > tol:
             return (2, ch.residual, ch.complexity)
-        named = all(name(abs(k), ctx, window) for k in ch.ev.kappa.values() if k)
+        named = all(name(abs(k), ctx, window, betas=betas) for k in ch.ev.kappa.values() if k)
         return (0 if named else 1, ch.complexity, ch.residual)
 
     return sorted(out, key=rank)

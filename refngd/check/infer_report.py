@@ -103,6 +103,17 @@ _OPTION_WORDS = {
 }
 
 
+#: EKFAC's damping in words: its matrix is diagonal in U_G ⊗ U_A with eigenvalues S, and a
+#: factor damping adds K-FAC's term (G + γ_G I) ⊗ (A + γ_A I) − G ⊗ A (refngd.curvature.damping)
+_EKFAC_WORDS = {
+    ("damping_mode", "tikhonov"): "Tikhonov damping (S + λ)⁻¹ on EKFAC's eigenvalues S",
+    ("damping_mode", "factored"): "factored damping, S + γ_A g + γ_G a + γ_A γ_G on EKFAC's "
+                                  "eigenvalues S (Martens & Grosse 2015, §6.3)",
+    ("damping_mode", "per-factor"): "per-factor damping, S + λ_A g + λ_G a + λ_A λ_G on "
+                                    "EKFAC's eigenvalues S",
+}
+
+
 def _what(quantity: str) -> str:
     if quantity.startswith(("kfac", "ekfac")):
         return "EKFAC" if quantity.startswith("ekfac") else "K-FAC"
@@ -138,7 +149,8 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
               alternatives: list, differing: dict, notes: list) -> str:
     """The paragraph of :attr:`InferenceReport.summary` (``conv``: the convention reported)."""
     what = _what(quantity)
-    opts = [_OPTION_WORDS[(k, v)] for k, v in fit.options.items() if (k, v) in _OPTION_WORDS]
+    words = {**_OPTION_WORDS, **_EKFAC_WORDS} if quantity.startswith("ekfac") else _OPTION_WORDS
+    opts = [words[(k, v)] for k, v in fit.options.items() if (k, v) in words]
     preset = conv.get("convention")
     head = f"your {what} "
     if preset and preset != "refngd":
@@ -156,7 +168,13 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
             damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items())
         parts.append(f"your λ corresponds to refngd's {damp}")
     if "pi" in conv and conv.get("damping_mode") == "factored":
-        parts.append(f"π = {conv['pi']}")
+        pi = conv["pi"]
+        parts.append("π per layer: " + ", ".join(f"layer {k}: {v}" for k, v in pi.items())
+                     if isinstance(pi, dict) else f"π = {pi}")
+        if pi not in ("trace", 1.0, "1"):
+            parts[-1] += (" on refngd's factors (a fixed π on factors scaled unlike refngd's — "
+                          "a scalar on G, or one moved from A to G — is another π on "
+                          "refngd's; docs/validating.md §9)")
     for key in ("lambda_A", "lambda_G"):
         if key in conv:
             parts.append(f"{key.replace('lambda', 'γ')} = {conv[key]}")
@@ -166,11 +184,16 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
     if passed:
         text += f"; the {quantity} then agrees to {residual:.1e} (tolerance {tol:.0e})."
     else:
-        text = ("no convention explains the candidate. The nearest: " + text
-                + f"; it still differs by {residual:.2g} (tolerance {tol:.0e})")
-        if fit.unnamed:
-            text += "; scalars no monomial in N, T, C, K, 2 and (1 − β) names: " + ", ".join(
-                f"{k} × {v:.6g}" for k, v in fit.unnamed.items())
+        text = "no convention explains the candidate. The nearest: " + text
+        unnamed = "scalars no monomial in N, T, C, K, 2 and (1 − β) names: " + ", ".join(
+            f"{k} × {v:.6g}" for k, v in fit.unnamed.items())
+        if fit.unnamed and residual <= tol:  # the numbers fit; only their names are missing
+            text += (f"; it reproduces the candidate to {residual:.2g} (tolerance {tol:.0e}) "
+                     f"only with {unnamed}")
+        else:
+            text += f"; it still differs by {residual:.2g} (tolerance {tol:.0e})"
+            if fit.unnamed:
+                text += "; " + unnamed
         if differing:
             text += "; blocks that differ: " + ", ".join(
                 f"{k} ({e:.2g})" for k, e in differing.items())

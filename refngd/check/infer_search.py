@@ -12,10 +12,12 @@ import numpy as np
 from .. import conventions, updates
 from ..backend import to_numpy
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher
+from ..curvature.kfac_factors import given_draws
 from ..derivatives import per_sample_gradients
 from ..options import (BIAS, BIAS_MODES, CONVENTION, DAMPING_MODE, DAMPING_MODES,
-                       DAMPING_SPLIT, FISHER_TYPE, FISHER_TYPES, FORM, FORMS, KFAC_APPROX,
-                       KFAC_APPROX_DEFAULT, check_choice, check_pi)
+                       DAMPING_SPLIT, DAMPING_SPLITS, FISHER_TYPE, FISHER_TYPES, FORM, FORMS,
+                       KFAC_APPROX, KFAC_APPROX_DEFAULT, check_choice, check_int, check_pi,
+                       check_real)
 from . import scalars
 from .infer_damping import RULES, kronecker_blocks, row_blocks
 from .quantities import reference
@@ -30,7 +32,8 @@ class Search:
     def __init__(self, model, loss, X, y, labels, theta, known: dict, v=None):
         self.known = known
         for key, choices in (("bias", BIAS_MODES), ("kfac_approx", KFAC_APPROX),
-                             ("damping_mode", DAMPING_MODES), ("form", FORMS)):
+                             ("damping_mode", DAMPING_MODES), ("form", FORMS),
+                             ("damping_split", DAMPING_SPLITS)):
             if key in known:
                 check_choice(known[key], key, choices)
         if "fisher_type" in known:
@@ -39,6 +42,14 @@ class Search:
             known["pi"] = check_pi(known["pi"])
         if "convention" in known:
             known["convention"] = conventions.get(known["convention"]).name
+        if "mc_samples" in known:
+            known["mc_samples"] = check_int(known["mc_samples"], "mc_samples")
+        if "ema_beta" in known:
+            b = check_real(known["ema_beta"], "ema_beta")
+            if not 0 < b < 1:
+                raise ValueError(f"ema_beta is a running average's decay β, 0 < β < 1; got "
+                                 f"{known['ema_beta']!r}.")
+            known["ema_beta"] = b
         self.twin = make_twin(model, loss, X, y, "refngd", theta=theta, labels=labels, v=v,
                               mc_samples=known.get("mc_samples", 1))
         # a torch module whose weights the twin read (not a pair, not theta=): for the note
@@ -50,8 +61,11 @@ class Search:
         self.P = int(t.theta.shape[0])
         ctx = t.context()
         self.N, self.C = ctx["N"], ctx["C"]
+        # K: the draws per sample; given labels in a draw's layout ((N,) classes, (N, C) for
+        # MSE / BCE) are one draw — given_draws checks the shape and adds the K axis
         self.K = int(known.get("mc_samples", 1)) if self.labels is None else \
-            int(np.asarray(self.labels).reshape(self.N, -1).shape[1])
+            int(given_draws(t.loss, to_numpy(self.lin.outputs),
+                            to_numpy(self.labels)).shape[1])
         # T per layer that shares its weight (a convolution's locations, a sequence's tokens)
         self._T = {name: int(e.layer.tokens(e.cache).shape[1])
                    for name, e in zip(t.prefixes, t.kfac_rows())
@@ -286,6 +300,42 @@ class Search:
                     np.linalg.norm(cand - r) <= tol * max(np.linalg.norm(r), 1e-300)
             if ok:
                 out.append(name)
+        return out
+
+    def preset_update_match(self, quantity: str, cand, fit, tol: float, damping) -> list:
+        """[(preset, damping options)] whose K-FAC / EKFAC update at the user's λ *is* the
+        candidate — the preset's factors damped as the code damps them (π = trace or 1).
+
+        Only where the fit needed a scale (refngd's own update at the user's λ is not it).
+        """
+        if quantity not in ("kfac_update", "ekfac_update") or fit.options.get("convention") \
+                or fit.named.get("scale") == "1":
+            return []
+        t = self.twin
+        base = {k: fit.options[k] for k in ("fisher_type", "bias", "kfac_approx",
+                                            "damping_mode", "damping_split")
+                if k in fit.options}
+        if base.get("fisher_type") == "mc":
+            base["labels"] = self.labels
+        pis = ["trace", 1.0] if base.get("damping_mode") == "factored" else [None]
+        fn = updates.kfac if quantity == "kfac_update" else updates.ekfac
+        cand = np.asarray(cand, dtype=np.float64)
+        out = []
+        for name in conventions.names():
+            if name in ("refngd", "tutorial", "curvlinops"):  # option sets of the search
+                continue
+            for pi in pis:
+                kw = dict(base, convention=name, **({} if pi is None else {"pi": pi}))
+                try:
+                    d = to_numpy(fn(t.model, t.theta, t.loss, t.X, t.y, damping,
+                                    linearization=self.lin, **kw)).astype(np.float64)
+                except (ValueError, TypeError, NotImplementedError):
+                    continue
+                if d.shape == cand.shape and np.linalg.norm(cand - d) <= \
+                        tol * max(float(np.linalg.norm(d)), 1e-300):
+                    out.append((name, {k: kw[k] for k in ("damping_mode", "pi", "damping_split")
+                                       if k in kw}))
+                    break
         return out
 
     def notes(self, quantity: str) -> list:

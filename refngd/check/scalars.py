@@ -9,9 +9,10 @@ is explained when it equals, to the fit's tolerance, a monomial
 
     N^a · T^b · C^c · K^d · 2^e · (1 − β)^k,
 
-with small exponents (|a|, |b| ≤ 3, |c| ≤ 2, |d| ≤ 1, |e| ≤ 2 — half-integers for the
-square roots a factored damping's π takes, Martens & Grosse 2015, §6.3 — and k ≤ 2 for
-β in :data:`EMA_BETAS` or the β the user names).  Sizes that coincide (N = T, C = 2) give
+with small exponents (|a| ≤ 3; |b| ≤ 5, for kfac-pytorch's Conv2d block is 1/(N²T⁵) ×
+refngd's; |c| ≤ 2, |d| ≤ 1, |e| ≤ 2 — half-integers for the square roots a factored
+damping's π takes, Martens & Grosse 2015, §6.3 — and |k| ≤ 2 for β in :data:`EMA_BETAS`
+or the β the user names).  Sizes that coincide (N = T, C = 2) give
 several names for one number; :func:`name` returns them all, simplest first, and the
 report says the data cannot tell them apart.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 #: running-average decays tried for an EMA started from zero ((1 − β) after one step)
 EMA_BETAS = (0.9, 0.95, 0.99, 0.999)
 #: largest |exponent| per size; half-integer exponents (a π) reach only _HALF_RANGES
-_RANGES = {"N": 3, "T": 3, "C": 2, "K": 1, "2": 2}
+_RANGES = {"N": 3, "T": 5, "C": 2, "K": 1, "2": 2}
 _HALF_RANGES = {"N": 1.5, "T": 1.5, "C": 1, "K": 0.5, "2": 1}
 
 
@@ -40,9 +41,14 @@ class Monomial:
 
     @property
     def complexity(self) -> float:
-        """Simplest first: total |exponent|, then the number of symbols (ties: 2 last)."""
+        """Simplest first: total |exponent|, then the number of symbols (ties: 2 last).
+
+        A power of (1 − β) counts twice: (1 − β) is 10⁻¹, 5·10⁻², 10⁻², 10⁻³ for the
+        default β, which sizes such as N = 5, T = 16, C = 10 and 2 reproduce, and a size
+        is the likelier cause (with N = 5, T = 16: N²T⁵ = T⁴/(1 − 0.95)²).
+        """
         return (sum(abs(e) + 0.5 * (not float(e).is_integer()) for _, e in self.powers)
-                + self.k + 0.1 * (len(self.powers) + (self.k > 0)))
+                + 2 * abs(self.k) + 0.1 * (len(self.powers) + (self.k != 0)))
 
     def __str__(self) -> str:
         num, den = [], []
@@ -50,9 +56,9 @@ class Monomial:
             side = num if e > 0 else den
             a = abs(e)
             side.append(s if a == 1 else f"{s}^{_exp(a)}")
-        if self.k:
+        if self.k:  # (1 − β)^k: a factor's EMA from zero; k < 0 in its inverse (an update)
             t = f"(1-{self.beta:g})"
-            num.append(t if self.k == 1 else f"{t}^{self.k}")
+            (num if self.k > 0 else den).append(t if abs(self.k) == 1 else f"{t}^{abs(self.k)}")
         top = "*".join(num) or "1"
         if not den:
             return top
@@ -73,7 +79,8 @@ def monomials(ctx: dict, half: bool = False, betas=EMA_BETAS, ema: bool = True) 
     """Every :class:`Monomial` over the sizes ``ctx`` (:func:`sizes`), simplest first.
 
     ``half``: half-integer exponents too (a π, the square root of a ratio of factors).
-    ``ema``: include (1 − β)^k, k = 1, 2, for each β in ``betas``.
+    ``ema``: include (1 − β)^k, k = ±1, ±2, for each β in ``betas`` (k < 0: the inverse
+    of EMA-from-zero factors — an update, or the damping that matches it).
     """
     key = (tuple(sorted(ctx.items())), half, tuple(betas), ema)
     if key in _CACHE:
@@ -82,7 +89,8 @@ def monomials(ctx: dict, half: bool = False, betas=EMA_BETAS, ema: bool = True) 
     syms = list(ctx)
     grids = [[i * step for i in range(-int(ranges[s] / step), int(ranges[s] / step) + 1)]
              for s in syms]
-    emas = [(None, 0)] + ([(b, k) for b in betas for k in (1, 2)] if ema and not half else [])
+    emas = [(None, 0)] + ([(b, k) for b in betas for k in (1, 2, -1, -2)]
+                          if ema and not half else [])
     out = []
     for exps in itertools.product(*grids):
         logv = sum(e * math.log(ctx[s]) for s, e in zip(syms, exps))
