@@ -187,6 +187,8 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     _load_defaults()
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}.")
+    if not _is_chain(module):
+        return _graph(module)
     pairs: list = []
     _walk(module, "", pairs)
     tensors = [t for _, ts in pairs for t in ts]
@@ -194,6 +196,32 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     if len(tensors) != len(expected) or any(a is not b for a, b in zip(tensors, expected)):
         raise ValueError("the converted layers' parameters are not the module's parameters() in "
                          "order (a converter or a shared parameter); θ would be misaligned.")
+    _check_tensors(tensors)
+    for layer, ts in pairs:  # requires_grad becomes the default selection
+        if ts:
+            layer.trainable = tuple(t.requires_grad for t in ts)
+    flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
+    return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
+
+
+def _is_chain(module) -> bool:
+    """True for a plain ``nn.Sequential`` (nested allowed, never a subclass: its forward may
+    differ) of ``torch.nn`` modules or modules with a converter, none used twice — or one
+    such module: converted child by child.  Everything else is traced
+    (:mod:`refngd.check.torch_graph`)."""
+    tnn = _torch().nn
+    if type(module) is tnn.Sequential:
+        if len(list(module.parameters(remove_duplicate=False))) != len(list(module.parameters())):
+            return False  # a module (or parameter) used twice: weight tying, traced
+        return all(_is_chain(child) for child in module.children())
+    if isinstance(module, tnn.Sequential):
+        return False
+    return type(module) in _CONVERTERS or type(module).__module__.startswith("torch.nn.")
+
+
+def _check_tensors(tensors) -> None:
+    """At least one parameter, one dtype (float64 or float32), one device."""
+    torch = _torch()
     if not tensors:
         raise ValueError("the model has no parameters: nothing to validate.")
     dtypes = {t.dtype for t in tensors}
@@ -203,11 +231,20 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     dtype = dtypes.pop()
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"parameters must be float64 or float32, got {dtype}; call model.double().")
-    for layer, ts in pairs:  # requires_grad becomes the default selection
-        if ts:
-            layer.trainable = tuple(t.requires_grad for t in ts)
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
+
+
+def _graph(module):
+    """A traced module as a :class:`refngd.nn.GraphModel` and θ (:func:`from_torch`)."""
+    from .torch_graph import graph_from_torch
+    _check_tensors(list(module.parameters()))
+    model, tensors = graph_from_torch(module, _CONVERTERS, _unsupported)
+    for i, layer in enumerate(model.layers):  # requires_grad becomes the default selection
+        flags = []
+        for slot in model.layout.of_layer(i):
+            flags.append(tensors[model.layout.slots.index(slot)].requires_grad)
+        layer.trainable = tuple(flags)
+    flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
+    return model, to_array(flat)
 
 
 def to_torch(model: nn.Sequential, theta: Array):

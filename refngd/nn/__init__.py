@@ -11,6 +11,7 @@ from .layout import ParamLayout, TensorSlot
 from .composite import Composite
 from .conv import Conv2d
 from .embedding import Embedding
+from .graph import GraphModel
 from .linear import Linear
 from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .peft import LoRALinear, PromptPrefix
@@ -26,4 +27,4 @@ __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "Bia
            "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Embedding", "AvgPool2d", "MaxPool2d",
            "AdaptiveAvgPool2d", "MultiheadAttention", "ScaledDotProductAttention",
            "TransformerEncoderLayer", "LoRALinear", "PromptPrefix", "ParamLayout", "TensorSlot",
-           "Model", "LinearizationProtocol", "subsets"]
+           "Model", "LinearizationProtocol", "subsets", "GraphModel"]

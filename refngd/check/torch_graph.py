@@ -1,0 +1,297 @@
+"""PyTorch module → :class:`refngd.nn.GraphModel` through ``torch.fx`` (docs/design.md §6,
+"Importing arbitrary modules").
+
+``from_torch`` sends every module that is not a plain ``nn.Sequential`` of known modules
+here: :func:`graph_from_torch` traces its ``forward`` symbolically with ``torch.fx`` —
+modules with a registered converter (and every other ``torch.nn`` module) stay single
+``call_module`` nodes — and converts node by node:
+
+* ``call_module``: the converter registry of :mod:`refngd.check.interop` (one refngd layer
+  per module; a module called twice is one layer, its parameters one slice of θ);
+* functional activations (``F.relu``, ``torch.tanh``, ``F.gelu``, ``F.silu``, ...): the
+  converter of the equivalent module (``nn.ReLU()``, ...), so a layer that gains a
+  converter gains its functional form;
+* the operations of :mod:`refngd.nn.graph_ops` and statics (``x.size(0)``, ``x.shape``).
+
+Anything else — a parameter used directly in ``forward``, an operation refngd has no rows
+for, data-dependent control flow — raises :class:`UnsupportedModuleError` naming the node,
+its op and target and the source line that created it (never skipped).
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Callable
+
+from .. import nn
+from ..nn.graph import GraphModel, GraphNode, Ref
+from ..nn.graph_ops import (Concat, Elementwise, Index, MatMul, Permute, Reduce, ShapeOp,
+                            Softmax, Split, Static)
+from .torch_arrays import UnsupportedModuleError, _torch, to_array
+from .torch_ops import functional_modules, handlers
+
+__all__ = ["graph_from_torch"]
+
+
+def _where(node) -> str:
+    """The node as the user can find it: its name, op, target and source line."""
+    target = getattr(node.target, "__name__", node.target)
+    lines = (node.stack_trace or "").splitlines()
+    frames = [(f.strip(), code.strip()) for f, code in zip(lines, lines[1:] + [""])
+              if f.strip().startswith("File ") and "/torch/" not in f]
+    line = f" at {frames[-1][0]}: {frames[-1][1]}" if frames else ""
+    return f"'{node.name}' ({node.op} {target}){line}"
+
+
+class _Converter:
+    """State of one conversion: fx node → refngd node index, kinds, the θ tensors."""
+
+    def __init__(self, root, registry: dict, unsupported: Callable):
+        self.torch = _torch()
+        self.root, self.registry, self.unsupported = root, registry, unsupported
+        self.params = list(root.parameters())
+        self.tensor_id = {id(p): i for i, p in enumerate(self.params)}
+        self.dtype = self.params[0].dtype if self.params else self.torch.float64
+        self.nodes: list[GraphNode] = []
+        self.index: dict = {}   # fx node -> refngd node index (or a constant)
+        self.kind: dict = {}    # fx node -> "act" | "static" | "const" | "tuple"
+        self.layers: dict = {}  # id(module) -> converted [(layer, tensors)]
+        self.items: dict = {}   # (fx node, i) -> refngd node index (a module's tuple output)
+
+    def refuse(self, node, why: str) -> UnsupportedModuleError:
+        return UnsupportedModuleError(f"node {_where(node)} of {type(self.root).__name__}."
+                                      f"forward is not supported: {why}.")
+
+    # ------------------------------------------------------------------ arguments
+    def arg(self, a):
+        """An fx argument as a refngd one: Ref, constant, nested."""
+        fx = self.torch.fx
+        if isinstance(a, fx.Node):
+            v = self.index[a]
+            return Ref(v) if isinstance(v, int) else v
+        if isinstance(a, (tuple, list)):
+            return type(a)(self.arg(v) for v in a)
+        if isinstance(a, slice):
+            return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
+        if isinstance(a, self.torch.Size):
+            return tuple(a)
+        return a
+
+    def is_act(self, a) -> bool:
+        return isinstance(a, self.torch.fx.Node) and self.kind.get(a) == "act"
+
+    def any_act(self, a) -> bool:
+        if isinstance(a, (tuple, list)):
+            return any(self.any_act(v) for v in a)
+        return self.is_act(a)
+
+    def add(self, node, kind: str, gnode: GraphNode) -> int:
+        gnode.where = gnode.where or _where(node)
+        self.nodes.append(gnode)
+        self.index[node] = len(self.nodes) - 1
+        self.kind[node] = kind
+        return len(self.nodes) - 1
+
+    # ------------------------------------------------------------------ nodes
+    def placeholder(self, node):
+        if self.nodes and not node.users:  # an argument fixed to its default (concrete_args)
+            return
+        if self.nodes:
+            raise self.refuse(node, "refngd models take one input tensor X; give the other "
+                                    "arguments of forward defaults")
+        self.add(node, "act", GraphNode("input", None))
+
+    def get_attr(self, node):
+        value = self.root
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, self.torch.nn.Parameter):
+            raise self.refuse(node, f"parameter {node.target!r} is used directly in forward "
+                                    f"(by {', '.join(u.name for u in node.users)}); refngd "
+                                    "differentiates parameters through the modules it converts: "
+                                    "use it inside a module with a converter (nn.Linear, ...)")
+        if not isinstance(value, self.torch.Tensor):
+            raise self.refuse(node, f"attribute of type {type(value).__name__}")
+        if value.is_floating_point():
+            value = value.to(self.dtype)
+        self.index[node] = to_array(value.detach().cpu())
+        self.kind[node] = "const"
+
+    def call_module(self, node):
+        module = self.root.get_submodule(node.target)
+        tnn = self.torch.nn
+        if type(module) in (tnn.Softmax, tnn.LogSoftmax):
+            return self.op(node, Softmax(module.dim, isinstance(module, tnn.LogSoftmax)),
+                           (node.args[0],))
+        conv = self.registry.get(type(module))
+        if conv is None:
+            raise self.unsupported(module, node.target)
+        x = node.args[0] if node.args else None
+        if isinstance(module, tnn.MultiheadAttention):
+            x = self._self_attention(node)
+        elif len(node.args) != 1 or node.kwargs or not self.is_act(x):
+            raise self.refuse(node, f"{type(module).__name__} is called with "
+                                    f"{len(node.args)} arguments {dict(node.kwargs)}; refngd's "
+                                    "layers take one activation")
+        if id(module) not in self.layers:
+            try:
+                self.layers[id(module)] = conv(module, node.target)
+            except ValueError as err:
+                raise self.unsupported(module, node.target, str(err)) from None
+        src = self.arg(x)
+        for layer, tensors in self.layers[id(module)]:
+            ids = tuple(self.tensor_id[id(t)] for t in tensors)
+            i = self.add(node, "act", GraphNode("layer", layer, (src,), ids,
+                                                f"{_where(node)} ({type(module).__name__})"))
+            src = Ref(i)
+        if isinstance(module, tnn.MultiheadAttention):
+            self.kind[node] = "tuple"
+            self.items[(node, 0)] = src.node
+
+    def _self_attention(self, node):
+        args = list(node.args) + [None] * 3
+        q, k, v = args[:3]
+        kw = dict(node.kwargs)
+        if not (q is k is v) or kw.pop("need_weights", True) is not False or any(
+                val is not None for val in kw.values()):
+            raise self.refuse(node, "MultiheadAttention converts as self-attention "
+                                    "attn(x, x, x, need_weights=False) without masks")
+        return q
+
+    def op(self, node, op, args) -> int:
+        """A graph operation on ``args`` (fx arguments, activations flagged)."""
+        op.batched = tuple(self.is_act(a) for a in args)
+        return self.add(node, "act", GraphNode("op", op, tuple(self.arg(a) for a in args)))
+
+    def static(self, node, fn: Callable, args, name: str):
+        self.add(node, "static", GraphNode("static", Static(fn, name),
+                                           tuple(self.arg(a) for a in args)))
+
+    def call(self, node):
+        """``call_function`` and ``call_method``: an operation, a static or a layer."""
+        target = node.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        args, kw = list(node.args), dict(node.kwargs)
+        if target is operator.getitem:
+            return self._getitem(node, args)
+        if not any(self.any_act(a) for a in args + list(kw.values())):
+            if self.kind.get(args[0] if args else None) == "tuple":
+                raise self.refuse(node, "an operation on a tuple")
+            fn = getattr(operator, name, None) if callable(target) else None
+            if target is getattr or fn is target or name in ("size", "dim"):
+                return self.static(node, _static_fn(target, kw), args, name)
+            raise self.refuse(node, "an operation on constants only; compute it outside forward")
+        if name in ("size", "dim") or target is getattr:
+            if target is getattr and args[1] not in ("shape",):
+                raise self.refuse(node, f"attribute {args[1]!r} of an activation")
+            return self.static(node, _static_fn(target, kw), args, name)
+        modules = functional_modules(self.torch)
+        if target in modules or (isinstance(target, str) and target in modules):
+            return self._functional(node, modules[target], args, kw)
+        handler = _handler(self.torch, target)
+        if handler is None:
+            raise self.refuse(node, f"refngd has no rows for {name!r} (docs/layers.md lists the "
+                                    "supported operations)")
+        try:
+            op, op_args = handler(args, kw)
+        except ValueError as err:
+            raise self.refuse(node, str(err)) from None
+        return self.op(node, op, op_args)
+
+    def _getitem(self, node, args):
+        src, index = args
+        if self.kind.get(src) == "tuple":
+            key = (src, index)
+            if key in self.items:
+                self.index[node], self.kind[node] = self.items[key], "act"
+                return None
+            if not isinstance(self.nodes[self.index[src]].op, Split):
+                raise self.refuse(node, f"item {index!r} of a module's tuple output")
+            return self.add(node, "act", GraphNode("item", None, (Ref(self.index[src]),),
+                                                   index=int(index)))
+        if self.is_act(src):
+            return self.op(node, Index(), [src, index])
+        return self.static(node, operator.getitem, args, "getitem")
+
+    def _functional(self, node, make, args, kw):
+        x = args[0] if args else kw.pop("input")
+        try:
+            module = make(*args[1:], **{k: v for k, v in kw.items() if k != "input"})
+        except (TypeError, ValueError) as err:
+            raise self.refuse(node, f"arguments {args[1:]} {kw}: {err}") from None
+        if module is None:  # identity (dropout off)
+            return self.op(node, ShapeOp(lambda v: v, "identity"), [x])
+        conv = self.registry.get(type(module))
+        if conv is None:
+            raise self.refuse(node, f"refngd has no layer for {type(module).__name__} yet")
+        pairs = conv(module, node.name)
+        src = self.arg(x)
+        for layer, _ in pairs:
+            i = self.add(node, "act", GraphNode("layer", layer, (src,)))
+            src = Ref(i)
+        return None
+
+    def output(self, node):
+        out = node.args[0]
+        if not self.is_act(out):
+            raise self.refuse(node, f"forward returns {type(out).__name__}; refngd needs one "
+                                    "tensor of outputs (N, C)")
+        return self.index[out]
+
+
+def _static_fn(target, kw) -> Callable:
+    if target == "size":
+        return lambda x, d=None: tuple(x.shape) if d is None else x.shape[d]
+    if target == "dim":
+        return lambda x: x.ndim
+    if target is getattr:
+        return lambda x, name: tuple(x.shape)
+    return target
+
+
+def _handler(torch, target):
+    """The converter of an operation: ``(args, kwargs) -> (GraphOp, fx args)``, or None."""
+    return handlers(torch).get(target)
+
+
+def graph_from_torch(module, registry: dict, unsupported: Callable) -> tuple[GraphModel, list]:
+    """Trace ``module`` with ``torch.fx`` and convert it (module docstring).
+
+    Returns the graph model and the θ tensors in ``module.parameters()`` order.
+    """
+    torch = _torch()
+    fx = torch.fx
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return type(m) in registry or super().is_leaf_module(m, qualname)
+
+    tracer = Tracer()
+    tracer.record_stack_traces = True
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+        concrete = {p.name: p.default for p in params[1:]
+                    if p.default is not inspect.Parameter.empty}
+        graph = tracer.trace(module, concrete_args=concrete or None)
+    except Exception as err:
+        raise UnsupportedModuleError(
+            f"torch.fx could not trace {type(module).__name__}.forward ({type(err).__name__}: "
+            f"{err}); refngd imports a forward without data-dependent control flow "
+            "(docs/validating.md, 'Importing arbitrary modules').") from None
+    conv = _Converter(module, registry, unsupported)
+    output = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            conv.placeholder(node)
+        elif node.op == "get_attr":
+            conv.get_attr(node)
+        elif node.op == "call_module":
+            conv.call_module(node)
+        elif node.op in ("call_function", "call_method"):
+            conv.call(node)
+        elif node.op == "output":
+            output = conv.output(node)
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [tuple(p.shape) for p in conv.params]
+    return GraphModel(conv.nodes, output, names, shapes), conv.params
+
