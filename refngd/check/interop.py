@@ -211,7 +211,10 @@ def _is_chain(module) -> bool:
     (:mod:`refngd.check.torch_graph`)."""
     tnn = _torch().nn
     if type(module) is tnn.Sequential:
-        if len(list(module.parameters(remove_duplicate=False))) != len(list(module.parameters())):
+        children = list(module._modules.values())
+        if (len(set(map(id, children))) != len(children)
+                or len(list(module.named_parameters(remove_duplicate=False)))
+                != len(list(module.parameters()))):
             return False  # a module (or parameter) used twice: weight tying, traced
         return all(_is_chain(child) for child in module.children())
     if isinstance(module, tnn.Sequential):

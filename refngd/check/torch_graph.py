@@ -161,7 +161,8 @@ class _Converter:
     def op(self, node, op, args) -> int:
         """A graph operation on ``args`` (fx arguments, activations flagged)."""
         op.batched = tuple(self.is_act(a) for a in args)
-        return self.add(node, "act", GraphNode("op", op, tuple(self.arg(a) for a in args)))
+        kind = "tuple" if isinstance(op, Split) else "act"
+        return self.add(node, kind, GraphNode("op", op, tuple(self.arg(a) for a in args)))
 
     def static(self, node, fn: Callable, args, name: str):
         self.add(node, "static", GraphNode("static", Static(fn, name),

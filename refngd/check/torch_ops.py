@@ -28,6 +28,15 @@ def _pick(args: list, kw: dict, i: int, name: str, default=None):
     return kw.get(name, default)
 
 
+def _not_batch(dim, what: str):
+    """Refuse a literal dim 0 (the batch axis) when the model is imported."""
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    if any(isinstance(d, int) and d == 0 for d in dims):
+        raise ValueError(f"{what} over dim 0, the batch axis, mixes the samples; refngd's "
+                         "rows are per sample (docs/design.md §2)")
+    return dim
+
+
 def _varargs(args: list, start: int):
     """``view(a, b)`` or ``view((a, b))``: the sizes as one sequence."""
     rest = args[start:]
@@ -126,14 +135,14 @@ def _reduce(kind: str):
             raise ValueError(f"{kind} over every axis includes the batch axis; give dim")
         if kw.get("dtype") is not None:
             raise ValueError(f"{kind}(dtype=...)")
-        return Reduce(kind, dim, keepdim), args[:1]
+        return Reduce(kind, _not_batch(dim, kind), keepdim), args[:1]
     return convert
 
 
 def _cat(args, kw):
     tensors = list(_pick(args, kw, 0, "tensors"))
     dim = _pick(args, kw, 1, "dim", 0)
-    return Concat(dim, ()), tensors
+    return Concat(_not_batch(dim, "cat"), ()), tensors
 
 
 def _split(args, kw):
@@ -144,7 +153,7 @@ def _split(args, kw):
         if isinstance(size, (tuple, list)):
             return list(size)
         return [size] * (n // size) + ([n % size] if n % size else [])
-    return Split(sizes, dim, "split"), args[:1]
+    return Split(sizes, _not_batch(dim, "split"), "split"), args[:1]
 
 
 def _chunk(args, kw):
@@ -153,7 +162,7 @@ def _chunk(args, kw):
     def sizes(n):
         step = -(-n // chunks)
         return [step] * (n // step) + ([n % step] if n % step else [])
-    return Split(sizes, dim, "chunk"), args[:1]
+    return Split(sizes, _not_batch(dim, "chunk"), "chunk"), args[:1]
 
 
 def _matmul(args, kw):
@@ -165,7 +174,7 @@ def _softmax(log: bool):
         dim = _pick(args, kw, 1, "dim")
         if dim is None or kw.get("dtype") is not None:
             raise ValueError("softmax needs dim (and no dtype)")
-        return Softmax(dim, log), args[:1]
+        return Softmax(_not_batch(dim, "softmax"), log), args[:1]
     return convert
 
 

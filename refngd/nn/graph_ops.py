@@ -183,7 +183,7 @@ class Permute(GraphOp):
     def forward(self, args):
         perm = self._perm(args[0].ndim)
         inv = sorted(range(len(perm)), key=lambda i: perm[i])
-        return args[0].transpose(perm), (0, 1) + tuple(i + 1 for i in inv)
+        return args[0].transpose(perm), (0, 1) + tuple(j + 1 for j in inv[1:])
 
     def backward(self, cache, B):
         return [B.transpose(cache)]
