@@ -106,10 +106,15 @@ class _Converter:
         for part in node.target.split("."):
             value = getattr(value, part)
         if isinstance(value, self.torch.nn.Parameter):
-            raise self.refuse(node, f"parameter {node.target!r} is used directly in forward "
-                                    f"(by {', '.join(u.name for u in node.users)}); refngd "
-                                    "differentiates parameters through the modules it converts: "
-                                    "use it inside a module with a converter (nn.Linear, ...)")
+            path = node.target.rpartition(".")[0]
+            owner = self.root.get_submodule(path) if path else self.root
+            where = f"{type(owner).__name__} at {path!r}" if path else "the top level"
+            raise self.refuse(node, f"parameter {node.target!r} (of {where}) is used directly "
+                                    f"in forward (by {', '.join(u.name for u in node.users)}); "
+                                    "refngd differentiates parameters through the modules it "
+                                    "converts: use it inside a module with a converter "
+                                    f"(nn.Linear, ...), or register one for {type(owner).__name__}"
+                                    " with refngd.interop.register")
         if not isinstance(value, self.torch.Tensor):
             raise self.refuse(node, f"attribute of type {type(value).__name__}")
         if value.is_floating_point():
