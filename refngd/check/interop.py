@@ -24,6 +24,7 @@ dependency (``pip install 'refngd[torch]'``), imported only when these functions
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 from .. import losses as _losses
@@ -158,22 +159,28 @@ def _walk(module, path: str, out: list) -> None:
 
 
 # --------------------------------------------------------------------------- models
-def from_torch(module) -> tuple[nn.Sequential, Array]:
+def from_torch(module) -> tuple[nn.Sequential | nn.GraphModel, Array]:
     """The refngd twin of a ``torch.nn`` model and its parameters θ.
 
     Parameters
     ----------
-    module : ``torch.nn.Sequential`` (nested allowed) of modules with a registered
-        converter, or one such module: Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid, GELU,
-        LayerNorm, BatchNorm1d/2d (``eval()`` mode; the running statistics are copied),
-        Embedding, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, MultiheadAttention (as
+    module : any ``torch.nn.Module`` whose ``forward`` ``torch.fx`` can trace, built from
+        modules with a registered converter — Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid,
+        GELU, LayerNorm, BatchNorm1d/2d (``eval()`` mode; the running statistics are
+        copied), Embedding, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, MultiheadAttention (as
         self-attention; :func:`self_attention_module` for use in ``nn.Sequential``),
         TransformerEncoderLayer (``batch_first=True``, dropout 0 or ``eval()``) and
-        :func:`lora_linear_module` (docs/validating.md lists the settings).
+        :func:`lora_linear_module` (docs/validating.md lists the settings) — and the
+        operations of docs/layers.md ("Operations in a traced forward").
 
     Returns
     -------
-    model : :class:`refngd.nn.Sequential`
+    model : a plain ``nn.Sequential`` (nested allowed; not a subclass, no module used
+        twice) of such modules, or one such module: a :class:`refngd.nn.Sequential`,
+        converted child by child.  Anything else: a :class:`refngd.nn.GraphModel` of the
+        traced forward (:mod:`refngd.check.torch_graph`); a parameter used twice is one
+        slice of θ (docs/kfac.md, "Tied weights"), and every node refngd cannot reproduce
+        is refused with its name, op, target and source line.
     theta : (P,) float64 or float32 as the module's parameters (which must share one
         dtype and device), equal element for element to
         ``parameters_to_vector(module.parameters())``; a NumPy array (CPU) or a CuPy array
@@ -230,7 +237,8 @@ def _check_tensors(tensors) -> None:
     dtypes = {t.dtype for t in tensors}
     devices = {t.device for t in tensors}
     if len(dtypes) != 1 or len(devices) != 1:
-        raise ValueError(f"all parameters must share one dtype and device, got {dtypes} on {devices}.")
+        raise ValueError(f"all parameters must share one dtype and device, got {dtypes} on "
+                         f"{devices}.")
     dtype = dtypes.pop()
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"parameters must be float64 or float32, got {dtype}; call model.double().")
@@ -246,12 +254,14 @@ def _graph(module):
         for slot in model.layout.of_layer(i):
             flags.append(tensors[model.layout.slots.index(slot)].requires_grad)
         layer.trainable = tuple(flags)
+    model.source = copy.deepcopy(module)  # for to_torch: the same forward, θ loaded into it
     flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
     return model, to_array(flat)
 
 
-def to_torch(model: nn.Sequential, theta: Array):
-    """A ``torch.nn.Sequential`` equal to ``model`` with parameters θ (copied; θ's dtype).
+def to_torch(model: nn.Sequential | nn.GraphModel, theta: Array):
+    """A ``torch.nn.Sequential`` equal to ``model`` with parameters θ (copied; θ's dtype);
+    for a :class:`refngd.nn.GraphModel`, a copy of the module it was imported from.
 
     A CuPy θ gives a CUDA model (through DLPack).  ``from_torch(to_torch(model, θ))``
     returns θ exactly.  ``requires_grad`` is each layer's ``trainable`` flag; BatchNorm
@@ -260,6 +270,8 @@ def to_torch(model: nn.Sequential, theta: Array):
     torch = _torch()
     _load_defaults()
     model._check_theta(theta)
+    if getattr(model, "source", None) is not None:  # an imported graph: its own module
+        return _graph_to_torch(model, theta)
     mods = []
     for i, layer in enumerate(model.layers):
         builder = _BUILDERS.get(type(layer))
@@ -274,6 +286,19 @@ def to_torch(model: nn.Sequential, theta: Array):
     for layer, mod in zip(model.layers, mods):
         for p, on in zip(mod.parameters(), getattr(layer, "trainable", ())):
             p.requires_grad_(bool(on))
+    return net
+
+
+def _graph_to_torch(model, theta):
+    """A copy of the module a :class:`refngd.nn.GraphModel` was imported from, with θ."""
+    torch = _torch()
+    t = to_tensor(theta)
+    net = copy.deepcopy(model.source).to(dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(t, net.parameters())
+    flags = [f for layer in model.layers for f in layer.trainable]
+    for p, on in zip(net.parameters(), flags):
+        p.requires_grad_(bool(on))
     return net
 
 

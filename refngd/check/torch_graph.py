@@ -23,10 +23,8 @@ import inspect
 import operator
 from typing import Callable
 
-from .. import nn
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_ops import (Concat, Elementwise, Index, MatMul, Permute, Reduce, ShapeOp,
-                            Softmax, Split, Static)
+from ..nn.graph_ops import Index, ShapeOp, Softmax, Split, Static
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 from .torch_ops import functional_modules, handlers
 

@@ -30,13 +30,13 @@ from typing import Any
 
 from ..backend import Array, check_float_array, get_backend, namespace, one_host_read, require
 from ..rows import LayerRows, RowSet
-from .base import Layer, ParametricLayer, SmallParametricLayer, num_elements
-from .graph_ops import GraphOp
+from .base import num_elements
 from .layout import ParamLayout
 from .sequential import Sequential
 from .subsets import resolve_params
+from .tied import GraphRowSet, TensorGroup, TiedRows
 
-__all__ = ["Ref", "GraphNode", "GraphModel", "TensorGroup", "TiedRows"]
+__all__ = ["Ref", "GraphNode", "GraphModel", "GraphLinearization"]
 
 
 @dataclass(frozen=True)
@@ -94,97 +94,6 @@ def _resolve(value, values: list):
     return value
 
 
-class TensorGroup(ParametricLayer):
-    """Some tensors of a layer (or an unused parameter) as one entry of the θ layout.
-
-    Used where a layer does not own all of its tensors in order (one is tied to an
-    earlier layer's); its rows come from :class:`TiedRows`, never from itself.
-    """
-
-    def __init__(self, layer: Layer | None, tensors: tuple[int, ...], shapes, names):
-        self.layer, self.local = layer, tuple(tensors)
-        self.param_shapes, self._names = tuple(map(tuple, shapes)), tuple(names)
-
-    @property
-    def param_names(self):
-        return self._names
-
-    def __repr__(self) -> str:
-        return f"TensorGroup({', '.join(self._names)})"
-
-    def check_subset(self, active) -> None:  # tensor-wise rows: any selection
-        return None
-
-    def init_params(self, rng) -> list:
-        if self.layer is None:
-            return [[0.0] * math.prod(s) for s in self.param_shapes]
-        own = self.layer.init_params(rng)
-        return [own[t] for t in self.local]
-
-    def kfac_refusal(self):
-        return TypeError(f"{self!r} holds tied or unused parameters; K-FAC does not factor "
-                         "them (docs/kfac.md, 'Tied weights').")
-
-    def forward(self, params, x):  # pragma: no cover - a layout entry, never applied
-        raise TypeError("a TensorGroup is an entry of the θ layout, not a layer.")
-
-    backward = forward
-    row_gram = row_dot = row_sum = row_grads = row_sq_sum = forward
-
-
-class TiedRows(SmallParametricLayer):
-    """Row primitives of one θ tensor used by several call sites (or by none).
-
-    ``uses``: ``(primitives, cache, B, lo, hi)`` per call site: the tensor's per-row
-    gradients are ``primitives.row_grads(cache, B)[:, :, lo:hi]``; they are summed over the
-    uses (zero without uses) and every primitive is read off the sum
-    (:class:`SmallParametricLayer`), which is computed once and kept.  ``cache`` and ``B``
-    passed to the primitives only give N, K and the array module.
-    """
-
-    def __init__(self, shape: tuple, uses: list, name: str):
-        self.param_shapes, self.uses, self.name = (tuple(shape),), list(uses), name
-        self._sum = None
-
-    def __repr__(self) -> str:
-        return f"TiedRows({self.name!r}, {len(self.uses)} uses)"
-
-    def kfac_refusal(self):
-        return TypeError(f"parameter {self.name!r} is used by {len(self.uses)} call sites "
-                         "(tied weights): K-FAC does not factor tied weights (docs/kfac.md, "
-                         "'Tied weights'); use the exact curvatures, or pass params= without it.")
-
-    def take(self, k0: int, k1: int) -> "TiedRows":
-        return TiedRows(self.param_shapes[0], [(p, c, b[:, k0:k1], lo, hi)
-                                               for p, c, b, lo, hi in self.uses], self.name)
-
-    def row_grads(self, cache, B):
-        if self._sum is None:
-            N, K = B.shape[:2]
-            size = math.prod(self.param_shapes[0])
-            out = namespace(B).zeros((N, K, size), dtype=B.dtype)
-            for prim, c, b, lo, hi in self.uses:
-                out += prim.row_grads(c, b)[:, :, lo:hi]
-            self._sum = out
-        return self._sum
-
-    def forward(self, params, x):  # pragma: no cover - row primitives only
-        raise TypeError("TiedRows holds row primitives, not a layer.")
-
-    backward = forward
-
-
-class GraphRowSet(RowSet):
-    """A :class:`RowSet` whose tied tensors' records slice their uses in :meth:`take`."""
-
-    def take(self, k0, k1):
-        out = super().take(k0, k1)
-        for e in out.layers:
-            if isinstance(e.layer, TiedRows):
-                e.layer = e.layer.take(k0, k1)
-        return GraphRowSet(out.layers, out.N, out.K, out.P, out.dtype, out.subset)
-
-
 class GraphModel:
     """A model whose forward pass is a DAG of refngd layers and operations (module docstring).
 
@@ -208,12 +117,14 @@ class GraphModel:
                                      f"{node.op.param_shapes[local]}, θ tensor "
                                      f"{self.tensor_names[t]!r} {self.tensor_shapes[t]}.")
         self._build_layout()
+        #: the object the graph was imported from (a torch module; ``refngd.interop.to_torch``)
+        self.source = None
         self.integer_input = any(self.nodes[j].kind == "layer" and self.nodes[j].op.integer_input
                                  for j in self._consumers(0))
 
     # ------------------------------------------------------------------ θ layout
     def _build_layout(self) -> None:
-        owners, where, run = [], [], None  # where[t] = (owner index, position in owner)
+        owners, run = [], None  # runs of consecutive tensors owned by one layer
         for t, uses in enumerate(self.uses):
             node = self.nodes[uses[0][0]] if uses else None
             local = uses[0][1] if uses else 0
