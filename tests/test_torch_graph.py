@@ -95,6 +95,49 @@ class ConvResidual(torch.nn.Module):
         return self.head(torch.flatten(h, 1))
 
 
+class BasicBlock(torch.nn.Module):
+    """ResNet's basic block (BatchNorm in eval mode) with a pooled Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(2)
+        self.conv2 = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(2)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(2, 3)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(out + x)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class SelfAttentionClassifier(torch.nn.Module):
+    """A bare nn.MultiheadAttention called as self-attention, a residual, a token mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+class WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
 class CalledTwice(torch.nn.Module):
     """Weight tying by reuse: one Linear applied twice (with a residual in between)."""
 
@@ -160,6 +203,11 @@ CASES = {  # name: (constructor, per-sample input shape or ("int", T, V))
     "view_permute": (ViewPermute, (12,)),
     "mean_tokens": (MeanTokens, (5, 4)),
     "conv_residual": (ConvResidual, (2, 4, 4)),
+    "basic_block": (BasicBlock, (2, 4, 4)),
+    "self_attention": (SelfAttentionClassifier, (3, 4)),
+    "unused_parameter": (WithUnused, (3,)),
+    "sequential_of_custom": (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), CalledTwice()),
+                             (4,)),
     "called_twice": (CalledTwice, (4,)),
     "shared_tensor": (SharedTensor, (4,)),
     "tied_embedding": (TiedEmbedding, ("int", 5, 7)),
@@ -231,7 +279,8 @@ def test_graph_twin_matches_torch(name):
     loss = interop.from_torch_loss(loss_mod)
     net.zero_grad()  # first: torch.func.functional_call on a module used twice leaves
     loss_mod(net(Xt), torch.tensor(y)).backward()  # its parameters detached (torch 2.x)
-    g = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).numpy()
+    g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                   for p in net.parameters()]).numpy()  # an unused parameter: no grad
     np.testing.assert_allclose(refngd.gradient(model, theta, loss, X, y), g, **TOL)
     G = refngd.per_sample_gradients(model, theta, loss, X, y)
     np.testing.assert_allclose(G, torch_per_sample_grads(net, X, y), **TOL)
@@ -339,6 +388,61 @@ def test_plain_sequential_keeps_the_sequential_path():
     assert isinstance(model, nn.Sequential)
 
 
+def test_round_trip_float32_and_validate():
+    net, model, theta, X = make("called_twice")
+    back = interop.to_torch(model, theta)
+    Xt = torch.tensor(X)
+    assert torch.equal(back(Xt), net(Xt))
+    model2, theta2 = interop.from_torch(back)
+    assert np.array_equal(theta2, theta)
+    net32 = CalledTwice().float()
+    model32, theta32 = interop.from_torch(net32)
+    assert theta32.dtype == np.float32
+    X32 = X.astype(np.float32)
+    np.testing.assert_allclose(model32.forward(theta32, X32),
+                               net32(torch.tensor(X32)).detach().numpy(), rtol=1e-5, atol=1e-6)
+    y = np.arange(len(X)) % 3
+    F_torch = torch_ggn(net, X, torch.nn.CrossEntropyLoss())
+    report = refngd.check.validate(net, torch.nn.CrossEntropyLoss(), X, y, "fisher", F_torch)
+    assert report.passed, str(report)
+
+
+class LoRAHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.lora = interop.lora_linear_module(4, 3, rank=2, alpha=4.0)
+
+    def forward(self, x):
+        return self.lora(torch.tanh(self.body(x)) + x)
+
+
+def test_lora_inside_a_traced_module_keeps_requires_grad_and_peft():
+    torch.manual_seed(0)
+    net = LoRAHead().double()
+    torch.nn.init.normal_(net.lora.lora_B.weight)
+    model, theta = interop.from_torch(net)
+    rg = np.concatenate([np.full(p.numel(), p.requires_grad) for p in net.parameters()])
+    assert np.array_equal(model.trainable_mask(), rg)
+    peft = refngd.subsets.peft_mask(model)
+    names = [n for n, p in net.named_parameters() for _ in range(p.numel())]
+    assert {n for n, on in zip(names, peft) if on} == {"lora.lora_A.weight", "lora.lora_B.weight"}
+    X = np.random.default_rng(0).standard_normal((3, 4))
+    y = np.arange(3)
+    loss = refngd.losses.CrossEntropy()
+    full = Fisher(model, theta, loss, X, y, params="all").dense()
+    F_torch = torch_ggn(net, X, torch.nn.CrossEntropyLoss())
+    np.testing.assert_allclose(full, F_torch, **TOL)
+    sub = Fisher(model, theta, loss, X, y, params=peft).dense()
+    np.testing.assert_allclose(sub, F_torch[np.ix_(peft, peft)], **TOL)
+
+
+def test_kfac_expand_runs_on_a_traced_cnn():
+    net, model, theta, X = make("conv_residual")
+    K = KFAC(model, theta, refngd.losses.CrossEntropy(), X, kfac_approx="expand")
+    assert K.dense().shape == (theta.size, theta.size)
+
+
 # --------------------------------------------------------------------------- refusals
 class Exp(torch.nn.Module):
     def __init__(self):
@@ -390,7 +494,8 @@ def test_unsupported_ops_are_refused_with_name_op_and_line():
                        match=r"node 'exp' \(call_function exp\) at File .*test_torch_graph\.py.*"
                              r"torch\.exp\(self\.lin\(x\)\).*no rows for 'exp'"):
         interop.from_torch(Exp().double())
-    with pytest.raises(interop.UnsupportedModuleError, match="parameter 'scale' is used directly"):
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"parameter 'scale' \(of RawParameter\) is used directly"):
         interop.from_torch(RawParameter().double())
     with pytest.raises(interop.UnsupportedModuleError, match="Conv1d at 'conv'"):
         interop.from_torch(Unsupported1d().double())

@@ -57,8 +57,8 @@ class _Converter:
         self.items: dict = {}   # (fx node, i) -> refngd node index (a module's tuple output)
 
     def refuse(self, node, why: str) -> UnsupportedModuleError:
-        return UnsupportedModuleError(f"node {_where(node)} of {type(self.root).__name__}."
-                                      f"forward is not supported: {why}.")
+        return UnsupportedModuleError(f"{type(self.root).__name__}.forward, node "
+                                      f"{_where(node)}: not supported: {why}.")
 
     # ------------------------------------------------------------------ arguments
     def arg(self, a):
@@ -106,7 +106,7 @@ class _Converter:
         if isinstance(value, self.torch.nn.Parameter):
             path = node.target.rpartition(".")[0]
             owner = self.root.get_submodule(path) if path else self.root
-            where = f"{type(owner).__name__} at {path!r}" if path else "the top level"
+            where = f"{type(owner).__name__} at {path!r}" if path else type(owner).__name__
             raise self.refuse(node, f"parameter {node.target!r} (of {where}) is used directly "
                                     f"in forward (by {', '.join(u.name for u in node.users)}); "
                                     "refngd differentiates parameters through the modules it "
