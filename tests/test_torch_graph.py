@@ -129,6 +129,25 @@ class SelfAttentionClassifier(torch.nn.Module):
         return self.head(h.mean(1))
 
 
+class TinyViT(torch.nn.Module):
+    """torchvision's ViT pattern: a class token expanded to the batch and concatenated, a
+    (1, T, d) position embedding added, a layer scale — parameters used directly — then
+    the class token's features."""
+
+    def __init__(self, d=4, T=3):
+        super().__init__()
+        self.patch = torch.nn.Linear(5, d)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, d))
+        self.pos = torch.nn.Parameter(torch.randn(1, T + 1, d))
+        self.gamma = torch.nn.Parameter(torch.rand(d) + 0.5)
+        self.mlp, self.head = torch.nn.Linear(d, d), torch.nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.patch(x)], dim=1) + self.pos
+        h = h + self.gamma * F.gelu(self.mlp(h))
+        return self.head(h[:, 0])
+
+
 class WithUnused(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -206,6 +225,8 @@ CASES = {  # name: (constructor, per-sample input shape or ("int", T, V))
     "basic_block": (BasicBlock, (2, 4, 4)),
     "self_attention": (SelfAttentionClassifier, (3, 4)),
     "unused_parameter": (WithUnused, (3,)),
+    "tiny_vit": (TinyViT, (3, 5)),
+    "layer_scale": (lambda: RawParameter(), (3,)),
     "sequential_of_custom": (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), CalledTwice()),
                              (4,)),
     "called_twice": (CalledTwice, (4,)),
@@ -456,10 +477,19 @@ class Exp(torch.nn.Module):
 class RawParameter(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.lin, self.scale = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.ones(3))
+        self.lin, self.scale = torch.nn.Linear(3, 3), torch.nn.Parameter(torch.rand(3) + 0.5)
 
     def forward(self, x):
-        return self.lin(x) * self.scale
+        return self.lin(x) * self.scale - self.scale / 2
+
+
+class RawMatmul(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3, 3))
+
+    def forward(self, x):
+        return x @ self.w
 
 
 class BatchSum(torch.nn.Module):
@@ -495,8 +525,8 @@ def test_unsupported_ops_are_refused_with_name_op_and_line():
                              r"torch\.exp\(self\.lin\(x\)\).*no rows for 'exp'"):
         interop.from_torch(Exp().double())
     with pytest.raises(interop.UnsupportedModuleError,
-                       match=r"parameter 'scale' \(of RawParameter\) is used directly"):
-        interop.from_torch(RawParameter().double())
+                       match=r"'matmul'.*parameter 'w' is used directly in matmul"):
+        interop.from_torch(RawMatmul().double())
     with pytest.raises(interop.UnsupportedModuleError, match="Conv1d at 'conv'"):
         interop.from_torch(Unsupported1d().double())
     with pytest.raises(interop.UnsupportedModuleError, match="torch.fx could not trace Branchy"):

@@ -24,7 +24,8 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_ops import Index, ShapeOp, Softmax, Split, Static
+from ..nn.graph_ops import Elementwise, Expand, Index, ShapeOp, Softmax, Split, Static
+from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 from .torch_ops import functional_modules, handlers
 
@@ -103,16 +104,11 @@ class _Converter:
         value = self.root
         for part in node.target.split("."):
             value = getattr(value, part)
-        if isinstance(value, self.torch.nn.Parameter):
-            path = node.target.rpartition(".")[0]
-            owner = self.root.get_submodule(path) if path else self.root
-            where = f"{type(owner).__name__} at {path!r}" if path else type(owner).__name__
-            raise self.refuse(node, f"parameter {node.target!r} (of {where}) is used directly "
-                                    f"in forward (by {', '.join(u.name for u in node.users)}); "
-                                    "refngd differentiates parameters through the modules it "
-                                    "converts: use it inside a module with a converter "
-                                    f"(nn.Linear, ...), or register one for {type(owner).__name__}"
-                                    " with refngd.interop.register")
+        if isinstance(value, self.torch.nn.Parameter):  # used directly: +, -, *, /, expand
+            t = self.tensor_id[id(value)]
+            group = TensorGroup(None, (0,), [tuple(value.shape)], [node.target])
+            self.add(node, "param", GraphNode("param", group, (), (t,)))
+            return
         if not isinstance(value, self.torch.Tensor):
             raise self.refuse(node, f"attribute of type {type(value).__name__}")
         if value.is_floating_point():
@@ -161,8 +157,24 @@ class _Converter:
                                     "attn(x, x, x, need_weights=False) without masks")
         return q
 
+    def is_param(self, a) -> bool:
+        if isinstance(a, (tuple, list)):
+            return any(self.is_param(v) for v in a)
+        return isinstance(a, self.torch.fx.Node) and self.kind.get(a) == "param"
+
+    def refuse_param(self, node, what: str) -> UnsupportedModuleError:
+        names = [a.target for a in node.all_input_nodes if self.kind.get(a) == "param"]
+        return self.refuse(node, f"parameter {', '.join(map(repr, names))} is used directly "
+                                 f"in {what}; refngd differentiates a parameter used in forward "
+                                 "(not through a module) in +, -, *, / and expand only: use it "
+                                 "inside a module with a converter (nn.Linear, ...) or register "
+                                 "one with refngd.interop.register")
+
     def op(self, node, op, args) -> int:
         """A graph operation on ``args`` (fx arguments, activations flagged)."""
+        op.params = tuple(self.is_param(a) for a in args)
+        if any(op.params) and not isinstance(op, (Elementwise, Expand)):
+            raise self.refuse_param(node, op.name)
         op.batched = tuple(self.is_act(a) for a in args)
         kind = "tuple" if isinstance(op, Split) else "act"
         return self.add(node, kind, GraphNode("op", op, tuple(self.arg(a) for a in args)))
@@ -179,6 +191,10 @@ class _Converter:
         if target is operator.getitem:
             return self._getitem(node, args)
         if not any(self.any_act(a) for a in args + list(kw.values())):
+            if any(self.is_param(a) for a in args + list(kw.values())):
+                if name == "expand":
+                    return self.op(node, Expand(), [args[0], tuple(_sizes(args))])
+                return self._param_op(node, name, args, kw)
             if self.kind.get(args[0] if args else None) == "tuple":
                 raise self.refuse(node, "an operation on a tuple")
             fn = getattr(operator, name, None) if callable(target) else None
@@ -202,6 +218,18 @@ class _Converter:
             raise self.refuse(node, str(err)) from None
         return self.op(node, op, op_args)
 
+    def _param_op(self, node, name, args, kw):
+        """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared
+        by every sample, whose rows are per-row gradients (N, K, *shape)."""
+        handler = _handler(self.torch, node.target)
+        op = handler(args, kw)[0] if handler is not None else None
+        if not isinstance(op, Elementwise):
+            raise self.refuse_param(node, f"{name!r} without an activation")
+        op.params = tuple(self.is_param(a) for a in args)
+        op.batched, op.shared = (False,) * len(args), True
+        return self.add(node, "param", GraphNode("param_op", op,
+                                                 tuple(self.arg(a) for a in args)))
+
     def _getitem(self, node, args):
         src, index = args
         if self.kind.get(src) == "tuple":
@@ -215,10 +243,14 @@ class _Converter:
                                                    index=int(index)))
         if self.is_act(src):
             return self.op(node, Index(), [src, index])
+        if self.is_param(src):
+            raise self.refuse_param(node, "indexing")
         return self.static(node, operator.getitem, args, "getitem")
 
     def _functional(self, node, make, args, kw):
         x = args[0] if args else kw.pop("input")
+        if not self.is_act(x):
+            raise self.refuse_param(node, getattr(node.target, "__name__", node.target))
         try:
             module = make(*args[1:], **{k: v for k, v in kw.items() if k != "input"})
         except (TypeError, ValueError) as err:
@@ -241,6 +273,12 @@ class _Converter:
             raise self.refuse(node, f"forward returns {type(out).__name__}; refngd needs one "
                                     "tensor of outputs (N, C)")
         return self.index[out]
+
+
+def _sizes(args) -> tuple:
+    """``expand(a, b)`` or ``expand((a, b))``: the sizes."""
+    rest = args[1:]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
 
 
 def _static_fn(target, kw) -> Callable:

@@ -15,8 +15,8 @@ import math
 import operator
 from typing import Callable
 
-from ..nn.graph_ops import (Concat, Elementwise, MatMul, Permute, Reduce, ShapeOp, Softmax,
-                            Split, batch_axis)
+from ..nn.graph_ops import (Concat, Elementwise, Expand, MatMul, Permute, Reduce, ShapeOp,
+                            Softmax, Split, batch_axis)
 
 __all__ = ["handlers", "functional_modules"]
 
@@ -104,6 +104,11 @@ def _unsqueeze_conv(args, kw):
 
 def _identity(name):
     return lambda args, kw: (ShapeOp(lambda x: x, name), args[:1])
+
+
+def _expand(args, kw):
+    sizes = _varargs(args, 1) if len(args) > 1 else kw["size"]
+    return Expand(), [args[0], tuple(sizes)]
 
 
 def _permute(args, kw):
@@ -201,6 +206,7 @@ def handlers(torch) -> dict:
     put(("unsqueeze", torch.unsqueeze), _unsqueeze_conv)
     put(("contiguous",), _identity("contiguous"))
     put(("clone", torch.clone), _identity("clone"))
+    put(("expand",), _expand)
     put(("permute", torch.permute), _permute)
     put(("transpose", torch.transpose, "swapaxes", torch.swapaxes), _transpose)
     put(("mean", torch.mean), _reduce("mean"))

@@ -34,7 +34,7 @@ from .base import num_elements
 from .layout import ParamLayout
 from .sequential import Sequential
 from .subsets import resolve_params
-from .tied import GraphRowSet, TensorGroup, TiedRows
+from .tied import DirectRows, GraphRowSet, TensorGroup, TiedRows
 
 __all__ = ["Ref", "GraphNode", "GraphModel", "GraphLinearization"]
 
@@ -51,7 +51,10 @@ class GraphNode:
     """One node of a :class:`GraphModel`.
 
     kind : ``"input"`` (the batch X), ``"layer"`` (a refngd :class:`Layer`, one activation
-        argument), ``"op"`` (a :class:`refngd.nn.graph_ops.GraphOp`), ``"static"`` (a
+        argument), ``"param"`` (a parameter used directly in ``forward``: its value is the
+        tensor itself, its op a :class:`TensorGroup` of it), ``"param_op"`` (arithmetic of
+        parameters and constants, no batch axis), ``"op"`` (a
+        :class:`refngd.nn.graph_ops.GraphOp`), ``"static"`` (a
         Python value computed from shapes) or ``"item"`` (item ``index`` of a node whose
         value is a tuple, such as a split).
     op : the layer or operation.
@@ -146,7 +149,7 @@ class GraphModel:
                 self.tensor_owner[t] = (len(layers), pos)
             layers.append(layer)
         for i, node in enumerate(self.nodes):  # a layer that alone uses the tensors it owns
-            if node.tensors and any(node.op is layer for layer in layers) and all(
+            if node.kind == "layer" and node.tensors and any(node.op is layer for layer in layers) and all(
                     self.uses[t] == [(i, loc)] for loc, t in enumerate(node.tensors)):
                 self.plain.add(i)
         self.layers = tuple(layers)
@@ -199,6 +202,9 @@ class GraphModel:
                 if node.kind == "item":
                     values[i] = values[node.args[0].node][node.index]
                     continue
+                if node.kind == "param":
+                    values[i] = tensors[node.tensors[0]]
+                    continue
                 args = _resolve(node.args, values)
                 if node.kind == "layer":
                     node.op.out_shape(tuple(args[0].shape[1:]))
@@ -209,7 +215,8 @@ class GraphModel:
             except (ValueError, TypeError, IndexError) as err:
                 raise type(err)(f"node {node.where}: {err}") from None
             v = values[i]
-            if node.kind != "static" and hasattr(v, "shape") and (v.ndim < 1 or v.shape[0] != N):
+            if node.kind not in ("static", "param", "param_op") and hasattr(v, "shape") and (
+                    v.ndim < 1 or v.shape[0] != N):
                 raise ValueError(f"node {node.where}: its output {tuple(v.shape)} lost the batch "
                                  f"axis (N = {N}); refngd's rows are per sample.")
         return values, caches
@@ -313,11 +320,17 @@ class GraphLinearization:
             B = cot.pop(i, None)
             if B is None or node.kind == "static":
                 continue
+            if node.kind == "param":  # per-row gradients of a directly used parameter
+                t = node.tensors[0]
+                if t in tied:
+                    tied[t].append((DirectRows(m.tensor_shapes[t]), None, B, 0,
+                                    math.prod(m.tensor_shapes[t])))
+                continue
             if node.kind == "item":
                 parts = cot.setdefault(node.args[0].node, {})
                 parts[node.index] = B if node.index not in parts else parts[node.index] + B
                 continue
-            if node.kind == "op":
+            if node.kind in ("op", "param_op"):
                 for arg, g in zip(node.args, node.op.backward(self._caches[i], B)):
                     send(arg, g)
                 continue

@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 from ..backend import Array, namespace
 
-__all__ = ["GraphOp", "Elementwise", "ShapeOp", "Permute", "Reduce", "Concat", "Split",
-           "Index", "MatMul", "Softmax", "Static", "unbroadcast", "batch_axis"]
+__all__ = ["GraphOp", "Elementwise", "Expand", "ShapeOp", "Permute", "Reduce", "Concat",
+           "Split", "Index", "MatMul", "Softmax", "Static", "unbroadcast", "param_rows",
+           "batch_axis"]
 
 
 def batch_axis(d: int, ndim: int, what: str) -> int:
@@ -48,6 +49,26 @@ def unbroadcast(B: Array, shape: tuple) -> Array:
     return B.sum(axis=axes, keepdims=True) if axes else B
 
 
+def param_rows(G: Array, shape: tuple, out_ndim: int) -> Array:
+    """Per-row gradients (N, K, *shape) of a parameter of ``shape`` that broadcast into an
+    activation with ``out_ndim`` axes, from G (N, K, *out_shape): the rows summed over the
+    axes the parameter was broadcast along — within each sample, never across samples.
+
+    A parameter with as many axes as the activation has its axis 0 against the batch axis
+    (size 1: the same for every sample, as a ViT's (1, T, d) position embedding)."""
+    own = tuple(shape[1:]) if len(shape) == out_ndim else tuple(shape)
+    if len(shape) == out_ndim and shape[0] != 1:
+        raise ValueError(f"a parameter of shape {tuple(shape)} broadcast against the batch "
+                         "axis needs size 1 there.")
+    lead = G.ndim - 2 - len(own)
+    if lead:
+        G = G.sum(axis=tuple(range(2, 2 + lead)))
+    axes = tuple(i + 2 for i, (a, b) in enumerate(zip(own, G.shape[2:])) if a == 1 and b != 1)
+    if axes:
+        G = G.sum(axis=axes, keepdims=True)
+    return G.reshape(G.shape[:2] + tuple(shape))
+
+
 def _rows_view(v: Array) -> Array:
     """An activation (N, ...) with an axis for the K rows of a sample: (N, 1, ...)."""
     return v[:, None]
@@ -61,6 +82,12 @@ class GraphOp:
     """
 
     name = "op"
+    #: per argument: is it a parameter used directly (gets per-row gradients); only
+    #: :class:`Elementwise` and :class:`Expand` accept parameters
+    params: tuple[bool, ...] = ()
+    #: the output has no batch axis: arithmetic of parameters and constants only, a value
+    #: shared by every sample (its rows still are per sample: (N, K, *shape))
+    shared = False
 
     def __init__(self, batched: tuple[bool, ...]):
         self.batched = tuple(batched)
@@ -107,10 +134,13 @@ class Elementwise(GraphOp):
             a, b = args
             out = {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b,
                    "div": lambda: a / b}[self.kind]()
-        for v, on in zip(args, self.batched):
+        for v, on, is_param in zip(args, self.batched, self.params or (False,) * len(args)):
             if on and v.ndim != out.ndim:
                 raise ValueError(f"{self.kind}: an activation of shape {tuple(v.shape)} "
                                  f"broadcasts to {tuple(out.shape)}, which moves its batch axis.")
+            if is_param and not self.shared and v.ndim == out.ndim and v.shape[0] != 1:
+                raise ValueError(f"{self.kind}: a parameter of shape {tuple(v.shape)} meets the "
+                                 "batch axis with a size other than 1.")
         return out, (args, out.shape)
 
     def _rows_of(self, v, on):
@@ -129,8 +159,34 @@ class Elementwise(GraphOp):
             grads = [B * b, B * a]
         else:
             grads = [B / b, -B * a / (b * b)]
-        return [unbroadcast(g, v.shape) if on else None
-                for g, v, on in zip(grads, args, self.batched)]
+        out_ndim = len(cache[1]) + self.shared  # a shared output: as if it had a batch axis
+        params = self.params or (False,) * len(args)
+        return [unbroadcast(g, v.shape) if on else
+                (param_rows(g, v.shape, out_ndim) if is_param else None)
+                for g, v, on, is_param in zip(grads, args, self.batched, params)]
+
+
+class Expand(GraphOp):
+    """``expand(sizes)`` of an activation (its batch axis kept) or of a parameter to the
+    batch (a ViT's class token ``cls.expand(N, -1, -1)``); ``args`` are ``[x, sizes]``."""
+
+    name = "expand"
+
+    def __init__(self):
+        super().__init__((True, False))
+
+    def forward(self, args):
+        x, sizes = args
+        xp = namespace(x)
+        lead = len(sizes) - x.ndim
+        shape = tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(sizes))
+        out = xp.broadcast_to(x, shape)
+        return out, x.shape
+
+    def backward(self, cache, B):
+        if self.params and self.params[0]:
+            return [param_rows(B, cache, B.ndim - 1), None]
+        return [unbroadcast(B, cache), None]
 
 
 class ShapeOp(GraphOp):

@@ -19,7 +19,7 @@ from ..backend import namespace
 from ..rows import RowSet
 from .base import Layer, ParametricLayer, SmallParametricLayer
 
-__all__ = ["TensorGroup", "TiedRows", "GraphRowSet"]
+__all__ = ["TensorGroup", "TiedRows", "DirectRows", "GraphRowSet"]
 
 
 class TensorGroup(ParametricLayer):
@@ -50,8 +50,8 @@ class TensorGroup(ParametricLayer):
         return [own[t] for t in self.local]
 
     def kfac_refusal(self):
-        return TypeError(f"{self!r} holds tied or unused parameters; K-FAC does not factor "
-                         "them (docs/kfac.md, 'Tied weights').")
+        return TypeError(f"{self!r} holds tied, unused or directly used parameters; K-FAC "
+                         "does not factor them (docs/kfac.md, 'Tied weights').")
 
     def forward(self, params, x):  # pragma: no cover - a layout entry, never applied
         raise TypeError("a TensorGroup is an entry of the θ layout, not a layer.")
@@ -79,8 +79,9 @@ class TiedRows(SmallParametricLayer):
 
     def kfac_refusal(self):
         return TypeError(f"parameter {self.name!r} is used by {len(self.uses)} call sites "
-                         "(tied weights): K-FAC does not factor tied weights (docs/kfac.md, "
-                         "'Tied weights'); use the exact curvatures, or pass params= without it.")
+                         "(tied weights) or directly in forward: K-FAC factors the weight of a "
+                         "layer used once (docs/kfac.md, 'Tied weights'); use the exact "
+                         "curvatures, or pass params= without it.")
 
     def take(self, k0: int, k1: int) -> "TiedRows":
         return TiedRows(self.param_shapes[0], [(p, c, b[:, k0:k1], lo, hi)
@@ -100,6 +101,17 @@ class TiedRows(SmallParametricLayer):
         raise TypeError("TiedRows holds row primitives, not a layer.")
 
     backward = forward
+
+
+class DirectRows:
+    """The rows of a parameter used directly in ``forward`` (``x + self.pos``): the rows
+    that reached it, (N, K, *shape), are its per-row gradients (a use of :class:`TiedRows`)."""
+
+    def __init__(self, shape: tuple):
+        self.param_shapes = (tuple(shape),)
+
+    def row_grads(self, cache, B):
+        return B.reshape(B.shape[0], B.shape[1], -1)
 
 
 class GraphRowSet(RowSet):
