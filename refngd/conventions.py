@@ -107,6 +107,13 @@ PRESETS: dict = {p.name: p for p in (
             "EKFAC with kfac_approx='reduce' agrees only when every Conv2d's A_reduce has full "
             "rank: otherwise the re-estimated diagonal depends on the arbitrary eigenbasis of "
             "A's null space (both libraries project exact per-sample gradients), and they differ.",
+            "The same holds for Linear layers shared over tokens (EKFAC expand and reduce agree "
+            "where A has simple eigenvalues).  Its EKFAC refuses outputs with more than 2 axes.",
+            "Per-token losses (outputs (N, C, T) for CrossEntropyLoss): the GGN and K-FAC expand "
+            "of token-wise layers agree with refngd's PerToken; K-FAC reduce (and any layer "
+            "after tokens mix) does not: curvlinops back-propagates, per sample and column k of "
+            "the symmetric root diag(√p) − p√pᵀ, the k-th columns of all T tokens together, so "
+            "its G has cross-token products; refngd keeps the T·M rows of the GGN apart.",
         ),
         sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",)),
     Convention(

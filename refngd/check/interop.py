@@ -34,7 +34,7 @@ from .torch_arrays import UnsupportedModuleError, _torch, to_array, to_tensor
 
 __all__ = ["from_torch", "to_torch", "from_torch_loss", "to_array", "to_tensor", "register",
            "register_builder", "UnsupportedModuleError", "self_attention_module",
-           "lora_linear_module"]
+           "lora_linear_module", "mean_module"]
 
 
 def self_attention_module(embed_dim: int, num_heads: int, bias: bool = True):
@@ -48,6 +48,13 @@ def lora_linear_module(in_features: int, out_features: int, rank: int, alpha: fl
     """A minimal torch LoRA layer (PEFT's names): see :mod:`refngd.check.torch_layers`."""
     from .torch_layers import lora_linear_module as make
     return make(in_features, out_features, rank, alpha, bias=bias)
+
+
+def mean_module(dim=1, keepdim: bool = False):
+    """A torch module ``x.mean(dim=dim, keepdim=keepdim)`` (the twin of ``refngd.nn.Mean``):
+    see :mod:`refngd.check.torch_more`."""
+    from .torch_more import mean_module as make
+    return make(dim, keepdim)
 
 
 # --------------------------------------------------------------------------- registry
@@ -102,15 +109,15 @@ def _load_defaults() -> None:
     def linear(m, path):
         return [(nn.Linear(m.in_features, m.out_features, bias=m.bias is not None), _params(m))]
 
-    def conv2d(m, path):
-        if m.groups != 1:
-            raise _unsupported(m, path, f"groups={m.groups}; refngd's Conv2d has groups=1")
+    def conv(m, path):
         if m.padding_mode != "zeros":
             raise _unsupported(m, path, f"padding_mode={m.padding_mode!r}; only 'zeros'")
         if isinstance(m.padding, str):
             raise _unsupported(m, path, f"padding={m.padding!r}; give the padding as integers")
-        layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
-                          padding=m.padding, dilation=m.dilation, bias=m.bias is not None)
+        cls = nn.Conv1d if isinstance(m, tnn.Conv1d) else nn.Conv2d
+        layer = cls(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                    padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=m.bias is not None)
         return [(layer, _params(m))]
 
     def flatten(m, path):
@@ -123,16 +130,18 @@ def _load_defaults() -> None:
         return [(nn.GELU(m.approximate), [])]
 
     register(tnn.Linear, linear)
-    register(tnn.Conv2d, conv2d)
+    register(tnn.Conv2d, conv)
+    register(tnn.Conv1d, conv)
     register(tnn.Flatten, flatten)
     register(tnn.GELU, gelu)
     for t_type, r_type in ((tnn.ReLU, nn.ReLU), (tnn.Tanh, nn.Tanh), (tnn.Sigmoid, nn.Sigmoid)):
         register(t_type, lambda m, path, r_type=r_type: [(r_type(), [])])
 
     register_builder(nn.Linear, lambda l: tnn.Linear(l.in_features, l.out_features, bias=l.bias))
-    register_builder(nn.Conv2d, lambda l: tnn.Conv2d(
-        l.in_channels, l.out_channels, l.kernel_size, stride=l.stride, padding=l.padding,
-        dilation=l.dilation, bias=l.bias))
+    for r_type, t_type in ((nn.Conv2d, tnn.Conv2d), (nn.Conv1d, tnn.Conv1d)):
+        register_builder(r_type, lambda l, t_type=t_type: t_type(
+            l.in_channels, l.out_channels, l.kernel_size, stride=l.stride, padding=l.padding,
+            dilation=l.dilation, groups=l.groups, bias=l.bias))
     register_builder(nn.Flatten, lambda l: tnn.Flatten())
     register_builder(nn.GELU, lambda l: tnn.GELU(approximate=l.approximate))
     for r_type, t_type in ((nn.ReLU, tnn.ReLU), (nn.Tanh, tnn.Tanh), (nn.Sigmoid, tnn.Sigmoid)):
@@ -303,14 +312,30 @@ def _graph_to_torch(model, theta):
 
 
 # --------------------------------------------------------------------------- losses
-def from_torch_loss(loss_module):
+def from_torch_loss(loss_module, output_shape: tuple | None = None):
     """refngd's loss for ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``.
 
     The reduction carries over (``"mean"`` / ``"sum"``; ``"none"`` has no single c and is
     refused), so ``loss(Z, y)`` equals the torch loss on the same outputs.  Class weights,
     ``pos_weight``, ``ignore_index`` hits and label smoothing change the likelihood and are
     refused with a message rather than silently ignored.
+
+    ``output_shape``: the torch model's per-sample output shape, when it has more than one
+    axis (refngd's twin flattens it).  ``CrossEntropyLoss`` reads its class axis at
+    dimension 1, so (C, d1, ...) gives ``PerToken(CrossEntropy(), d1·..., class_dim=1)``;
+    the elementwise ``MSELoss`` and ``BCEWithLogitsLoss`` are the same on flattened outputs.
     """
+    base = _from_torch_loss(loss_module)
+    shape = tuple(output_shape) if output_shape is not None else ()
+    if len(shape) > 1 and isinstance(base, _losses.CrossEntropy):
+        T = 1
+        for d in shape[1:]:
+            T *= int(d)
+        return _losses.PerToken(base, T, class_dim=1)
+    return base
+
+
+def _from_torch_loss(loss_module):
     tnn = _torch().nn
     name = type(loss_module).__name__
     red = getattr(loss_module, "reduction", None)

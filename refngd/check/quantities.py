@@ -86,9 +86,17 @@ class Twin:
 
 
 def _factors(K: KFAC, twin: Twin) -> dict:
-    out = {}
-    for f, name in zip(K.factors(), twin.prefixes):
-        out[f"{name}.A"], out[f"{name}.G"] = f.A, f.G
+    """``"0.A"``, ``"0.G"``, ... per layer; a grouped convolution's groups (one K-FAC block
+    each) as ``"0.group1.A"``, ... (group 0 takes the layer's next name)."""
+    out, names, name = {}, iter(twin.prefixes), None
+    for f in K.factors():
+        group = getattr(f.layer, "group", None)
+        if not group:
+            name = next(names, None)
+            if name is None:
+                break
+        key = name if group is None else f"{name}.group{group}"
+        out[f"{key}.A"], out[f"{key}.G"] = f.A, f.G
     return out
 
 

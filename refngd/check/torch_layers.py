@@ -180,6 +180,8 @@ def install(register, register_builder, unsupported) -> None:
         return [(nn.LoRALinear(base.in_features, base.out_features, m.rank, m.alpha,
                                bias=base.bias is not None), params(m))]
 
+    from .torch_more import install as install_more  # activations, 1-d pooling, Upsample, ...
+    install_more(register, register_builder, unsupported)
     register(tnn.LayerNorm, layer_norm)
     register(tnn.BatchNorm1d, batch_norm)
     register(tnn.BatchNorm2d, batch_norm)

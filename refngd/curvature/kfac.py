@@ -91,7 +91,7 @@ class KFAC(KroneckerOperator):
             approx = kfac_approx if shares_weights(e.layer, e.cache) else None
             # (layer index, part): the (sub-)layer whose input forms A, stable whatever
             # else the subset selects — a LoRA adapter, an attention projection alike
-            key = (idx, e.part, approx, joint)
+            key = (idx, e.part, getattr(e.layer, "group", None), approx, joint)
             if key not in cache:
                 cache[key] = KronFactor(*input_rows(e.layer, e.cache, approx, joint))
             A = cache[key]

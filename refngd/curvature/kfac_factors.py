@@ -15,9 +15,16 @@ of A and G, for every layer alike:
 (Martens & Grosse 2015, §3–4; Grosse & Martens 2016; Eschenhagen et al. 2023, §3).
 Nothing here asks what type a layer is: a new layer with the four K-FAC entries of the
 protocol gets K-FAC, EKFAC and the Kronecker diagonal.
+
+A layer whose weight is g disjoint blocks (``kfac_groups`` = g: a grouped convolution)
+enters as g K-FAC units (:class:`GroupView`), each with the four entries of its block —
+its D input columns, its d_out/g output rows — and its own place in θ: the weight rows
+of group j are contiguous, its bias entries j·d_out/g:(j+1)·d_out/g sit after the whole
+weight (``bias_start``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -27,8 +34,10 @@ from ..options import (BIAS_MODES, DAMPING_MODES, FISHER_TYPES, KFAC_APPROX, che
                        check_int)
 from .kronecker import Block, KronFactor
 
-#: input factors per forward pass: {linearization: {(layer index, part, approx, joint): KronFactor}}
-#: (``part``: LayerRows.part, the (sub-)layer within model.layers[index] whose input forms A)
+#: input factors per forward pass:
+#: {linearization: {(layer index, part, group, approx, joint): KronFactor}} (``part``:
+#: LayerRows.part, the (sub-)layer within model.layers[index] whose input forms A;
+#: ``group``: a GroupView's group, else None)
 INPUT_FACTORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -100,12 +109,80 @@ def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
     return None
 
 
+class GroupView:
+    """Group j of a layer with ``kfac_groups`` = g > 1, as a K-FAC unit of its own.
+
+    Its weight matrix is the rows j·d_out/g:(j+1)·d_out/g of the layer's (d_out, D)
+    weight matrix, acting on the columns j·D:(j+1)·D of the layer's tokens; ``w_offset``
+    and ``b_offset`` are where its weight and bias entries start, relative to the layer's
+    slice of θ.  It carries only the K-FAC entries (no row primitives: the exact
+    curvatures use the layer itself).
+    """
+
+    def __init__(self, layer, group: int):
+        self.parent, self.group = layer, group
+        d_out, self.D = layer.weight_matrix_shape
+        self.d_out = d_out // layer.kfac_groups
+        self.bias = layer.bias
+        self.w_offset = group * self.d_out * self.D
+        self.b_offset = d_out * self.D + group * self.d_out
+
+    def __repr__(self) -> str:
+        return f"{self.parent!r} (group {self.group})"
+
+    kfac_groups = 1
+
+    def kfac_refusal(self):
+        return None
+
+    @property
+    def weight_matrix_shape(self) -> tuple[int, int]:
+        return (self.d_out, self.D)
+
+    def weight_sharing(self, cache):
+        return self.parent.weight_sharing(cache)
+
+    def tokens(self, cache):
+        j, D = self.group, self.D
+        return self.parent.tokens(cache)[:, :, j * D:(j + 1) * D]
+
+    def token_rows(self, B):
+        j, d = self.group, self.d_out
+        return self.parent.token_rows(B)[:, :, j * d:(j + 1) * d]
+
+
+def bias_start(e) -> int:
+    """Where the bias of K-FAC unit ``e`` (a LayerRows) starts in the parameter vector:
+    right after its weight, or, for a :class:`GroupView`, at its own offset."""
+    layer = e.layer
+    if isinstance(layer, GroupView):
+        return e.start - layer.w_offset + layer.b_offset
+    d_out, D = layer.weight_matrix_shape
+    return e.start + d_out * D
+
+
+def _units(e):
+    """The K-FAC units of one LayerRows: itself, or one per group (:class:`GroupView`)."""
+    g = e.layer.kfac_groups
+    if g == 1:
+        return [e]
+    out = []
+    for j in range(g):
+        view = GroupView(e.layer, j)
+        start = e.start + view.w_offset
+        out.append(dataclasses.replace(e, layer=view, start=start,
+                                       stop=start + view.d_out * view.D))
+    return out
+
+
 def parametric_rows(model, rows):
-    """(index in model.layers, LayerRows) of every parametric layer; refuses the others.
+    """(index in model.layers, LayerRows) of every K-FAC unit; refuses other layers.
 
     A Linear inside a composite layer (an attention's in- and out-projection) gets the
-    index of the composite that holds it; its factors are its own.  A layer without K-FAC
-    factors is refused with the error it gives (``kfac_refusal``).
+    index of the composite that holds it; its factors are its own.  A grouped layer gives
+    one entry per group (:class:`GroupView`; ``stop`` ends its weight entries, its bias is
+    at :func:`bias_start`).  A layer without K-FAC factors is refused with the error it
+    gives (``kfac_refusal``).
     """
     if not getattr(rows, "layers", None):
         raise TypeError("K-FAC needs a refngd.nn.Sequential of Linear / Conv2d layers "
@@ -115,7 +192,7 @@ def parametric_rows(model, rows):
         refusal = e.layer.kfac_refusal()
         if refusal is not None:
             raise type(refusal)(f"layer {e.index}: {refusal}")
-        out.append((e.index, e))
+        out.extend((e.index, unit) for unit in _units(e))
     return out
 
 
@@ -162,11 +239,12 @@ def build_blocks(e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
     d_out = G.dim
     if not layer.bias:
         return [Block("w", G, A, e.start, d_out, D, thin, e)]
+    b0 = bias_start(e)
     if bias == "joint":
-        return [Block("wb", G, A, e.start, d_out, D, thin, e)]
+        return [Block("wb", G, A, e.start, d_out, D, thin, e, b0)]
     one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
-    return [Block("w", G, A, e.start, d_out, D, thin, e),
-            Block("b", G, one, e.start, d_out, D, thin, e)]
+    return [Block("w", G, A, e.start, d_out, D, thin, e, b0),
+            Block("b", G, one, e.start, d_out, D, thin, e, b0)]
 
 
 def pi_correction(A: Array, G: Array) -> float:

@@ -15,18 +15,19 @@ from ..backend import Array, SingularSystemError, check_damping, namespace
 from .base import CurvatureOperator
 from ..options import (BIAS, FISHER_TYPE, KFAC_APPROX_DEFAULT, BiasMode, FisherType,
                        KfacApprox)
-from .kfac_factors import (LayerFactors, check_options, fisher_cotangents, input_rows,
-                           output_rows, parametric_rows, shares_weights)
+from .kfac_factors import (LayerFactors, bias_start, check_options, fisher_cotangents,
+                           input_rows, output_rows, parametric_rows, shares_weights)
 from ..nn.subsets import resolve_params
 from ..losses.base import check_loss
 from ..nn.protocols import linearization_for
 
 
-def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool) -> None:
+def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: bool,
+                             b_start: int | None = None) -> None:
     """Write diag(G) ⊗ diag(A) of one layer into the (P,) vector ``d`` in θ's order.
 
     ``dA`` carries the bias input's entry last when ``bias``: weight (o, i) gets
-    dG[o]·dA[i], bias o gets dG[o]·dA[−1].
+    dG[o]·dA[i], bias o gets dG[o]·dA[−1] — at ``b_start`` (default: after the weight).
     """
     xp = namespace(dG)
     block = xp.outer(dG, dA)
@@ -34,7 +35,8 @@ def place_kronecker_diagonal(d: Array, start: int, dG: Array, dA: Array, bias: b
     nw = block.shape[0] * d_in
     d[start:start + nw] = block[:, :d_in].reshape(-1)
     if bias:
-        d[start + nw:start + nw + block.shape[0]] = block[:, -1]
+        b0 = start + nw if b_start is None else b_start
+        d[b0:b0 + block.shape[0]] = block[:, -1]
 
 
 class KroneckerDiagonal(CurvatureOperator):
@@ -67,7 +69,7 @@ class KroneckerDiagonal(CurvatureOperator):
             dA = scale * (M * M).sum(axis=0)
             Mg = output_rows(e.layer, e.B, approx)
             dG = self.c * (Mg * Mg).sum(axis=0)
-            place_kronecker_diagonal(d, e.start, dG, dA, bool(e.layer.bias))
+            place_kronecker_diagonal(d, e.start, dG, dA, bool(e.layer.bias), bias_start(e))
             joint = bias == "joint" and e.layer.bias
             self._factors.append(LayerFactors(idx, e.layer, e.start, e.stop,
                                               dA if joint or not e.layer.bias else dA[:-1], dG,

@@ -157,22 +157,23 @@ class Block:
     """
 
     def __init__(self, kind, G: KronFactor, A: KronFactor, start: int, d_out: int, D: int, thin: bool,
-                 entry=None):
+                 entry=None, bias_start: int | None = None):
         self.kind, self.G, self.A, self.thin, self.entry = kind, G, A, thin, entry
         self.start, self.d_out, self.D = start, d_out, D
+        #: θ position of the bias: right after the weight, or a group's own place
+        self.bias_start = start + d_out * D if bias_start is None else bias_start
         self.size = d_out * A.dim
 
     def replace(self, G: KronFactor, A: KronFactor, thin: bool) -> "Block":
         """The same block with other factors (a bias block keeps its A = [1])."""
         return Block(self.kind, G, self.A if self.kind == "b" else A, self.start, self.d_out, self.D,
-                     thin, self.entry)
+                     thin, self.entry, self.bias_start)
 
     def _w(self, v):
         return v[self.start:self.start + self.d_out * self.D].reshape(self.d_out, self.D)
 
     def _b(self, v):
-        s = self.start + self.d_out * self.D
-        return v[s:s + self.d_out]
+        return v[self.bias_start:self.bias_start + self.d_out]
 
     def gather(self, v: Array) -> Array:
         xp = namespace(v)
@@ -192,7 +193,8 @@ class Block:
 
     def index(self, xp) -> Array:
         """θ positions of the block's (d_out, d_A) entries."""
-        return self.gather(xp.arange(self.start + self.d_out * (self.D + 1)))
+        return self.gather(xp.arange(max(self.start + self.d_out * self.D,
+                                         self.bias_start + self.d_out)))
 
     def eig(self):
         return self.G.eig(self.thin), self.A.eig(self.thin)

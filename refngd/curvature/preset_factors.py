@@ -79,10 +79,11 @@ def _tutorial(lin, loss, y):
         A = KronFactor(xp.ascontiguousarray(W), 1.0 / d_out)     # ∇Wᵀ ∇W / d_out
         blocks = [Block("w", G, A, f.start, d_out, D, True, old[0].entry)]
         if f.layer.bias:
-            b = g[f.start + d_out * D:f.stop].astype(xp.float64)[None, :]
+            b0 = old[-1].bias_start
+            b = g[b0:b0 + d_out].astype(xp.float64)[None, :]
             one = KronFactor(xp.ones((1, 1), dtype=xp.float64), 1.0)
             blocks.append(Block("b", KronFactor(b, 1.0 / d_out), one, f.start, d_out, D, True,
-                                old[0].entry))
+                                old[0].entry, b0))
         return blocks, A.F, G.F
 
     return fn

@@ -12,6 +12,13 @@ with c the base loss's constant for the N·T rows (z_nt): for ``CrossEntropy``,
 c = 1/(N·T) (``mean``, PyTorch's ``CrossEntropyLoss`` on the (N·T, C) logits) or 1
 (``sum``); for ``MSELoss`` and ``BCEWithLogits`` c = 1/(N·T·C) or 1.
 
+PyTorch's ``CrossEntropyLoss`` on outputs (N, C, d1, ...) with targets (N, d1, ...) puts
+the class axis at dimension 1: the per-sample output (C, d1, ...) flattened has class c of
+position t = (d1, ...) at z_n[c·T + t], T = ∏d.  ``class_dim=1`` reads Z in that layout
+(a permutation of the entries; every formula below is unchanged), so
+``PerToken(CrossEntropy(), T, class_dim=1)`` after ``Flatten()`` equals PyTorch's loss on
+the unflattened outputs, with c = 1/(N·T) (``mean``) as PyTorch's.
+
 A *sample* is the whole sequence: e_n = ∂l_n/∂z_n stacks the T token gradients, the output
 Hessian H_n = blockdiag_t(H_nt) (tokens share no logits), and its factor is the block
 diagonal of the tokens' factors, so the Fisher has T·M rows per sample (M = C − 1 for the
@@ -28,6 +35,7 @@ from typing import Any
 from ..backend import Array, namespace, to_device
 from ..options import check_int
 from .base import Loss, PointwiseLoss
+from .pointwise import CrossEntropy
 
 __all__ = ["PerToken"]
 
@@ -39,23 +47,38 @@ class PerToken(Loss):
     ----------
     loss : CrossEntropy, MSELoss or BCEWithLogits instance (its ``reduction`` is used).
     num_tokens : T; the model output per sample has T·C entries.
+    class_dim : -1 (default) or 1.  -1: the per-sample output is (T, C) flattened, token
+        t's logits at z_n[t·C:(t+1)·C] (a Linear on (N, T, d), then Flatten(); PyTorch's
+        ``loss(out.reshape(-1, C), y.reshape(-1))``).  1: it is (C, d1, ...) flattened,
+        T = ∏d, class c of position t at z_n[c·T + t] (PyTorch's ``CrossEntropyLoss`` on
+        (N, C, d1, ...) outputs, e.g. a Conv1d / Conv2d segmentation head, then Flatten()).
 
     Notes
     -----
-    Targets: ``(N, T)`` integer labels for ``CrossEntropy``, ``(N, T, C)`` floats for the
-    other two.
+    Targets: ``(N, T)`` integer labels for ``CrossEntropy`` (with ``class_dim=1`` also
+    PyTorch's ``(N, d1, ...)``), ``(N, T, C)`` floats for the other two.  Outputs of :meth:`output_gradient`,
+    :meth:`hessian_factor` and the other output-space arrays are in Z's layout.
     """
 
-    def __init__(self, loss: PointwiseLoss, num_tokens: int):
+    def __init__(self, loss: PointwiseLoss, num_tokens: int, class_dim: int = -1):
         if not isinstance(loss, PointwiseLoss):
             raise TypeError("PerToken needs a loss instance of refngd.losses (CrossEntropy(), "
                             f"MSELoss(), BCEWithLogits()), got {loss!r}.")
         self.base, self.num_tokens = loss, check_int(num_tokens, "num_tokens")
+        if isinstance(class_dim, bool) or class_dim not in (-1, 1):
+            raise ValueError(f"class_dim must be -1 (outputs (T, C)) or 1 (PyTorch's (C, d1, ...)), "
+                             f"got {class_dim!r}.")
+        if class_dim == 1 and not isinstance(loss, CrossEntropy):
+            raise ValueError(f"class_dim=1 is the class axis of CrossEntropyLoss; {loss!r} is "
+                             "elementwise: use it on the flattened outputs directly (its mean "
+                             "divides by every entry, as PyTorch's).")
+        self.class_dim = int(class_dim)
         self.reduction = loss.reduction
         self.name = "per_token_" + loss.name
 
     def __repr__(self) -> str:
-        return f"PerToken({self.base!r}, num_tokens={self.num_tokens})"
+        dim = "" if self.class_dim == -1 else f", class_dim={self.class_dim}"
+        return f"PerToken({self.base!r}, num_tokens={self.num_tokens}{dim})"
 
     # ------------------------------------------------------------------ layout
     def _tokens(self, Z: Array) -> Array:
@@ -65,7 +88,21 @@ class PerToken(Loss):
         if TC % T:
             raise ValueError(f"Z has {TC} outputs per sample, not a multiple of num_tokens = {T}; "
                              "the model must output (N, T·C) (a Linear on the tokens, then Flatten()).")
+        if self.class_dim == 1:  # (N, C, T) → (N, T, C)
+            return Z.reshape(N, TC // T, T).transpose(0, 2, 1).reshape(N * T, TC // T)
         return Z.reshape(N * T, TC // T)
+
+    def _to_layout(self, A: Array, axis: int) -> Array:
+        """Output-space axis ``axis`` of A from the token-major order (t, c) to Z's order."""
+        if self.class_dim == -1:
+            return A
+        xp = namespace(A)
+        A = xp.moveaxis(A, axis, -1)
+        T = self.num_tokens
+        lead = A.shape[:-1]
+        A = A.reshape(lead + (T, -1))
+        A = xp.swapaxes(A, -1, -2).reshape(lead + (-1,))
+        return xp.moveaxis(A, -1, axis)
 
     def _block_diag(self, blocks: Array, N: int) -> Array:
         """(N·T, C, M) token blocks → (N, T·C, T·M) block-diagonal per sample."""
@@ -88,6 +125,8 @@ class PerToken(Loss):
         Zt = self._tokens(Z)
         y = to_device(y, like=Z)
         N, T = Z.shape[0], self.num_tokens
+        if self.class_dim == 1 and y.ndim >= 2 and y.shape[0] == N and y.dtype.kind in "iu":
+            y = y.reshape(N, -1)  # PyTorch's (N, d1, ...) labels
         if y.ndim < 2 or tuple(y.shape[:2]) != (N, T):
             raise ValueError(f"per-token targets must have leading shape (N, T) = ({N}, {T}), got "
                              f"{tuple(y.shape)}.")
@@ -101,15 +140,17 @@ class PerToken(Loss):
     def output_gradient(self, Z: Array, y: Any) -> Array:
         """e_n (N, T·C): the token gradients ∂ℓ/∂z_nt side by side."""
         ys = self.check_targets(Z, y)
-        return self.base._gradient(self._tokens(Z), ys).reshape(Z.shape)
+        return self._to_layout(self.base._gradient(self._tokens(Z), ys).reshape(Z.shape), 1)
 
     def output_hessian(self, Z: Array) -> Array:
         """H_n = blockdiag_t(H_nt), shape (N, T·C, T·C)."""
-        return self._block_diag(self.base.output_hessian(self._tokens(Z)), Z.shape[0])
+        H = self._block_diag(self.base.output_hessian(self._tokens(Z)), Z.shape[0])
+        return self._to_layout(self._to_layout(H, 1), 2)
 
     def hessian_sqrt(self, Z: Array) -> Array:
-        """blockdiag_t(S_nt), shape (N, T·C, T·C)."""
-        return self._block_diag(self.base.hessian_sqrt(self._tokens(Z)), Z.shape[0])
+        """blockdiag_t(S_nt), shape (N, T·C, T·C) (rows in Z's layout)."""
+        return self._to_layout(self._block_diag(self.base.hessian_sqrt(self._tokens(Z)),
+                                                Z.shape[0]), 1)
 
     def hessian_factor(self, Z: Array, y: Any = None) -> Array:
         """blockdiag_t(F_nt), shape (N, T·C, T·M): the Fisher's T·M rows per sample.
@@ -118,9 +159,10 @@ class PerToken(Loss):
         y_nt)`` (for the cross-entropy aligned with the token's gradient).
         """
         if y is None:
-            return self._block_diag(self.base.hessian_factor(self._tokens(Z)), Z.shape[0])
-        ys = self.check_targets(Z, y)
-        return self._block_diag(self.base.hessian_factor(self._tokens(Z), ys), Z.shape[0])
+            F = self.base.hessian_factor(self._tokens(Z))
+        else:
+            F = self.base.hessian_factor(self._tokens(Z), self.check_targets(Z, y))
+        return self._to_layout(self._block_diag(F, Z.shape[0]), 1)
 
     def gradient_in_factor(self, Z: Array, y: Any) -> tuple[Array, Array]:
         """e_n = F_n a_n + r_n token by token: ``a`` (N, T·M) and ``r`` (N, T·C), in the
@@ -129,7 +171,7 @@ class PerToken(Loss):
         ys = self.check_targets(Z, y)
         a, r = self.base._gradient_in_factor(self._tokens(Z), ys)
         N = Z.shape[0]
-        return a.reshape(N, -1), r.reshape(N, -1)
+        return a.reshape(N, -1), self._to_layout(r.reshape(N, -1), 1)
 
     def sample_targets(self, Z: Array, rng: Any, mc_samples: int = 1) -> Array:
         """K draws per sample, each token independently: leading shape (N, K, T)."""
@@ -146,4 +188,4 @@ class PerToken(Loss):
         Yt = xp.moveaxis(Yhat, 2, 1).reshape((N * T, K) + tuple(Yhat.shape[3:]))  # rows n·T + t
         E = self.base.output_gradients_at(self._tokens(Z), Yt)                     # (N·T, K, C)
         C = E.shape[2]
-        return E.reshape(N, T, K, C).transpose(0, 2, 1, 3).reshape(N, K, T * C)
+        return self._to_layout(E.reshape(N, T, K, C).transpose(0, 2, 1, 3).reshape(N, K, T * C), 2)

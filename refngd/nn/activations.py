@@ -1,15 +1,17 @@
-"""Elementwise activations and Flatten.
+"""Elementwise activations, Identity, Dropout (evaluation mode) and Flatten.
 
 Each activation caches its derivative σ'(x) in the forward pass; the backward pass
-multiplies every cotangent row by it (broadcast over the K rows of a sample).
+multiplies every cotangent row by it (broadcast over the K rows of a sample).  At a kink
+the derivative is PyTorch's: ReLU'(0) = 0, LeakyReLU'(0) = negative_slope, ELU'(0) = α
+(``torch/csrc/autograd/FunctionsManual.cpp`` and the ATen backward kernels).
 """
 from __future__ import annotations
 
 import math
 
 from ..backend import erf, namespace
+from ..options import check_positive, check_real, check_unit_interval
 from .base import Layer
-
 
 class _Elementwise(Layer):
     def backward(self, params, cache, B):
@@ -66,6 +68,97 @@ class GELU(_Elementwise):
         t = xp.tanh(c * (x + 0.044715 * x**3))
         dt = (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
         return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * dt
+
+
+class LeakyReLU(_Elementwise):
+    """x for x > 0, negative_slope·x otherwise; derivative 1[x > 0] + slope·1[x ≤ 0]
+    (``torch.nn.LeakyReLU(negative_slope=0.01)``; at 0 PyTorch's backward takes the slope)."""
+
+    def __init__(self, negative_slope: float = 0.01, inplace: bool = False):
+        self.negative_slope = check_real(negative_slope, "LeakyReLU negative_slope")
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope!r})"
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        d = xp.where(x > 0, 1.0, self.negative_slope).astype(x.dtype)
+        return x * d, d
+
+
+class ELU(_Elementwise):
+    """x for x > 0, α(eᵡ − 1) otherwise (Clevert et al. 2016); derivative 1 or α eᵡ
+    (x ≤ 0, PyTorch's branch at 0), as ``torch.nn.ELU(alpha=1.0)``."""
+
+    def __init__(self, alpha: float = 1.0, inplace: bool = False):
+        self.alpha = check_real(alpha, "ELU alpha")
+
+    def __repr__(self) -> str:
+        return f"ELU(alpha={self.alpha!r})"
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        pos = x > 0
+        neg = xp.where(pos, 0.0, x)  # no overflow of eˣ on the positive branch
+        return (xp.where(pos, x, self.alpha * xp.expm1(neg)),
+                xp.where(pos, 1.0, self.alpha * xp.exp(neg)).astype(x.dtype))
+
+
+class SiLU(_Elementwise):
+    """x·σ(x) ("swish", Elfwing et al. 2018; ``torch.nn.SiLU``); derivative
+    σ(x)(1 + x(1 − σ(x)))."""
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        s = 0.5 * (1 + xp.tanh(0.5 * x))
+        return x * s, s * (1 + x * (1 - s))
+
+
+class Softplus(_Elementwise):
+    """(1/β) log(1 + e^{βx}), or x where βx > threshold (``torch.nn.Softplus(beta=1.0,
+    threshold=20.0)``); derivative σ(βx), or 1 where βx > threshold — PyTorch's switch."""
+
+    def __init__(self, beta: float = 1.0, threshold: float = 20.0):
+        self.beta = check_positive(beta, "Softplus beta")
+        self.threshold = check_real(threshold, "Softplus threshold")
+
+    def __repr__(self) -> str:
+        return f"Softplus(beta={self.beta!r}, threshold={self.threshold!r})"
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        bx = self.beta * x
+        lin = bx > self.threshold
+        sp = xp.logaddexp(0.0, bx) / self.beta
+        s = 0.5 * (1 + xp.tanh(0.5 * bx))
+        return xp.where(lin, x, sp), xp.where(lin, 1.0, s).astype(x.dtype)
+
+
+class Identity(Layer):
+    """The identity (``torch.nn.Identity``): output = input, rows pass unchanged."""
+
+    def forward(self, params, x):
+        return x, None
+
+    def backward(self, params, cache, B):
+        return B
+
+
+class Dropout(Identity):
+    """Dropout in evaluation mode: the identity (``torch.nn.Dropout(p)`` after ``eval()``).
+
+    refngd's curvatures are those of a deterministic function of θ; a network in training
+    mode multiplies by a random mask, whose "curvature" is not the quantity anyone means,
+    so refngd has no training mode: this layer is always the evaluation-mode identity, and
+    :func:`refngd.interop.from_torch` refuses a ``Dropout`` with p > 0 in training mode.
+    ``p`` is kept (and checked: 0 ≤ p ≤ 1, as PyTorch) so that the twin converts back.
+    """
+
+    def __init__(self, p: float = 0.5, inplace: bool = False):
+        self.p = check_unit_interval(p, "Dropout p", closed_right=True)
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p!r})"
 
 
 class Flatten(Layer):

@@ -39,6 +39,7 @@ attribute / method               used by
 ``weight_sharing(cache)``        None, ``"sequence"`` or ``"spatial"``: T positions share W
 ``tokens(cache)``                (N, T, D) the inputs W sees (T = 1 without sharing)
 ``token_rows(B)``                (N, K, d_out, T) the rows at those T positions
+``kfac_groups``                  g: the weight is g disjoint blocks (grouped convolution)
 ``backward_workspace(...)``      :mod:`refngd.memory`: temporaries of ``backward``
 ``gram_workspace(...)``          :mod:`refngd.memory`: temporaries of ``row_gram``
 ==============================  ===========================================================
@@ -264,8 +265,18 @@ class ParametricLayer(Layer):
         raise self.kfac_refusal()
 
     def tokens(self, cache: Any) -> Array:
-        """(N, T, D): the input vectors ā_nt the weight multiplies (T = 1 without sharing)."""
+        """(N, T, g·D): the input vectors ā_nt the weight multiplies (T = 1 without
+        sharing; g = :attr:`kfac_groups`, 1 but for grouped convolutions)."""
         raise self.kfac_refusal()
+
+    @property
+    def kfac_groups(self) -> int:
+        """g ≥ 1: the weight is g disjoint blocks, block j mapping input columns
+        j·D:(j+1)·D of :meth:`tokens` to outputs j·d_out/g:(j+1)·d_out/g of
+        :meth:`token_rows` — a grouped convolution.  Block j's entries are the rows
+        j·d_out/g:(j+1)·d_out/g of the (d_out, D) weight matrix (contiguous in θ); K-FAC
+        gives each block its own factors (docs/kfac.md, "Grouped convolution")."""
+        return 1
 
     def token_rows(self, B: Array) -> Array:
         """(N, K, d_out, T): row b_rt at each of the T positions (a view where possible)."""

@@ -19,7 +19,8 @@ import copy
 import math
 
 from ..backend import namespace
-from .base import BiasRows, ParametricLayer, int_pair, layer_ints
+from ..options import ArgumentTypeError
+from .base import BiasRows, ParametricLayer, int_pair, layer_ints, positive_int
 from .shared import (gram_flops, gram_route, shared_gram, shared_row_grads,
                      shared_row_sq_sum, weighted_row_sum)
 
@@ -58,12 +59,19 @@ class Conv2d(ParametricLayer):
     in_channels, out_channels : int
         C_in and C_out.
     kernel_size, stride, padding, dilation : int or pair of ints
-        As in PyTorch; padding is zero padding on both sides.  Only ``groups=1``.
+        As in PyTorch; padding is zero padding on both sides (an integer: ``"same"`` /
+        ``"valid"`` and other ``padding_mode`` values are refused by the converter).
+    groups : int, default 1 (keyword only: the 7th argument is ``bias``)
+        Grouped convolution (``groups = C_in``: depthwise): output channels
+        j·C_out/g … (j+1)·C_out/g see only input channels j·C_in/g … (j+1)·C_in/g, with
+        weight (C_out, C_in/g, kh, kw).  Every group is a convolution of its own on its
+        patch rows j·D:(j+1)·D, D = (C_in/g)·kh·kw: its row gradients, Gram and K-FAC
+        block are its own (the weights of different groups are disjoint).
     bias : bool, default True
 
     Attributes
     ----------
-    param_shapes : ((C_out, C_in, kh, kw), (C_out,)) — weight then bias, each row-major:
+    param_shapes : ((C_out, C_in/groups, kh, kw), (C_out,)) — weight then bias, row-major:
         θ is exactly ``parameters_to_vector(torch_conv.parameters())``.
     gram_route : None, "materialise" or "spatial"
         Force a route of :meth:`row_gram`; None (default) picks by :func:`conv_gram_route`.
@@ -98,37 +106,54 @@ class Conv2d(ParametricLayer):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
-                 padding=0, dilation=1, bias: bool = True):
+                 padding=0, dilation=1, bias: bool = True, *, groups: int = 1):
+        owner = type(self).__name__
+        if not isinstance(bias, bool) and bias not in (0, 1):
+            raise ArgumentTypeError(f"{owner} bias must be True or False, got {bias!r} (refngd's "
+                                    "Conv2d takes bias as its 7th argument; pass groups= by "
+                                    "keyword).")
         self.in_channels, self.out_channels = layer_ints(
-            {"in_channels": in_channels, "out_channels": out_channels}, "Conv2d",
-            "Conv2d needs in_channels >= 1 and out_channels >= 1 (integers), "
+            {"in_channels": in_channels, "out_channels": out_channels}, owner,
+            f"{owner} needs in_channels >= 1 and out_channels >= 1 (integers), "
             f"got {in_channels!r} and {out_channels!r}.")
-        self.kernel_size = int_pair(kernel_size, "kernel_size", "Conv2d", 1)
-        self.stride = int_pair(stride, "stride", "Conv2d", 1)
-        self.padding = int_pair(padding, "padding", "Conv2d", 0)
-        self.dilation = int_pair(dilation, "dilation", "Conv2d", 1)
+        self.groups = positive_int(groups, "groups", owner)
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % self.groups:
+                raise ValueError(f"{owner} {name} ({getattr(self, name)}) must be divisible by "
+                                 f"groups ({self.groups}).")
+        # the 2-d geometry the computation reads (Conv1d: a 1 × k kernel on (C, 1, L) maps)
+        self._k = self.kernel_size = int_pair(kernel_size, "kernel_size", owner, 1)
+        self._s = self.stride = int_pair(stride, "stride", owner, 1)
+        self._p = self.padding = int_pair(padding, "padding", owner, 0)
+        self._d = self.dilation = int_pair(dilation, "dilation", owner, 1)
         self.bias = bool(bias)
         self.gram_route: str | None = None  #: None (auto), "materialise" or "spatial"
-        self.D = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        shapes = [(self.out_channels, self.in_channels) + self.kernel_size]
+        #: columns of the weight matrix (C_in/groups)·kh·kw; the patches have groups·D rows
+        self.D = self.in_channels // self.groups * self._k[0] * self._k[1]
+        self._D_in = self.groups * self.D
+        shapes = [(self.out_channels, self.in_channels // self.groups) + self._k]
         if self.bias:
             shapes.append((self.out_channels,))
         self.param_shapes = tuple(shapes)
 
     def __repr__(self) -> str:
-        return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias})")
+        groups = f", groups={self.groups}" if self.groups != 1 else ""
+        return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}{groups}, bias={self.bias})")
 
     def out_shape(self, in_shape):
+        return self._out_shape2d(in_shape)
+
+    def _out_shape2d(self, in_shape):
+        """(C_out, H_out, W_out) of a per-sample (C_in, H, W) input (Conv1d: H = 1)."""
         in_shape = tuple(in_shape)
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:
             raise ValueError(
                 f"{self!r} expects per-sample input shape ({self.in_channels}, H, W) "
                 f"(NCHW with {self.in_channels} channels), got {in_shape}.")
         hw = []
-        for size, k, s, p, d in zip(in_shape[1:], self.kernel_size, self.stride,
-                                    self.padding, self.dilation):
+        for size, k, s, p, d in zip(in_shape[1:], self._k, self._s, self._p, self._d):
             hw.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
         if min(hw) < 1:
             raise ValueError(
@@ -151,22 +176,45 @@ class Conv2d(ParametricLayer):
         """
         xp = namespace(x)
         N, _, H, W = x.shape
-        _, Ho, Wo = self.out_shape(x.shape[1:])
-        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        _, Ho, Wo = self._out_shape2d(x.shape[1:])
+        (ph, pw), (sh, sw), (dh, dw) = self._p, self._s, self._d
         if ph or pw:  # zeros + one slice assignment: a fraction of the time of a generic pad
             padded = xp.zeros((N, self.in_channels, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
             padded[:, :, ph:ph + H, pw:pw + W] = x
             x = padded
         sN, sC, sH, sW = x.strides
         view = xp.lib.stride_tricks.as_strided(
-            x, shape=(self.in_channels,) + self.kernel_size + (N, Ho, Wo),
+            x, shape=(self.in_channels,) + self._k + (N, Ho, Wo),
             strides=(sC, sH * dh, sW * dw, sN, sH * sh, sW * sw))
-        return view.reshape(self.D, N * Ho * Wo), (Ho, Wo)  # reshape copies the view
+        return view.reshape(self._D_in, N * Ho * Wo), (Ho, Wo)  # reshape copies the view
 
     @staticmethod
     def _cols_matrix(cols):
         """The (D, N·T) matrix behind the cached (N, D, T) columns (a view, no copy)."""
         return cols.transpose(1, 0, 2).reshape(cols.shape[1], -1)
+
+    def _weight_times(self, W, cols2):
+        """W_mat Āᵀ for the (groups·D, M) columns: one GEMM, or one per group (group j's
+        C_out/groups outputs read its D patch rows j·D:(j+1)·D), as (C_out, M)."""
+        Co, g = self.out_channels, self.groups
+        if g == 1:
+            return W.reshape(Co, self.D) @ cols2
+        M = cols2.shape[1]
+        return (W.reshape(g, Co // g, self.D) @ cols2.reshape(g, self.D, M)).reshape(Co, M)
+
+    def _dense_weight(self, W):
+        """The (C_out, C_in, kh, kw) weight of the equivalent ungrouped convolution: group
+        j's block on its channels, zero elsewhere (exact zeros: the backward is unchanged)."""
+        g = self.groups
+        if g == 1:
+            return W
+        xp = namespace(W)
+        Co, Cig = self.out_channels, self.in_channels // g
+        dense = xp.zeros((Co, self.in_channels) + self._k, dtype=W.dtype)
+        Cog = Co // g
+        for j in range(g):
+            dense[j * Cog:(j + 1) * Cog, j * Cig:(j + 1) * Cig] = W[j * Cog:(j + 1) * Cog]
+        return dense
 
     def forward(self, params, x):
         """z_n = W_mat Āₙᵀ (+ b): one GEMM over the im2col columns of all samples.
@@ -178,13 +226,13 @@ class Conv2d(ParametricLayer):
         N = x.shape[0]
         cols2, (Ho, Wo) = self._im2col(x)
         Co, T = self.out_channels, Ho * Wo
-        Z = (params[0].reshape(Co, self.D) @ cols2).reshape(Co, N, T).transpose(1, 0, 2)
+        Z = self._weight_times(params[0], cols2).reshape(Co, N, T).transpose(1, 0, 2)
         z = xp.empty((N, Co, T), dtype=Z.dtype)  # the (n, o, t) layout, bias added on the way
         if self.bias:
             xp.add(Z, params[1][:, None].astype(Z.dtype, copy=False), out=z)
         else:
             z[...] = Z
-        cols = cols2.reshape(self.D, N, T).transpose(1, 0, 2)
+        cols = cols2.reshape(self._D_in, N, T).transpose(1, 0, 2)
         return z.reshape(N, Co, Ho, Wo), (cols, tuple(x.shape[2:]))
 
     def backward(self, params, cache, B):
@@ -199,14 +247,14 @@ class Conv2d(ParametricLayer):
         """
         xp = namespace(B)
         (H, W), (N, K, Co, Ho, Wo) = cache[1], B.shape
-        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        (kh, kw), R, C, T = self.kernel_size, N * K, self.in_channels, Ho * Wo
+        (ph, pw), (sh, sw), (dh, dw) = self._p, self._s, self._d
+        (kh, kw), R, C, T = self._k, N * K, self.in_channels, Ho * Wo
         Bt = xp.ascontiguousarray(B.reshape(R, Co, T).transpose(1, 0, 2)).reshape(Co, -1)
-        Wall = params[0].transpose(2, 3, 1, 0).reshape(kh * kw * C, Co)  # rows (i, j, c)
+        Wall = self._dense_weight(params[0]).transpose(2, 3, 1, 0).reshape(kh * kw * C, Co)
         out = xp.zeros((R, C, H, W), dtype=Bt.dtype)
         rows = [_reads(i * dh - ph, sh, Ho, H) for i in range(kh)]
         cols = [_reads(j * dw - pw, sw, Wo, W) for j in range(kw)]
-        step = max(1, _BACKWARD_CHUNK_ELEMS // (self.D * T))
+        step = max(1, _BACKWARD_CHUNK_ELEMS // (self._D_in * T))
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             Y = (Wall @ Bt[:, r0 * T:r1 * T]).reshape(kh, kw, C, r1 - r0, Ho, Wo)
@@ -236,13 +284,20 @@ class Conv2d(ParametricLayer):
 
     @property
     def weight_matrix_shape(self):
+        """(C_out, D), D = (C_in/groups)·kh·kw: the weight tensor as the matrix it is."""
         return (self.out_channels, self.D)
+
+    @property
+    def kfac_groups(self) -> int:
+        """``groups``: K-FAC has one block per group (docs/kfac.md, "Grouped convolution")."""
+        return self.groups
 
     def weight_sharing(self, cache):
         return "spatial"
 
     def tokens(self, cache):
-        """Patches Ā (N, T, D): a view of the cached columns."""
+        """Patches Ā (N, T, groups·D): a view of the cached columns (group j's D columns
+        j·D:(j+1)·D)."""
         return cache[0].transpose(0, 2, 1)
 
     def token_rows(self, B):
@@ -255,16 +310,17 @@ class Conv2d(ParametricLayer):
         (:meth:`backward`); the result is written in place, with no padded buffer."""
         out_size = math.prod(out_shape)
         T = out_size // self.out_channels
-        block = min(R, max(1, _BACKWARD_CHUNK_ELEMS // (self.D * T))) * self.D * T
+        D = self._D_in
+        block = min(R, max(1, _BACKWARD_CHUNK_ELEMS // (D * T))) * D * T
         return R * out_size + block
 
     def gram_workspace(self, in_shape, out_shape, N, K, itemsize):
         """Float64 copies of float32 patches and rows, and the temporaries of the Gram
         route :func:`conv_gram_route` picks (:func:`refngd.nn.shared.shared_gram`)."""
-        R, Co, D = N * K, self.out_channels, self.D
-        T = math.prod(out_shape) // Co
+        R, Co, D = N * K, self.out_channels // self.groups, self.D
+        T = math.prod(out_shape) // self.out_channels
         route = self.gram_route or conv_gram_route(N, K, T, Co, D, self.bias)
-        b = (itemsize != 8) * (N * T * D + R * Co * T) * 8
+        b = (itemsize != 8) * (N * T * self._D_in + R * self.out_channels * T) * 8
         if route == "materialise":  # per-row gradients one block of channels at a time
             step = max(1, _CHUNK_ELEMS // max(1, R * D))
             return b + (2 * R * R + R * min(step, Co) * D) * 8
@@ -276,28 +332,57 @@ class Conv2d(ParametricLayer):
         """Patches Ā (N, T, D) and rows (N, K, C_out, T), for :mod:`refngd.nn.shared`."""
         return self.tokens(cache), self.token_rows(B)
 
+    def _groups(self, cache, B):
+        """Per group j: its patches Ā_j (N, T, D) and rows (N, K, C_out/groups, T) (views)."""
+        A, Bm = self._rows(cache, B)
+        D, Cog = self.D, self.out_channels // self.groups
+        return [(A[:, :, j * D:(j + 1) * D], Bm[:, :, j * Cog:(j + 1) * Cog])
+                for j in range(self.groups)]
+
+    def _bias_rows(self, B):
+        """(N, K, C_out): each row summed over the output locations (the bias gradients)."""
+        return self.token_rows(B).sum(axis=3)
+
     def row_grads(self, cache, B):
-        return shared_row_grads(*self._rows(cache, B), self.bias)
+        if self.groups == 1:
+            return shared_row_grads(*self._rows(cache, B), self.bias)
+        xp = namespace(B)
+        parts = [shared_row_grads(A, Bm, False) for A, Bm in self._groups(cache, B)]
+        if self.bias:
+            parts.append(self._bias_rows(B))
+        return xp.concatenate(parts, axis=2)
 
     def row_dot(self, cache, B, V):
         xp = namespace(B)
         cols, (N, K) = cache[0], B.shape[:2]
         Co, T = self.out_channels, cols.shape[2]
-        # V_W ā_nt for every (n, t): one GEMM, then the (n, o, t) layout of the rows
-        M = (V[0].reshape(Co, self.D) @ self._cols_matrix(cols)).reshape(Co, N, T)
+        # V_W ā_nt for every (n, t): one GEMM (per group), then the (n, o, t) layout
+        M = self._weight_times(V[0], self._cols_matrix(cols)).reshape(Co, N, T)
         M = xp.ascontiguousarray(M.transpose(1, 0, 2))
         if self.bias:
             M += V[1][:, None]
         return (B.reshape(N, K, -1) @ M.reshape(N, -1, 1))[..., 0]
+
+    def _weight_block(self, vt, cols, out=None):
+        """Σ_n v_n Ā_n as (C_out, D): one (C_out × N·T)(N·T × D) GEMM, or one per group."""
+        xp = namespace(vt)
+        g, Co = self.groups, self.out_channels
+        C = self._cols_matrix(cols)
+        if g == 1:
+            return xp.matmul(vt, C.T, out=out)
+        res = vt.reshape(g, Co // g, -1) @ C.reshape(g, self.D, -1).transpose(0, 2, 1)
+        res = res.reshape(Co, self.D)
+        if out is not None:
+            out[...] = res
+        return res
 
     def row_sum(self, cache, B, w):
         xp = namespace(B)
         cols, N = cache[0], B.shape[0]
         Co = self.out_channels
         v = weighted_row_sum(B, w).reshape(N, Co, -1)  # Σ_k w_nk b_nk
-        # Σ_n v_n Ā_n as one (C_out × N·T)(N·T × D) GEMM
         vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
-        blocks = [(vt @ self._cols_matrix(cols).T).reshape(self.param_shapes[0])]
+        blocks = [self._weight_block(vt, cols).reshape(self.param_shapes[0])]
         if self.bias:
             blocks.append(v.sum(axis=(0, 2)))
         return blocks
@@ -309,14 +394,31 @@ class Conv2d(ParametricLayer):
         Co = self.out_channels
         v = weighted_row_sum(B, w).reshape(N, Co, -1)
         vt = xp.ascontiguousarray(v.transpose(1, 0, 2)).reshape(Co, -1)
-        xp.matmul(vt, self._cols_matrix(cols).T, out=out[0].reshape(Co, self.D))
+        self._weight_block(vt, cols, out=out[0].reshape(Co, self.D))
         if self.bias:
             v.sum(axis=(0, 2), out=out[1])
 
     def row_sq_sum(self, cache, B):
         """Σ_r G_r ⊙ G_r from per-row gradients materialised a block of channels at a time."""
-        return shared_row_sq_sum(*self._rows(cache, B), self.bias, _CHUNK_ELEMS)
+        if self.groups == 1:
+            return shared_row_sq_sum(*self._rows(cache, B), self.bias, _CHUNK_ELEMS)
+        xp = namespace(B)
+        parts = [shared_row_sq_sum(A, Bm, False, _CHUNK_ELEMS) for A, Bm in self._groups(cache, B)]
+        if self.bias:
+            gb = self._bias_rows(B)
+            parts.append((gb * gb).sum(axis=(0, 1)))
+        return xp.concatenate(parts)
 
     def row_gram(self, cache, B):
-        """(R, R) float64 Gram U_l U_lᵀ by the cheaper route (or ``self.gram_route``)."""
-        return shared_gram(*self._rows(cache, B), self.bias, self.gram_route, _CHUNK_ELEMS)
+        """(R, R) float64 Gram U_l U_lᵀ by the cheaper route (or ``self.gram_route``); with
+        groups, the sum of the groups' Grams (their weights are disjoint) and the bias's."""
+        if self.groups == 1:
+            return shared_gram(*self._rows(cache, B), self.bias, self.gram_route, _CHUNK_ELEMS)
+        xp = namespace(B)
+        G = sum(shared_gram(A, Bm, False, self.gram_route, _CHUNK_ELEMS)
+                for A, Bm in self._groups(cache, B))
+        if self.bias:
+            N, K = B.shape[:2]
+            U = self._bias_rows(B).reshape(N * K, -1).astype(xp.float64, copy=False)
+            G += U @ U.T
+        return G

@@ -98,8 +98,12 @@ class Sequential:
                     f"[{int(xp.min(X))}, {int(xp.max(X))}]."), X)
         else:
             check_float_array("X", X)
-        if X.ndim < 2 or X.shape[0] < 1:
-            raise ValueError(f"X must be a batch of shape (N, ...) with N >= 1, got {tuple(X.shape)}.")
+        # integer indices may be one per sample, (N,), as torch.nn.Embedding takes them
+        min_ndim = 1 if self.layers[0].integer_input else 2
+        if X.ndim < min_ndim or X.shape[0] < 1:
+            shape = "(N, ...)" if min_ndim == 2 else "(N,) or (N, ...)"
+            raise ValueError(f"X must be a batch of shape {shape} with N >= 1, got "
+                             f"{tuple(X.shape)}.")
         shape = tuple(X.shape[1:])
         for i, layer in enumerate(self.layers):
             try:
@@ -108,8 +112,10 @@ class Sequential:
                 raise ValueError(f"layer {i}: {err}") from None
         if len(shape) != 1:
             raise ValueError(
-                f"the model output per sample has shape {shape}; refngd needs (C,): end with Flatten()."
-            )
+                f"the model output per sample has shape {shape}; refngd needs (C,): end with "
+                "Flatten(). For a loss per token or position use refngd.losses.PerToken: "
+                "outputs (T, C) → PerToken(loss, T); PyTorch's class axis at dimension 1, "
+                "(C, d1, ...) → PerToken(CrossEntropy(), d1·..., class_dim=1).")
         return X if self.layers[0].integer_input else X.astype(theta.dtype, copy=False)
 
     def forward(self, theta: Array, X: Array) -> Array:
