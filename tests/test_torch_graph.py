@@ -148,6 +148,57 @@ class TinyViT(torch.nn.Module):
         return self.head(h[:, 0])
 
 
+class NewLayers1d(torch.nn.Module):
+    """The layers of item 2 in a traced forward: Conv1d, a depthwise Conv1d, the functional
+    leaky ReLU / SiLU / ELU / Softplus, Dropout and F.dropout in eval mode, MaxPool1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.dw = torch.nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.drop, self.pool = torch.nn.Dropout(0.3), torch.nn.MaxPool1d(2)
+        self.head = torch.nn.Linear(8 * 3, 3)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv(x), 0.2)
+        h = h + F.silu(self.dw(h))
+        h = F.elu(self.drop(h), alpha=0.7) - F.softplus(h, beta=2.0)
+        h = self.pool(h)
+        return self.head(F.dropout(h.flatten(1), p=0.5, training=self.training))
+
+
+class GroupedUpsample(torch.nn.Module):
+    """A grouped Conv2d, nearest Upsample and AvgPool2d with a residual, Identity, SiLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.up, self.pool = torch.nn.Upsample(scale_factor=2), torch.nn.AvgPool2d(2)
+        self.act, self.skip = torch.nn.SiLU(), torch.nn.Identity()
+        self.head = torch.nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = self.skip(h) + self.pool(self.act(self.up(h)))
+        return self.head(h.flatten(1))
+
+
+class FunctionalPools(torch.nn.Module):
+    """The functional pools and F.interpolate (nearest) become their modules' layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 2 * 2 + 3 * 2, 3)
+
+    def forward(self, x):
+        h = F.interpolate(torch.tanh(self.conv(x)), scale_factor=2)       # (3, 8, 8)
+        a = F.max_pool2d(h, 2, padding=1)                                  # (3, 5, 5)
+        a = F.avg_pool2d(a, 3, stride=2, count_include_pad=False)          # (3, 2, 2)
+        b = F.adaptive_avg_pool1d(F.avg_pool1d(h.flatten(2), 4), 2)      # (3, 2)
+        return self.head(torch.cat([a.flatten(1), F.max_pool1d(b, 1).flatten(1)], dim=1))
+
+
 class WithUnused(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -226,6 +277,9 @@ CASES = {  # name: (constructor, per-sample input shape or ("int", T, V))
     "self_attention": (SelfAttentionClassifier, (3, 4)),
     "unused_parameter": (WithUnused, (3,)),
     "tiny_vit": (TinyViT, (3, 5)),
+    "new_layers_1d": (NewLayers1d, (4, 6)),
+    "grouped_upsample": (GroupedUpsample, (4, 4, 4)),
+    "functional_pools": (FunctionalPools, (2, 4, 4)),
     "layer_scale": (lambda: RawParameter(), (3,)),
     "sequential_of_custom": (lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), CalledTwice()),
                              (4,)),
@@ -513,7 +567,7 @@ class Branchy(torch.nn.Module):
 class Unsupported1d(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv1d(2, 2, 3)
+        self.conv = torch.nn.ConvTranspose1d(2, 2, 3)
 
     def forward(self, x):
         return self.conv(x).flatten(1)
@@ -527,10 +581,21 @@ def test_unsupported_ops_are_refused_with_name_op_and_line():
     with pytest.raises(interop.UnsupportedModuleError,
                        match=r"'matmul'.*parameter 'w' is used directly in matmul"):
         interop.from_torch(RawMatmul().double())
-    with pytest.raises(interop.UnsupportedModuleError, match="Conv1d at 'conv'"):
+    with pytest.raises(interop.UnsupportedModuleError, match="ConvTranspose1d at 'conv'"):
         interop.from_torch(Unsupported1d().double())
     with pytest.raises(interop.UnsupportedModuleError, match="torch.fx could not trace Branchy"):
         interop.from_torch(Branchy().double())
+
+
+def test_dropout_in_training_mode_is_refused():
+    """A random function has no curvature anyone means: Dropout (module or functional) in
+    training mode is refused; in eval mode it is the identity (new_layers_1d)."""
+    net = NewLayers1d().double().train()
+    with pytest.raises(interop.UnsupportedModuleError, match=r"Dropout at 'drop'.*training mode"):
+        interop.from_torch(net)
+    net.drop.eval()  # the module off, F.dropout(training=self.training) still on
+    with pytest.raises(interop.UnsupportedModuleError, match=r"'dropout'.*is random"):
+        interop.from_torch(net)
 
 
 class BatchAxisLast(torch.nn.Module):

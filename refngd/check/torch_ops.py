@@ -244,5 +244,33 @@ def functional_modules(torch) -> dict:
              F.leaky_relu: lambda negative_slope=0.01, inplace=False: tnn.LeakyReLU(
                  negative_slope),
              F.softplus: lambda beta=1.0, threshold=20.0: tnn.Softplus(beta, threshold),
-             F.dropout: dropout}
+             F.dropout: dropout,
+             F.max_pool1d: _pool(tnn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation",
+                                                 "ceil_mode", "return_indices")),
+             F.max_pool2d: _pool(tnn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation",
+                                                 "ceil_mode", "return_indices")),
+             F.avg_pool1d: _pool(tnn.AvgPool1d, ("kernel_size", "stride", "padding",
+                                                 "ceil_mode", "count_include_pad")),
+             F.avg_pool2d: _pool(tnn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                                 "count_include_pad", "divisor_override")),
+             F.adaptive_avg_pool1d: lambda output_size: tnn.AdaptiveAvgPool1d(output_size),
+             F.adaptive_avg_pool2d: lambda output_size: tnn.AdaptiveAvgPool2d(output_size),
+             F.interpolate: _interpolate(tnn)}
     return table
+
+
+def _pool(cls, names: tuple):
+    """``F.max_pool2d(x, k, ...)`` → the module with the same arguments, by keyword."""
+    def make(*args, **kw):
+        kw.update(zip(names, args))
+        return cls(**kw)
+    return make
+
+
+def _interpolate(tnn):
+    def make(size=None, scale_factor=None, mode="nearest", align_corners=None,
+             recompute_scale_factor=None, antialias=False):
+        if antialias:
+            raise ValueError("interpolate(antialias=True)")
+        return tnn.Upsample(size, scale_factor, mode, align_corners, recompute_scale_factor)
+    return make
