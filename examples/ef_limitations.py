@@ -19,7 +19,10 @@ after 50 steps from some start.
 import argparse
 import os
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -91,11 +94,15 @@ assert ef_err > 0.05, "EF descent should still be far from θ* from some start"
 U, V = np.meshgrid(np.linspace(u[0], u[-1], 60), np.linspace(v[0], v[-1], 60))
 Lg = np.array([[refngd.loss_value(model, np.array([a, b]), loss, x, y) for a, b in zip(ra, rb)]
                for ra, rb in zip(U, V)])
-fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
-axes[0].plot(x[:, 0], y[:, 0], ".", color="0.3")
+fig, axes = plt.subplots(1, 4, figsize=(15, 4.4))
+axes[0].plot(x[:, 0], y[:, 0], ".", color="0.3", label=f"data (N = {N})")
 xs = np.linspace(x.min(), x.max(), 2)
-axes[0].plot(xs, theta_star[0] * xs + theta_star[1], "k-", lw=1)
+axes[0].plot(xs, theta_star[0] * xs + theta_star[1], "k-", lw=1,
+             label=f"least squares: z = {theta_star[0]:.2f}x + {theta_star[1]:.2f}")
 axes[0].set_title("data and least-squares fit")
+axes[0].set_xlabel("input x")
+axes[0].set_ylabel("target y")
+axes[0].legend(loc="upper left", fontsize=8)
 for ax, name in zip(axes[1:], ["GD", "NGD", "EF"]):
     ax.contour(U, V, Lg, levels=15, colors="0.8", linewidths=0.7)
     for t in grid[::2]:
@@ -104,11 +111,20 @@ for ax, name in zip(axes[1:], ["GD", "NGD", "EF"]):
         ax.arrow(t[0], t[1], d[0], d[1], head_width=0.08, color="0.55", lw=0.6)
     for p in paths[name]:
         ax.plot(p[:, 0], p[:, 1], "o-", ms=2.5, lw=1.2)
-    ax.plot(*theta_star, "k*", ms=10)
+    ax.plot(*theta_star, "k*", ms=12, zorder=5)
     ax.set_title(f"{name} field and paths" + (" (lr 1, one step)" if name == "NGD" else " (best lr)"))
     ax.set_xlabel("θ₀ (slope)")
 axes[1].set_ylabel("θ₁ (intercept)")
-fig.tight_layout()
+# one legend for the three field panels: what the star, arrows, contours and lines are
+handles = [plt.Line2D([], [], ls="", marker="*", color="k", ms=12,
+                      label="θ* (least-squares solution)"),
+           plt.Line2D([], [], ls="", marker=r"$\rightarrow$", color="0.55", ms=12,
+                      label="field: the update direction −d, normalised"),
+           plt.Line2D([], [], color="0.8", lw=0.8, label="loss contours"),
+           plt.Line2D([], [], color="C0", marker="o", ms=2.5, lw=1.2,
+                      label=f"paths from 4 starts (one colour each; ≤ {steps} steps)")]
+fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False)
+fig.tight_layout(rect=(0, 0.07, 1, 1))
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 fig.savefig(args.out, dpi=70)
 print(f"figure: {args.out}")

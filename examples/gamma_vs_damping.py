@@ -12,7 +12,11 @@ little SGD training.  EF and SF swing with λ, iEF barely moves: its robustness 
 import argparse
 import os
 
-import matplotlib
+try:
+    import matplotlib
+    import sklearn  # noqa: F401  (the bundled digits)
+except ModuleNotFoundError as err:  # a core-only install: name the extra, in one line
+    raise SystemExit(f"this example needs {err.name}: pip install 'refngd[cli]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np

@@ -21,7 +21,10 @@ matrices from scratch, one per parameterisation; no Jacobian is applied by hand.
 import argparse
 import os
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -86,7 +89,7 @@ assert out_gap < 1e-10, "…but both directions change the model output identica
 a = np.linspace(-3, 3, 41)
 T0, T1 = np.meshgrid(a, np.linspace(-3, 3, 41))
 Lgrid = np.array([[refngd.loss_value(model, np.array([u, v]), loss, X, y) for u in a] for v in T1[:, 0]])
-fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+fig, axes = plt.subplots(1, 2, figsize=(11, 6.4))
 for ax, (title, field) in zip(axes, [("−gradient field", gd), ("−natural-gradient field", ngd(0.0))]):
     ax.contour(T0, T1, Lgrid, levels=20, colors="0.8", linewidths=0.7)
     q = np.linspace(-2.7, 2.7, 10)
@@ -104,11 +107,17 @@ for name, (pt, pp) in paths.items():
     ax.plot(pt[:, 0], pt[:, 1], "o-", color=styles[name], ms=3, label=f"{name} in θ")
     ax.plot(pp[:, 0], pp[:, 1], "x--", color=styles[name], ms=5, label=f"{name} in φ (θ₁ = 10φ₁), mapped")
 for ax in axes:
-    ax.legend(fontsize=7, loc="lower left")
+    # below the axes, at a readable size; the grey marks are explained there too
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [plt.Line2D([], [], ls="", marker=r"$\rightarrow$", color="0.5", ms=12,
+                           label="the field's direction, normalised"),
+                plt.Line2D([], [], color="0.8", lw=0.8, label="loss contours")]
+    ax.legend(handles=handles, fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.13),
+              ncol=1, frameon=False)
     ax.set_xlim(-3, 3)
     ax.set_ylim(-3, 3)
 fig.suptitle("Reparameterising θ₁ = 10φ₁ changes GD's path, not NGD's (unless damped)")
 fig.tight_layout()
 os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-fig.savefig(args.out, dpi=80)
+fig.savefig(args.out, dpi=80, bbox_inches="tight")
 print(f"figure: {args.out}")

@@ -29,7 +29,10 @@ import os
 
 import autograd
 import autograd.numpy as anp
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np

@@ -28,7 +28,10 @@ The tutorial preconditioner is run through refngd's own K-FAC solver
 import argparse
 import os
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np

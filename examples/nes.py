@@ -27,7 +27,10 @@ import argparse
 import math
 import os
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np

@@ -34,7 +34,11 @@ import math
 import os
 import time
 
-import matplotlib
+try:
+    import matplotlib
+    import sklearn  # noqa: F401  (the bundled digits)
+except ModuleNotFoundError as err:  # a core-only install: name the extra, in one line
+    raise SystemExit(f"this example needs {err.name}: pip install 'refngd[cli]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -159,7 +163,7 @@ for ck in CHECKPOINTS:
 # damped NGD attains γ*: to round-off where the Gram matrix is regular (adapters + head); on
 # the adapters alone F has eigenvalues down to ~1e-11 (directions that move A and B against
 # each other while B is small), below λ = 1e-8, so there it is within 1 %, never below
-print(f"\nmax over batches of γ(NGD, λ = 1e-8)/γ* − 1: " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
+print("\nmax over batches of γ(NGD, λ = 1e-8)/γ* − 1: " + ", ".join(f"{k} {v:.1e}" for k, v in gaps.items()))
 assert gaps["adapters + head"] < 1e-6 and gaps["LoRA adapters"] < 1e-2
 
 # --- the ordering, as measured (printed; only iEF < EF, SF asserted) ----------------------

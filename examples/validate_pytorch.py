@@ -12,7 +12,10 @@ import argparse
 import os
 import sys
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a core-only install: name the extra, in one line
+    raise SystemExit("this example needs matplotlib: pip install 'refngd[plot]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
@@ -74,9 +77,11 @@ f0, f2 = kfac.factors()                           # the two Linear layers
 
 def user_kfac(backward_reduction):
     """What a typical hook-based implementation does: A from inputs, G from backward grads."""
-    s1 = net[0](Xt); s1.retain_grad()
+    s1 = net[0](Xt)
+    s1.retain_grad()
     a1 = net[1](s1)
-    s2 = net[2](a1); s2.retain_grad()
+    s2 = net[2](a1)
+    s2.retain_grad()
     torch.nn.CrossEntropyLoss(reduction=backward_reduction)(s2, yt).backward()
     A = [Xt.T @ Xt / N, (a1.T @ a1 / N).detach()]
     G = [s1.grad.T @ s1.grad / N, s2.grad.T @ s2.grad / N]   # "mean over the batch"

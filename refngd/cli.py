@@ -41,16 +41,8 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows "(default: ...)" only for options that have a real default (not None / off)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .check.cli import HelpFormatter, add_check_parser
     from .experiments.compare import DEFAULT_METHODS, METHODS
 
     from . import __version__
@@ -65,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "AdaFisher and FAdam side by side (each at the best of five learning rates), "
                      "evaluate the approximation quality γ(d)/γ(g) of Wu et al. (2024) along the "
                      "way, print a table and write results/ (JSON record and PNG plots)."),
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     cmp.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                      help=f"comma-separated methods, from: {', '.join(METHODS)}")
     cmp.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="network")
@@ -89,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "for these small matrices and immune to oversubscribed machines")
     cmp.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
     parser.compare_parser = cmp
-    from .check.cli import add_check_parser
 
     add_check_parser(sub)
     return parser

@@ -45,6 +45,18 @@ class Convention:
         A = ∇Wᵀ∇W/d_out, bias block ∇b∇bᵀ/d_out — not an estimate of any Fisher).
     bias_damping : ``"own"`` (refngd: a separate bias block G ⊗ [1] gets its own π) or
         ``"weight"`` (factored damping of the bias block is (G + √λ/π_W I), π_W the weight's).
+    ef_rows : for a loss with T terms per sample (:class:`refngd.losses.PerToken`), the
+        empirical Fisher's rows: ``"sample"`` (refngd: one row e_n per sequence, the
+        gradient of its loss l_n = Σ_t ℓ_t) or ``"token"`` (one row per token, e_nt in its
+        own block: the EF of the N·T token terms, c Σ_{n,t} g_nt g_ntᵀ).
+    empirical_kfac_rows : K-FAC's rows with ``fisher_type="empirical"``: ``"e_n"`` (refngd:
+        G = c Σ_n e_n e_nᵀ) or ``"c*e_n"`` (the gradients of each sample's term of the
+        reduced loss, c·e_n, so that G = Σ_n (c e_n)(c e_n)ᵀ carries c twice).
+    factor_columns : for such a loss, K-FAC's type-2 rows: ``"per-token"`` (refngd: the
+        T·M columns of the block-diagonal factor blockdiag_t(F_nt), whose outer products
+        sum to H_n) or ``"stacked"`` (M rows per sample, column m of every token's factor
+        side by side, Σ_t F_nt[:, m] in its blocks: their outer products add the
+        off-diagonal blocks F_nt F_nt'ᵀ, so G carries cross-token terms).
     differences : human-readable list of every way it differs from ``"refngd"``.
     status : ``"verified"`` (tested against the installed library) or ``"transcribed"``.
     verified_by : how (and how far) a verified preset is tested.
@@ -58,6 +70,9 @@ class Convention:
     conv_kfac: str = "refngd"
     kfac_factors: str = "fisher"
     bias_damping: str = "own"
+    ef_rows: str = "sample"
+    empirical_kfac_rows: str = "e_n"
+    factor_columns: str = "per-token"
     differences: tuple = ()
     status: str = "verified"
     sources: tuple = field(default=())
@@ -93,7 +108,7 @@ PRESETS: dict = {p.name: p for p in (
     _REFNGD,
     Convention(
         "curvlinops", "curvlinops-for-pytorch 3.0.1",
-        bias_damping="weight",
+        bias_damping="weight", ef_rows="token", factor_columns="stacked",
         differences=(
             "GGN, EF, K-FAC (type-2, mc, empirical; expand, reduce; separate or joint bias) and "
             "EKFAC equal refngd's for CrossEntropyLoss, MSELoss and BCEWithLogitsLoss with "
@@ -109,13 +124,19 @@ PRESETS: dict = {p.name: p for p in (
             "A's null space (both libraries project exact per-sample gradients), and they differ.",
             "The same holds for Linear layers shared over tokens (EKFAC expand and reduce agree "
             "where A has simple eigenvalues).  Its EKFAC refuses outputs with more than 2 axes.",
-            "Per-token losses (outputs (N, C, T) for CrossEntropyLoss): the GGN and K-FAC expand "
-            "of token-wise layers agree with refngd's PerToken; K-FAC reduce (and any layer "
-            "after tokens mix) does not: curvlinops back-propagates, per sample and column k of "
-            "the symmetric root diag(√p) − p√pᵀ, the k-th columns of all T tokens together, so "
-            "its G has cross-token products; refngd keeps the T·M rows of the GGN apart.",
+            "Outputs with extra axes (a sequence, (N, T, C); (N, C, T) for CrossEntropyLoss) "
+            "are flattened into the batch. EFLinearOperator then has one row per token "
+            "(c Σ_{n,t} g_nt g_ntᵀ; refngd: one row per sequence): ef_rows='token'. "
+            "KFACLinearOperator's type-2 back-propagates column m of every token's Hessian "
+            "factor at once (M rows per sample; refngd: T·M), so G has cross-token terms "
+            "wherever rows of several tokens meet — with 'reduce' always, with 'expand' "
+            "below a layer that mixes tokens: factor_columns='stacked'. Its 'empirical' "
+            "and 'mc' K-FAC and the GGN equal refngd's.",
         ),
-        sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",)),
+        sources=("curvlinops/kfac.py, ekfac.py, inverse.py (KFACInverseLinearOperator._compute_damping)",
+                 "curvlinops/utils.py (make_functional_flattened_model_and_loss), "
+                 "gradient_moments.py (the EF's pseudo-loss), kfac.py "
+                 "(_compute_loss_and_backward: one backward per factor column)")),
     Convention(
         "backpack", "backpack-for-pytorch 1.7.1",
         per_sample="c*g_n", conv_kfac="backpack",
@@ -159,7 +180,11 @@ PRESETS: dict = {p.name: p for p in (
         ),
         sources=("asdl/fisher.py (FisherMaker.forward_and_backward, FisherExactMSE)",)),
     Convention(
-        "kfac-jax", "kfac-jax 0.0.8", loss_scale="batch-mean", status="transcribed",
+        "kfac-jax", "kfac-jax 0.0.8", loss_scale="batch-mean", empirical_kfac_rows="c*e_n",
+        verified_by="tested against kfac-jax 0.0.8 itself (BlockDiagonalCurvature, "
+                    "fisher_exact and fisher_empirical) with jax 0.4.38 and "
+                    "tensorflow-probability 0.25, tests/test_conventions_kfac_jax.py "
+                    "(CI's optional JAX stage)",
         differences=(
             "Registered losses are sums over the batch divided by batch_size: "
             "register_squared_error_loss is Σ‖t − z‖²/N and register_normal_predictive_"
@@ -169,12 +194,19 @@ PRESETS: dict = {p.name: p for p in (
             "Dense layers: the bias joins the weight (ā = [a; 1]; pass bias='joint'); JAX "
             "stores kernels as (in, out), so vec(W) is column-major relative to PyTorch's "
             "(out, in): transpose kernels when mapping θ (docs/validating.md).",
-            "Read from the installed source (loss_functions.py); not run here: kfac-jax 0.0.8 "
-            "needs tensorflow-probability's JAX substrate, whose release on the index does not "
-            "import with jax 0.10.",
+            "estimation_mode='fisher_empirical' builds G from the gradients of each sample's "
+            "term of the batch-mean loss, e_n/N: G = Σ_n (e_n/N)(e_n/N)ᵀ, 1/N × refngd's "
+            "empirical K-FAC (empirical_kfac_rows='c*e_n'); 'fisher_exact' equals refngd's "
+            "type-2 K-FAC; 'ggn_curvature_prop' is a Monte-Carlo estimate (random "
+            "projections), compared by check.validate's sampled tolerance only.",
+            "kfac-jax 0.0.8 needs tensorflow-probability's JAX substrate: the newest "
+            "tensorflow-probability on the index (0.25) imports with jax up to 0.4.38, not "
+            "with current jax; the test pins that stack.",
         ),
         sources=("kfac_jax/_src/loss_functions.py (register_* docstrings and normalisation)",
-                 "kfac_jax/_src/curvature_blocks/kronecker_factored.py (ones column)")),
+                 "kfac_jax/_src/curvature_blocks/kronecker_factored.py (ones column)",
+                 "kfac_jax/_src/curvature_estimator/block_diagonal.py "
+                 "(update_curvature_matrix_estimate)")),
     Convention(
         "laplace", "laplace-torch 0.3", loss_scale="sum-half-mse",
         verified_by="GGN and EF through its curvlinops (classification) and BackPACK "

@@ -113,9 +113,8 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: Form
     F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
                         convention=convention)
     xp = namespace(lin.outputs)
-    ones = xp.ones((lin.outputs.shape[0], 1), dtype=xp.float64)
-    if form == "gram":
-        return _gram_form(F, ones[:, 0], damping)
+    if form == "gram":  # one 1 per row (per token under a convention with ef_rows="token")
+        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), damping)
     # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
     return F.natural_gradient(damping)
 

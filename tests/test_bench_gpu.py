@@ -4,7 +4,6 @@ the right numbers (run here with NumPy standing in for CuPy and PyTorch on the C
 No timing is asserted: the timer runs each function once.
 """
 import os
-import sys
 
 import numpy as np
 import pytest

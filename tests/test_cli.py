@@ -96,6 +96,20 @@ def test_python_m_refngd_help():
         assert opt in r.stdout
 
 
+
+@pytest.mark.parametrize("command", ["compare", "check"])
+def test_every_option_has_help_and_one_default(command, capsys):
+    # issue 21: ``refngd check --help`` once printed "(default: by dtype) (default: None)"
+    # and showed five options with no help at all
+    from refngd.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    missing = [a.option_strings[0] for a in sub._actions if a.option_strings and not a.help]
+    assert not missing, f"refngd {command}: options without help: {missing}"
+    text = sub.format_help()
+    assert "(default: None)" not in text and text.count("(default:") <= len(sub._actions)
+    assert not any(line.count("(default:") > 1 for line in " ".join(text.split()).split("--"))
+
 def run_err(args, capsys):
     with pytest.raises(SystemExit) as exc:
         rc = main(args)

@@ -296,8 +296,12 @@ def test_bad_sequential_and_activation():
 
 def test_bad_init_arguments(mlp):
     model = mlp[0]
-    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
-        model.init(0)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator .* or an int seed"):
+        model.init(0.5)
+    with pytest.raises(TypeError, match="or an int seed, got bool"):
+        model.init(True)
+    # an int seed is accepted, as by every other function that takes rng (issue 21)
+    assert np.array_equal(model.init(0), model.init(np.random.default_rng(0)))
     for dtype in ("int32", "float16"):
         with pytest.raises(TypeError, match="dtype must be float64 \\(default\\) or float32"):
             model.init(np.random.default_rng(0), dtype=dtype)

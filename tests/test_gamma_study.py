@@ -214,3 +214,82 @@ def test_gamma_star_without_a_solve_where_the_gram_matrix_is_singular():
     keep = w > 1e-10 * w.max()
     Fp = (V[:, keep] / w[keep]) @ V[:, keep].T
     assert out["gamma_star"] == pytest.approx(1 / math.sqrt(g @ Fp @ g), rel=1e-8)
+
+
+# ------------------------------------------------------- Wu et al.'s Fig. 5 set, E1 spreads
+def _dense_wu_kfac(theta, X, y, weighted):
+    """Empirical (eq. 42) or iEF-weighted (eq. 43) K-FAC of Wu et al. App. D.2.2, densely, from
+    the hand-written MLP: per layer G = c Σ_n w_n b_n b_nᵀ (w_n = 1 or 1/‖e_n‖²), A = (1/N) Σ a aᵀ;
+    bias="separate": the weight block is G ⊗ A_w, the bias block G ⊗ (1/N)Σ 1 = G."""
+    import handmlp
+    from scipy.linalg import block_diag
+
+    P = handmlp.pieces(theta, X, y, 3, 3)
+    N = X.shape[0]
+    e = P["b"][1]                                   # ∂l_n/∂z at the output: the iEF weights
+    w = 1.0 / (e * e).sum(axis=1) if weighted else np.ones(N)
+    blocks = []
+    for abar, b in zip(P["abar"], P["b"]):
+        a = abar[:, :-1]
+        G = P["c"] * (b * w[:, None]).T @ b
+        blocks += [np.kron(G, a.T @ a / N), G]
+    return block_diag(*blocks)
+
+
+def test_wu_fig5_kfacs_against_dense_construction():
+    """kfac_emp = the paper's eKFAC (empirical K-FAC), kfac_ief = its ieKFAC (App. D.2.2, eq. 43),
+    kfac_mc = its KFAC (MC-sampled), each at every damping of the shared absolute grid."""
+    import handmlp
+    from refngd.experiments.gamma_study import PAPER_NAMES, WU_FIG5_METHODS
+
+    model, th, loss, X, y = handmlp.make(seed=3, N=8)
+    out = batch_gammas(model, th, loss, X, y, methods=WU_FIG5_METHODS, dampings=DAMPINGS,
+                       rng=np.random.default_rng(1))
+    mc = batch_gammas(model, th, loss, X, y, methods=("kfac_mc",), dampings=DAMPINGS,
+                      rng=np.random.default_rng(5))
+    Fop = Fisher(model, th, loss, X, y)
+    g = refngd.gradient(model, th, loss, X, y)
+    I = np.eye(th.size)
+    emp, ief = _dense_wu_kfac(th, X, y, False), _dense_wu_kfac(th, X, y, True)
+    MCd = KFAC(model, th, loss, X, y, fisher_type="mc", rng=np.random.default_rng(5)).dense()
+    assert np.abs(emp - ief).max() > 0.1 * np.abs(emp).max()     # the weights matter here
+    for i, lam in enumerate(DAMPINGS):
+        for m, M, rec in (("kfac_emp", emp, out), ("kfac_ief", ief, out), ("kfac_mc", MCd, mc)):
+            d = np.linalg.solve(M + lam * I, g)
+            assert rec[m][i] == pytest.approx(gamma(d, Fop, g), rel=1e-7), (m, lam)
+    assert [PAPER_NAMES[m] for m in WU_FIG5_METHODS] == ["iEF", "KFAC", "eKFAC", "ieKFAC"]
+    assert "ekfac" not in PAPER_NAMES       # refngd's EKFAC is George et al.'s, not the paper's
+
+
+def test_e1_record_carries_the_papers_sd_beside_refngds_stderr():
+    """E1: ``sd`` = 1-σ sample sd over batches of γ_X/γ_SGD (the paper's error bars), ``stderr``
+    = delta-method standard error of the ratio of means (refngd's), each with its label."""
+    b = [_fake([2.0, 1.0], 4.0, 1.0), _fake([3.0, 1.0], 5.0, 2.0), _fake([7.0, 1.0], 9.0, 3.0)]
+    out = e1_summary(b, 1e-8)["ngd"]
+    r = np.array([2 / 4, 3 / 5, 7 / 9])
+    assert out["sd"] == pytest.approx(np.std(r, ddof=1), rel=1e-12)
+    assert "1-σ" in out["sd_label"] and "Wu et al." in out["sd_label"]
+    assert "refngd's" in out["stderr_label"] and "not the paper's" in out["stderr_label"]
+    assert out["sd"] != pytest.approx(out["stderr"], rel=1e-3)
+    assert e1_summary(b[:1], 1e-8)["ngd"]["sd"] is None
+
+
+def test_papers_imbalance_statistic_beside_refngds():
+    """Wu et al. Fig. 2: mean over batches of max_n ‖g_n‖ / min_n ‖g_n‖ (norms, not squares)."""
+    from refngd.experiments.gamma_study import checkpoint_imbalance, max_min_norm_ratio
+
+    model, th, loss, X, y = _setup(CrossEntropy())
+    vals = []
+    for sl in (slice(0, 10), slice(10, 20)):
+        G = refngd.per_sample_gradients(model, th, loss, X[sl], y[sl])
+        norms = np.linalg.norm(G, axis=1)
+        want = norms.max() / norms.min()
+        EF = EmpiricalFisher(model, th, loss, X[sl], y[sl])
+        assert max_min_norm_ratio(EF) == pytest.approx(want, rel=1e-10)
+        out = batch_gammas(model, th, loss, X[sl], y[sl], methods=("ngd",), dampings=DAMPINGS)
+        assert out["imbalance_paper"] == pytest.approx(want, rel=1e-10)
+        vals.append(out)
+    both = checkpoint_imbalance(vals)
+    assert both["imbalance_paper"] == pytest.approx(np.mean([v["imbalance_paper"] for v in vals]))
+    assert both["imbalance"] == pytest.approx(np.mean([v["imbalance"] for v in vals]))
+    assert both["imbalance_paper"] != pytest.approx(both["imbalance"], rel=1e-2)

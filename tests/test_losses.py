@@ -246,7 +246,7 @@ def test_sample_targets_shapes_support_and_seed(name):
 
 
 def test_mse_samples_are_gaussian_with_variance_half():
-    N, C, K = 2, 3, 200_000
+    K = 200_000
     Z = np.array([[0.5, -1.0, 3.0], [0.0, 2.0, -2.0]])
     T = MSELoss().sample_targets(Z, np.random.default_rng(1), K)
     # se of the mean is √(½/K) ≈ 1.6e-3; se of the variance is √(2·¼/K) ≈ 1.6e-3.

@@ -68,13 +68,15 @@ def problem():
     return model, theta, loss, [(X[i:i + 8], y[i:i + 8]) for i in (0, 8, 16, 0, 8)]
 
 
-@pytest.mark.parametrize("setting", ["untuned", "tuned_start", "unclipped"])
+@pytest.mark.parametrize("setting", ["untuned", "tuned_start", "unclipped", "clipped_earlier"])
 def test_adamqlr_equals_algorithm_by_hand(setting):
     model, theta, loss, bs = problem()
     if setting == "untuned":
-        opt, args = optim.AdamQLR.untuned(), (1e-3, 0.5, 2.0, 0.1)
+        opt, args = optim.AdamQLR.untuned(), (1e-3, 0.5, 2.0, None)
     elif setting == "tuned_start":
-        opt, args = optim.AdamQLR.tuned_start(weight_decay=1e-3), (1.0, 0.95, 1 / 0.95, 0.03)
+        opt, args = optim.AdamQLR.tuned_start(weight_decay=1e-3), (1.0, 0.95, 1.0526, None)
+    elif setting == "clipped_earlier":   # the pre-camera-ready AdamQLR_NoHPO.yaml, α_max = 0.1
+        opt, args = optim.AdamQLR.untuned(lr_clip=0.1), (1e-3, 0.5, 2.0, 0.1)
     else:
         opt, args = optim.AdamQLR(lr_clip=None, damping=0.3, lr_scale=0.7), (0.3, 0.5, 2.0, None)
     kw = dict(wd=1e-3) if setting == "tuned_start" else dict(amp=0.7) if setting == "unclipped" else {}
@@ -85,6 +87,42 @@ def test_adamqlr_equals_algorithm_by_hand(setting):
         close(th, w)
         close(info["rho"], rho, 1e-9)   # a difference of two losses over a model change
         close(state["damping"], lam)
+
+
+def test_published_defaults():
+    """The camera-ready settings (reference code at its ICML 2024 commit, whose README names
+    ``AdamQLR_NoHPO_NoLRClipping.yaml`` as AdamQLR (Untuned) and
+    ``AdamQLR_Damped_NoLRClipping.yaml`` as AdamQLR (Tuned)): no learning-rate clipping."""
+    from refngd.optim.adamqlr import SEARCH_SPACE, UNTUNED_BATCH_SIZE
+
+    u = optim.AdamQLR.untuned()
+    assert (u.damping, u.damping_decrease, u.damping_increase) == (1e-3, 0.5, 2.0)
+    assert u.lr_clip is None and u.damping_bounds == (1e-8, None)
+    assert (u.betas, u.eps, u.lr_scale, u.weight_decay) == ((0.9, 0.999), 1e-8, 1.0, 0.0)
+    assert repr(optim.AdamQLR()) == repr(u)      # the defaults are the untuned setting
+    assert UNTUNED_BATCH_SIZE == 3200
+    t = optim.AdamQLR.tuned_start()
+    assert (t.damping, t.damping_decrease, t.damping_increase) == (1.0, 0.95, 1.0526)
+    assert t.lr_clip is None and t.betas == (0.9, 0.999) and t.eps == 1e-8
+    # the search: λ₀, ω_dec, ω_inc and the batch size, each on its own; not Adam's β, ε
+    assert SEARCH_SPACE == {
+        "damping": ("loguniform", 1e-8, 1.0),
+        "damping_decrease": ("loguniform", 0.5, 1.0),
+        "damping_increase": ("loguniform", 1.0, 4.0),
+        "batch_size": ("choice", (50, 100, 200, 400, 800, 1600, 3200))}
+    assert not {"betas", "eps", "lr_clip"} & set(SEARCH_SPACE)
+    assert optim.AdamQLR.tuned_start(lr_clip=0.03).lr_clip == 0.03   # the earlier config
+
+
+def test_default_step_is_not_clipped():
+    """A step whose model-optimal α exceeds the earlier 0.1 cap is taken in full by default."""
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    theta, X, Y = model.init(rng), rng.standard_normal((10, 3)), rng.standard_normal((10, 2))
+    free = optim.AdamQLR().step(theta, optim.AdamQLR().init(theta), model, MSELoss(), X, Y)[2]
+    capped = optim.AdamQLR(lr_clip=0.1)
+    capped_info = capped.step(theta, capped.init(theta), model, MSELoss(), X, Y)[2]
+    assert free["step_size"] > 0.1 and capped_info["step_size"] == 0.1
 
 
 def test_exact_quadratic_has_unit_reduction_ratio():

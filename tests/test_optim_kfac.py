@@ -168,7 +168,7 @@ def test_ekfac_scalings_follow_ema_within_a_basis():
     eps = 0.5
     opt = optim.EKFAC(0.05, ema_decay=eps, inverse_every=2, fisher_type="type-2", kl_clip=None)
     state, theta = opt.init(th), th
-    ks = []
+    ks, prev = [], None
     for t, (Xb, yb) in enumerate(batches(X, y, 3), start=1):
         theta_before = theta
         theta, state, _ = opt.step(theta, state, model, loss, Xb, yb)

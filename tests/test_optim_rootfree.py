@@ -160,3 +160,24 @@ def test_rootfree_bad_input():
         opt = optim.RFAdam()
         model, theta, loss, X, y = handmlp.make()
         opt.step(theta, optim.Adam().init(theta), model, loss, X, y)
+
+
+def test_batch_estimate_is_the_ef_diagonal_only_for_zero_mean_independent_gradients():
+    """B g⊙g = c (Σ_n g_n)⊙(Σ_n g_n) while diag EF = c Σ_n g_n⊙g_n (c = 1/N, B = N): they differ
+    by the cross terms c Σ_{n≠m} g_n⊙g_m.  Averaged over independent zero-mean signs ε_n on the
+    per-sample gradients (all 2^N patterns, exactly), c (Σ ε_n g_n)² is diag EF; on a real batch
+    the cross terms do not vanish (the ratio spreads far from 1)."""
+    import itertools
+
+    N = 6
+    model, theta, loss, X, y = handmlp.make(seed=4, N=N)
+    gs = np.stack([refngd.gradient(model, theta, loss, X[n:n + 1], y[n:n + 1]) for n in range(N)])
+    ef_diag = refngd.curvature.EmpiricalFisher(model, theta, loss, X, y).diagonal()
+    close(ef_diag, (gs * gs).sum(0) / N)
+    g = refngd.gradient(model, theta, loss, X, y)
+    B = N
+    close(B * g * g, gs.sum(0) ** 2 / N)
+    signs = np.array(list(itertools.product((-1.0, 1.0), repeat=N)))
+    close(np.mean([(e @ gs) ** 2 / N for e in signs], axis=0), ef_diag)
+    ratio = (B * g * g) / ef_diag
+    assert ratio.max() > 2.0 and ratio.min() < 0.5, (ratio.min(), np.median(ratio), ratio.max())

@@ -124,6 +124,42 @@ def test_ingd_invariant_to_rescaling_a_layers_inputs():
             close(model.forward(b, kappa * X), model.forward(a, X), 1e-10)
 
 
+def _affine_input_run(opt, K_first):
+    """The plain run and the run on inputs x → M x + v, W̄ → W̄ D⁻¹ with the first layer's K
+    replaced by ``K_first(D)``; D = [[M, v], [0, 1]] acts on ā = [x; 1] and is not symmetric."""
+    model, theta, loss, bs = problem()
+    rng = np.random.default_rng(3)
+    M = np.eye(D_IN) + 0.6 * rng.standard_normal((D_IN, D_IN))
+    v = rng.standard_normal(D_IN)
+    D = np.block([[M, v[:, None]], [np.zeros((1, D_IN)), np.ones((1, 1))]])
+    assert np.abs(D - D.T).max() > 0.5
+    W1, b1, W2, b2 = handmlp.unpack(theta, D_IN, H, C)
+    Wbar = np.hstack([W1, b1[:, None]]) @ np.linalg.inv(D)
+    theta_s = handmlp.pack(Wbar[:, :D_IN], Wbar[:, D_IN], W2, b2)
+    st = opt.init(theta)
+    st.update(K=[np.eye(D_IN + 1), np.eye(H + 1)], C=[np.eye(H), np.eye(C)], m_K=[None] * 2,
+              m_C=[None] * 2)
+    st_s = dict(st, K=[K_first(D), np.eye(H + 1)])
+    plain, _ = run(opt, model, theta, loss, bs, st)
+    scaled, _ = run(opt, model, theta_s, loss, [(Xb @ M.T + v, yb) for Xb, yb in bs], st_s)
+    X = bs[0][0]
+    return [(model.forward(a, X), model.forward(b, X @ M.T + v)) for a, b in zip(plain, scaled)]
+
+
+@pytest.mark.parametrize("kfac_like", [False, True])
+def test_invariance_to_a_general_input_map_is_K_to_D_inverse_transpose_K(kfac_like):
+    """λ = 0, ā → Dā with a non-symmetric D (an affine map of the inputs), W̄ → W̄D⁻¹: the
+    update rule is invariant with K → D⁻ᵀK (then KᵀUK is unchanged, since U → DUDᵀ, and
+    C Cᵀ ∇W̄ Dᵀ K'K'ᵀ = C Cᵀ ∇W̄ K Kᵀ D⁻¹, the old step carried to the new weights).
+    K → D⁻¹K, correct only for a symmetric D, moves the network differently."""
+    kw = dict(lr=0.2, damping=0.0, lr_cov=0.3, update_every=1)
+    opt = optim.IKFAC(**kw) if kfac_like else optim.INGD(**kw)
+    for a, b in _affine_input_run(opt, lambda D: np.linalg.inv(D).T):
+        close(b, a, 1e-10)
+    wrong = _affine_input_run(opt, lambda D: np.linalg.inv(D))
+    assert max(np.abs(b - a).max() for a, b in wrong[1:]) > 1e-2
+
+
 def test_planted_wrong_trace_normalisation_fails(monkeypatch):
     """Plant Tr instead of Tr/d (drop the paper's 1/d_o): the hand check must fail."""
     from refngd.optim import singd

@@ -579,7 +579,7 @@ def test_unsupported_ops_are_refused_with_name_op_and_line():
                              r"torch\.exp\(self\.lin\(x\)\).*no rows for 'exp'"):
         interop.from_torch(Exp().double())
     with pytest.raises(interop.UnsupportedModuleError,
-                       match=r"'matmul'.*parameter 'w' is used directly in matmul"):
+                       match=r"'matmul'.*parameter 'w' \(of RawMatmul\) is used directly in matmul"):
         interop.from_torch(RawMatmul().double())
     with pytest.raises(interop.UnsupportedModuleError, match="ConvTranspose1d at 'conv'"):
         interop.from_torch(Unsupported1d().double())

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.func  # noqa: E402
 from torch.nn.utils import parameters_to_vector, vector_to_parameters  # noqa: E402
 
 import refngd  # noqa: E402

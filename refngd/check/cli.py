@@ -12,15 +12,26 @@ from .. import conventions, options
 from .quantities import QUANTITIES
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" only for options that have a real default (not None / off);
+    the formatter of both ``refngd`` subcommands."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_check_parser(sub) -> argparse.ArgumentParser:
     """The ``check`` subcommand on ``refngd``'s subparsers."""
+
     p = sub.add_parser(
         "check", help="validate a curvature quantity computed by your code against refngd",
         description=("Compare a candidate (per-sample gradients, Fisher, K-FAC factors, an update, "
                      "...) computed by any implementation with refngd's value for the same network, "
                      "weights and batch; print per-block errors and a diagnosis. Exit 0 if it "
                      "matches, 1 if not, 2 for bad input. File formats: docs/validating.md."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--arch", required=True, metavar="ARCH.json",
                    help="architecture: PyTorch layer names and arguments, and the loss")
     p.add_argument("--weights", required=True, metavar="W.npz|W.pt",
@@ -29,18 +40,30 @@ def add_check_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch", required=True, metavar="BATCH.npz", help="arrays X and y")
     p.add_argument("--candidate", required=True, metavar="CAND.npz",
                    help="array 'candidate' (or factors '0.A', '0.G', ... for kfac_factors)")
-    p.add_argument("--quantity", required=True, choices=QUANTITIES)
+    p.add_argument("--quantity", required=True, choices=QUANTITIES, metavar="QUANTITY",
+                   help=f"what the candidate is, one of: {', '.join(QUANTITIES)}")
     p.add_argument("--convention", default=options.CONVENTION, choices=conventions.names(),
                    help="whose convention the candidate follows (refngd.conventions)")
     p.add_argument("--damping", type=float, default=None, help="λ, for *_update quantities")
     p.add_argument("--mc-samples", type=int, default=1, help="K for sampled quantities")
-    p.add_argument("--fisher-type", default=options.FISHER_TYPE, choices=options.FISHER_TYPES)
+    p.add_argument("--fisher-type", default=options.FISHER_TYPE, choices=options.FISHER_TYPES,
+                   help="K-FAC's output factor G: exact type-2 Fisher, Monte Carlo samples, "
+                        "or the empirical Fisher (kfac, ekfac and kfac_factors)")
     p.add_argument("--kfac-approx", default=options.KFAC_APPROX_DEFAULT,
-                   choices=options.KFAC_APPROX)
-    p.add_argument("--bias", default=options.BIAS, choices=options.BIAS_MODES)
-    p.add_argument("--damping-mode", default=options.DAMPING_MODE, choices=options.DAMPING_MODES)
-    p.add_argument("--form", default=options.FORM, choices=options.FORMS)
-    p.add_argument("--rtol", type=float, default=None, help="tolerance (default: by dtype)")
+                   choices=options.KFAC_APPROX,
+                   help="K-FAC for weights shared over a sequence: expand (sum over positions) "
+                        "or reduce (average before the outer product)")
+    p.add_argument("--bias", default=options.BIAS, choices=options.BIAS_MODES,
+                   help="bias as its own K-FAC block or appended to the weight (a column of ones)")
+    p.add_argument("--damping-mode", default=options.DAMPING_MODE, choices=options.DAMPING_MODES,
+                   help="K-FAC damping: tikhonov (G ⊗ A + λI) or factored "
+                        "(G + (√λ/π) I) ⊗ (A + π√λ I), Martens & Grosse (2015, §6.3)")
+    p.add_argument("--form", default=options.FORM, choices=options.FORMS,
+                   help="EF/iEF updates' damping: gram (the paper's, on the N × N Gram "
+                        "matrix) or tikhonov (F̃ + λI)⁻¹g on the P × P matrix; see "
+                        "refngd.updates")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="tolerance on the relative error (default: by the candidate's dtype)")
     return p
 
 

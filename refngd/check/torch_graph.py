@@ -163,8 +163,14 @@ class _Converter:
         return isinstance(a, self.torch.fx.Node) and self.kind.get(a) == "param"
 
     def refuse_param(self, node, what: str) -> UnsupportedModuleError:
-        names = [a.target for a in node.all_input_nodes if self.kind.get(a) == "param"]
-        return self.refuse(node, f"parameter {', '.join(map(repr, names))} is used directly "
+        names = []
+        for a in node.all_input_nodes:
+            if self.kind.get(a) == "param":
+                path = a.target.rpartition(".")[0]
+                owner = self.root.get_submodule(path) if path else self.root
+                names.append(f"{a.target!r} (of {type(owner).__name__}"
+                             + (f" at {path!r})" if path else ")"))
+        return self.refuse(node, f"parameter {', '.join(names)} is used directly "
                                  f"in {what}; refngd differentiates a parameter used in forward "
                                  "(not through a module) in +, -, *, / and expand only: use it "
                                  "inside a module with a converter (nn.Linear, ...) or register "
@@ -209,6 +215,8 @@ class _Converter:
         if target in modules or (isinstance(target, str) and target in modules):
             return self._functional(node, modules[target], args, kw)
         handler = _handler(self.torch, target)
+        if handler is None and any(self.is_param(a) for a in args + list(kw.values())):
+            raise self.refuse_param(node, repr(name))
         if handler is None:
             raise self.refuse(node, f"refngd has no rows for {name!r} (docs/layers.md lists the "
                                     "supported operations)")

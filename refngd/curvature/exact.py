@@ -104,13 +104,18 @@ class EmpiricalFisher(RowCurvature):
     label_based = True
 
     def cotangents(self) -> Array:
-        return self.loss.output_gradient(self.outputs, self.y)[:, None, :]
+        e = self.loss.output_gradient(self.outputs, self.y)
+        if self.convention.ef_rows == "token":  # one row per token term (refngd.conventions)
+            return self.loss.split_tokens(e)
+        return e[:, None, :]
 
     def gradient_coefficients(self):
-        """The rows are the e_n themselves: a = 1, r = 0."""
+        """The rows are the e_n themselves (or their token blocks, which sum to e_n): a = 1,
+        r = 0."""
         xp = namespace(self.outputs)
         N = self.outputs.shape[0]
-        return xp.ones((N, 1), dtype=self.outputs.dtype), xp.zeros_like(self.outputs)
+        K = self.loss.tokens_per_sample if self.convention.ef_rows == "token" else 1
+        return xp.ones((N, K), dtype=self.outputs.dtype), xp.zeros_like(self.outputs)
 
 
 class ImprovedEmpiricalFisher(RowCurvature):

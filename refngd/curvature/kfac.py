@@ -79,9 +79,12 @@ class KFAC(KroneckerOperator):
         self.lin = linearization_for(model, theta, X, linearization)
         Z = self.lin.outputs
         self.c = float(loss.scale(Z)) * self.convention.alpha(loss, Z, fisher_type == "empirical")
+        if fisher_type == "empirical" and self.convention.empirical_kfac_rows == "c*e_n":
+            self.c *= self.c  # rows c·e_n: the library's loss constant enters G twice
         self.subset = resolve_params(model, params)
-        self.rows = self.lin.backprop(fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng),
-                                      params=self.subset)
+        cot = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
+                                self.convention.factor_columns)
+        self.rows = self.lin.backprop(cot, params=self.subset)
         self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)

@@ -85,10 +85,22 @@ def output_rows(layer, B: Array, approx: str | None) -> Array:
     return xp.ascontiguousarray(M.astype(xp.float64, copy=False))
 
 
-def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng) -> Array:
-    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`)."""
-    if fisher_type == "type-2":  # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE);
-        # with labels the CE factor is aligned with the gradient (updates.kfac writes g in it)
+def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
+                      factor_columns: str = "per-token") -> Array:
+    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`).
+
+    ``factor_columns="stacked"`` (a convention's, :mod:`refngd.conventions`): for a loss
+    with T terms per sample, column m of every token's square factor S_nt
+    (``loss.hessian_sqrt``; for the cross-entropy diag(√p) − p√pᵀ, as curvlinops) in one
+    row (:meth:`refngd.losses.Loss.stack_token_columns`).  Stacked rows depend on which
+    factor is stacked — their cross-token terms S_nt[:, m] S_nt'[:, m]ᵀ pair columns of
+    equal index — so the square root the library uses is taken, not refngd's C − 1.
+    """
+    if fisher_type == "type-2":
+        if factor_columns == "stacked" and loss.tokens_per_sample > 1:
+            return loss.stack_token_columns(loss.hessian_sqrt(Z)).transpose(0, 2, 1)
+        # the columns of F_n F_nᵀ = H_n (C − 1 of them for CE); with labels the CE factor
+        # is aligned with the gradient (updates.kfac writes g in it)
         F = loss.hessian_factor(Z) if y is None else loss.hessian_factor(Z, y)
         return F.transpose(0, 2, 1)
     if fisher_type == "mc":

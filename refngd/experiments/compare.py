@@ -39,7 +39,8 @@ from ..optim.adafisher import AdaFisher
 from ..optim.baselines import SGD, Adafactor, Adam, AdamW
 from .data import load_digits, load_npz
 from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping,
-                          direction_gammas, direction_summary, e1_summary, e3_summary)
+                          checkpoint_imbalance, direction_gammas, direction_summary, e1_summary,
+                          e3_summary)
 from ..optim.fadam import FAdam
 from .models import build_model
 from ..optim.natural import EF, IEF, NGD, SF
@@ -113,7 +114,8 @@ def _second_order_adaptive_methods() -> dict:
                          "root-free AdamW (Lin et al. 2024a): β = (0.9, 0.999), λ = 1e-4, s₀ = 1, "
                          "no bias correction, no weight decay"),
         "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.03),
-                            "root-free RMSProp (Lin et al. 2024a, Fig. 4): β₂ = 0.01, λ = 1e-4, "
+                            "root-free RMSProp (Lin et al. 2024a, Fig. 4; β₂ = 0.01 the reference "
+                            "code's default): λ = 1e-4, "
                             "momentum 0.9"),
         "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.03),
                         "inverse-free K-FAC (Lin et al. 2024b): empirical Fisher, β₁ = 1e-2, "
@@ -124,9 +126,9 @@ def _second_order_adaptive_methods() -> dict:
                               "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
                               "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
         "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
-                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024): exact Fisher step "
-                          "size clipped to 0.1, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales the chosen "
-                          "step (1 = the paper's method)"),
+                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024, camera-ready): exact "
+                          "Fisher step size, no clipping, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales "
+                          "the chosen step (1 = the paper's method)"),
     }
 
 
@@ -308,9 +310,8 @@ def _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_ru
                             methods=config.gamma_methods, dampings=dampings,
                             rng=as_generator(config.seed + 100 + k))
                for k, b in enumerate(batches)]
-        imbalance = [b["imbalance"] for b in per if b["imbalance"] is not None]
         rows.append({"step": step, "e1": e1_summary(per, config.e1_damping), "e3": e3_summary(per),
-                     "imbalance": sum(imbalance) / len(imbalance) if imbalance else None})
+                     **checkpoint_imbalance(per)})
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -392,7 +393,7 @@ def aggregate_seeds(records: list[dict]) -> dict:
         for m in g0["methods"]:
             ratios = [r["gamma"]["e1"][m]["mean_ratio"] for r in records]
             st = _stats(ratios)
-            e1[m] = {"mean_ratio": st["mean"], "sd": st["sd"], "per_seed": ratios,
+            e1[m] = {"mean_ratio": st["mean"], "sd": st["sd"], "sd_over": "seeds", "per_seed": ratios,
                      "stderr": st["sd"] / math.sqrt(len(ratios)) if st["sd"] is not None else None,
                      "stderr_over": "seeds", "damping": g0["e1_damping"],
                      "optimal_ratio": _stats([r["gamma"]["e1"][m]["optimal_ratio"] for r in records])["mean"]}
@@ -481,7 +482,9 @@ def format_results(record: dict) -> str:
 
 
 def _label(m: str) -> str:
-    return METHODS[m].label if m in METHODS else m
+    from .plots import LABELS
+
+    return METHODS[m].label if m in METHODS else LABELS.get(m, m)
 
 
 def _format_e1(gam: dict) -> str:
@@ -489,10 +492,14 @@ def _format_e1(gam: dict) -> str:
     head = [f"E1: γ̄(d)/γ̄(g), λ = {gam['e1_damping']:g}"] + [f"step {s}" for s in steps]
     body = [[_label(m)] + [_pm(c["e1"][m]["mean_ratio"], c["e1"][m]["stderr"]) for c in gam["checkpoints"]]
             for m in gam["methods"]]
-    imb = ["gradient-norm imbalance"] + [fmt(c["imbalance"], ".1f") for c in gam["checkpoints"]]
-    return "\n".join([format_table(head, body + [imb], "l" + "r" * len(steps)),
+    imb = (["imbalance, refngd: max/mean ‖g_n‖²"]
+           + [fmt(c["imbalance"], ".1f") for c in gam["checkpoints"]])
+    imb_paper = (["imbalance, Wu et al.: max/min ‖g_n‖"]
+                 + [fmt(c.get("imbalance_paper"), ".1f") for c in gam["checkpoints"]])
+    return "\n".join([format_table(head, body + [imb, imb_paper], "l" + "r" * len(steps)),
                       f"(Wu et al.'s first evaluation: ratio of mean γ over {gam['batches']} fixed batches "
-                      f"of {gam['batch_size']} ± standard error, checkpoints of the "
+                      f"of {gam['batch_size']} ± refngd's standard error (the paper's error "
+                      f"bars are 1-σ sd: e1.sd in compare.json), checkpoints of the "
                       f"{_label(gam['trajectory'])} run; below 1 beats SGD)"])
 
 

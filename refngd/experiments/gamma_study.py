@@ -25,6 +25,21 @@ method      direction at damping λ                          as computed
 ``ekfac``   (Q diag(s) Qᵀ + λI)⁻¹ g per layer                 type-2 factors, Tikhonov
 =========  ==============================================  ==============================
 
+and, opt-in (:data:`WU_FIG5_METHODS`, Wu et al.'s App. D.2.2 and Fig. 5, same convention):
+
+============  ==========================================  ================================
+``kfac_mc``    (G_MC ⊗ A + λI)⁻¹ g per layer               the paper's "KFAC" (of SF)
+``kfac_emp``   (G̃ ⊗ A + λI)⁻¹ g, G̃ = c Σ_n b_n b_nᵀ        the paper's "eKFAC" (of EF, eq. 42)
+``kfac_ief``   (G̃* ⊗ A + λI)⁻¹ g, G̃* = c Σ_n b_n b_nᵀ/s_n  the paper's "ieKFAC" (eq. 43)
+============  ==========================================  ================================
+
+with b_n the layer's output gradient of the per-sample loss l_n, A = (1/N) Σ_n a_n a_nᵀ
+K-FAC's input factor and s_n = ‖e_n‖² = ‖∂l_n/∂z_n‖² the iEF weights (eq. 8): ieKFAC is
+the K-FAC approximation of the iEF matrix c Σ_n g_n g_nᵀ/s_n (eq. 41), as eKFAC is of the
+EF.  **Names.** refngd's ``ekfac`` is George et al. (2018)'s *eigenvalue-corrected* K-FAC;
+the paper's "eKFAC" is the *empirical* K-FAC, here ``kfac_emp`` (:data:`PAPER_NAMES`).
+Equation numbers are those of arXiv:2406.06420v2.
+
 So identical damping lists mean identical dampings, for every method
 (``tests/test_gamma_study.py`` fails otherwise).  At large λ every direction tends to
 its right-hand side over λ: the gradient for all of them except iEF, whose Gram form
@@ -33,8 +48,16 @@ tends to cGᵀs = c Σ_n ‖e_n‖² g_n — a reweighted gradient, not g.
 The protocols (:func:`batch_gammas` on each batch, then):
 
 * **E1** (:func:`e1_summary`, the paper's first evaluation): one near-zero damping, many
-  batches, the ratio of mean γ's γ̄_X / γ̄_SGD with its standard error, and
-  γ̄_X / γ̄* (≥ 1: how far from optimal), beside the gradient-norm imbalance of the batches.
+  batches, the ratio of mean γ's γ̄_X / γ̄_SGD and γ̄_X / γ̄* (≥ 1: how far from optimal),
+  beside the gradient-norm imbalance of the batches.  Two spreads, each labelled: the
+  paper's error bars are **1-σ standard deviations** over its evaluations (captions of
+  Fig. 2 and 3; Fig. 5 follows Fig. 2), here ``sd`` = the sample standard deviation over
+  the batches of the per-batch ratio γ_X/γ_SGD (the captions do not name the quantity;
+  refngd takes the ratio); ``stderr`` is refngd's standard error of the ratio of means (delta
+  method) — a spread of the *mean*, not of the evaluations, and not the paper's.  Two
+  imbalance statistics, each labelled: the paper's (Fig. 2) is the mean over batches of
+  max_n ‖g_n‖ / min_n ‖g_n‖ (``imbalance_paper``); refngd's is max_n ‖g_n‖² / mean_n ‖g_n‖²
+  (``imbalance``).
 * **E3** (:func:`e3_summary`, the paper's third evaluation): γ̄_X / γ̄_SGD against one
   absolute damping grid, the same for every method.
 * **best over damping** (refngd's own summary, not the paper's): the smallest E3 ratio per
@@ -56,6 +79,18 @@ from ..nn.subsets import resolve_params
 from ..options import FISHER_TYPE, FisherType
 
 GAMMA_METHODS = ("ngd", "ef", "ief", "sf", "kfac", "ekfac")
+#: Wu et al. (2024), App. D.2.2, Fig. 5: iEF beside the three Kronecker-factored methods
+WU_FIG5_METHODS = ("ief", "kfac_mc", "kfac_emp", "kfac_ief")
+#: every method :func:`batch_gammas` can score (the Fig. 5 K-FACs are opt-in)
+ALL_GAMMA_METHODS = GAMMA_METHODS + ("kfac_mc", "kfac_emp", "kfac_ief")
+#: the names Wu et al. (2024) give these methods (``kfac``, ``ekfac`` are not in the paper:
+#: refngd's type-2 K-FAC and George et al.'s eigenvalue-corrected K-FAC)
+PAPER_NAMES = {"ngd": "NGD", "ef": "EF", "ief": "iEF", "sf": "SF", "kfac_mc": "KFAC",
+               "kfac_emp": "eKFAC", "kfac_ief": "ieKFAC"}
+#: what each E1 spread is, in the record beside it
+SD_LABEL = "1-σ sample standard deviation over batches of γ_X/γ_SGD (as Wu et al.'s error bars)"
+STDERR_LABEL = ("standard error of γ̄_X/γ̄_SGD over batches, delta method "
+                "(refngd's, not the paper's)")
 #: absolute dampings of the E3 grid (P × P Tikhonov convention of the loss as trained)
 DEFAULT_DAMPINGS = tuple(10.0**k for k in range(-10, 3))
 #: E1's near-zero damping: far below every curvature scale of the default problems, yet
@@ -76,9 +111,9 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
     classes): the parameter subset S the whole study works on — F = F[S, S], g = g[S],
     every direction and the imbalance on S (LoRA adapters, a last layer).
     """
-    unknown = [m for m in methods if m not in GAMMA_METHODS]
+    unknown = [m for m in methods if m not in ALL_GAMMA_METHODS]
     if unknown:
-        raise ValueError(f"unknown γ methods {unknown}; choose from {GAMMA_METHODS}.")
+        raise ValueError(f"unknown γ methods {unknown}; choose from {ALL_GAMMA_METHODS}.")
     dampings = [float(v) for v in dampings]
     if not dampings or not all(math.isfinite(v) and v > 0 for v in dampings):
         raise ValueError("dampings must be a non-empty list of positive finite numbers.")
@@ -90,7 +125,7 @@ def batch_gammas(model, theta, loss, X, y, methods=GAMMA_METHODS, dampings=DEFAU
     gamma_star = _gamma_star(F, g)
     EF = EmpiricalFisher(model, theta, loss, X, y, **sel)
     out = {"dampings": dampings, "gamma_sgd": gamma(g, F, g), "gamma_star": gamma_star,
-           "imbalance": gradient_norm_imbalance(EF)}
+           "imbalance": gradient_norm_imbalance(EF), "imbalance_paper": max_min_norm_ratio(EF)}
     shared = {}  # K-FAC's factors, built once for "kfac" and "ekfac"
     for method in methods:
         dirs = _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng,
@@ -122,19 +157,40 @@ def _gamma_star(F: Fisher, g) -> float | None:
 
 
 def gradient_norm_imbalance(EF: EmpiricalFisher) -> float | None:
-    """max_n ‖g_n‖² / mean_n ‖g_n‖² of the per-sample gradients g_n = J_nᵀe_n, in [1, N].
+    """max_n ‖g_n‖² / mean_n ‖g_n‖² of the per-sample gradients g_n = J_nᵀe_n, in [1, N]
+    (refngd's statistic; the paper's is :func:`max_min_norm_ratio`).
 
     1 when every sample pulls equally hard, N when one sample carries the whole
     gradient.  EF's update makes every sample's loss fall by the same amount whatever its
     ‖g_n‖ (G Δ = 1), which is what goes wrong when the norms are imbalanced — the
-    inversely-scaled projection of Wu et al. (2024).  refngd's statistic (the paper plots
-    approximation quality against an imbalance of per-sample gradient norms; this is the
-    definition refngd records).  ``None`` when every g_n = 0.
+    inversely-scaled projection of Wu et al. (2024).  ``None`` when every g_n = 0.
     """
     xp = namespace(EF.outputs)
     sq = xp.diagonal(EF.gram())
     mean = to_float(sq.mean())
     return None if mean == 0 else to_float(sq.max()) / mean
+
+
+def max_min_norm_ratio(EF: EmpiricalFisher) -> float | None:
+    """max_n ‖g_n‖ / min_n ‖g_n‖ of one batch: Wu et al. (2024)'s imbalance (Fig. 2, the
+    fourth panel, averaged over the evaluated batches).  ``None`` when some g_n = 0."""
+    xp = namespace(EF.outputs)
+    sq = xp.diagonal(EF.gram())
+    lo = to_float(sq.min())
+    return None if not lo > 0 else math.sqrt(to_float(sq.max()) / lo)
+
+
+def checkpoint_imbalance(batches: list[dict]) -> dict:
+    """Both imbalance statistics of one checkpoint, averaged over its batches (None if none).
+
+    ``imbalance``: refngd's max ‖g_n‖²/mean ‖g_n‖²; ``imbalance_paper``: Wu et al.'s mean
+    over batches of max ‖g_n‖/min ‖g_n‖.
+    """
+    out = {}
+    for key in ("imbalance", "imbalance_paper"):
+        v = [b[key] for b in batches if b.get(key) is not None]
+        out[key] = sum(v) / len(v) if v else None
+    return out
 
 
 def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, kfac_fisher_type,
@@ -155,6 +211,8 @@ def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, 
         return EF.natural_gradient_sweep(dampings)  # Gram form (eq. 5) at λ_gram = λ/c
     if method == "ief":
         return _ief_gram_sweep(EF, loss, y, dampings)
+    if method in ("kfac_mc", "kfac_emp", "kfac_ief"):
+        return _wu_kfac(method, model, theta, loss, X, y, sel, g, dampings, rng)
     kf = None if shared is None or kfac_fisher_type == "mc" else shared.get("kfac")
     if kf is None:
         kf = KFAC(model, theta, loss, X, y, fisher_type=kfac_fisher_type, rng=rng, **sel)
@@ -166,6 +224,40 @@ def _directions(method, model, theta, loss, X, y, sel, F, EF, g, dampings, rng, 
         try:
             dirs.append(op.solve(g, lam))
         except SingularSystemError:  # a numerically singular block at tiny λ: no direction
+            dirs.append(None)
+    return dirs
+
+
+class _IEFWeighted:
+    """A loss whose output gradients are e_n/‖e_n‖: its empirical K-FAC is ieKFAC."""
+
+    def __init__(self, loss):
+        self._loss = loss
+
+    def __getattr__(self, name):
+        return getattr(self._loss, name)
+
+    def output_gradient(self, Z, y):
+        e = self._loss.output_gradient(Z, y)
+        xp = namespace(e)
+        norms = xp.sqrt((e * e).sum(axis=1, keepdims=True))
+        return xp.where(norms > 0, e / xp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def _wu_kfac(method, model, theta, loss, X, y, sel, g, dampings, rng):
+    """Wu et al.'s Fig. 5 K-FACs (module docstring): MC, empirical and iEF-weighted factors."""
+    if method == "kfac_mc":
+        if rng is None:
+            raise TypeError("the MC K-FAC needs rng=numpy.random.default_rng(seed).")
+        op = KFAC(model, theta, loss, X, y, fisher_type="mc", rng=rng, **sel)
+    else:
+        src = _IEFWeighted(loss) if method == "kfac_ief" else loss
+        op = KFAC(model, theta, src, X, y, fisher_type="empirical", **sel)
+    dirs = []
+    for lam in dampings:
+        try:
+            dirs.append(op.solve(g, lam))
+        except SingularSystemError:
             dirs.append(None)
     return dirs
 
@@ -199,12 +291,24 @@ def _ratio_of_means(x: list[float], y: list[float]) -> tuple[float, float | None
     return R, math.sqrt(var / n) / ym
 
 
+def _sd_of_ratios(x: list[float], y: list[float]) -> float | None:
+    """Sample standard deviation (n − 1) of x_b / y_b over the batches; None for n < 2."""
+    r = [a / b for a, b in zip(x, y)]
+    if len(r) < 2 or not all(math.isfinite(v) for v in r):
+        return None if len(r) < 2 else math.inf
+    m = sum(r) / len(r)
+    return math.sqrt(sum((v - m) ** 2 for v in r) / (len(r) - 1))
+
+
 def e1_summary(batches: list[dict], damping: float) -> dict:
-    """The paper's first evaluation at one damping: γ̄_X/γ̄_SGD ± s.e. and γ̄_X/γ̄* per method.
+    """The paper's first evaluation at one damping: γ̄_X/γ̄_SGD, its spreads, γ̄_X/γ̄*.
 
     ``batches`` are :func:`batch_gammas` results that all contain ``damping``.  Returns
-    ``{method: {"mean_ratio", "stderr", "damping", "optimal_ratio"}}``; ``stderr`` is None
-    for a single batch, ``optimal_ratio`` None where γ* is undefined (singular Gram matrix).
+    ``{method: {"mean_ratio", "sd", "sd_label", "stderr", "stderr_label", "damping",
+    "optimal_ratio"}}``: ``sd`` the paper's kind of error bar (1-σ standard deviation over
+    the batches of the per-batch ratio γ_X/γ_SGD; Wu et al. 2024, Fig. 2 caption),
+    ``stderr`` refngd's standard error of the ratio of means (delta method); both None for
+    a single batch.  ``optimal_ratio`` is None where γ* is undefined.
     """
     if not batches:
         raise ValueError("e1_summary needs at least one batch.")
@@ -216,8 +320,10 @@ def e1_summary(batches: list[dict], damping: float) -> dict:
         x = [b[m][i] for b in batches]
         ratio, se = _ratio_of_means(x, sgd)
         optimal = _ratio_of_means(x, stars)[0] if all(s is not None for s in stars) else None
-        out[m] = {"mean_ratio": ratio, "stderr": se, "stderr_over": "batches", "damping": damping,
-                  "optimal_ratio": optimal}
+        out[m] = {"mean_ratio": ratio, "sd": _sd_of_ratios(x, sgd), "sd_label": SD_LABEL,
+                  "sd_over": "batches", "stderr": se, "stderr_label": STDERR_LABEL,
+                  "stderr_over": "batches",
+                  "damping": damping, "optimal_ratio": optimal}
     return out
 
 
@@ -294,7 +400,7 @@ def _damping_index(dampings, damping: float) -> int:
 
 
 def _methods(batch: dict) -> list[str]:
-    return [m for m in GAMMA_METHODS if m in batch]
+    return [m for m in ALL_GAMMA_METHODS if m in batch]
 
 
 def _mean(values) -> float | None:
@@ -302,6 +408,7 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-__all__ = ["GAMMA_METHODS", "DEFAULT_DAMPINGS", "E1_DAMPING", "batch_gammas",
-           "gradient_norm_imbalance", "e1_summary", "e3_summary", "best_over_damping",
-           "direction_gammas", "direction_summary"]
+__all__ = ["GAMMA_METHODS", "WU_FIG5_METHODS", "ALL_GAMMA_METHODS", "PAPER_NAMES",
+           "DEFAULT_DAMPINGS", "E1_DAMPING", "batch_gammas", "gradient_norm_imbalance",
+           "max_min_norm_ratio", "checkpoint_imbalance", "e1_summary", "e3_summary",
+           "best_over_damping", "direction_gammas", "direction_summary"]

@@ -13,13 +13,21 @@ STYLE = {
     "ekfac": ("#9467bd", "-"), "adafisher": ("#8c564b", "--"), "fadam": ("#e377c2", "--"),
     "rfadam": ("#17becf", ":"), "rfrmsprop": ("#bcbd22", ":"), "ikfac": ("#1f77b4", ":"),
     "ingd": ("#9467bd", ":"), "adamqlr": ("#e377c2", "-."), "sirfshampoo": ("#2ca02c", ":"),
+    "kfac_mc": ("#1f77b4", "--"), "kfac_emp": ("#d62728", "--"), "kfac_ief": ("#2ca02c", "--"),
 }
+
+#: γ-ratio markers: NGD, K-FAC and EKFAC often lie within 3 % of each other, so each method
+#: has its own marker (NGD open and on top) and a small sideways offset (plot_gamma)
+MARKERS = {"ngd": "s", "kfac": "^", "ekfac": "v", "ef": "o", "ief": "D", "sf": "P"}
 
 
 LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adafactor": "Adafactor", "ngd": "NGD",
           "ef": "EF", "ief": "iEF", "sf": "SF", "kfac": "K-FAC", "ekfac": "EKFAC",
           "adafisher": "AdaFisher", "fadam": "FAdam", "rfadam": "RF-Adam", "rfrmsprop": "RF-RMSProp",
-          "ikfac": "IKFAC", "ingd": "INGD", "adamqlr": "AdamQLR", "sirfshampoo": "SIRFShampoo"}
+          "ikfac": "IKFAC", "ingd": "INGD", "adamqlr": "AdamQLR", "sirfshampoo": "SIRFShampoo",
+          # Wu et al. (2024), App. D.2.2 / Fig. 5, with the paper's names in brackets
+          "kfac_mc": "MC K-FAC [KFAC]", "kfac_emp": "empirical K-FAC [eKFAC]",
+          "kfac_ief": "iEF K-FAC [ieKFAC]"}
 
 
 def _pyplot():
@@ -109,11 +117,17 @@ def plot_gamma(record: dict, path: str) -> str | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     steps = [c["step"] for c in gam["checkpoints"]]
-    for method in gam["methods"]:
+    n = len(gam["methods"])
+    dodge = 0.012 * ((max(steps) - min(steps)) or 1)   # methods side by side, not on top
+    for i, method in enumerate(gam["methods"]):
+        xs = np.asarray(steps, dtype=float) + (i - (n - 1) / 2) * dodge
         ys = _nums([c["e1"][method]["mean_ratio"] for c in gam["checkpoints"]])
         se = _nums([c["e1"][method]["stderr"] for c in gam["checkpoints"]])
-        ax.errorbar(steps, ys, yerr=np.nan_to_num(se), marker="o", capsize=2,
-                    label=LABELS.get(method, method), **_style(method))
+        front = method == "ngd"                          # the optimum: drawn last, open marker
+        ax.errorbar(xs, ys, yerr=np.nan_to_num(se), capsize=2, label=LABELS.get(method, method),
+                    marker=MARKERS.get(method, "o"), markersize=7 if front else 5,
+                    markerfacecolor="none" if front else None, zorder=4 if front else 2,
+                    **_style(method))
     ax.axhline(1.0, color="#7f7f7f", linewidth=1.0, linestyle=":", label="SGD (= 1)")
     _log_ratio_axis(ax)
     ax.set_xlabel(f"checkpoint (step of the {gam['trajectory'].upper()} run)")

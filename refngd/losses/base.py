@@ -34,6 +34,9 @@ class Loss(ABC):
 
     name: str = ""
     reduction: Reduction = REDUCTION
+    #: loss terms per sample that share no outputs (T tokens of a sequence loss; 1 else):
+    #: sample n's output holds them side by side, term t at z_n[t·C:(t+1)·C]
+    tokens_per_sample: int = 1
 
     def __init__(self, reduction: Reduction = REDUCTION) -> None:
         if reduction not in REDUCTIONS:  # (this message is matched by users' tests)
@@ -90,6 +93,38 @@ class Loss(ABC):
     @abstractmethod
     def output_gradients_at(self, Z: Array, Yhat: Array) -> Array:
         """Output gradients at targets ``Yhat`` of leading shape (N, K): (N, K, C)."""
+
+    # ------------------------------------------------------------ token layout
+    def split_tokens(self, E: Array) -> Array:
+        """(N, T·C) output vectors → (N, T, T·C): row t holds token t's block alone.
+
+        The rows of the empirical Fisher of the N·T token terms (a library that flattens
+        a sequence into the batch, :mod:`refngd.conventions` ``ef_rows="token"``); the
+        rows of a sample sum to E[n].  T = :attr:`tokens_per_sample` (T = 1: E[:, None]).
+        """
+        T = self.tokens_per_sample
+        N, TC = E.shape
+        if T == 1:
+            return E[:, None, :]
+        C = TC // T
+        out = namespace(E).zeros((N, T, TC), dtype=E.dtype)
+        for t in range(T):
+            out[:, t, t * C:(t + 1) * C] = E[:, t * C:(t + 1) * C]
+        return out
+
+    def stack_token_columns(self, F: Array) -> Array:
+        """(N, T·C, T·M) block-diagonal factor → (N, T·C, M): column m of every token's
+        block side by side, Σ_t F[:, :, t·M + m] (``factor_columns="stacked"``).
+
+        Its outer products are Σ_{t,t'} F_nt[:, m] F_nt'[:, m]ᵀ: H_n plus the off-diagonal
+        blocks — not a factor of H_n, but what a library that back-propagates each
+        column for all tokens at once accumulates.
+        """
+        T = self.tokens_per_sample
+        if T == 1:
+            return F
+        N, TC, TM = F.shape
+        return F.reshape(N, TC, T, TM // T).sum(axis=2)
 
     def __call__(self, Z: Array, y: Any) -> Array:
         """Batch loss L = c Σ_n l_n as a 0-d array (equals the PyTorch loss)."""
@@ -298,7 +333,10 @@ def check_loss(loss) -> None:
     """A refngd loss *instance* (``CrossEntropy()``, not the class, not a string)."""
     if isinstance(loss, type):
         raise TypeError(f"pass a loss instance, e.g. {loss.__name__}(), not the class {loss.__name__}.")
-    if not isinstance(loss, Loss):
+    # the declared protocol is Loss; an object with the hooks every route needs (a wrapper
+    # that delegates to a loss, say) is accepted as before the protocol was declared
+    if not isinstance(loss, Loss) and not (hasattr(loss, "output_gradient")
+                                           and hasattr(loss, "scale")):
         raise TypeError(
             "loss must be a refngd.losses loss (CrossEntropy(), MSELoss(), BCEWithLogits(), "
             f"PerToken(...)) or a subclass of refngd.losses.Loss, got {loss!r}."

@@ -73,6 +73,7 @@ class PerToken(Loss):
                              "elementwise: use it on the flattened outputs directly (its mean "
                              "divides by every entry, as PyTorch's).")
         self.class_dim = int(class_dim)
+        self.tokens_per_sample = self.num_tokens
         self.reduction = loss.reduction
         self.name = "per_token_" + loss.name
 
@@ -103,6 +104,17 @@ class PerToken(Loss):
         A = A.reshape(lead + (T, -1))
         A = xp.swapaxes(A, -1, -2).reshape(lead + (-1,))
         return xp.moveaxis(A, -1, axis)
+
+    def split_tokens(self, E: Array) -> Array:
+        """(N, T·C) → (N, T, T·C), row t token t's entries alone, in Z's layout (with
+        ``class_dim=1`` token t's entries are z_n[c·T + t])."""
+        if self.class_dim == -1:
+            return super().split_tokens(E)
+        T = self.num_tokens
+        out = namespace(E).zeros((E.shape[0], T, E.shape[1]), dtype=E.dtype)
+        for t in range(T):
+            out[:, t, t::T] = E[:, t::T]
+        return out
 
     def _block_diag(self, blocks: Array, N: int) -> Array:
         """(N·T, C, M) token blocks → (N, T·C, T·M) block-diagonal per sample."""

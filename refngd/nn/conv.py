@@ -83,7 +83,7 @@ class Conv2d(ParametricLayer):
 
     * U v:   r ↦ Σ_t ⟨b_rt, V_W ā_nt + V_b⟩          (V_W Ā_nᵀ once per sample)
     * Uᵀ w:  Σ_n Σ_t (Σ_k w_nk b_nkt) ā_ntᵀ           (contract over k first)
-    * Gram:  K[r, r'] = Σ_{t,t'} (B_r B_r'ᵀ)_{tt'} (Ā_n Ā_mᵀ + 1_bias)_{tt'}  ("spatial"),
+    * Gram:  ``K[r, r'] = Σ_{t,t'} (B_r B_r'ᵀ)_{tt'} (Ā_n Ā_mᵀ + 1_bias)_{tt'}`` ("spatial"),
       or U_l U_lᵀ from per-row gradients ("materialise"), whichever needs fewer FLOPs.
 
     The spatial route is the "ghost norm" trick: Goodfellow (2015) observed that

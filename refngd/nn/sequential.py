@@ -1,7 +1,8 @@
 """``Sequential``: a chain of layers on one flat parameter vector θ in PyTorch order."""
 from __future__ import annotations
 
-from ..backend import Array, check_float_array, get_backend, namespace, one_host_read, require
+from ..backend import (Array, as_generator, check_float_array, get_backend, namespace,
+                       one_host_read, require)
 from ..rows import LayerRows, RowSet
 from .base import Layer, ParametricLayer, num_elements
 from .layout import ParamLayout
@@ -40,13 +41,18 @@ class Sequential:
 
     # ------------------------------------------------------------------ parameters
     def init(self, rng, dtype="float64", backend: str = "numpy") -> Array:
-        """θ drawn with PyTorch's default initialisation, using NumPy Generator ``rng``."""
+        """θ drawn with PyTorch's default initialisation, from ``rng``.
+
+        ``rng``: a NumPy ``Generator`` or an int seed (``init(0)`` is
+        ``init(numpy.random.default_rng(0))``), as everywhere in refngd.
+        """
         xp = get_backend(backend)
         if not hasattr(rng, "uniform"):
-            raise TypeError(
-                f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
-                f"got {type(rng).__name__}."
-            )
+            if isinstance(rng, bool) or not hasattr(rng, "__index__"):
+                raise TypeError(
+                    f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)) or "
+                    f"an int seed, got {type(rng).__name__}.")
+            rng = as_generator(int(rng))
         if xp.dtype(dtype) not in (xp.float32, xp.float64):
             raise TypeError(f"dtype must be float64 (default) or float32, got {dtype!r}.")
         parts = [xp.asarray(p, dtype=dtype).reshape(-1) for layer in self.layers

@@ -16,6 +16,7 @@ from .base import Optimizer
 from .baselines import SGD, AdaGrad, Adafactor, Adam, AdamW
 from .fadam import FAdam
 from .kfac import EKFAC, KFAC
+from .lowprec import LowPrecision
 from .natural import EF, IEF, NGD, SF
 from .rootfree import RFAdam, RFRMSProp
 from .singd import IKFAC, INGD
@@ -24,5 +25,5 @@ from .train import TrainResult, train
 
 __all__ = ["Optimizer", "SGD", "AdaGrad", "Adam", "AdamW", "Adafactor", "NGD", "SF", "EF", "IEF", "KFAC",
            "EKFAC", "AdaFisher", "FAdam", "RFRMSProp", "RFAdam", "INGD", "IKFAC", "SIRFShampoo",
-           "AdamQLR",
+           "AdamQLR", "LowPrecision",
            "train", "TrainResult"]

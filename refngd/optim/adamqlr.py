@@ -10,7 +10,8 @@ Each step, on the batch, with d_t Adam's bias-corrected direction m̂_t/(√v̂_
 
     q_t = d_tᵀ (C + λ_t I) d_t                       (one exact curvature-vector product)
     α_t = clip(g_tᵀ d_t / q_t, −α_max, α_max)         (the minimiser of the damped model
-                                                      M(−α d) = L − α gᵀd + ½ α² q, clipped)
+                                                      M(−α d) = L − α gᵀd + ½ α² q; clipped
+                                                      only if α_max is set, off by default)
     θ_t = θ_{t−1} − α_t d_t   (− γ θ_{t−1} with decoupled ``weight_decay`` γ)
     ρ_t = (L(θ_t) − L(θ_{t−1})) / (½ α_t² q_t − α_t g_tᵀ d_t)      (reduction ratio, same batch)
     λ_{t+1} = ω_dec λ_t if ρ_t > 3/4,   ω_inc λ_t if ρ_t < 1/4,   else λ_t;  λ ≥ λ_min
@@ -18,15 +19,30 @@ Each step, on the batch, with d_t Adam's bias-corrected direction m̂_t/(√v̂_
 C is the exact Fisher = GGN of the batch (type-2, :class:`refngd.curvature.Fisher`;
 the paper's default ``curvature_matrix: fisher``), with the loss's scale c, so
 dᵀ C d = c Σ_n (J_n d)ᵀ H_n (J_n d) — for a mean, the batch average, as the reference's
-``nanmean``.  Its Hessian option is not implemented here.  ρ uses the *clipped* α, as
-the reference code does.
+``nanmean``.  Its Hessian option is not implemented here.  ρ uses the α actually taken
+(clipped, when α_max is set), as the reference code does.
 
-Settings (``configs/``): **untuned** ("AdamQLR (Untuned)" / ``AdamQLR_NoHPO.yaml``):
-λ₀ = 10⁻³, ω_dec = 0.5, ω_inc = 2, α_max = 0.1, λ_min = 10⁻⁸ — refngd's defaults,
-:meth:`AdamQLR.untuned`.  **Tuned** (``AdamQLR_Damped.yaml``, the starting point of the
-paper's ASHA search, which then tunes λ₀, ω_dec, ω_inc, α_max and Adam's β, ε per
-task): λ₀ = 1, ω_dec = 0.95, ω_inc = 1/0.95, α_max = 0.03 — :meth:`AdamQLR.tuned_start`;
-the per-task tuned values are not reproduced.
+Settings.  The camera-ready code (the ICML 2024 commit of the reference repository, whose
+README names them) uses the configurations **without learning-rate clipping** for both
+settings; refngd follows them:
+
+- **untuned** ("AdamQLR (Untuned)", ``configs/AdamQLR_NoHPO_NoLRClipping.yaml``):
+  λ₀ = 10⁻³, ω_dec = 0.5, ω_inc = 2, λ_min = 10⁻⁸, no α clipping, Adam's β = (0.9, 0.999),
+  ε = 10⁻⁸ (``AdamQLROptimiser``'s defaults; the AdamQLR configurations do not set them),
+  and a fixed batch size of 3200 (:data:`UNTUNED_BATCH_SIZE`; the Penn Treebank variant
+  leaves the dataset's own) — refngd's defaults, :meth:`AdamQLR.untuned`.  refngd's
+  optimizers do not choose batches: pass batches of that size to reproduce the setting.
+- **tuned** ("AdamQLR (Tuned)", ``configs/AdamQLR_Damped_NoLRClipping.yaml``, the starting
+  point of the ASHA search): λ₀ = 1, ω_dec = 0.95, ω_inc = 1.0526 (≈ 1/0.95, as written in
+  the file), no α clipping — :meth:`AdamQLR.tuned_start`.  The search
+  (``hyperparameter_optimisation.py``, :data:`SEARCH_SPACE`) samples, each independently,
+  λ₀ ~ log-uniform[10⁻⁸, 1], ω_dec ~ log-uniform[0.5, 1], ω_inc ~ log-uniform[1, 4] and
+  the batch size from {50, 100, …, 3200}; α_max only for the clipped configurations
+  (log-uniform[10⁻⁴, 10]).  Adam's β and ε are *not* searched.  The per-task tuned values
+  are not reproduced.
+
+The earlier configurations (``AdamQLR_NoHPO.yaml``: α_max = 0.1; ``AdamQLR_Damped.yaml``:
+α_max = 0.03) are ``AdamQLR.untuned(lr_clip=0.1)`` and ``AdamQLR.tuned_start(lr_clip=0.03)``.
 
 There is no learning rate: the step size is chosen by the model.  ``lr_scale`` (default 1)
 multiplies α_t after clipping (the reference's ``update_amplification``), so that a
@@ -47,6 +63,20 @@ from .base import (
     zeros_like,
 )
 from .baselines import Adam
+
+
+#: The untuned setting's fixed batch size (``batch_size: 3200`` in its configuration).
+UNTUNED_BATCH_SIZE = 3200
+
+#: The tuned setting's search space (``construct_search_space`` of the reference code, for
+#: ``AdamQLROptimiser`` on the non-text datasets): every entry sampled independently.
+#: ``lr_clip`` is searched only in the clipped configurations, which the paper no longer uses.
+SEARCH_SPACE = {
+    "damping": ("loguniform", 1e-8, 1.0),
+    "damping_decrease": ("loguniform", 0.5, 1.0),
+    "damping_increase": ("loguniform", 1.0, 4.0),
+    "batch_size": ("choice", (50, 100, 200, 400, 800, 1600, 3200)),
+}
 
 
 def quadratic_step_size(gd: float, q: float, clip: float | None) -> float:
@@ -75,7 +105,8 @@ class AdamQLR(Optimizer):
     Parameters
     ----------
     damping : λ₀ (10⁻³).   damping_decrease, damping_increase : ω_dec, ω_inc (0.5, 2).
-    damping_bounds : (λ_min, λ_max) (10⁻⁸, None).   lr_clip : α_max (0.1; ``None`` = off).
+    damping_bounds : (λ_min, λ_max) (10⁻⁸, None).
+    lr_clip : α_max (``None``, the default = no clipping, as the camera-ready settings).
     betas, eps : Adam's (0.9, 0.999), 10⁻⁸.   weight_decay : γ, decoupled.
     lr_scale : multiplies the chosen step (1 = the paper's method).
 
@@ -91,7 +122,7 @@ class AdamQLR(Optimizer):
 
     def __init__(self, damping: float = 1e-3, damping_decrease: float = 0.5,
                  damping_increase: float = 2.0, damping_bounds=(1e-8, None),
-                 lr_clip: float | None = 0.1, betas=(0.9, 0.999), eps: float = 1e-8,
+                 lr_clip: float | None = None, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, lr_scale: float = 1.0):
         self.damping = check_nonnegative(damping, "damping")
         self.damping_decrease = check_positive(damping_decrease, "damping_decrease")
@@ -110,13 +141,14 @@ class AdamQLR(Optimizer):
 
     @classmethod
     def untuned(cls, **kw) -> "AdamQLR":
-        """The paper's untuned setting (``AdamQLR_NoHPO.yaml``): refngd's defaults."""
+        """The paper's untuned setting (``AdamQLR_NoHPO_NoLRClipping.yaml``): refngd's
+        defaults (the setting also fixes the batch size, :data:`UNTUNED_BATCH_SIZE`)."""
         return cls(**kw)
 
     @classmethod
     def tuned_start(cls, **kw) -> "AdamQLR":
-        """``AdamQLR_Damped.yaml``, the base the paper's hyper-parameter search starts from."""
-        args = dict(damping=1.0, damping_decrease=0.95, damping_increase=1 / 0.95, lr_clip=0.03)
+        """``AdamQLR_Damped_NoLRClipping.yaml``, the base the paper's search starts from."""
+        args = dict(damping=1.0, damping_decrease=0.95, damping_increase=1.0526, lr_clip=None)
         return cls(**{**args, **kw})
 
     def init(self, theta):
@@ -153,4 +185,5 @@ class AdamQLR(Optimizer):
                                           curvature=q, direction_norm=norm(d))
 
 
-__all__ = ["AdamQLR", "quadratic_step_size", "levenberg_marquardt"]
+__all__ = ["AdamQLR", "quadratic_step_size", "levenberg_marquardt", "UNTUNED_BATCH_SIZE",
+           "SEARCH_SPACE"]

@@ -36,7 +36,22 @@ of β₂: RF-RMSProp's β₂ is the *weight of the new estimate* (the paper's no
 ``lr_cov`` in the code), RF-Adam's is Adam's decay (``β₂ = 1 − lr_cov``).
 
 Curvature approximated: the diagonal of the empirical Fisher c Σ_n g_n g_nᵀ
-(:class:`refngd.curvature.EmpiricalFisher`), estimated from the batch gradient alone.
+(:class:`refngd.curvature.EmpiricalFisher`), estimated from the batch gradient alone —
+*under the assumption of the derivation above*, independent zero-mean per-sample gradients.
+Exactly, B g ⊙ g = c (Σ_n g_n)⊙(Σ_n g_n) = diag EF + c Σ_{n≠m} g_n ⊙ g_m: the cross terms
+average out only when the g_n are independent with zero mean; away from a stationary point
+they do not (tests/test_optim_rootfree.py; on a small MLP batch the ratio B g²/diag EF
+ranges from below 0.5 to above 2 across coordinates).  With N = 1 it is exact.
+
+Defaults and their sources.  ``RFRMSProp``: β₂ = 0.01 is the reference code's default
+(``models/CNNs/main_search.py``, ``--lr_cov`` 10⁻²; an earlier ``MyRmsProp`` defaulted to
+``alpha=0.99``, i.e. β₂ = 1 − alpha = 0.01); the paper's tuned CNN runs
+(``models/CNNs/best_run.sh``) use β₂ ≈ 6·10⁻⁴ – 1.2·10⁻³.  λ = 10⁻⁴ is the current
+``MyRmsProp`` default ``eps=1e-4``.  ``lr`` = 10⁻³ is **refngd's choice**: the current class
+requires ``lr``, the search script defaults to 10⁻², the tuned runs use 0.005 – 0.1; neither
+the paper nor the code gives 10⁻³.  ``RFAdam``: lr = 10⁻³ and β = (0.9, 0.999) are the
+defaults of ``rfadamw.py``; its λ = 10⁻⁴ is refngd's (the code's ``eps`` defaults to 10⁻⁸),
+and so is weight decay 0 (the code's default is 10⁻²).
 
 Invariance (the second-order motivation, tested in tests/test_optim_rootfree.py): a
 Newton-type step g/s with s ∝ g² is invariant to any fixed diagonal rescaling of the
@@ -79,8 +94,10 @@ class RFRMSProp(Optimizer):
 
     Parameters
     ----------
-    lr : β₁ of the paper, the step size.   beta2 : β₂, weight of the new estimate B g²
-        (``1 − alpha`` in ``torch.optim.RMSprop`` terms; default 0.01).
+    lr : β₁ of the paper, the step size (default 10⁻³: refngd's choice, from neither the
+        paper nor its code).   beta2 : β₂, weight of the new estimate B g²
+        (``1 − alpha`` in ``torch.optim.RMSprop`` terms; default 0.01, the reference code's
+        default — module docstring, "Defaults and their sources").
     damping : λ (the reference code's ``eps``, default 10⁻⁴).   momentum : α₁ (0).
     weight_decay : γ, added to the preconditioned direction.
     """

@@ -3,7 +3,8 @@
 W. Lin, F. Dangel, R. Eschenhagen, K. Neklyudov, A. Kristiadi, R. E. Turner, A. Makhzani
 (2024), "Structured inverse-free natural gradient descent: memory-efficient &
 numerically-stable KFAC", ICML 2024, arXiv:2312.05705.  Reference package: ``singd``
-(``f-dangel/singd``, ``singd/optim/optimizer.py``; its ``kfac_like=True`` is IKFAC).
+(``f-dangel/singd``, ``singd/optim/optimizer.py``; its ``kfac_like=True`` with α₁ = 0 — no
+Riemannian momentum — is IKFAC; refngd's ``INGD(kfac_like=True)`` refuses α₁ ≠ 0).
 
 Instead of inverting K-FAC's factors, each layer keeps K (d_A × d_A) and C (d_G × d_G)
 with K Kᵀ ≈ A⁻¹ and C Cᵀ ≈ G⁻¹, and moves them by a Riemannian gradient step in local
@@ -46,9 +47,12 @@ K-FAC's running average with weight β₁, inverted, without inverting anything
 IKFAC stops moving exactly when K Kᵀ = (U + λI)⁻¹ and C Cᵀ = (G + λI)⁻¹, where its
 direction is K-FAC's ((G + λI) ⊗ (U + λI))⁻¹ g (tested).
 
-Invariance (tested): with λ = 0, rescaling a layer's inputs ā → D ā (D invertible,
-e.g. κ on the inputs and 1 on the bias entry) and its weights W̄ → W̄ D⁻¹, K → D⁻¹ K
-leaves H_K, the traces tr H_K and every update of the network function unchanged.
+Invariance (tested, with a non-symmetric D): with λ = 0, mapping a layer's inputs
+ā → D ā (D invertible; an affine map x → Mx + v of the inputs is D = [[M, v], [0, 1]])
+and its weights W̄ → W̄ D⁻¹, K → D⁻ᵀ K leaves H_K = KᵀUK (U → D U Dᵀ), the traces
+tr H_K and every update of the network function unchanged: the new direction is
+C Cᵀ (∇W̄ Dᵀ) D⁻ᵀ K Kᵀ D⁻¹, the old one times D⁻¹.  For a diagonal (symmetric) D this is
+K → D⁻¹ K; for a general D, K → D⁻¹ K is not an invariance.
 (With K₀ = I the rescaled run starts from another K, and λ tr KᵀK is not invariant:
 the invariance is of the update rule, not of the defaults.)
 
