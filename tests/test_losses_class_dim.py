@@ -52,3 +52,10 @@ def test_against_torch_and_refusals():
     with pytest.raises(ValueError, match="elementwise"):
         PerToken(MSELoss(), T, class_dim=1)
     assert "class_dim=1" in repr(PerToken(CrossEntropy(), T, class_dim=1))
+
+
+def test_split_tokens_in_the_class_first_layout():
+    """The token rows of the empirical Fisher (ef_rows="token") are the permuted ones."""
+    cf, tm = PerToken(CrossEntropy(), T, class_dim=1), PerToken(CrossEntropy(), T)
+    assert np.array_equal(cf.split_tokens(Zcf)[:, :, perm], tm.split_tokens(Ztm))
+    assert np.array_equal(cf.split_tokens(Zcf).sum(axis=1), Zcf)
