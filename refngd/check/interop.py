@@ -31,6 +31,7 @@ from .. import losses as _losses
 from .. import nn
 from ..backend import Array
 from .torch_arrays import UnsupportedModuleError, _torch, to_array, to_tensor
+from .torch_hf import install as install_optional
 
 __all__ = ["from_torch", "to_torch", "from_torch_loss", "to_array", "to_tensor", "register",
            "register_builder", "UnsupportedModuleError", "self_attention_module",
@@ -168,7 +169,7 @@ def _walk(module, path: str, out: list) -> None:
 
 
 # --------------------------------------------------------------------------- models
-def from_torch(module) -> tuple[nn.Sequential | nn.GraphModel, Array]:
+def from_torch(module, example=None) -> tuple[nn.Sequential | nn.GraphModel, Array]:
     """The refngd twin of a ``torch.nn`` model and its parameters θ.
 
     Parameters
@@ -181,6 +182,12 @@ def from_torch(module) -> tuple[nn.Sequential | nn.GraphModel, Array]:
         TransformerEncoderLayer (``batch_first=True``, dropout 0 or ``eval()``) and
         :func:`lora_linear_module` (docs/validating.md lists the settings) — and the
         operations of docs/layers.md ("Operations in a traced forward").
+    example : optional batch of inputs (N, ...) (an array or tensor; integer token ids for
+        a language model).  With it the module is traced with concrete shapes
+        (:mod:`refngd.check.torch_trace`; docs/design.md §6, "Model libraries") — what the
+        models of ``transformers`` and ``peft`` need, whose ``forward`` reads shapes,
+        dtypes and devices — and the import is checked against the module on it.  The
+        per-sample shape (sequence length, image size) is then the example's.
 
     Returns
     -------
@@ -203,8 +210,9 @@ def from_torch(module) -> tuple[nn.Sequential | nn.GraphModel, Array]:
     _load_defaults()
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}.")
-    if not _is_chain(module):
-        return _graph(module)
+    install_optional(_CONVERTERS, register)  # transformers' Conv1D, once it is imported
+    if example is not None or not _is_chain(module):
+        return _graph(module, example)
     pairs: list = []
     _walk(module, "", pairs)
     tensors = [t for _, ts in pairs for t in ts]
@@ -253,19 +261,22 @@ def _check_tensors(tensors) -> None:
         raise TypeError(f"parameters must be float64 or float32, got {dtype}; call model.double().")
 
 
-def _graph(module):
+def _graph(module, example=None):
     """A traced module as a :class:`refngd.nn.GraphModel` and θ (:func:`from_torch`)."""
     from .torch_graph import graph_from_torch
+    from .torch_trace import check_import
     _check_tensors(list(module.parameters()))
-    model, tensors = graph_from_torch(module, _CONVERTERS, _unsupported)
+    model, tensors = graph_from_torch(module, _CONVERTERS, _unsupported, example)
     for i, layer in enumerate(model.layers):  # requires_grad becomes the default selection
         flags = []
         for slot in model.layout.of_layer(i):
             flags.append(tensors[model.layout.slots.index(slot)].requires_grad)
         layer.trainable = tuple(flags)
     model.source = copy.deepcopy(module)  # for to_torch: the same forward, θ loaded into it
-    flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
-    return model, to_array(flat)
+    flat = to_array(_torch().cat([t.detach().reshape(-1) for t in tensors]))
+    if example is not None:
+        check_import(module, model, flat, example)
+    return model, flat
 
 
 def to_torch(model: nn.Sequential | nn.GraphModel, theta: Array):

@@ -19,15 +19,16 @@ its op and target and the source line that created it (never skipped).
 """
 from __future__ import annotations
 
-import inspect
 import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
+from ..nn.graph_more import ConstantLookup
 from ..nn.graph_ops import Elementwise, Expand, Index, ShapeOp, Softmax, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 from .torch_ops import functional_modules, handlers
+from .torch_trace import BATCH, META, culprit, trace
 
 __all__ = ["graph_from_torch"]
 
@@ -37,7 +38,8 @@ def _where(node) -> str:
     target = getattr(node.target, "__name__", node.target)
     lines = (node.stack_trace or "").splitlines()
     frames = [(f.strip(), code.strip()) for f, code in zip(lines, lines[1:] + [""])
-              if f.strip().startswith("File ") and "/torch/" not in f]
+              if f.strip().startswith("File ") and "/torch/" not in f
+              and "torch_trace.py" not in f]
     line = f" at {frames[-1][0]}: {frames[-1][1]}" if frames else ""
     return f"'{node.name}' ({node.op} {target}){line}"
 
@@ -45,9 +47,14 @@ def _where(node) -> str:
 class _Converter:
     """State of one conversion: fx node → refngd node index, kinds, the θ tensors."""
 
-    def __init__(self, root, registry: dict, unsupported: Callable):
+    def __init__(self, root, registry: dict, unsupported: Callable, constants=None,
+                 batch: int | None = None):
         self.torch = _torch()
         self.root, self.registry, self.unsupported = root, registry, unsupported
+        self.name = type(root).__name__
+        self.constants, self.batch = constants or {}, batch
+        self.batch_ref = None   # the node of the running batch size (concrete tracing)
+        self.output_shape = None
         self.params = list(root.parameters())
         self.tensor_id = {id(p): i for i, p in enumerate(self.params)}
         self.dtype = self.params[0].dtype if self.params else self.torch.float64
@@ -58,7 +65,7 @@ class _Converter:
         self.items: dict = {}   # (fx node, i) -> refngd node index (a module's tuple output)
 
     def refuse(self, node, why: str) -> UnsupportedModuleError:
-        return UnsupportedModuleError(f"{type(self.root).__name__}.forward, node "
+        return UnsupportedModuleError(f"{self.name}.forward, node "
                                       f"{_where(node)}: not supported: {why}.")
 
     # ------------------------------------------------------------------ arguments
@@ -73,7 +80,9 @@ class _Converter:
         if isinstance(a, slice):
             return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
         if isinstance(a, self.torch.Size):
-            return tuple(a)
+            return tuple(self.arg(v) for v in a)
+        if self.batch is not None and type(a) is int and a == self.batch:
+            return self.batch_ref  # the sentinel batch size of concrete tracing: N
         return a
 
     def is_act(self, a) -> bool:
@@ -99,8 +108,14 @@ class _Converter:
             raise self.refuse(node, "refngd models take one input tensor X; give the other "
                                     "arguments of forward defaults")
         self.add(node, "act", GraphNode("input", None))
+        if self.batch is not None:
+            self.nodes.append(GraphNode("static", Static(lambda x: x.shape[0], "batch size"),
+                                        (Ref(0),), where="the batch size"))
+            self.batch_ref = Ref(len(self.nodes) - 1)
 
     def get_attr(self, node):
+        if node.target in self.constants:
+            return self._constant(node, self.constants[node.target])
         value = self.root
         for part in node.target.split("."):
             value = getattr(value, part)
@@ -111,6 +126,16 @@ class _Converter:
             return
         if not isinstance(value, self.torch.Tensor):
             raise self.refuse(node, f"attribute of type {type(value).__name__}")
+        self._constant(node, value)
+
+    def _constant(self, node, value):
+        """A tensor the traced forward computed from shapes alone (or a buffer): a constant.
+        One built with the sentinel batch size must be the same for every sample."""
+        if (self.batch is not None and value.ndim and value.shape[0] == self.batch):
+            if not bool((value == value[:1]).all()):
+                raise self.refuse(node, f"a constant of shape {tuple(value.shape)} differs "
+                                        "from sample to sample without depending on the input")
+            value = value[:1]
         if value.is_floating_point():
             value = value.to(self.dtype)
         self.index[node] = to_array(value.detach().cpu())
@@ -126,6 +151,9 @@ class _Converter:
         if conv is None:
             raise self.unsupported(module, node.target)
         x = node.args[0] if node.args else None
+        if (isinstance(module, tnn.Embedding) and len(node.args) == 1 and not node.kwargs
+                and self.kind.get(x) in ("const", "static")):
+            return self._lookup(node, module, x)
         if isinstance(module, tnn.MultiheadAttention):
             x = self._self_attention(node)
         elif len(node.args) != 1 or node.kwargs or not self.is_act(x):
@@ -146,6 +174,19 @@ class _Converter:
         if isinstance(module, tnn.MultiheadAttention):
             self.kind[node] = "tuple"
             self.items[(node, 0)] = src.node
+
+    def _lookup(self, node, module, x):
+        """An embedding of constant indices (position ids): its weight used directly."""
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            raise self.unsupported(module, node.target, "max_norm / scale_grad_by_freq")
+        t = self.tensor_id[id(module.weight)]
+        group = TensorGroup(None, (0,), [tuple(module.weight.shape)], [node.target + ".weight"])
+        w = self.nodes.append(GraphNode("param", group, (), (t,), _where(node))) or \
+            len(self.nodes) - 1
+        op = ConstantLookup()
+        if module.padding_idx is not None:
+            op.padding_idx = module.padding_idx
+        return self.add(node, "param", GraphNode("param_op", op, (Ref(w), self.arg(x))))
 
     def _self_attention(self, node):
         args = list(node.args) + [None] * 3
@@ -178,6 +219,14 @@ class _Converter:
 
     def op(self, node, op, args) -> int:
         """A graph operation on ``args`` (fx arguments, activations flagged)."""
+        if getattr(op, "dtype", None) is not None:  # softmax(x, dtype=...): a rounding
+            meta = getattr(args[0], "meta", {}).get(META)
+            if meta is None or meta.dtype != op.dtype:
+                raise self.refuse(node, f"{op.name} computed in {op.dtype} (the input is "
+                                        f"{getattr(meta, 'dtype', 'of unknown dtype')}): "
+                                        "rounding to another precision inside the model; "
+                                        "refngd computes in θ's dtype and would need a layer "
+                                        "that rounds as PyTorch's kernel does")
         op.params = tuple(self.is_param(a) for a in args)
         if any(op.params) and not isinstance(op, (Elementwise, Expand)):
             raise self.refuse_param(node, op.name)
@@ -196,6 +245,9 @@ class _Converter:
         args, kw = list(node.args), dict(node.kwargs)
         if target is operator.getitem:
             return self._getitem(node, args)
+        if node.op == "call_method" and target in _CASTS and isinstance(
+                args[0], self.torch.fx.Node):
+            return self.cast(node, args)
         if not any(self.any_act(a) for a in args + list(kw.values())):
             if any(self.is_param(a) for a in args + list(kw.values())):
                 if name == "expand":
@@ -277,10 +329,40 @@ class _Converter:
 
     def output(self, node):
         out = node.args[0]
+        if isinstance(out, dict):  # a ModelOutput of transformers: its logits
+            out = out.get("logits", out)
+        if isinstance(out, dict):
+            out = tuple(out.values())
+        if isinstance(out, (tuple, list)):  # (logits, None, ...) as return_dict=False gives
+            acts = [v for v in out if self.any_act(v)]
+            if len(acts) != 1 or not self.is_act(out[0]):
+                raise self.refuse(node, f"forward returns {len(out)} values, {len(acts)} of "
+                                        "them computed from the input; refngd needs one tensor "
+                                        "of outputs, first (the logits)")
+            out = out[0]
         if not self.is_act(out):
             raise self.refuse(node, f"forward returns {type(out).__name__}; refngd needs one "
                                     "tensor of outputs (N, C)")
-        return self.index[out]
+        meta = out.meta.get(META)
+        if meta is None or meta.ndim <= 2:
+            return self.index[out]
+        self.output_shape = tuple(meta.shape[1:])  # (T, C): refngd's outputs are flattened
+        flat = ShapeOp(lambda x: x.reshape(x.shape[0], -1), "flatten of the outputs")
+        self.nodes.append(GraphNode("op", flat, (Ref(self.index[out]),), where=_where(node)))
+        return len(self.nodes) - 1
+
+    def cast(self, node, args):
+        """``x.to(dtype)``, ``x.type(dtype)``, ``x.float()`` ...: the identity where the
+        dtype does not change (the meta tensors of concrete tracing say so)."""
+        src = args[0]
+        before, after = src.meta.get(META), node.meta.get(META)
+        if before is None or after is None or before.dtype != after.dtype:
+            raise self.refuse(node, "a dtype conversion; refngd computes in θ's dtype "
+                                    "(convert the model, e.g. model.double())")
+        self.index[node], self.kind[node] = self.index[src], self.kind[src]
+
+
+_CASTS = ("to", "type", "float", "double", "half", "bfloat16")
 
 
 def _sizes(args) -> tuple:
@@ -304,31 +386,27 @@ def _handler(torch, target):
     return handlers(torch).get(target)
 
 
-def graph_from_torch(module, registry: dict, unsupported: Callable) -> tuple[GraphModel, list]:
+def graph_from_torch(module, registry: dict, unsupported: Callable,
+                     example=None) -> tuple[GraphModel, list]:
     """Trace ``module`` with ``torch.fx`` and convert it (module docstring).
 
+    ``example``: a batch of inputs (N, ...) — traced with concrete shapes
+    (:mod:`refngd.check.torch_trace`), which models that read their inputs' shapes need.
     Returns the graph model and the θ tensors in ``module.parameters()`` order.
     """
-    torch = _torch()
-    fx = torch.fx
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return type(m) in registry or super().is_leaf_module(m, qualname)
-
-    tracer = Tracer()
-    tracer.record_stack_traces = True
     try:
-        params = list(inspect.signature(module.forward).parameters.values())
-        concrete = {p.name: p.default for p in params[1:]
-                    if p.default is not inspect.Parameter.empty}
-        graph = tracer.trace(module, concrete_args=concrete or None)
+        root, graph, constants = trace(module, registry, example)
     except Exception as err:
+        hint = ("" if example is not None else "; if it reads the input's shape, pass an "
+                "example batch: from_torch(module, X)")
         raise UnsupportedModuleError(
-            f"torch.fx could not trace {type(module).__name__}.forward ({type(err).__name__}: "
-            f"{err}); refngd imports a forward without data-dependent control flow "
-            "(docs/validating.md, 'Importing arbitrary modules').") from None
-    conv = _Converter(module, registry, unsupported)
+            f"torch.fx could not trace {type(module).__name__}.forward{culprit(err)} "
+            f"({type(err).__name__}: {err}); refngd imports a forward without control flow "
+            "on the values of its input or parameters (docs/validating.md, 'Importing "
+            f"arbitrary modules'){hint}.") from None
+    conv = _Converter(root, registry, unsupported, constants,
+                      BATCH if example is not None else None)
+    conv.name = type(module).__name__
     output = None
     for node in graph.nodes:
         if node.op == "placeholder":
@@ -343,5 +421,9 @@ def graph_from_torch(module, registry: dict, unsupported: Callable) -> tuple[Gra
             output = conv.output(node)
     names = [n for n, _ in module.named_parameters()]
     shapes = [tuple(p.shape) for p in conv.params]
-    return GraphModel(conv.nodes, output, names, shapes), conv.params
-
+    model = GraphModel(conv.nodes, output, names, shapes)
+    model.output_shape = conv.output_shape
+    if example is not None:  # token ids may pass a view before the embedding (GPT-2)
+        model.integer_input = getattr(example, "dtype", None) is not None and (
+            str(example.dtype).startswith(("int", "uint", "torch.int", "torch.uint")))
+    return model, conv.params

@@ -15,6 +15,7 @@ import math
 import operator
 from typing import Callable
 
+from ..nn.graph_more import Power, ScaledDotProduct
 from ..nn.graph_ops import (Concat, Elementwise, Expand, MatMul, Permute, Reduce, ShapeOp,
                             Softmax, Split, batch_axis)
 
@@ -111,6 +112,10 @@ def _expand(args, kw):
     return Expand(), [args[0], tuple(sizes)]
 
 
+def _pow(args, kw):
+    return Power(), [args[0], _pick(args, kw, 1, "exponent")]
+
+
 def _permute(args, kw):
     return Permute(tuple(_varargs(args, 1) if len(args) > 1 else kw["dims"])), args[:1]
 
@@ -177,10 +182,23 @@ def _matmul(args, kw):
 def _softmax(log: bool):
     def convert(args, kw):
         dim = _pick(args, kw, 1, "dim")
-        if dim is None or kw.get("dtype") is not None:
-            raise ValueError("softmax needs dim (and no dtype)")
-        return Softmax(_not_batch(dim, "softmax"), log), args[:1]
+        if dim is None:
+            raise ValueError("softmax needs dim")
+        op = Softmax(_not_batch(dim, "softmax"), log)
+        op.dtype = _pick(args, kw, 3, "dtype")  # checked against the input's (torch_graph)
+        return op, args[:1]
     return convert
+
+
+def _sdpa(args, kw):
+    mask = _pick(args, kw, 3, "attn_mask")
+    if _pick(args, kw, 4, "dropout_p", 0.0):
+        raise ValueError("scaled_dot_product_attention with dropout_p > 0 is random; call "
+                         "model.eval() (curvature needs a deterministic function)")
+    if kw.get("enable_gqa"):
+        raise ValueError("scaled_dot_product_attention(enable_gqa=True)")
+    op = ScaledDotProduct(_pick(args, kw, 5, "is_causal", False), _pick(args, kw, 6, "scale"))
+    return op, list(args[:3]) + [mask]
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,6 +225,7 @@ def handlers(torch) -> dict:
     put(("contiguous",), _identity("contiguous"))
     put(("clone", torch.clone), _identity("clone"))
     put(("expand",), _expand)
+    put((operator.pow, torch.pow, "pow"), _pow)
     put(("permute", torch.permute), _permute)
     put(("transpose", torch.transpose, "swapaxes", torch.swapaxes), _transpose)
     put(("mean", torch.mean), _reduce("mean"))
@@ -217,6 +236,7 @@ def handlers(torch) -> dict:
     put((operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"), _matmul)
     put((F.softmax, torch.softmax, "softmax"), _softmax(False))
     put((F.log_softmax, torch.log_softmax, "log_softmax"), _softmax(True))
+    put((F.scaled_dot_product_attention,), _sdpa)
     return table
 
 

@@ -24,6 +24,7 @@ from .protocols import Linearization as LinearizationProtocol
 from .protocols import Model
 from .sequential import Linearization, Sequential
 from .transformer import TransformerEncoderLayer
+from .transposed import TransposedLinear
 from . import subsets
 
 __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "BiasRows", "Linear",
@@ -33,4 +34,4 @@ __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "Bia
            "AdaptiveAvgPool2d", "AvgPool1d", "MaxPool1d", "AdaptiveAvgPool1d", "Upsample", "Mean",
            "MultiheadAttention", "ScaledDotProductAttention",
            "TransformerEncoderLayer", "LoRALinear", "PromptPrefix", "ParamLayout", "TensorSlot",
-           "Model", "LinearizationProtocol", "subsets", "GraphModel"]
+           "Model", "LinearizationProtocol", "subsets", "GraphModel", "TransposedLinear"]

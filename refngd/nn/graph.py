@@ -122,6 +122,9 @@ class GraphModel:
         self._build_layout()
         #: the object the graph was imported from (a torch module; ``refngd.interop.to_torch``)
         self.source = None
+        #: the per-sample shape of the output before it was flattened to (N, C) — (T, V)
+        #: for a language model — or None (known when imported with an example batch)
+        self.output_shape = None
         self.integer_input = any(self.nodes[j].kind == "layer" and self.nodes[j].op.integer_input
                                  for j in self._consumers(0))
 
