@@ -13,9 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import refngd  # noqa: E402
 from refngd import interop  # noqa: E402
-from refngd.curvature import Fisher  # noqa: E402
+from refngd import updates  # noqa: E402
+from refngd.curvature import EmpiricalFisher, Fisher  # noqa: E402
 from refngd.losses import CrossEntropy, PerToken  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -113,30 +113,61 @@ def loss_for(name, model):
     return CrossEntropy(), lambda N: np.arange(N) % 3
 
 
-def torch_ggn_vector(net, X, loss, v, params):
-    """J_Sᵀ H J_S v over the parameters ``params`` (name → tensor) by torch.func; H of
-    refngd's loss on the flattened outputs (torch.func.hessian of the torch loss)."""
-    names = list(params)
-    Xt = torch.tensor(X)
-
-    def f(*ps):
-        out = torch.func.functional_call(net, dict(zip(names, ps)), (Xt,))
+def torch_outputs(net, names):
+    """The flattened logits as a function of the tensors ``names`` (the rest fixed)."""
+    def f(Xt, *ps):
+        out = torch.func.functional_call(net, dict(zip(names, ps)), (Xt,), strict=False)
         out = out.logits if hasattr(out, "logits") else out
         return out.reshape(out.shape[0], -1)
+    return f
 
-    sizes = [p.numel() for p in params.values()]
-    vt = torch.split(torch.tensor(v), sizes)
-    tangents = tuple(t.reshape(p.shape) for t, p in zip(vt, params.values()))
-    Z, Jv = torch.func.jvp(f, tuple(params.values()), tangents)
-    H = loss.output_hessian(Z.detach().numpy())  # (N, C, C), refngd's c included
+
+def torch_ggn_vector(net, X, loss, v, names):
+    """Jᵀ (c H) J v over the tensors ``names`` by torch.func (c H_n: the Hessian of the
+    reduced loss in sample n's outputs, from refngd's loss).  J v by ``jvp`` where PyTorch has forward-mode rules,
+    else (fused attention) the rows of J by ``jacrev``."""
+    params = dict(net.named_parameters())
+    ps = tuple(params[n].detach() for n in names)
+    f = torch_outputs(net, names)
+    Xt = torch.tensor(X)
+    vt = torch.split(torch.tensor(v), [p.numel() for p in ps])
+    tangents = tuple(t.reshape(p.shape) for t, p in zip(vt, ps))
+    try:
+        Z, Jv = torch.func.jvp(lambda *q: f(Xt, *q), ps, tangents)
+    except (NotImplementedError, RuntimeError):  # sdpa: no forward-mode AD on CPU
+        J = torch.func.jacrev(lambda *q: f(Xt, *q), argnums=tuple(range(len(ps))))(*ps)
+        Z = f(Xt, *ps)
+        N, C = Z.shape
+        Jm = torch.cat([j.reshape(N, C, -1) for j in J], dim=2)
+        Jv = torch.einsum("ncp,p->nc", Jm, torch.tensor(v))
+    Zn = Z.detach().numpy()
+    H = loss.scale(Zn) * loss.output_hessian(Zn)          # c H_n: the reduced loss's Hessian
     HJv = torch.tensor(np.einsum("ncd,nd->nc", H, Jv.detach().numpy()))
-    _, vjp = torch.func.vjp(f, *params.values())
+    _, vjp = torch.func.vjp(lambda *q: f(Xt, *q), *ps)
     return torch.cat([g.reshape(-1) for g in vjp(HJv)]).numpy()
+
+
+def torch_per_sample_gradients(net, X, y, loss, names):
+    """(N, P_S) gradients of each sample's loss term l_n (refngd's e_n-rows: J_nᵀ e_n)."""
+    params = dict(net.named_parameters())
+    ps = tuple(params[n].detach() for n in names)
+    f = torch_outputs(net, names)
+    Z = f(torch.tensor(X), *ps).detach().numpy()
+    e = torch.tensor(loss.output_gradient(Z, y))          # (N, C), unscaled ∂l_n/∂z_n
+    _, vjp = torch.func.vjp(lambda *q: f(torch.tensor(X), *q), *ps)
+    rows = []
+    for n in range(len(X)):                                # one vjp per sample: small N
+        w = torch.zeros_like(e)
+        w[n] = e[n]
+        rows.append(torch.cat([g.reshape(-1) for g in vjp(w)]))
+    return torch.stack(rows).numpy()
 
 
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_forward_and_ggn_match_torch(name):
+def test_family_forward_and_curvature_match_torch(name):
+    """One from_torch call; forward to 1e-12; the GGN (= Fisher for these losses) and the
+    empirical Fisher times a vector, over every parameter, against torch.func to 1e-10."""
     net, model, theta, X = build(name)
     ref = torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy()
     assert np.array_equal(theta, ref)
@@ -144,8 +175,100 @@ def test_family_forward_and_ggn_match_torch(name):
                                rtol=1e-12, atol=1e-12)
     loss, targets = loss_for(name, model)
     y = targets(len(X))
-    # the GGN-vector product on the parameters of the last two tensors and the first one
-    params = dict(net.named_parameters())
-    F = Fisher(model, theta, loss, X, y)
+    names = [n for n, _ in net.named_parameters()]
     v = np.random.default_rng(1).standard_normal(theta.size)
-    np.testing.assert_allclose(F @ v, torch_ggn_vector(net, X, loss, v, params), **TOL)
+    F = Fisher(model, theta, loss, X, y, params="all")
+    np.testing.assert_allclose(F @ v, torch_ggn_vector(net, X, loss, v, names), **TOL)
+    G = torch_per_sample_gradients(net, X, y, loss, names)
+    c = loss.scale(model.forward(theta, X))
+    EF = EmpiricalFisher(model, theta, loss, X, y, params="all")
+    np.testing.assert_allclose(EF @ v, c * G.T @ (G @ v), **TOL)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "hf_vit"])
+def test_lora_subset_curvature_and_exact_ngd(name):
+    """peft's LoRA adapters are the trainable parameters (params=None): the GGN-vector
+    product on them matches torch.func, and the exact damped NGD step solves its system."""
+    net, model, theta, X = build(name, lora=True)
+    np.testing.assert_allclose(model.forward(theta, X), torch_logits(net, X).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+    mask = model.trainable_mask()
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or "classifier" in n or "score" in n for n in names)
+    assert mask.sum() == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    loss, targets = loss_for(name, model)
+    y = targets(len(X))
+    F = Fisher(model, theta, loss, X, y)                  # params=None: the adapters
+    v = np.random.default_rng(2).standard_normal(int(mask.sum()))
+    np.testing.assert_allclose(F @ v, torch_ggn_vector(net, X, loss, v, names), **TOL)
+    lam = 1e-3
+    d = updates.ngd(model, theta, loss, X, y, lam)
+    g = F.gradient()
+    assert d.shape == g.shape == (mask.sum(),)
+    np.testing.assert_allclose(F @ d + lam * d, g, rtol=1e-8, atol=1e-12 * np.abs(g).max())
+
+
+def test_eager_vit_attention_in_float32_is_refused_with_its_line():
+    """transformers' eager ViT attention computes its softmax in float32 even in a float64
+    model: refngd, which computes in θ's dtype, refuses it and says where and why."""
+    tr = _transformers()
+    cfg = tr.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=4, intermediate_size=64, num_labels=3,
+                       attn_implementation="eager")
+    net = tr.ViTForImageClassification(cfg).double().eval()
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"modeling_vit\.py.*softmax.*computed in torch\.float32"):
+        interop.from_torch(net, images(2, (3, 16, 16)))
+
+
+def test_library_control_flow_on_values_is_refused_with_its_line():
+    """A forward that branches on the values of its input cannot be traced: the refusal
+    names the line (here GPT-2 with an attention mask built from the ids' values)."""
+    tr = _transformers()
+
+    class PadMasked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = gpt2()
+
+        def forward(self, ids):
+            if (ids == 0).any():                 # data-dependent: which samples have padding
+                return self.lm(ids, attention_mask=(ids != 0).long()).logits
+            return self.lm(ids).logits
+
+    assert tr
+    net = PadMasked().double().eval()
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"could not trace PadMasked\.forward at File .*if \(ids == 0\)"
+                             r"\.any\(\)"):
+        interop.from_torch(net, tokens(2))
+
+
+def _optional(module):
+    """A library that may be installed but not importable (torchvision's CUDA wheel on a
+    CPU torch): skip either way."""
+    try:
+        return __import__(module)
+    except Exception as err:  # noqa: BLE001 - ImportError, OSError, RuntimeError
+        pytest.skip(f"{module} is not importable here: {type(err).__name__}: {err}")
+
+
+def test_torchvision_resnet18():
+    tv = _optional("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.resnet18(num_classes=10).double().eval()
+    X = images(2, (3, 32, 32))
+    model, theta = interop.from_torch(net, X)
+    np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_timm_vit():
+    timm = _optional("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                            patch_size=8, num_classes=3, depth=2).double().eval()
+    X = images(2, (3, 32, 32))
+    model, theta = interop.from_torch(net, X)
+    np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)
