@@ -42,7 +42,7 @@ def bert(num_labels=3):
 def gpt2():
     tr = _transformers()
     cfg = tr.GPT2Config(vocab_size=40, n_positions=16, n_embd=64, n_layer=2, n_head=4,
-                        tie_word_embeddings=True, use_cache=False,
+                        tie_word_embeddings=True, use_cache=False, bos_token_id=0, eos_token_id=0,
                         attn_implementation="sdpa")
     return tr.GPT2LMHeadModel(cfg)
 
@@ -64,7 +64,9 @@ def hf_vit():
 
 def with_lora(net, targets):
     peft = _peft()
-    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
+    conv1d = targets == ["c_attn"]                      # GPT-2's Conv1D stores W as (in, out)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0,
+                          fan_in_fan_out=conv1d)
     return peft.get_peft_model(net, cfg)
 
 
