@@ -23,11 +23,11 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_more import ConstantLookup
-from ..nn.graph_ops import Elementwise, Expand, Index, ShapeOp, Softmax, Split, Static
+from ..nn.graph_more import ConstantLookup, Expand, Softmax
+from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
-from .torch_ops import functional_modules, handlers
+from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn
 from .torch_trace import BATCH, META, culprit, trace
 
 __all__ = ["graph_from_torch"]
@@ -245,35 +245,35 @@ class _Converter:
         args, kw = list(node.args), dict(node.kwargs)
         if target is operator.getitem:
             return self._getitem(node, args)
-        if node.op == "call_method" and target in _CASTS and isinstance(
+        if node.op == "call_method" and target in CASTS and isinstance(
                 args[0], self.torch.fx.Node):
             return self.cast(node, args)
         if not any(self.any_act(a) for a in args + list(kw.values())):
             if any(self.is_param(a) for a in args + list(kw.values())):
                 if name == "expand":
-                    return self.op(node, Expand(), [args[0], tuple(_sizes(args))])
+                    return self.op(node, Expand(), [args[0], tuple(sizes(args))])
                 return self._param_op(node, name, args, kw)
             if self.kind.get(args[0] if args else None) == "tuple":
                 raise self.refuse(node, "an operation on a tuple")
             fn = getattr(operator, name, None) if callable(target) else None
             if target is getattr or fn is target or name in ("size", "dim"):
-                return self.static(node, _static_fn(target, kw), args, name)
+                return self.static(node, static_fn(target, kw), args, name)
             raise self.refuse(node, "an operation on constants only; compute it outside forward")
         if name in ("size", "dim") or target is getattr:
             if target is getattr and args[1] not in ("shape",):
                 raise self.refuse(node, f"attribute {args[1]!r} of an activation")
-            return self.static(node, _static_fn(target, kw), args, name)
+            return self.static(node, static_fn(target, kw), args, name)
         modules = functional_modules(self.torch)
         if target in modules or (isinstance(target, str) and target in modules):
             return self._functional(node, modules[target], args, kw)
-        handler = _handler(self.torch, target)
-        if handler is None and any(self.is_param(a) for a in args + list(kw.values())):
+        convert = handler(self.torch, target)
+        if convert is None and any(self.is_param(a) for a in args + list(kw.values())):
             raise self.refuse_param(node, repr(name))
-        if handler is None:
+        if convert is None:
             raise self.refuse(node, f"refngd has no rows for {name!r} (docs/layers.md lists the "
                                     "supported operations)")
         try:
-            op, op_args = handler(args, kw)
+            op, op_args = convert(args, kw)
         except ValueError as err:
             raise self.refuse(node, str(err)) from None
         return self.op(node, op, op_args)
@@ -281,8 +281,8 @@ class _Converter:
     def _param_op(self, node, name, args, kw):
         """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared
         by every sample, whose rows are per-row gradients (N, K, *shape)."""
-        handler = _handler(self.torch, node.target)
-        op = handler(args, kw)[0] if handler is not None else None
+        convert = handler(self.torch, node.target)
+        op = convert(args, kw)[0] if convert is not None else None
         if not isinstance(op, Elementwise):
             raise self.refuse_param(node, f"{name!r} without an activation")
         op.params = tuple(self.is_param(a) for a in args)
@@ -360,30 +360,6 @@ class _Converter:
             raise self.refuse(node, "a dtype conversion; refngd computes in θ's dtype "
                                     "(convert the model, e.g. model.double())")
         self.index[node], self.kind[node] = self.index[src], self.kind[src]
-
-
-_CASTS = ("to", "type", "float", "double", "half", "bfloat16")
-
-
-def _sizes(args) -> tuple:
-    """``expand(a, b)`` or ``expand((a, b))``: the sizes."""
-    rest = args[1:]
-    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
-
-
-def _static_fn(target, kw) -> Callable:
-    if target == "size":
-        return lambda x, d=None: tuple(x.shape) if d is None else x.shape[d]
-    if target == "dim":
-        return lambda x: x.ndim
-    if target is getattr:
-        return lambda x, name: tuple(x.shape)
-    return target
-
-
-def _handler(torch, target):
-    """The converter of an operation: ``(args, kwargs) -> (GraphOp, fx args)``, or None."""
-    return handlers(torch).get(target)
 
 
 def graph_from_torch(module, registry: dict, unsupported: Callable,

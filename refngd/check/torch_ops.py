@@ -15,11 +15,10 @@ import math
 import operator
 from typing import Callable
 
-from ..nn.graph_more import Power, ScaledDotProduct
-from ..nn.graph_ops import (Concat, Elementwise, Expand, MatMul, Permute, Reduce, ShapeOp,
-                            Softmax, Split, batch_axis)
+from ..nn.graph_more import Expand, Power, ScaledDotProduct, Softmax
+from ..nn.graph_ops import Concat, Elementwise, MatMul, Permute, Reduce, ShapeOp, Split, batch_axis
 
-__all__ = ["handlers", "functional_modules"]
+__all__ = ["handlers", "functional_modules", "handler", "static_fn", "sizes", "CASTS"]
 
 
 def _pick(args: list, kw: dict, i: int, name: str, default=None):
@@ -294,3 +293,28 @@ def _interpolate(tnn):
             raise ValueError("interpolate(antialias=True)")
         return tnn.Upsample(size, scale_factor, mode, align_corners, recompute_scale_factor)
     return make
+
+
+#: methods that convert dtype (or device): the identity where the dtype does not change
+CASTS = ("to", "type", "float", "double", "half", "bfloat16")
+
+
+def sizes(args) -> tuple:
+    """``expand(a, b)`` or ``expand((a, b))``: the sizes."""
+    rest = args[1:]
+    return tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+
+
+def static_fn(target, kw) -> Callable:
+    if target == "size":
+        return lambda x, d=None: tuple(x.shape) if d is None else x.shape[d]
+    if target == "dim":
+        return lambda x: x.ndim
+    if target is getattr:
+        return lambda x, name: tuple(x.shape)
+    return target
+
+
+def handler(torch, target):
+    """The converter of an operation: ``(args, kwargs) -> (GraphOp, fx args)``, or None."""
+    return handlers(torch).get(target)

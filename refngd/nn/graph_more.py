@@ -1,6 +1,7 @@
-"""More operations of a :class:`refngd.nn.GraphModel`: powers, the lookup of an embedding
-matrix at constant indices (the position embeddings of a Transformer), and PyTorch's
-fused ``scaled_dot_product_attention`` (transformers' default attention).
+"""More operations of a :class:`refngd.nn.GraphModel`: ``expand``, softmax, powers, the
+lookup of an embedding matrix at constant indices (the position embeddings of a
+Transformer), and PyTorch's fused ``scaled_dot_product_attention`` (transformers' default
+attention).
 
 As in :mod:`refngd.nn.graph_ops`, ``forward(args)`` returns ``(value, cache)`` and
 ``backward(cache, B)`` the rows (N, K, *shape) at each argument (None for constants).
@@ -10,9 +11,9 @@ from __future__ import annotations
 import math
 
 from ..backend import namespace
-from .graph_ops import GraphOp
+from .graph_ops import GraphOp, _rows_view, batch_axis, param_rows, unbroadcast
 
-__all__ = ["Power", "ConstantLookup", "ScaledDotProduct"]
+__all__ = ["Expand", "Softmax", "Power", "ConstantLookup", "ScaledDotProduct"]
 
 
 class Power(GraphOp):
@@ -113,3 +114,56 @@ class ScaledDotProduct(GraphOp):
         BA = B @ v.swapaxes(-1, -2)
         BS = A * (BA - (BA * A).sum(axis=-1, keepdims=True))
         return [(BS @ k) * s, (BS.swapaxes(-1, -2) @ q) * s, Bv, None]
+
+
+class Expand(GraphOp):
+    """``expand(sizes)`` of an activation (its batch axis kept) or of a parameter to the
+    batch (a ViT's class token ``cls.expand(N, -1, -1)``); ``args`` are ``[x, sizes]``."""
+
+    name = "expand"
+
+    def __init__(self):
+        super().__init__((True, False))
+
+    def forward(self, args):
+        x, sizes = args
+        xp = namespace(x)
+        lead = len(sizes) - x.ndim
+        shape = tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(sizes))
+        out = xp.broadcast_to(x, shape)
+        return out, x.shape
+
+    def backward(self, cache, B):
+        if self.params and self.params[0]:
+            return [param_rows(B, cache, B.ndim - 1), None]
+        return [unbroadcast(B, cache), None]
+
+
+class Softmax(GraphOp):
+    """``softmax`` or ``log_softmax`` (``log=True``) over an axis after the batch axis.
+
+    Rows: softmax s, B ↦ s ⊙ (B − Σ_d B ⊙ s); log-softmax B ↦ B − s Σ_d B.
+    """
+
+    def __init__(self, axis: int, log: bool = False):
+        super().__init__((True,))
+        self.dim, self.log = axis, bool(log)
+        self.name = ("log_softmax" if log else "softmax") + f" over dim {axis}"
+
+    def forward(self, args):
+        x = args[0]
+        xp = namespace(x)
+        axis = batch_axis(self.dim, x.ndim, self.name)
+        shifted = x - x.max(axis=axis, keepdims=True)
+        e = xp.exp(shifted)
+        total = e.sum(axis=axis, keepdims=True)
+        s = e / total
+        return (shifted - xp.log(total) if self.log else s), (s, axis)
+
+    def backward(self, cache, B):
+        s, axis = cache
+        s = _rows_view(s)
+        ax = axis + 1
+        if self.log:
+            return [B - s * B.sum(axis=ax, keepdims=True)]
+        return [s * (B - (B * s).sum(axis=ax, keepdims=True))]

@@ -22,9 +22,8 @@ from typing import Any, Callable
 
 from ..backend import Array, namespace
 
-__all__ = ["GraphOp", "Elementwise", "Expand", "ShapeOp", "Permute", "Reduce", "Concat",
-           "Split", "Index", "MatMul", "Softmax", "Static", "unbroadcast", "param_rows",
-           "batch_axis"]
+__all__ = ["GraphOp", "Elementwise", "ShapeOp", "Permute", "Reduce", "Concat", "Split",
+           "Index", "MatMul", "Static", "unbroadcast", "param_rows", "batch_axis"]
 
 
 def batch_axis(d: int, ndim: int, what: str) -> int:
@@ -164,29 +163,6 @@ class Elementwise(GraphOp):
         return [unbroadcast(g, v.shape) if on else
                 (param_rows(g, v.shape, out_ndim) if is_param else None)
                 for g, v, on, is_param in zip(grads, args, self.batched, params)]
-
-
-class Expand(GraphOp):
-    """``expand(sizes)`` of an activation (its batch axis kept) or of a parameter to the
-    batch (a ViT's class token ``cls.expand(N, -1, -1)``); ``args`` are ``[x, sizes]``."""
-
-    name = "expand"
-
-    def __init__(self):
-        super().__init__((True, False))
-
-    def forward(self, args):
-        x, sizes = args
-        xp = namespace(x)
-        lead = len(sizes) - x.ndim
-        shape = tuple(x.shape[i - lead] if s == -1 else s for i, s in enumerate(sizes))
-        out = xp.broadcast_to(x, shape)
-        return out, x.shape
-
-    def backward(self, cache, B):
-        if self.params and self.params[0]:
-            return [param_rows(B, cache, B.ndim - 1), None]
-        return [unbroadcast(B, cache), None]
 
 
 class ShapeOp(GraphOp):
@@ -402,33 +378,3 @@ class MatMul(GraphOp):
         ga = unbroadcast(B @ br.swapaxes(-1, -2), a.shape) if ba else None
         gb = unbroadcast(ar.swapaxes(-1, -2) @ B, b.shape) if bb else None
         return [ga, gb]
-
-
-class Softmax(GraphOp):
-    """``softmax`` or ``log_softmax`` (``log=True``) over an axis after the batch axis.
-
-    Rows: softmax s, B ↦ s ⊙ (B − Σ_d B ⊙ s); log-softmax B ↦ B − s Σ_d B.
-    """
-
-    def __init__(self, axis: int, log: bool = False):
-        super().__init__((True,))
-        self.dim, self.log = axis, bool(log)
-        self.name = ("log_softmax" if log else "softmax") + f" over dim {axis}"
-
-    def forward(self, args):
-        x = args[0]
-        xp = namespace(x)
-        axis = batch_axis(self.dim, x.ndim, self.name)
-        shifted = x - x.max(axis=axis, keepdims=True)
-        e = xp.exp(shifted)
-        total = e.sum(axis=axis, keepdims=True)
-        s = e / total
-        return (shifted - xp.log(total) if self.log else s), (s, axis)
-
-    def backward(self, cache, B):
-        s, axis = cache
-        s = _rows_view(s)
-        ax = axis + 1
-        if self.log:
-            return [B - s * B.sum(axis=ax, keepdims=True)]
-        return [s * (B - (B * s).sum(axis=ax, keepdims=True))]
