@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from refngd import interop  # noqa: E402
 from refngd import updates  # noqa: E402
+from refngd.subsets import peft_mask  # noqa: E402
 from refngd.curvature import EmpiricalFisher, Fisher  # noqa: E402
 from refngd.losses import CrossEntropy, PerToken  # noqa: E402
 
@@ -198,6 +199,9 @@ def test_lora_subset_curvature_and_exact_ngd(name):
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or "classifier" in n or "score" in n for n in names)
     assert mask.sum() == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    lora = np.concatenate([np.full(p.numel(), p.requires_grad and "lora_" in n)
+                           for n, p in net.named_parameters()])
+    assert lora.any() and np.array_equal(peft_mask(model), lora)   # the adapters by name
     loss, targets = loss_for(name, model)
     y = targets(len(X))
     F = Fisher(model, theta, loss, X, y)                  # params=None: the adapters
