@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 from refngd import interop  # noqa: E402
 from refngd import updates  # noqa: E402
 from refngd.subsets import peft_mask  # noqa: E402
-from refngd.curvature import EmpiricalFisher, Fisher  # noqa: E402
+from refngd.curvature import KFAC, EmpiricalFisher, Fisher  # noqa: E402
 from refngd.losses import CrossEntropy, PerToken  # noqa: E402
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -212,6 +212,8 @@ def test_lora_subset_curvature_and_exact_ngd(name):
     g = F.gradient()
     assert d.shape == g.shape == (mask.sum(),)
     np.testing.assert_allclose(F @ d + lam * d, g, rtol=1e-8, atol=1e-12 * np.abs(g).max())
+    K = KFAC(model, theta, loss, X, y, kfac_approx="expand")   # the adapters are Linear layers
+    assert K.dense().shape == (mask.sum(), mask.sum()) and np.all(np.isfinite(K.dense()))
 
 
 def test_eager_vit_attention_in_float32_is_refused_with_its_line():

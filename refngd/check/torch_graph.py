@@ -114,6 +114,8 @@ class _Converter:
             self.batch_ref = Ref(len(self.nodes) - 1)
 
     def get_attr(self, node):
+        if not node.users:  # read for its dtype or shape only (peft: lora_A.weight.dtype)
+            return
         if node.target in self.constants:
             return self._constant(node, self.constants[node.target])
         value = self.root
