@@ -280,3 +280,14 @@ def test_timm_vit():
     model, theta = interop.from_torch(net, X)
     np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_without_an_example_the_shape_check_is_named():
+    """Symbolic tracing (no example batch) stops at the library's first shape check: the
+    refusal names the line and says that an example batch imports it."""
+    _transformers()
+    net = hf_resnet18().double().eval()
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"modeling_resnet\.py.*if num_channels != self\.num_channels.*"
+                             r"example batch: from_torch\(module, X\)"):
+        interop.from_torch(net)

@@ -375,8 +375,9 @@ def graph_from_torch(module, registry: dict, unsupported: Callable,
     try:
         root, graph, constants = trace(module, registry, example)
     except Exception as err:
-        hint = ("" if example is not None else "; if it reads the input's shape, pass an "
-                "example batch: from_torch(module, X)")
+        hint = ("" if example is not None else "; a forward that reads its input's shape "
+                "or dtype, or whose signature the symbolic tracer cannot call (models of "
+                "transformers and peft), imports with an example batch: from_torch(module, X)")
         raise UnsupportedModuleError(
             f"torch.fx could not trace {type(module).__name__}.forward{culprit(err)} "
             f"({type(err).__name__}: {err}); refngd imports a forward without control flow "

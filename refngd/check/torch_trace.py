@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 import traceback
 
 import numpy as np
@@ -246,8 +247,9 @@ def _root_class():
 
 def culprit(err) -> str:
     """The innermost frame outside torch of a failed trace: the construct that stopped it."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # refngd's own
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and not f.filename.endswith("torch_trace.py")]
+              if "/torch/" not in f.filename and not f.filename.startswith(here)]
     if not frames:
         return ""
     f = frames[-1]
