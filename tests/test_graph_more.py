@@ -126,3 +126,29 @@ def test_transformers_conv1d_is_a_transposed_linear():
     check_against_torch(net, model, theta, X)
     with pytest.raises(TypeError, match=r"stores its weight as \(in, out\)"):
         KFAC(model, theta, CrossEntropy(), X)
+
+
+class TimmAttention(torch.nn.Module):
+    """timm's ViT attention, as written there: qkv reshaped to (B, T, 3, h, d_h), permuted
+    to (3, B, h, T, d_h) — the batch axis second — and unbound along axis 0; fused SDPA."""
+
+    def __init__(self, d=4, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), heads
+        self.head = torch.nn.Linear(d, 3)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj(h.transpose(1, 2).reshape(B, T, C)) + x
+        v2 = qkv[2].transpose(1, 2).reshape(B, T, C)          # an item used directly too
+        return self.head(h[:, 0] + v2.mean(1))
+
+
+def test_timm_style_permute_then_unbind():
+    torch.manual_seed(0)
+    X = np.random.default_rng(0).standard_normal((3, 5, 4))
+    net, model, theta = make(TimmAttention(), X)
+    check_against_torch(net, model, theta, X)

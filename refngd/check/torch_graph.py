@@ -23,7 +23,7 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_more import ConstantLookup, Expand, Softmax
+from ..nn.graph_more import ConstantLookup, Expand, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
@@ -250,6 +250,14 @@ class _Converter:
         if node.op == "call_method" and target in CASTS and isinstance(
                 args[0], self.torch.fx.Node):
             return self.cast(node, args)
+        if name == "unbind" and self.kind.get(args[0]) == "tuple" and isinstance(
+                self.nodes[self.index[args[0]]].op, PermuteUnbind):
+            self.index[node], self.kind[node] = self.index[args[0]], "tuple"
+            return None
+        dims = self._unbound(node, args) if name == "permute" and self.is_act(args[0]) else None
+        if dims is not None:
+            op = PermuteUnbind(tuple(d % len(dims) for d in dims))
+            return self.add(node, "tuple", GraphNode("op", op, (self.arg(args[0]),)))
         if not any(self.any_act(a) for a in args + list(kw.values())):
             if any(self.is_param(a) for a in args + list(kw.values())):
                 if name == "expand":
@@ -280,6 +288,20 @@ class _Converter:
             raise self.refuse(node, str(err)) from None
         return self.op(node, op, op_args)
 
+    def _unbound(self, node, args):
+        """The dims of a permute that moves the batch axis to 1 and is only unbound along
+        axis 0 (timm's attention), else None (a plain :class:`Permute`)."""
+        dims = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) \
+            else tuple(args[1:])
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        perm = [d % len(dims) for d in dims]
+        unbind = ("unbind", self.torch.unbind)
+        ok = all((u.target is operator.getitem and isinstance(u.args[1], int))
+                 or (u.target in unbind and (u.args[1:] or (u.kwargs.get("dim", 0),))[0] == 0)
+                 for u in node.users)
+        return dims if perm[0] != 0 and perm[1] == 0 and node.users and ok else None
+
     def _param_op(self, node, name, args, kw):
         """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared
         by every sample, whose rows are per-row gradients (N, K, *shape)."""
@@ -299,7 +321,7 @@ class _Converter:
             if key in self.items:
                 self.index[node], self.kind[node] = self.items[key], "act"
                 return None
-            if not isinstance(self.nodes[self.index[src]].op, Split):
+            if not isinstance(self.nodes[self.index[src]].op, (Split, PermuteUnbind)):
                 raise self.refuse(node, f"item {index!r} of a module's tuple output")
             return self.add(node, "act", GraphNode("item", None, (Ref(self.index[src]),),
                                                    index=int(index)))

@@ -13,7 +13,7 @@ import math
 from ..backend import namespace
 from .graph_ops import GraphOp, _rows_view, batch_axis, param_rows, unbroadcast
 
-__all__ = ["Expand", "Softmax", "Power", "ConstantLookup", "ScaledDotProduct"]
+__all__ = ["Expand", "Softmax", "Power", "ConstantLookup", "ScaledDotProduct", "PermuteUnbind"]
 
 
 class Power(GraphOp):
@@ -167,3 +167,36 @@ class Softmax(GraphOp):
         if self.log:
             return [B - s * B.sum(axis=ax, keepdims=True)]
         return [s * (B - (B * s).sum(axis=ax, keepdims=True))]
+
+
+class PermuteUnbind(GraphOp):
+    """``x.permute(perm)`` that brings an axis in front of the batch axis (``perm[1] == 0``),
+    consumed only by ``unbind(0)`` or ``[i]`` — timm's ``qkv.reshape(B, T, 3, h, d)
+    .permute(2, 0, 3, 1, 4).unbind(0)``: a tuple of pieces, each with the batch axis first
+    (piece i is ``x.permute(perm)[i]``).  The rows of the pieces (a dict {piece: rows}, as
+    :class:`refngd.nn.graph_ops.Split`) are stacked and permuted back."""
+
+    name = "permute then unbind"
+
+    def __init__(self, perm: tuple[int, ...]):
+        super().__init__((True,))
+        self.perm = tuple(perm)
+
+    def forward(self, args):
+        x = args[0]
+        if len(self.perm) != x.ndim or self.perm[1] != 0:
+            raise ValueError(f"permute {self.perm} of an input with {x.ndim} axes must put the "
+                             "batch axis second")
+        y = x.transpose(self.perm)
+        return tuple(y[i] for i in range(y.shape[0])), [p.shape for p in y]
+
+    def backward(self, cache, B: dict):
+        shapes = cache
+        some = next(iter(B.values()))
+        xp = namespace(some)
+        N, K = some.shape[:2]
+        S = xp.stack([B[i] if i in B else xp.zeros((N, K) + tuple(s[1:]), dtype=some.dtype)
+                      for i, s in enumerate(shapes)], axis=2)     # (N, K, pieces, *rest)
+        q = (0, self.perm[0]) + self.perm[2:]                      # x's axis at each of S's
+        inv = sorted(range(len(q)), key=lambda j: q[j])
+        return [S.transpose((0, 1) + tuple(inv[a] + 1 for a in range(1, len(q))))]
