@@ -27,7 +27,7 @@ from ..nn.graph_more import ConstantLookup, Expand, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
-from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn
+from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn, unbound_permute
 from .torch_trace import BATCH, META, culprit, trace
 
 __all__ = ["graph_from_torch"]
@@ -254,7 +254,7 @@ class _Converter:
                 self.nodes[self.index[args[0]]].op, PermuteUnbind):
             self.index[node], self.kind[node] = self.index[args[0]], "tuple"
             return None
-        dims = self._unbound(node, args) if name == "permute" and self.is_act(args[0]) else None
+        dims = unbound_permute(self.torch, node, args) if name == "permute" and self.is_act(args[0]) else None
         if dims is not None:
             op = PermuteUnbind(tuple(d % len(dims) for d in dims))
             return self.add(node, "tuple", GraphNode("op", op, (self.arg(args[0]),)))
@@ -287,20 +287,6 @@ class _Converter:
         except ValueError as err:
             raise self.refuse(node, str(err)) from None
         return self.op(node, op, op_args)
-
-    def _unbound(self, node, args):
-        """The dims of a permute that moves the batch axis to 1 and is only unbound along
-        axis 0 (timm's attention), else None (a plain :class:`Permute`)."""
-        dims = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) \
-            else tuple(args[1:])
-        if not dims or not all(isinstance(d, int) for d in dims):
-            return None
-        perm = [d % len(dims) for d in dims]
-        unbind = ("unbind", self.torch.unbind)
-        ok = all((u.target is operator.getitem and isinstance(u.args[1], int))
-                 or (u.target in unbind and (u.args[1:] or (u.kwargs.get("dim", 0),))[0] == 0)
-                 for u in node.users)
-        return dims if perm[0] != 0 and perm[1] == 0 and node.users and ok else None
 
     def _param_op(self, node, name, args, kw):
         """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared

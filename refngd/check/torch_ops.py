@@ -18,7 +18,8 @@ from typing import Callable
 from ..nn.graph_more import Expand, Power, ScaledDotProduct, Softmax
 from ..nn.graph_ops import Concat, Elementwise, MatMul, Permute, Reduce, ShapeOp, Split, batch_axis
 
-__all__ = ["handlers", "functional_modules", "handler", "static_fn", "sizes", "CASTS"]
+__all__ = ["handlers", "functional_modules", "handler", "static_fn", "sizes", "CASTS",
+           "unbound_permute"]
 
 
 def _pick(args: list, kw: dict, i: int, name: str, default=None):
@@ -318,3 +319,18 @@ def static_fn(target, kw) -> Callable:
 def handler(torch, target):
     """The converter of an operation: ``(args, kwargs) -> (GraphOp, fx args)``, or None."""
     return handlers(torch).get(target)
+
+
+def unbound_permute(torch, node, args):
+    """The dims of an fx ``permute`` node that moves the batch axis to 1 and is only
+    unbound along axis 0 (timm's attention), else None (a plain :class:`Permute`)."""
+    dims = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) \
+        else tuple(args[1:])
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    perm = [d % len(dims) for d in dims]
+    unbind = ("unbind", torch.unbind)
+    ok = all((u.target is operator.getitem and isinstance(u.args[1], int))
+             or (u.target in unbind and (u.args[1:] or (u.kwargs.get("dim", 0),))[0] == 0)
+             for u in node.users)
+    return dims if perm[0] != 0 and perm[1] == 0 and node.users and ok else None
