@@ -38,7 +38,7 @@ def build(N: int, T: int, V: int = 32):
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=64, n_layer=2, n_head=4,
-                                  tie_word_embeddings=True, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                  tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
                                   attn_implementation="sdpa")
     net = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0))

@@ -56,7 +56,7 @@ t0 = time.perf_counter()
 V, T, N = 32, 8, 16
 torch.manual_seed(0)
 config = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=64, n_layer=2, n_head=4,
-                                 tie_word_embeddings=True, use_cache=False,
+                                 tie_word_embeddings=True,
                                  bos_token_id=0, eos_token_id=0)   # attention: sdpa, the default
 net = transformers.GPT2LMHeadModel(config)
 lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,

@@ -40,11 +40,11 @@ def bert(num_labels=3):
     return tr.BertForSequenceClassification(cfg)
 
 
-def gpt2():
+def gpt2(attn="sdpa"):
     tr = _transformers()
     cfg = tr.GPT2Config(vocab_size=40, n_positions=16, n_embd=64, n_layer=2, n_head=4,
-                        tie_word_embeddings=True, use_cache=False, bos_token_id=0, eos_token_id=0,
-                        attn_implementation="sdpa")
+                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                        attn_implementation=attn)          # use_cache: the default (True)
     return tr.GPT2LMHeadModel(cfg)
 
 
@@ -82,6 +82,7 @@ def images(N, shape, seed=0):
 FAMILIES = {  # name: (constructor, input maker, LoRA targets)
     "bert": (bert, lambda N: tokens(N), ["query", "value"]),
     "gpt2": (gpt2, lambda N: tokens(N), ["c_attn"]),
+    "gpt2_eager": (lambda: gpt2("eager"), lambda N: tokens(N), ["c_attn"]),
     "hf_resnet18": (hf_resnet18, lambda N: images(N, (3, 32, 32)), None),
     "hf_vit": (hf_vit, lambda N: images(N, (3, 16, 16)), ["q_proj", "v_proj"]),
 }
@@ -110,7 +111,7 @@ def torch_logits(net, X):
 
 
 def loss_for(name, model):
-    if name == "gpt2":
+    if name.startswith("gpt2"):
         T = model.output_shape[0]
         return PerToken(CrossEntropy(), T), lambda N: tokens(N, seed=1)
     return CrossEntropy(), lambda N: np.arange(N) % 3

@@ -136,6 +136,8 @@ def _classes():
                 name = f"_refngd_constant{len(self.constants)}"
                 self.constants[name] = a
                 return self.create_node("get_attr", name, (), {})
+            if type(a).__module__.startswith("transformers.cache_utils"):
+                return None  # a key/value cache among the outputs (use_cache=True): unused
             return super().create_arg(a)
 
         def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,

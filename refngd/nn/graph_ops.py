@@ -251,7 +251,8 @@ class Reduce(GraphOp):
 
 
 class Concat(GraphOp):
-    """``torch.cat(tensors, dim)`` along an axis after the batch axis."""
+    """``torch.cat(tensors, dim)`` along an axis after the batch axis.  Empty 1-d constants
+    are skipped, as PyTorch does (an empty key/value cache concatenated with new keys)."""
 
     name = "cat"
 
@@ -263,7 +264,10 @@ class Concat(GraphOp):
         ref = next(a for a, on in zip(args, self.batched) if on)
         axis = batch_axis(self.dim, ref.ndim, "cat")
         xp = namespace(*[a for a, on in zip(args, self.batched) if on])
-        return xp.concatenate(args, axis=axis), (axis, [a.shape[axis] for a in args])
+        empty = [not on and a.ndim == 1 and a.shape[0] == 0 for a, on in zip(args, self.batched)]
+        used = [a for a, skip in zip(args, empty) if not skip]
+        return xp.concatenate(used, axis=axis), (axis, [0 if skip else a.shape[axis]
+                                                        for a, skip in zip(args, empty)])
 
     def backward(self, cache, B):
         axis, sizes = cache
