@@ -152,3 +152,25 @@ def test_timm_style_permute_then_unbind():
     X = np.random.default_rng(0).standard_normal((3, 5, 4))
     net, model, theta = make(TimmAttention(), X)
     check_against_torch(net, model, theta, X)
+
+
+class Expands(torch.nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.a, self.size = torch.nn.Linear(3, 4), size
+
+    def forward(self, x):
+        return self.a(x)[:, None].expand(x.shape[0], self.size, 4).sum(1)
+
+
+def test_the_sentinel_batch_size_never_passes_silently():
+    """Concrete tracing runs with a sentinel batch size; one that a model dimension equals
+    is avoided, and a literal that equals it anyway is caught by the check on the example."""
+    X = np.random.default_rng(0).standard_normal((2, 3))
+    torch.manual_seed(0)
+    for size in (5, 1030):
+        net, model, theta = make(Expands(size), X)
+        np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                                   rtol=1e-12)
+    with pytest.raises(interop.UnsupportedModuleError, match="differs from it on the example"):
+        make(Expands(1031), X)                       # the first sentinel, as a literal size

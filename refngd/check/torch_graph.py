@@ -28,7 +28,7 @@ from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn, unbound_permute
-from .torch_trace import BATCH, META, culprit, trace
+from .torch_trace import META, culprit, trace
 
 __all__ = ["graph_from_torch"]
 
@@ -392,7 +392,7 @@ def graph_from_torch(module, registry: dict, unsupported: Callable,
             "on the values of its input or parameters (docs/validating.md, 'Importing "
             f"arbitrary modules'){hint}.") from None
     conv = _Converter(root, registry, unsupported, constants,
-                      BATCH if example is not None else None)
+                      getattr(graph, "refngd_batch", None))
     conv.name = type(module).__name__
     output = None
     for node in graph.nodes:

@@ -5,7 +5,7 @@ docs/design.md §6, "Which tracer".
 Plain symbolic tracing turns ``x.shape[1]`` into a proxy, so ``if x.shape[1] != 3:`` and
 ``torch.arange(x.shape[1])`` stop it.  Given an example input, :func:`trace_concrete`
 traces with proxies that carry a *meta* tensor (shapes and dtypes, no data) of the example's
-per-sample shape and a sentinel batch size :data:`BATCH`: shapes, dtypes and devices are
+per-sample shape and a sentinel batch size (:func:`sentinel`): shapes, dtypes and devices are
 plain Python values, so control flow on them runs as Python; tensors computed from them
 alone (position ids, causal masks) are computed once, eagerly, and become constants of the
 graph.  Control flow on *values* of the data or the parameters still stops the tracer
@@ -27,11 +27,23 @@ import numpy as np
 
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 
-__all__ = ["BATCH", "META", "trace", "trace_concrete", "culprit", "check_import"]
+__all__ = ["BATCH", "META", "sentinel", "trace", "trace_concrete", "culprit", "check_import"]
 
-#: the sentinel batch size of the meta example (a prime that no model dimension is likely
-#: to equal; the import checks the traced model against PyTorch on the real example)
-BATCH = 1031
+#: the sentinel batch sizes of the meta example: the first of these primes that is no
+#: dimension of a parameter, a buffer or the example (the import also checks the traced
+#: model against PyTorch on the real example)
+BATCH = (1031, 1033, 1039, 1049, 1051, 1061, 1063, 1069)
+
+
+def sentinel(module, example_shape) -> int:
+    """The batch size to trace with: a prime from :data:`BATCH` no known size equals."""
+    sizes = set(example_shape)
+    for t in [*module.parameters(), *module.buffers()]:
+        sizes.update(t.shape)
+    for b in BATCH:
+        if b not in sizes:
+            return b
+    raise ValueError("every sentinel batch size is a dimension of the model")
 #: the key of ``node.meta`` that holds each traced value's meta tensor
 META = "refngd_meta"
 
@@ -212,7 +224,7 @@ def trace(module, registry: dict, example):
 
 
 def trace_concrete(module, example_shape: tuple, example_dtype, leaf):
-    """Trace ``module(x)`` for a meta input x (:data:`BATCH`, *example_shape) of
+    """Trace ``module(x)`` for a meta input x (:func:`sentinel`, *example_shape) of
     ``example_dtype``; ``leaf(m)`` says which modules stay single nodes.
 
     The root traced is a wrapper whose ``forward(x)`` calls ``module(x)`` (its other
@@ -225,8 +237,10 @@ def trace_concrete(module, example_shape: tuple, example_dtype, leaf):
     root = _root_class()(module)
     tracer = _classes()(leaf, device)
     tracer.record_stack_traces = True
-    example = torch.empty((BATCH,) + tuple(example_shape), dtype=example_dtype, device="meta")
+    batch = sentinel(module, example_shape)
+    example = torch.empty((batch,) + tuple(example_shape), dtype=example_dtype, device="meta")
     graph = tracer.trace(root, example=example)
+    graph.refngd_batch = batch
     return root, graph, tracer.constants
 
 
@@ -282,7 +296,13 @@ def check_import(module, model, theta, example) -> None:
     if isinstance(out, (tuple, list)):
         out = out[0]
     ref = to_array(out.reshape(out.shape[0], -1).detach())
-    got = model.forward(theta, X)
+    try:
+        got = model.forward(theta, X)
+    except (ValueError, TypeError, IndexError) as err:
+        raise UnsupportedModuleError(
+            f"the graph traced from {type(module).__name__}.forward fails on the example batch "
+            f"({err}); a shape traced with the sentinel batch size may have been taken for "
+            "another size, or a size of the example was specialised: please report it.") from None
     scale = float(np.max(np.abs(ref))) + 1.0
     err = float(np.max(np.abs(np.asarray(got) - np.asarray(ref)))) if got.shape == ref.shape \
         else float("inf")
