@@ -292,3 +292,18 @@ def test_without_an_example_the_shape_check_is_named():
                        match=r"modeling_resnet\.py.*if num_channels != self\.num_channels.*"
                              r"example batch: from_torch\(module, X\)"):
         interop.from_torch(net)
+
+
+def test_validate_takes_a_transformers_model():
+    """refngd.check.validate imports a transformers model with the batch as its example."""
+    import refngd
+    net, model, theta, X = build("bert")
+    y = np.arange(len(X)) % 3
+    v = np.random.default_rng(4).standard_normal(theta.size)
+    ref = Fisher(model, theta, CrossEntropy(), X, y, params="all") @ v
+    report = refngd.check.validate(net, torch.nn.CrossEntropyLoss(), X, y, "fisher_matvec",
+                                   ref, v=v)
+    assert report.passed, str(report)
+    report = refngd.check.validate(net, torch.nn.CrossEntropyLoss(), X, y, "fisher_matvec",
+                                   2 * ref, v=v)
+    assert not report.passed and "factor 2" in report.diagnosis

@@ -32,16 +32,20 @@ def _as_array(a):
 def make_twin(model, loss, X, y, convention=CONVENTION, **options) -> Twin:
     """A :class:`Twin` from a torch model (or a ``(refngd model, θ)`` pair) and a loss.
 
-    ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`) or a
-    pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a refngd loss.
+    ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`; with
+    X as its example batch where a symbolic trace cannot import it, as for the models of
+    transformers) or a pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a refngd loss.
     """
     if isinstance(model, tuple):
         ours, theta = model
         prefixes = [str(i) for i, (a, b) in enumerate(ours.slices) if b > a]
     else:
-        from .interop import from_torch
+        from .interop import UnsupportedModuleError, from_torch
 
-        ours, theta = from_torch(model)
+        try:
+            ours, theta = from_torch(model)
+        except UnsupportedModuleError:  # a model that reads its input's shape: X as example
+            ours, theta = from_torch(model, X)
         prefixes = _prefixes_from_torch(model)
     if not hasattr(loss, "hessian_factor"):
         from .interop import from_torch_loss
