@@ -1,21 +1,25 @@
 """PyTorch module → :class:`refngd.nn.GraphModel` through ``torch.fx`` (docs/design.md §6,
-"Importing arbitrary modules").
+"Importing arbitrary modules" and "Model libraries").
 
 ``from_torch`` sends every module that is not a plain ``nn.Sequential`` of known modules
-here: :func:`graph_from_torch` traces its ``forward`` symbolically with ``torch.fx`` —
-modules with a registered converter (and every other ``torch.nn`` module) stay single
-``call_module`` nodes — and converts node by node:
+here: :func:`graph_from_torch` traces its ``forward`` with ``torch.fx`` — symbolically, or
+with concrete shapes when given an example batch (:mod:`refngd.check.torch_trace`) — with
+modules that have a registered converter (and every other ``torch.nn`` module) kept as
+single ``call_module`` nodes, and converts node by node:
 
 * ``call_module``: the converter registry of :mod:`refngd.check.interop` (one refngd layer
-  per module; a module called twice is one layer, its parameters one slice of θ);
-* functional activations (``F.relu``, ``torch.tanh``, ``F.gelu``, ``F.silu``, ...): the
-  converter of the equivalent module (``nn.ReLU()``, ...), so a layer that gains a
+  per module; a module called twice is one layer, its parameters one slice of θ; an
+  Embedding at constant indices is its weight used directly);
+* functional activations and pools (``F.relu``, ``torch.tanh``, ``F.silu``,
+  ``F.max_pool2d``, ...): the converter of the equivalent module, so a layer that gains a
   converter gains its functional form;
-* the operations of :mod:`refngd.nn.graph_ops` and statics (``x.size(0)``, ``x.shape``).
+* the operations of :mod:`refngd.nn.graph_ops` and :mod:`refngd.nn.graph_more`
+  (:mod:`refngd.check.torch_ops` has the table), parameters used directly in ``+ − × ÷``
+  and ``expand``, and statics (``x.size(0)``, ``x.shape``).
 
-Anything else — a parameter used directly in ``forward``, an operation refngd has no rows
-for, data-dependent control flow — raises :class:`UnsupportedModuleError` naming the node,
-its op and target and the source line that created it (never skipped).
+Anything else — an operation refngd has no rows for, another direct use of a parameter,
+a dtype conversion, control flow on values — raises :class:`UnsupportedModuleError`
+naming the node, its op and target and the source line that created it (never skipped).
 """
 from __future__ import annotations
 
