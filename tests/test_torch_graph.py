@@ -179,8 +179,9 @@ class GroupedUpsample(torch.nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        h = self.skip(h) + self.pool(self.act(self.up(h)))
-        return self.head(h.flatten(1))
+        out = self.skip(h)
+        out += self.pool(self.act(self.up(h)))        # torchvision's in-place residual
+        return self.head(torch.flatten(out, 1))
 
 
 class FunctionalPools(torch.nn.Module):
