@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 
@@ -38,6 +39,8 @@ def _int_at_least(minimum: int, what: str):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+_workers = _int_at_least(1, "a number of worker processes >= 1 (leave --workers out to run "
+                            "in-process)")
 _nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
@@ -79,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--threads", type=_nonnegative_int, default=1,
                      help="BLAS threads during the run (0: the library's default). One is fastest "
                           "for these small matrices and immune to oversubscribed machines")
+    cmp.add_argument("--workers", type=_workers, default=None, metavar="N",
+                     help="run the units of work on a local Dask cluster of N worker processes "
+                          "(needs refngd[distributed]); default: in this process")
+    cmp.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="run them on the existing Dask cluster whose scheduler is at ADDRESS "
+                          "(e.g. tcp://10.0.0.5:8786)")
+    cmp.add_argument("--resume", action="store_true",
+                     help="go on with the interrupted run in --out: the units it recorded are "
+                          "not run again")
     cmp.add_argument("--max-steps", type=_positive_int, default=None, help=argparse.SUPPRESS)
     parser.compare_parser = cmp
 
@@ -139,6 +151,57 @@ def _missing_extras(config, plots: bool) -> tuple[list[str], list[str]]:
     return errors, notes
 
 
+def _find(module: str):
+    from importlib.util import find_spec
+
+    return find_spec(module)
+
+
+def _unit_threads(args) -> int | None:
+    """The BLAS threads each unit runs with (None: the library's default)."""
+    if args.workers is not None:
+        from .experiments.executors import worker_threads
+
+        return worker_threads(args.workers, args.threads)
+    return args.threads or None
+
+
+@contextlib.contextmanager
+def _executor(args):
+    """``(client, description)``: no client in-process, else a Dask client, closed afterwards.
+
+    ``--workers N`` starts a local cluster of N processes with ``--threads`` BLAS threads
+    each, capped so that N × threads ≤ cores (``--threads 0``: cores // N);
+    ``--scheduler ADDRESS`` connects to an existing one (each unit then caps its BLAS
+    threads at ``--threads`` where threadpoolctl is installed).
+    """
+    if args.workers is None and args.scheduler is None:
+        yield None, {"kind": "in-process"}
+        return
+    from .experiments.executors import close_quietly, connect, local_cluster
+
+    cluster = None
+    if args.workers is not None:
+        cluster, client, n = local_cluster(args.workers, args.threads)
+        info = {"kind": "local Dask cluster", "workers": args.workers,
+                "blas_threads_per_worker": n}
+        cores = os.cpu_count() or 1
+        shared = (f" on {cores} cores: more workers than cores, they share them"
+                  if args.workers > cores else "")
+        print(f"refngd compare: a local Dask cluster of {args.workers} worker processes × {n} "
+              f"BLAS thread{'s' if n != 1 else ''}{shared}")
+    else:
+        client = connect(args.scheduler)
+        workers = len(client.nthreads())  # some dask versions list 5 in scheduler_info()
+        info = {"kind": "Dask scheduler", "address": args.scheduler, "workers": workers,
+                "blas_threads_per_worker": args.threads or None}
+        print(f"refngd compare: the Dask cluster at {args.scheduler} ({workers} workers now)")
+    try:
+        yield client, info
+    finally:
+        close_quietly(client, cluster)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``refngd`` console script; returns the exit status."""
     parser = build_parser()
@@ -150,25 +213,39 @@ def main(argv=None) -> int:
     config = compare_config(args, parser.compare_parser)
     from .experiments.compare import format_results, run_compare, write_outputs
     from .experiments.data import DataError
+    from .experiments.executors import ExecutorError
     from .experiments.run_output import OutputError, RunOutput
 
+    if args.workers is not None and args.scheduler is not None:
+        parser.compare_parser.error("--workers starts a local cluster and --scheduler uses an "
+                                    "existing one: pass one of them, not both.")
     errors, notes = _missing_extras(config, plots=not args.no_plots)
+    if (args.workers or args.scheduler) and _find("distributed") is None:
+        option = "--workers" if args.workers else "--scheduler"
+        errors.append(f"{option} needs dask.distributed, which is not installed: pip install "
+                      f"'refngd[distributed]' (or leave {option} out to run in-process).")
     if errors:
         print(f"refngd compare: error: {errors[0]}", file=sys.stderr)
         return 2
     plots = not args.no_plots and not any("matplotlib" in n for n in notes)
     try:  # before any work: a bad --out must not cost a whole run
-        out = RunOutput(config.out)
+        out = RunOutput(config.out, resume=args.resume)
+        out.start(config, blas_threads=_unit_threads(args))
     except OutputError as err:
         parser.compare_parser.error(str(err))
+    if out.complete:
+        print(f"refngd compare: --out {config.out!r} holds a finished run ({out.record_path}); "
+              "nothing to resume.", file=sys.stderr)
+        return 0
     for line in notes + ([out.note] if out.note else []):
         print(f"refngd compare: {line}", file=sys.stderr)
-    out.start(config)
     t0 = time.perf_counter()
     try:
-        with _blas_threads(args.threads):
-            record = run_compare(config, on_method=out.method_done)
-    except (DataError, FileNotFoundError) as err:
+        with _blas_threads(args.threads), _executor(args) as (client, executor):
+            record = run_compare(config, on_method=out.method_done, on_unit=out.unit_done,
+                                 done=out.done, client=client,
+                                 threads=executor.get("blas_threads_per_worker"))
+    except (DataError, FileNotFoundError, ExecutorError) as err:
         out.discard_if_empty()
         print(f"refngd compare: error: {err}", file=sys.stderr)
         return 2
@@ -176,11 +253,13 @@ def main(argv=None) -> int:
         print(f"\n{out.interrupted_message()}", file=sys.stderr)
         return 130
     record["config"]["blas_threads"] = args.threads or None
+    record["executor"] = executor
     record["complete"] = True
     record["config"]["out_folder"] = out.folder  # where it went (a fresh sibling if --out held files)
     print()
     print(format_results(record))
     paths = write_outputs(record, out.folder, plots=plots)
+    out.finish()
     print()
     print(f"wrote {', '.join(paths)}")
     print(f"total {time.perf_counter() - t0:.1f} s")

@@ -332,6 +332,28 @@ def plan_square(P: int, xp, what: str, largest_block: int = 0) -> None:
           None, xp)
 
 
+#: glibc's largest mmap threshold on 64-bit systems: blocks below it come from the heap
+MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def keep_freed_memory_env(max_bytes: int = 1 << 30) -> dict[str, str]:
+    """:func:`keep_freed_memory` as environment variables, for processes started later.
+
+    glibc reads ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` when a process
+    starts.  The local Dask cluster of ``refngd compare --workers`` passes them to its
+    worker processes (:func:`refngd.experiments.executors.local_cluster`): Dask's nanny
+    otherwise starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns
+    off glibc's adaptive mmap threshold, and a unit then page-faults twice as often as in
+    this process (docs/benchmarks.md, the Dask section).
+    """
+    return {"MALLOC_TRIM_THRESHOLD_": str(_trim_bytes(max_bytes)),
+            "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX)}
+
+
+def _trim_bytes(max_bytes: int) -> int:
+    return int(min(max(int(max_bytes), 0), 2**31 - 1))
+
+
 def keep_freed_memory(max_bytes: int = 1 << 30) -> bool:
     """Opt in: let glibc's malloc keep up to ``max_bytes`` of freed memory for reuse.
 
@@ -345,7 +367,7 @@ def keep_freed_memory(max_bytes: int = 1 << 30) -> bool:
     process: freed memory then stays with the process (its resident size stays at its
     peak) and is reused.  The same as the environment variables ``MALLOC_TRIM_THRESHOLD_``
     and ``MALLOC_MMAP_THRESHOLD_``.  Linux with glibc only; returns whether it applied.
-    refngd never calls it by itself; the planner's estimates are unaffected.
+    refngd never calls it in your process; the planner's estimates are unaffected.
     """
     import ctypes
     import sys
@@ -358,5 +380,5 @@ def keep_freed_memory(max_bytes: int = 1 << 30) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    trim = int(min(max(int(max_bytes), 0), 2**31 - 1))
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, trim))
+    return (bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX))
+            and bool(mallopt(M_TRIM_THRESHOLD, _trim_bytes(max_bytes))))

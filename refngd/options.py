@@ -16,13 +16,22 @@ option             values                           default     meaning (docs/de
 ``kfac_approx``    ``"expand"``, ``"reduce"``       ``"expand"``  weight sharing (Eschenhagen
                                                                 et al. 2023, §3)
 ``bias``           ``"separate"``, ``"joint"``      ``"separate"``  K-FAC's bias block
-``damping_mode``   ``"tikhonov"``, ``"factored"``   ``"tikhonov"``  (F + λI) or Martens & Grosse's
-                                                                factored damping (2015, §6.3)
+``damping_mode``   ``"tikhonov"``, ``"factored"``,  ``"tikhonov"``  (F + λI), Martens & Grosse's
+                   ``"per-factor"``                             factored damping (2015, §6.3), or
+                                                                (A + λ_A I) ⊗ (G + λ_G I)
+``pi``             ``"trace"`` or a number > 0      ``"trace"``  factored damping's π (M&G §6.3)
+``damping_split``  ``"even"``, ``"locations"``      ``"even"``  factored damping of a layer that
+                                                                shares its weight over T positions
 ``form``           ``"gram"``, ``"tikhonov"``       ``"gram"``  EF/iEF damping: the paper's
                                                                 N × N Gram (Wu et al. 2024,
                                                                 eq. 4, 8) or P × P Tikhonov
 ``convention``     a preset of :mod:`refngd.conventions`  ``"refngd"``
 =================  ===============================  ==========  ==================================
+
+Two fields of :class:`refngd.conventions.Convention` take their values from here too:
+``factor_scale`` (how a public implementation's K-FAC factors are scaled relative to
+refngd's, :data:`FACTOR_SCALES`) and ``gram_rows`` (the rows of the EF/iEF Gram form,
+:data:`GRAM_ROWS`); docs/conventions.md derives each.
 
 The argument checks form one vocabulary with one exception type per mistake: a value of the
 wrong *type* (a float where an integer is needed, a string where a number is) raises
@@ -35,19 +44,33 @@ import math
 import operator
 from typing import Any, Literal, get_args
 
-__all__ = ["Reduction", "FisherType", "KfacApprox", "BiasMode", "DampingMode", "Form",
-           "REDUCTIONS", "FISHER_TYPES", "KFAC_APPROX", "BIAS_MODES", "DAMPING_MODES", "FORMS",
-           "REDUCTION", "FISHER_TYPE", "KFAC_APPROX_DEFAULT", "BIAS", "DAMPING_MODE", "FORM",
-           "CONVENTION", "ArgumentTypeError", "check_choice", "check_int", "check_real",
-           "check_positive", "check_nonnegative", "check_unit_interval"]
+from .backend import check_damping
+
+__all__ = ["Reduction", "FisherType", "KfacApprox", "BiasMode", "DampingMode", "Form", "Pi",
+           "PiRule", "DampingSplit", "FactorScale", "GramRows", "REDUCTIONS", "FISHER_TYPES",
+           "KFAC_APPROX", "BIAS_MODES", "DAMPING_MODES", "FORMS", "PI_RULES", "DAMPING_SPLITS",
+           "FACTOR_SCALES", "GRAM_ROWS", "REDUCTION", "FISHER_TYPE", "KFAC_APPROX_DEFAULT", "BIAS",
+           "DAMPING_MODE", "FORM", "PI", "DAMPING_SPLIT", "FACTOR_SCALE", "GRAM_ROW", "CONVENTION",
+           "ArgumentTypeError", "check_choice", "check_int", "check_real", "check_positive",
+           "check_nonnegative", "check_unit_interval", "check_pi", "check_kfac_damping"]
 
 # ------------------------------------------------------------------ names and values
 Reduction = Literal["mean", "sum"]
 FisherType = Literal["type-2", "mc", "empirical"]
 KfacApprox = Literal["expand", "reduce"]
 BiasMode = Literal["separate", "joint"]
-DampingMode = Literal["tikhonov", "factored"]
+DampingMode = Literal["tikhonov", "factored", "per-factor"]
 Form = Literal["gram", "tikhonov"]
+#: the named rule for factored damping's π; a number > 0 fixes π instead
+PiRule = Literal["trace"]
+Pi = PiRule | float
+DampingSplit = Literal["even", "locations"]
+#: a convention's K-FAC factors relative to refngd's ``expand`` factors, per layer
+#: (:mod:`refngd.curvature.preset_factors`): refngd's own, or one public implementation's
+FactorScale = Literal["none", "kfac-pytorch", "alecwangcq", "ekfac-pytorch"]
+#: the rows of the EF/iEF Gram form: refngd's g_n, or the reduced loss's c·g_n (with the
+#: targets of iEF then ‖c·e_n‖²)
+GramRows = Literal["g_n", "c*g_n"]
 
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -55,6 +78,10 @@ KFAC_APPROX: tuple[str, ...] = get_args(KfacApprox)
 BIAS_MODES: tuple[str, ...] = get_args(BiasMode)
 DAMPING_MODES: tuple[str, ...] = get_args(DampingMode)
 FORMS: tuple[str, ...] = get_args(Form)
+PI_RULES: tuple[str, ...] = get_args(PiRule)
+DAMPING_SPLITS: tuple[str, ...] = get_args(DampingSplit)
+FACTOR_SCALES: tuple[str, ...] = get_args(FactorScale)
+GRAM_ROWS: tuple[str, ...] = get_args(GramRows)
 
 # ------------------------------------------------------------------ defaults
 #: PyTorch's default reduction
@@ -69,6 +96,14 @@ BIAS: BiasMode = "separate"
 DAMPING_MODE: DampingMode = "tikhonov"
 #: the paper's damping of EF and iEF (Wu et al. 2024, eq. 4 and 8)
 FORM: Form = "gram"
+#: Martens & Grosse (2015, §6.3): π² = (tr A / dim A) / (tr G / dim G)
+PI: Pi = "trace"
+#: the same split for every layer (refngd's factored damping before these options existed)
+DAMPING_SPLIT: DampingSplit = "even"
+#: refngd's factors: A and G as docs/kfac.md defines them
+FACTOR_SCALE: FactorScale = "none"
+#: the paper's Gram form, Gᵀ(GGᵀ + λI)⁻¹ t over the unreduced losses' gradients g_n
+GRAM_ROW: GramRows = "g_n"
 #: refngd's own conventions (docs/conventions.md)
 CONVENTION = "refngd"
 
@@ -141,3 +176,23 @@ def check_unit_interval(value: Any, name: str, closed_right: bool = False) -> fl
         interval = "[0, 1]" if closed_right else "[0, 1)"
         raise ValueError(f"{name} must lie in {interval}, got {value!r}.")
     return v
+
+
+def check_pi(value: Any) -> Pi:
+    """Factored damping's π: ``"trace"`` (:data:`PI_RULES`) or a finite number > 0 (a float)."""
+    if isinstance(value, str):
+        return check_choice(value, "pi", PI_RULES)
+    return check_positive(value, "pi")
+
+
+def check_kfac_damping(damping: Any, damping_mode: str) -> float | tuple[float, float]:
+    """K-FAC's damping after checking ``damping_mode``: a float λ ≥ 0, or — for
+    ``"per-factor"`` only — a pair (λ_A, λ_G) of floats ≥ 0 (a single λ means λ_A = λ_G = λ)."""
+    check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+    if isinstance(damping, (tuple, list)):
+        if damping_mode != "per-factor" or len(damping) != 2:
+            raise ValueError("damping as a pair (λ_A, λ_G) needs damping_mode='per-factor'; "
+                             f"got damping={damping!r} with damping_mode={damping_mode!r}.")
+        return (check_nonnegative(damping[0], "damping[0] (λ_A)"),
+                check_nonnegative(damping[1], "damping[1] (λ_G)"))
+    return check_damping(damping)  # the one check of a scalar damping (refngd.backend)

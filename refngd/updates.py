@@ -9,7 +9,8 @@ a vector of length |S| in θ's order — step with ``theta[mask] -= lr * d``, or
 ``theta - lr * subset.embed(d)`` for ``subset = refngd.subsets.resolve_params(model, mask)``.
 ``convention=`` (:mod:`refngd.conventions`) computes a library's update: its α scales
 the curvature and the gradient alike (the paper-defined ``form="gram"`` has no c and is
-unaffected).
+unaffected, except under a convention with ``gram_rows="c*g_n"`` — rows of the reduced
+loss, as the iEF authors' code back-propagates them: then Δ_EF/c and c·Δ_iEF at λ/c²).
 
 Two dampings for EF and iEF (``form=``)
 ---------------------------------------
@@ -38,9 +39,9 @@ from .derivatives import gradient_from
 from .losses.base import check_loss
 from .nn.protocols import linearization_for
 from .nn.subsets import resolve_params
-from .options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, FORM, FORMS,
-                      KFAC_APPROX_DEFAULT, BiasMode, DampingMode, FisherType, Form, KfacApprox,
-                      check_choice)
+from .options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE, FORM, FORMS,
+                      KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
+                      Form, KfacApprox, Pi, check_choice)
 
 
 def _lin(model, theta, X, linearization, loss=None):
@@ -95,6 +96,17 @@ def _gram_form(F: EmpiricalFisher, rhs: Array, damping: float) -> Array:
     return F.rows.rmatvec(w.reshape(-1, 1).astype(F.dtype, copy=False))
 
 
+def _gram_row_scale(convention, loss, Z) -> float:
+    """k with the Gram form's rows k·g_n: 1, or c under ``gram_rows="c*g_n"``.
+
+    With rows J = k·G (and iEF's targets ‖k·e_n‖² = k²s), Jᵀ(JJᵀ + λI)⁻¹ t is
+    (1/k)·Gᵀ(GGᵀ + (λ/k²) I)⁻¹ t for EF (t = 1) and k·Gᵀ(GGᵀ + (λ/k²) I)⁻¹ s for iEF.
+    """
+    from .conventions import get
+
+    return float(loss.scale(Z)) if get(convention).gram_rows == "c*g_n" else 1.0
+
+
 def _sq_norms(e: Array) -> Array:
     return (e * e).sum(axis=1)
 
@@ -114,7 +126,8 @@ def ef(model, theta: Array, loss, X: Array, y: Array, damping: float, form: Form
                         convention=convention)
     xp = namespace(lin.outputs)
     if form == "gram":  # one 1 per row (per token under a convention with ef_rows="token")
-        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), damping)
+        k = _gram_row_scale(convention, loss, lin.outputs)
+        return _gram_form(F, xp.ones(F.rows.R, dtype=xp.float64), check_damping(damping) / k ** 2) / k
     # g = c Σ_n g_n = Uᵀ(c·1): the gradient lies in the rows' span (push-through solve)
     return F.natural_gradient(damping)
 
@@ -133,7 +146,8 @@ def ief(model, theta: Array, loss, X: Array, y: Array, damping: float, form: For
     e = loss.output_gradient(lin.outputs, y)
     if form == "gram":
         F = EmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params)
-        return _gram_form(F, _sq_norms(e), damping)
+        k = _gram_row_scale(convention, loss, lin.outputs)
+        return _gram_form(F, _sq_norms(e), check_damping(damping) / k ** 2) * k
     F = ImprovedEmpiricalFisher(model, theta, loss, X, y, linearization=lin, params=params,
                                 convention=convention)
     # rows g_n/‖e_n‖, so g = c Σ_n g_n = Uᵀ(c‖e_n‖) (a zero row carries weight 0)
@@ -169,32 +183,45 @@ def _kronecker_gradient(F, lin, loss, y) -> Array:
 def kfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
          mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
          damping_mode: DampingMode = DAMPING_MODE, linearization=None, params=None,
-         convention=CONVENTION) -> Array:
+         convention=CONVENTION, pi: Pi = PI, damping_split: DampingSplit = DAMPING_SPLIT,
+         labels=None) -> Array:
     """K-FAC update d = (F_KFAC + λI)⁻¹ g (Martens & Grosse 2015, §3–4 and §6.3).
 
     F_KFAC is :class:`refngd.curvature.KFAC` (block-diagonal, G ⊗ A per layer; docs/kfac.md).
     ``damping_mode="tikhonov"`` damps every block exactly, (G ⊗ A + λI)⁻¹;
-    ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹.
+    ``"factored"`` uses Martens & Grosse's (G + √λ/π I)⁻¹ ⊗ (A + π√λ I)⁻¹ (π by ``pi``:
+    ``"trace"`` or a number; ``damping_split="locations"``: (G + √(λT)/π I)⁻¹ ⊗
+    (A + π√(λ/T) I)⁻¹ for T positions sharing a weight); ``"per-factor"``
+    (G + λ_G I)⁻¹ ⊗ (A + λ_A I)⁻¹ with ``damping`` = λ (on each factor) or (λ_A, λ_G) —
+    :meth:`refngd.curvature.KFAC.solve`.
     ``convention`` selects a library's factors and loss scaling (:mod:`refngd.conventions`).
+    ``labels``: the sampled targets of ``fisher_type="mc"`` instead of drawing them.
     """
     lin = _lin(model, theta, X, linearization)
     F = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
              kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
-             convention=convention)
-    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode)
+             convention=convention, labels=labels)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode,
+                   pi=pi, damping_split=damping_split)
 
 
 @one_host_read
 def ekfac(model, theta: Array, loss, X: Array, y: Array, damping: float, fisher_type: FisherType = FISHER_TYPE,
           mc_samples: int = 1, rng=None, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
-          linearization=None, params=None, convention=CONVENTION) -> Array:
+          linearization=None, params=None, convention=CONVENTION,
+          damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+          damping_split: DampingSplit = DAMPING_SPLIT, labels=None) -> Array:
     """EKFAC update d = (Q diag(s) Qᵀ + λI)⁻¹ g (George et al. 2018, §3).
 
     Q = U_G ⊗ U_A is K-FAC's eigenbasis and s the second moments of the per-row
-    gradients in it (:class:`refngd.curvature.EKFAC`).
+    gradients in it (:class:`refngd.curvature.EKFAC`).  ``damping_mode`` ``"factored"`` /
+    ``"per-factor"`` (with ``pi``, ``damping_split``) add K-FAC's factor-damping term
+    instead of λI: eigenvalues s_ij + γ_A g_i + γ_G a_j + γ_A γ_G
+    (:meth:`refngd.curvature.EKFAC.solve`).  ``labels`` as :func:`kfac`.
     """
     lin = _lin(model, theta, X, linearization)
     F = EKFAC(model, theta, loss, X, y, fisher_type=fisher_type, mc_samples=mc_samples, rng=rng,
               kfac_approx=kfac_approx, bias=bias, linearization=lin, params=params,
-              convention=convention)
-    return F.solve(_kronecker_gradient(F, lin, loss, y), damping)
+              convention=convention, labels=labels)
+    return F.solve(_kronecker_gradient(F, lin, loss, y), damping, damping_mode=damping_mode,
+                   pi=pi, damping_split=damping_split)

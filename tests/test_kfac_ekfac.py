@@ -115,8 +115,8 @@ def test_ekfac_interface():
     Dl = D + 0.05 * np.eye(len(D))
     assert rel_err(E.solve(v, 0.05), np.linalg.solve(Dl, v)) <= EXACT
     assert abs(E.logdet(0.05) - np.linalg.slogdet(Dl)[1]) <= EXACT * abs(np.linalg.slogdet(Dl)[1])
-    with pytest.raises(ValueError, match="tikhonov"):
-        E.solve(v, 0.1, damping_mode="factored")
+    with pytest.raises(ValueError, match="damping_mode"):  # issue 19: factored is an option now
+        E.solve(v, 0.1, damping_mode="factorised")
     with pytest.raises(ValueError, match="scalings"):
         E.with_scalings(E.scalings()[:-1])
     g = refngd.gradient(model, theta, CrossEntropy(), X, y)

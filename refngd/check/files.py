@@ -229,6 +229,14 @@ def _take_running_stats(arrays: dict, model, path: str) -> dict:
     return arrays
 
 
+def load_labels(path: str) -> np.ndarray:
+    """The sampled targets of a Monte-Carlo candidate: array ``labels`` of an ``.npz``."""
+    data = _npz(path, "labels")
+    if "labels" not in data:
+        raise FileFormatError(f"labels file {path!r} needs an array 'labels', has {sorted(data)}.")
+    return data["labels"]
+
+
 def load_batch(path: str, dtype, integer: bool = False) -> tuple:
     """(X, y); X cast to ``dtype``, or kept as integer indices with ``integer=True``."""
     data = _npz(path, "batch")

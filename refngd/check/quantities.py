@@ -13,7 +13,8 @@ from .. import conventions, updates
 from ..backend import as_generator, namespace
 from ..curvature import EKFAC, KFAC, EmpiricalFisher, Fisher, ImprovedEmpiricalFisher, SampledFisher
 from ..derivatives import gradient, per_sample_gradients
-from ..options import BIAS, DAMPING_MODE, FISHER_TYPE, FORM, KFAC_APPROX_DEFAULT
+from ..options import (BIAS, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE, FORM, KFAC_APPROX_DEFAULT,
+                       PI)
 
 
 @dataclass
@@ -32,10 +33,18 @@ class Twin:
     @property
     def kfac_kw(self) -> dict:
         o = self.options
+        mc = o.get("fisher_type") == "mc"
         return dict(fisher_type=o.get("fisher_type", FISHER_TYPE),
                     kfac_approx=o.get("kfac_approx", KFAC_APPROX_DEFAULT),
                     bias=o.get("bias", BIAS), mc_samples=o.get("mc_samples", 1),
-                    rng=o.get("rng", 0) if o.get("fisher_type") == "mc" else None)
+                    rng=o.get("rng", 0) if mc else None, labels=o.get("labels") if mc else None)
+
+    @property
+    def damping_kw(self) -> dict:
+        """K-FAC's damping options (:meth:`refngd.curvature.KFAC.solve`)."""
+        o = self.options
+        return dict(damping_mode=o.get("damping_mode", DAMPING_MODE), pi=o.get("pi", PI),
+                    damping_split=o.get("damping_split", DAMPING_SPLIT))
 
     def param_blocks(self) -> dict:
         """name → (start, stop) of every weight and bias block of θ (PyTorch names)."""
@@ -74,14 +83,17 @@ class Twin:
         K = int(self.options.get("mc_samples", 1))
         if K > 1:
             ctx["K"] = K
-        T = {}
+        T, has_bias = {}, {}
         for i, e in enumerate(self.kfac_rows()):
+            for s in ("A", "G"):  # joint vs separate bias, or a bias where none belongs
+                has_bias[f"{self.prefixes[i]}.{s}"] = bool(e.layer.bias)
             if e.layer.weight_sharing(e.cache) == "spatial":
                 t = int(e.layer.tokens(e.cache).shape[1])
                 for s in ("A", "G", "weight", "bias"):
                     T[f"{self.prefixes[i]}.{s}"] = t
         if T:
             ctx["T"] = T
+        ctx["has_bias"] = has_bias
         return ctx
 
 
@@ -104,6 +116,8 @@ def _kfac(twin: Twin, **over) -> KFAC:
     kw = {**twin.kfac_kw, **over}
     conv = over.pop("convention", twin.convention)
     kw.pop("convention", None)
+    if kw["fisher_type"] != "mc":  # an alternative of another Fisher type draws nothing
+        kw.update(rng=None, labels=None)
     return KFAC(twin.model, twin.theta, twin.loss, twin.X, twin.y, convention=conv, **kw)
 
 
@@ -182,19 +196,34 @@ def reference(twin: Twin, quantity: str):
         return (_exact(ImprovedEmpiricalFisher, t).dense(),
                 {"the empirical Fisher (EF) where the iEF was meant": _exact(EmpiricalFisher, t).dense()}, True)
     if quantity == "sampled_fisher":
-        return _exact(Fisher, t).dense(), {EF_FOR_F: _exact(EmpiricalFisher, t).dense()}, True
+        labels = t.options.get("labels")
+        ref = (_exact(Fisher, t) if labels is None else
+               _exact(SampledFisher, t, labels=labels)).dense()
+        return ref, {EF_FOR_F: _exact(EmpiricalFisher, t).dense()}, True
     if quantity == "kfac_factors":
-        return _factors(_kfac(t), t), _kfac_alternatives(t, lambda k: _factors(k, t)), False
+        return value(t, quantity), _kfac_alternatives(t, lambda k: _factors(k, t)), False
     if quantity == "kfac":
         alts = _kfac_alternatives(t, lambda k: k.dense())
         alts["the exact Fisher (no Kronecker factorisation)"] = _exact(Fisher, t).dense()
-        return _kfac(t).dense(), alts, True
+        return value(t, quantity), alts, True
     if quantity == "ekfac":
-        k = _kfac(t)
-        return EKFAC(t.model, t.theta, t.loss, t.X, t.y, kfac=k).dense(), {"K-FAC where EKFAC was meant": k.dense()}, True
+        return value(t, quantity), {"K-FAC where EKFAC was meant": _kfac(t).dense()}, True
     if quantity.endswith("_update"):
-        return _update(t, quantity[:-7]), _update_alternatives(t, quantity[:-7]), True
+        return value(t, quantity), _update_alternatives(t, quantity[:-7]), True
     raise ValueError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
+
+
+def value(t: Twin, quantity: str):
+    """refngd's value of a K-FAC quantity or an update, without the alternatives."""
+    if quantity == "kfac_factors":
+        return _factors(_kfac(t), t)
+    if quantity == "kfac":
+        return _kfac(t).dense()
+    if quantity == "ekfac":
+        return EKFAC(t.model, t.theta, t.loss, t.X, t.y, kfac=_kfac(t)).dense()
+    if quantity.endswith("_update"):
+        return _update(t, quantity[:-7])
+    raise ValueError(f"value() computes K-FAC quantities and updates, not {quantity!r}.")
 
 
 def _update(t: Twin, method: str):
@@ -207,11 +236,9 @@ def _update(t: Twin, method: str):
         return updates.ef(*base, form=o.get("form", FORM), convention=t.convention)
     if method == "ief":
         return updates.ief(*base, form=o.get("form", FORM), convention=t.convention)
-    if method == "kfac":
-        return updates.kfac(*base, damping_mode=o.get("damping_mode", DAMPING_MODE),
-                            convention=t.convention, **t.kfac_kw)
-    if method == "ekfac":
-        return updates.ekfac(*base, convention=t.convention, **t.kfac_kw)
+    if method in ("kfac", "ekfac"):
+        return getattr(updates, method)(*base, convention=t.convention, **t.damping_kw,
+                                        **t.kfac_kw)
     raise ValueError(f"unknown update {method!r}_update; choose ngd, ef, ief, kfac or ekfac.")
 
 
@@ -225,11 +252,46 @@ def _update_alternatives(t: Twin, method: str) -> dict:
         other = "gram" if t.options.get("form", "tikhonov") == "tikhonov" else "tikhonov"
         alts[f"form={other!r} (the other damping) where {t.options.get('form', 'tikhonov')!r} was meant"] = \
             getattr(updates, method)(*base, form=other)
-    if method == "kfac":
-        other = "factored" if t.options.get("damping_mode", "tikhonov") == "tikhonov" else "tikhonov"
-        alts[f"damping_mode={other!r} where the other was meant"] = updates.kfac(
-            *base, damping_mode=other, convention=t.convention, **t.kfac_kw)
+    if method in ("kfac", "ekfac"):
+        fn = getattr(updates, method)
+        for what, kw in damping_variants(t.damping_kw, t.options.get("damping")):
+            alts[what] = fn(*base[:-1], kw.pop("damping"), convention=t.convention, **kw,
+                            **t.kfac_kw)
     return alts
+
+
+#: the damping variants (refngd.curvature.damping) a K-FAC / EKFAC update is compared with
+_VARIANTS = (("Tikhonov damping (G ⊗ A + λI)", dict(damping_mode="tikhonov")),
+             ("factored damping with Martens & Grosse's trace-norm π",
+              dict(damping_mode="factored", pi="trace", damping_split="even")),
+             ("factored damping with π = 1 (√λ on each factor)",
+              dict(damping_mode="factored", pi=1.0, damping_split="even")),
+             ("factored damping with π = 1 and λ/T per location (TF K-FAC / EKFAC-pytorch "
+              "without π)", dict(damping_mode="factored", pi=1.0, damping_split="locations")),
+             ("per-factor damping with λ on each factor (A + λI) ⊗ (G + λI)",
+              dict(damping_mode="per-factor")))
+
+
+def damping_variants(chosen: dict, damping) -> list:
+    """[(description, options with ``damping``)] of the damping variants other than ``chosen``."""
+    out = []
+    pair = isinstance(damping, (tuple, list))
+    for what, kw in _VARIANTS:
+        full = {**dict(pi=PI, damping_split=DAMPING_SPLIT), **kw}
+        if pair or full == chosen or (kw["damping_mode"] == "tikhonov"
+                                     and chosen["damping_mode"] == "tikhonov"):
+            continue
+        out.append((f"{what} where {_describe(chosen)} was meant", {**full, "damping": damping}))
+    return out
+
+
+def _describe(kw: dict) -> str:
+    if kw["damping_mode"] == "tikhonov":
+        return "Tikhonov damping"
+    if kw["damping_mode"] == "per-factor":
+        return "per-factor damping"
+    split = ", λ/T per location" if kw["damping_split"] == "locations" else ""
+    return f"factored damping (pi={kw['pi']!r}{split})"
 
 
 def mc_tolerance(t: Twin, trials: int = 16) -> tuple:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..backend import to_numpy
 
-__all__ = ["compare", "Report", "BlockResult", "default_rtol"]
+__all__ = ["compare", "Report", "BlockResult", "default_rtol", "split_blocks"]
 
 _SHAPES = re.compile(r"for a \(\d+, \d+\) weight")
 
@@ -58,6 +58,8 @@ class BlockResult:
     cosine: float
     passed: bool
     diagnosis: str | None = None
+    #: this block's own tolerance (a Monte-Carlo block's), or None: the report's
+    rtol: float | None = None
 
 
 @dataclass
@@ -94,7 +96,11 @@ class Report:
             return f"{causes.pop()}, in blocks {', '.join(b.name for b in bad)}."
         if not known:
             return None
-        return "; ".join(f"{b.name}: {b.diagnosis or 'no recognisable cause'}" for b in bad) + "."
+        groups: dict = {}  # one entry per cause: a layer's moved scalar names both factors
+        for b in bad:
+            groups.setdefault(b.diagnosis or "no recognisable cause", []).append(b.name)
+        return "; ".join(d if d.startswith("layer ") else f"{', '.join(names)}: {d}"
+                         for d, names in groups.items()) + "."
 
     def __str__(self) -> str:
         head = f"refngd check{' — ' + self.quantity if self.quantity else ''}"
@@ -104,7 +110,13 @@ class Report:
         for b in self.blocks:
             lines.append(f"{b.name:{w}s}  {str(b.shape):>12s}  {b.rel_error:10.3e}  {b.max_abs:10.3e}  "
                          f"{b.cosine:9.6f}  {'ok' if b.passed else 'MISMATCH'}".replace("      nan", "        —"))
-        lines.append(f"tolerance: relative error <= {self.rtol:.1e} ({self.rtol_reason})")
+        own = [b for b in self.blocks if b.rtol is not None]
+        if own:
+            lines.append("tolerance per block: " + ", ".join(f"{b.name} <= {b.rtol:.2g}"
+                                                             for b in own))
+            lines.append(f"({self.rtol_reason}; other blocks: relative error <= {self.rtol:.1e})")
+        else:
+            lines.append(f"tolerance: relative error <= {self.rtol:.1e} ({self.rtol_reason})")
         lines += list(self.notes)
         if self.passed:
             lines.append("PASSED")
@@ -155,7 +167,21 @@ def _block_context(context: Mapping | None, key: str) -> dict:
         v = v.get(key) if isinstance(v, Mapping) else v
         if v is not None:
             out[k] = v
+    out["block"] = key
     return out
+
+
+#: what a scalar T (the positions sharing a weight) means, by the factor it multiplies.  A
+#: scalar alone is never expand vs reduce: those differ by more than a scalar (the
+#: alternatives name them when the candidate equals the other one).
+_T_WHY = {
+    "A": "the positions sharing the weight (a Conv2d's output locations): A summed over the T "
+         "locations where refngd averages, 1/(N·T) Σ_{n,t} ā ā ᵀ (or the reverse)",
+    "G": "the positions sharing the weight (a Conv2d's output locations): G averaged over the T "
+         "locations where refngd sums Σ_t b bᵀ (or the reverse)",
+    "": "the positions sharing the weight (a Conv2d's output locations): a sum over the T "
+        "locations where refngd averages, or the reverse",
+}
 
 
 def _constants(context: Mapping | None) -> list:
@@ -171,7 +197,8 @@ def _constants(context: Mapping | None) -> list:
     why = {"N": "the batch size: sum vs mean reduction, or a mean-reduced loss averaged again",
            "C": "the output dimension: MSE/BCE 'mean' divides by N·C, a per-sample mean only by N",
            "K": "the number of Monte-Carlo samples: a missing 1/K (or 1/√K on the rows)",
-           "T": "the number of output locations of a Conv2d layer (expand vs reduce scaling)"}
+           "T": _T_WHY.get(str((context or {}).get("block", "")).rsplit(".", 1)[-1],
+                           _T_WHY[""])}
     for k in ("N", "C", "K", "T"):
         if k in ctx:
             out.append((float(ctx[k]), f"{k} = {ctx[k]:g}", why[k]))
@@ -189,17 +216,66 @@ def _constants(context: Mapping | None) -> list:
     return full
 
 
+def _window(tol: float) -> float:
+    """How far a fitted scalar may be from a named constant: 10 × a round-off tolerance,
+    the tolerance itself where it is a statistical one (a Monte-Carlo block's, ≥ 1e-3)."""
+    return tol if tol >= 1e-3 else max(10 * tol, 1e-9)
+
+
+def _hits(a: float, tol: float, context) -> list:
+    """(distance, name, explanation) of the named constants within reach of |α| = a, best first."""
+    return sorted((abs(a / v - 1), n, e) for v, n, e in _constants(context)
+                  if abs(a / v - 1) <= _window(tol))
+
+
 def _name_factor(alpha: float, tol: float, context) -> str:
-    if abs(alpha + 1) <= max(tol, 1e-9) * 10:
+    if abs(alpha + 1) <= _window(tol):
         return "a sign flip (candidate = −reference): an update or gradient with the opposite sign"
     sign = "−" if alpha < 0 else ""
-    a = abs(alpha)
-    hits = [(abs(a / v - 1), n, e) for v, n, e in _constants(context) if abs(a / v - 1) <= max(10 * tol, 1e-9)]
+    hits = _hits(abs(alpha), tol, context)
     if not hits:
         return f"a constant factor {alpha:.6g} (candidate = {alpha:.6g} × reference), not a factor refngd recognises"
-    hits.sort()
     names = " or ".join(f"{sign}{n}" for _, n, _ in hits)
     return f"a constant factor {names} (candidate = {alpha:.6g} × reference): {hits[0][2]}"
+
+
+def _moved_scalars(results: list, cand: dict, ref: dict, context, rtol: float) -> None:
+    """One layer's A and G off by reciprocal scalars: the same K-FAC block — say so.
+
+    A candidate with A × s and G × 1/s (A averaged over the T locations and G summed over
+    them where refngd does the reverse, say) has the same G ⊗ A.  Both blocks get one
+    sentence, which :attr:`Report.diagnosis` then gives once per layer.
+    """
+    by = {b.name: b for b in results}
+    for name, bA in by.items():
+        layer = name[:-2]
+        bG = by.get(layer + ".G")
+        if not name.endswith(".A") or bG is None or bA.passed or bG.passed \
+                or cand[bG.name].shape != ref[bG.name].shape:
+            continue
+        cA, rA = cand[name].astype(np.float64), ref[name].astype(np.float64)
+        extra = cA.ndim == 2 and cA.shape[0] - rA.shape[0]
+        if abs(extra) == 1:  # joint vs separate bias: compare the weight part
+            cA, rA = (cA[:-1, :-1], rA) if extra > 0 else (cA, rA[:-1, :-1])
+        elif cA.shape != rA.shape:
+            continue
+        tol = max(rtol, bA.rtol or 0.0, bG.rtol or 0.0)
+        aA = _scalar_fit(cA, rA, tol)
+        aG = _scalar_fit(cand[bG.name].astype(np.float64), ref[bG.name].astype(np.float64), tol)
+        if aA is None or aG is None or aA <= 0 or abs(aA * aG - 1) > _window(tol):
+            continue
+        s = max(aA, 1 / aA)
+        hits = _hits(s, tol, _block_context(context, name))
+        what = hits[0][1] if hits else f"{s:.6g}"
+        src, dst = ("G", "A") if aA > 1 else ("A", "G")
+        col = "a joint bias column too many" if extra > 0 else "the joint bias column missing"
+        same = (f"apart from the bias column (joint vs separate bias: {col}), the same K-FAC "
+                "block G ⊗ A" if extra else "the same K-FAC block G ⊗ A")
+        text = (f"layer {layer!r}: {same} — a factor {what} moved from {src} to {dst} "
+                f"(A × {aA:.6g}, G × {aG:.6g}); the K-FAC matrix and its Tikhonov- and "
+                "trace-π-damped (pi='trace') updates are unchanged by the move, damping with a "
+                "fixed π or per-factor damping is not")
+        bA.diagnosis = bG.diagnosis = text
 
 
 def _factorisations(n: int, layout) -> list:
@@ -235,24 +311,40 @@ def _structural(c: np.ndarray, r: np.ndarray, tol: float, context, layout) -> st
     return None
 
 
-def _shape_cause(c: np.ndarray, r: np.ndarray, tol: float) -> str:
-    """Shapes differ: a bias row/column too many or missing, a transpose, a reshape."""
+def _rest(c: np.ndarray, r: np.ndarray, tol: float, context) -> str:
+    """How the matching part of a factor differs, once the extra/missing column is set aside."""
+    if _close(c, r, tol):
+        return ""
+    alpha = _scalar_fit(c, r, tol)
+    if alpha is not None:
+        return f"; without that column, {_name_factor(alpha, tol, context)}"
+    return "; the rest differs too (no recognisable cause: compare it after removing the column)"
+
+
+def _shape_cause(c: np.ndarray, r: np.ndarray, tol: float, context=None) -> str:
+    """Shapes differ: a bias row/column too many or missing, a transpose, a reshape.
+
+    ``context["has_bias"]`` (the layer's, when known) decides between "joint vs separate
+    bias" — a layer with a bias — and "a bias column where none belongs".
+    """
+    has_bias = (context or {}).get("has_bias")
     if c.ndim == 2 and r.ndim == 2 and c.shape[0] == c.shape[1] and r.shape[0] == r.shape[1]:
         d, e = c.shape[0], r.shape[0]
         if d == e + 1:
-            if _close(c[:-1, :-1], r, tol):
-                return ("one row/column too many, last: a joint bias (ā = [a; 1]) where the reference "
-                        "keeps the bias separate")
-            if _close(c[1:, 1:], r, tol):
+            if _close(c[1:, 1:], r, tol) and not _close(c[:-1, :-1], r, tol):
                 return "one row/column too many, first: a bias column placed first, where it has none"
-            return f"one row/column too many ({d} vs {e}): a bias column (joint ā = [a; 1]) where none belongs"
+            if has_bias is False:
+                return (f"one row/column too many ({d} vs {e}): a bias column (joint ā = [a; 1]) "
+                        "where the layer has no bias" + _rest(c[:-1, :-1], r, tol, context))
+            return ("one row/column too many, last: a joint bias (ā = [a; 1]) where the reference "
+                    "keeps the bias separate — joint vs separate bias (bias='joint' vs "
+                    "'separate')" + _rest(c[:-1, :-1], r, tol, context))
         if e == d + 1:
-            if _close(c, r[:-1, :-1], tol):
-                return ("the bias row/column is missing: the reference is joint (ā = [a; 1], last), the "
-                        "candidate has no bias column")
-            if _close(c, r[1:, 1:], tol):
+            if _close(c, r[1:, 1:], tol) and not _close(c, r[:-1, :-1], tol):
                 return "the bias row/column is missing (the reference has it first)"
-            return f"one row/column too few ({d} vs {e}): the bias column (ā = [a; 1]) is missing"
+            return ("the bias row/column is missing: the reference is joint (ā = [a; 1], last), "
+                    "the candidate has no bias column — joint vs separate bias"
+                    + _rest(c, r[:-1, :-1], tol, context))
     if c.shape == r.shape[::-1] and c.ndim == 2 and _close(c.T, r, tol):
         return f"the transpose of the reference (shape {c.shape} instead of {r.shape})"
     if c.size == r.size and _close(c.reshape(r.shape), r, tol):
@@ -262,7 +354,7 @@ def _shape_cause(c: np.ndarray, r: np.ndarray, tol: float) -> str:
 
 def _diagnose(c, r, tol, context, layout, alternatives: Mapping) -> str | None:
     if c.shape != r.shape:
-        cause = _shape_cause(c, r, tol)
+        cause = _shape_cause(c, r, tol, context)
         for name, alt in alternatives.items():
             if alt is not None and alt.shape == c.shape and _close(c, alt, tol):
                 return f"{cause} — the candidate equals {name}"
@@ -289,7 +381,9 @@ def _diagnose(c, r, tol, context, layout, alternatives: Mapping) -> str | None:
     return None
 
 
-def _as_blocks(name: str, a, blocks) -> dict:
+def split_blocks(name: str, a, blocks) -> dict:
+    """name → host float array: a mapping as given, else ``a`` split by ``blocks`` (θ slices;
+    a P × P matrix gives its diagonal blocks and the off-diagonal rest)."""
     if isinstance(a, Mapping):
         return {str(k): _host(f"{name}[{k!r}]", v) for k, v in a.items()}
     arr = _host(name, a)
@@ -312,7 +406,7 @@ def _as_blocks(name: str, a, blocks) -> dict:
 def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float | None = None,
             context: Mapping | None = None, layouts: Mapping | None = None,
             alternatives: Mapping | None = None, quantity: str | None = None,
-            rtol_reason: str | None = None) -> Report:
+            rtol_reason: str | None = None, block_rtol: Mapping | None = None) -> Report:
     """Compare a candidate with a reference, block by block, and diagnose a mismatch.
 
     Parameters
@@ -330,18 +424,20 @@ def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float 
     alternatives : description → array (or mapping like ``reference``) of known wrong
         answers, e.g. ``{"the empirical Fisher (EF) where the Fisher was meant": EF}``.
     quantity, rtol_reason : labels for the report.
+    block_rtol : name → a block's own tolerance, used where it exceeds ``rtol`` (the
+        statistical tolerance of a Monte-Carlo block, :mod:`refngd.check.montecarlo`).
 
     Returns
     -------
     :class:`Report` — ``passed``, ``diagnosis``, ``blocks`` and a readable ``str()``.
     """
-    cand = _as_blocks("candidate", candidate, blocks)
-    ref = _as_blocks("reference", reference, blocks)
+    cand = split_blocks("candidate", candidate, blocks)
+    ref = split_blocks("reference", reference, blocks)
     if set(cand) != set(ref):
         missing, extra = sorted(set(ref) - set(cand)), sorted(set(cand) - set(ref))
         raise ValueError(f"candidate blocks do not match the reference's: missing {missing}, "
                          f"unexpected {extra}; expected keys {sorted(ref)}.")
-    alts = {k: _as_blocks("alternative", v, blocks) for k, v in (alternatives or {}).items()}
+    alts = {k: split_blocks("alternative", v, blocks) for k, v in (alternatives or {}).items()}
     if rtol is None:
         worst = max((a.dtype for a in cand.values()), key=lambda d: _RTOL[np.dtype(d)])
         rtol = default_rtol(worst)
@@ -360,11 +456,14 @@ def compare(candidate, reference, *, blocks: Mapping | None = None, rtol: float 
         err = _rel(c, r, nr if nr > 0 else total)
         nc = float(np.linalg.norm(c))
         cos = float((c * r).sum()) / (nc * nr) if nc > 0 and nr > 0 else float("nan")
-        ok = err <= rtol
+        own = (block_rtol or {}).get(key)
+        tol = rtol if own is None else max(rtol, float(own))
+        ok = err <= tol
         diag = None
         if not ok:
-            diag = _diagnose(c, r, rtol, _block_context(context, key), (layouts or {}).get(key),
+            diag = _diagnose(c, r, tol, _block_context(context, key), (layouts or {}).get(key),
                              {n: a.get(key) for n, a in alts.items()})
         results.append(BlockResult(key, tuple(r.shape), err, float(np.abs(c - r).max(initial=0.0)),
-                                   cos, ok, diag))
+                                   cos, ok, diag, None if own is None else tol))
+    _moved_scalars(results, cand, ref, context, float(rtol))
     return Report(results, float(rtol), rtol_reason or "given", quantity)

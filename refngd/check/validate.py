@@ -4,11 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from .. import conventions
-from ..options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, FORM, KFAC_APPROX_DEFAULT,
-                       BiasMode, DampingMode, FisherType, Form, KfacApprox)
+from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE, FORM,
+                       KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
+                       Form, KfacApprox, Pi)
 from ..backend import namespace
+from .montecarlo import expectation, mc_block_tolerances, statistical
 from .report import Report, compare
 from .quantities import QUANTITIES, Twin, mc_tolerance, reference
+from .weights import stale_weights_note, theta_from
 
 
 def _prefixes_from_torch(module) -> list:
@@ -29,24 +32,30 @@ def _as_array(a):
     return to_array(a)
 
 
-def make_twin(model, loss, X, y, convention=CONVENTION, **options) -> Twin:
+def make_twin(model, loss, X, y, convention=CONVENTION, theta=None, **options) -> Twin:
     """A :class:`Twin` from a torch model (or a ``(refngd model, θ)`` pair) and a loss.
 
     ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`; with
     X as its example batch where a symbolic trace cannot import it, as for the models of
-    transformers) or a pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a refngd loss.
+    transformers) or a pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a
+    refngd loss.  ``theta``: the weights to use instead of the module's (or the pair's) — a
+    (P,) vector in ``parameters_to_vector`` order or a ``state_dict``
+    (:func:`refngd.check.weights.theta_from`).
     """
     if isinstance(model, tuple):
-        ours, theta = model
+        ours, current = model
         prefixes = [str(i) for i, (a, b) in enumerate(ours.slices) if b > a]
+        names = ours.layout.keys()
     else:
         from .interop import UnsupportedModuleError, from_torch
 
         try:
-            ours, theta = from_torch(model)
+            ours, current = from_torch(model)
         except UnsupportedModuleError:  # a model that reads its input's shape: X as example
-            ours, theta = from_torch(model, X)
+            ours, current = from_torch(model, X)
         prefixes = _prefixes_from_torch(model)
+        names = [n for n, _ in model.named_parameters()]
+    theta = current if theta is None else theta_from(theta, names, ours, current)
     if not hasattr(loss, "hessian_factor"):
         from .interop import from_torch_loss
 
@@ -55,8 +64,9 @@ def make_twin(model, loss, X, y, convention=CONVENTION, **options) -> Twin:
     # judged against exact numbers with a float32 tolerance, not against float32 round-off.
     theta = theta.astype(namespace(theta).float64, copy=False)
     X, y = _as_array(X), _as_array(y)
-    if "v" in options:
-        options["v"] = _as_array(options["v"])
+    for key in ("v", "labels"):
+        if key in options:
+            options[key] = _as_array(options[key])
     return Twin(ours, theta, loss, X, y, conventions.get(convention), prefixes, options)
 
 
@@ -64,7 +74,8 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
              rtol: float | None = None, damping: float | None = None, v=None, mc_samples: int = 1,
              fisher_type: FisherType = FISHER_TYPE, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT,
              bias: BiasMode = BIAS, damping_mode: DampingMode = DAMPING_MODE,
-             form: Form = FORM, rng=0) -> Report:
+             form: Form = FORM, rng=0, pi: Pi = PI, damping_split: DampingSplit = DAMPING_SPLIT,
+             labels=None, theta=None) -> Report:
     """Compare a candidate ``quantity`` with refngd's value for the same model and batch.
 
     Parameters
@@ -84,8 +95,20 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
     rtol : tolerance on the relative error; default by the candidate's dtype (1e-10
         float64, 1e-4 float32 — the reference itself is always computed in float64),
         for ``sampled_fisher`` from the spread of refngd's own estimates at this N and K.
-    damping, v, mc_samples, fisher_type, kfac_approx, bias, damping_mode, form, rng :
-        the options your code used (refngd's names; see :class:`refngd.curvature.KFAC`).
+    damping, v, mc_samples, fisher_type, kfac_approx, bias, damping_mode, form, rng, pi,
+    damping_split : the options your code used (refngd's names; see
+        :class:`refngd.curvature.KFAC` and :meth:`~refngd.curvature.KFAC.solve`).  ``damping``
+        is λ, or (λ_A, λ_G) with ``damping_mode="per-factor"``.
+    labels : the targets your code *sampled* for a Monte-Carlo quantity
+        (``fisher_type="mc"``, ``sampled_fisher``), shape (N, K) (one draw: (N,)); refngd
+        then uses the same draws and the comparison is exact.  Without them a Monte-Carlo
+        K-FAC quantity is compared with its expectation (the type-2 rows) within a
+        tolerance per block derived from refngd's own estimates at this N and K
+        (:mod:`refngd.check.montecarlo`; the report states it).
+    theta : the weights the candidate was computed at — a (P,) vector in
+        ``parameters_to_vector`` order or a ``state_dict`` — instead of the module's
+        current weights.  Take the candidate *before* ``optimizer.step()`` (which moves
+        them), or pass ``theta=`` the state saved then (docs/validating.md).
 
     Returns
     -------
@@ -93,21 +116,31 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
     """
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
-    twin = make_twin(model, loss, X, y, convention, damping=damping, v=v, mc_samples=mc_samples,
-                     fisher_type=fisher_type, kfac_approx=kfac_approx, bias=bias,
-                     damping_mode=damping_mode, form=form, rng=rng)
-    return check_twin(twin, quantity, candidate, rtol=rtol)
+    twin = make_twin(model, loss, X, y, convention, theta=theta, damping=damping, v=v,
+                     mc_samples=mc_samples, fisher_type=fisher_type, kfac_approx=kfac_approx,
+                     bias=bias, damping_mode=damping_mode, form=form, rng=rng, pi=pi,
+                     damping_split=damping_split, labels=labels)
+    report = check_twin(twin, quantity, candidate, rtol=rtol)
+    if not report.passed and theta is None and not isinstance(model, tuple):
+        note = stale_weights_note(model, twin)
+        if note:
+            report.notes.append(note)
+    return report
 
 
 def check_twin(twin: Twin, quantity: str, candidate, rtol: float | None = None) -> Report:
     """:func:`validate` on an existing :class:`Twin` (the CLI builds one from files)."""
-    ref, alts, blocked = reference(twin, quantity)
-    reason = None
-    if quantity == "sampled_fisher" and rtol is None:
+    # a Monte-Carlo K-FAC quantity without the candidate's draws: against its expectation
+    stat = statistical(twin, quantity)
+    ref, alts, blocked = reference(expectation(twin) if stat else twin, quantity)
+    reason, block_rtol = None, None
+    if quantity == "sampled_fisher" and rtol is None and twin.options.get("labels") is None:
         rtol, reason = mc_tolerance(twin)
     blocks = twin.param_blocks() if blocked and len(twin.param_blocks()) > 1 else None
+    if stat and rtol is None:
+        block_rtol, reason = mc_block_tolerances(twin, quantity, ref, blocks)
     report = compare(_as_array(candidate) if hasattr(candidate, "detach") else candidate, ref,
                      blocks=blocks, rtol=rtol, context=twin.context(), layouts=twin.layouts(),
                      alternatives=alts, quantity=f"{quantity} ({twin.convention.name} convention)",
-                     rtol_reason=reason)
+                     rtol_reason=reason, block_rtol=block_rtol)
     return report

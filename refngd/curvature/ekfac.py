@@ -20,11 +20,14 @@ from __future__ import annotations
 import copy
 
 from .. import conventions
-from ..backend import Array, check_damping, namespace
+from ..backend import Array, SingularSystemError, namespace
 from ..memory import plan_square
-from ..options import CONVENTION, DAMPING_MODE, FISHER_TYPE, BIAS, KFAC_APPROX_DEFAULT
+from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE,
+                       KFAC_APPROX_DEFAULT, PI, DampingMode, DampingSplit, Pi)
+from .damping import check_damping_options
 from .kfac import KFAC
-from .kfac_factors import input_rows, output_rows, shares_weights
+from .kfac_factors import check_mode, input_rows, output_rows, shares_weights
+from .preset_factors import block_scale
 from .kronecker import KroneckerOperator, _log_sum, eig_solve
 
 _CHUNK_ELEMS = 1 << 22
@@ -80,14 +83,15 @@ class EKFAC(KroneckerOperator):
     def __init__(self, model, theta: Array, loss, X: Array, y=None, fisher_type: str | None = None,
                  mc_samples: int | None = None, rng=None, kfac_approx: str | None = None,
                  bias: str | None = None, linearization=None, kfac: KFAC | None = None,
-                 params=None, convention=None):
+                 params=None, convention=None, labels=None):
         options = {"fisher_type": fisher_type, "mc_samples": mc_samples, "kfac_approx": kfac_approx,
                    "bias": bias, "convention": convention}
         if kfac is None:
             defaults = {"fisher_type": FISHER_TYPE, "mc_samples": 1,
                         "kfac_approx": KFAC_APPROX_DEFAULT, "bias": BIAS, "convention": CONVENTION}
             kw = {k: defaults[k] if v is None else v for k, v in options.items()}
-            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization, params=params, **kw)
+            kfac = KFAC(model, theta, loss, X, y, rng=rng, linearization=linearization,
+                        params=params, labels=labels, **kw)
         else:
             if not isinstance(kfac, KFAC):
                 raise TypeError(f"kfac must be a refngd.curvature.KFAC (whose factors EKFAC reuses), "
@@ -100,14 +104,15 @@ class EKFAC(KroneckerOperator):
                 have["convention"] = kfac.convention.name
             clash = [f"{k}={v!r} (kfac has {have[k]!r})" for k, v in options.items()
                      if v is not None and v != have[k]]
-            if clash or rng is not None or linearization is not None or params is not None:
+            if clash or rng is not None or linearization is not None or params is not None \
+                    or labels is not None:
                 raise ValueError(
                     "EKFAC(..., kfac=k) reuses k's factors; do not also pass "
-                    + (", ".join(clash) if clash else "rng=, linearization= or params=")
+                    + (", ".join(clash) if clash else "rng=, labels=, linearization= or params=")
                     + ". Build the KFAC with the options you want instead.")
         self.kfac = kfac
         for name in ("c", "num_params", "dtype", "lin", "rows", "fisher_type", "kfac_approx", "bias",
-                     "subset"):
+                     "subset", "convention"):
             setattr(self, name, getattr(kfac, name))
         self._factor_list = kfac.factors()
         # thin bases where the per-row gradients lie in the span of A's and G's rows: a layer
@@ -115,6 +120,8 @@ class EKFAC(KroneckerOperator):
         self.blocks = [b.replace(b.G, b.A, not shares_weights(b.entry.layer, b.entry.cache))
                        for b in kfac.blocks]
         self._scal = None  # the diagonals, estimated on first use
+        self._scal_given = False  # set by with_scalings: not re-estimated in another basis
+        self._full: dict = {}  # block index -> (full-basis block, its diagonal): factor damping
 
     @property
     def _S(self) -> list:
@@ -164,7 +171,7 @@ class EKFAC(KroneckerOperator):
             else:
                 a = input_rows(e.layer, e.cache, None, blk.kind == "wb")[0]
             Aq = a @ UA
-            return self.c * (B2.T @ (Aq * Aq))
+            return self._c_of(blk) * (B2.T @ (Aq * Aq))
         P = e.layer.tokens(e.cache).astype(xp.float64)               # (N, T, D)
         T = P.shape[1]
         if blk.kind == "b":
@@ -178,7 +185,14 @@ class EKFAC(KroneckerOperator):
         for n0 in range(0, N, step):
             Gq = Bq[n0:n0 + step].transpose(0, 1, 3, 2) @ Pq[n0:n0 + step, None]  # (n, K, r_G, r_A)
             S += (Gq * Gq).sum(axis=(0, 1))
-        return self.c * S
+        return self._c_of(blk) * S
+
+    def _c_of(self, blk) -> float:
+        """c, times the block's s_A·s_G under a convention's ``factor_scale``: the diagonal
+        estimates the same rescaled Fisher block as the factors (George et al.'s s_ij =
+        g_i a_j case stays K-FAC's eigenvalues)."""
+        return self.c * block_scale(self.convention, blk.entry, self.c,
+                                    self.lin.outputs.shape[0], self.kfac_approx)
 
     def scalings(self) -> list:
         """The re-estimated diagonal of every block, (r_G, r_A) in the basis U_G ⊗ U_A."""
@@ -198,12 +212,13 @@ class EKFAC(KroneckerOperator):
         if len(scalings) != len(self._S) or any(s.shape != t.shape for s, t in zip(scalings, self._S)):
             raise ValueError("scalings must match EKFAC.scalings() in number and shapes.")
         new = copy.copy(self)
-        new._scal = list(scalings)
+        new._scal, new._scal_given, new._full = list(scalings), True, {}
         return new
 
     def with_factors(self, factors: list, eigen: list | None = None) -> "EKFAC":
         new = super().with_factors(factors, eigen)
-        new._scal = None  # re-estimated in the new basis from this batch's rows
+        # re-estimated in the new basis (this batch)
+        new._scal, new._scal_given, new._full = None, False, {}
         return new
 
     with_factors.__doc__ = KroneckerOperator.with_factors.__doc__
@@ -243,17 +258,68 @@ class EKFAC(KroneckerOperator):
     def trace(self) -> float:
         return float(sum(float(s.sum()) for s in self._S))
 
-    def solve(self, g: Array, damping: float, damping_mode: str = DAMPING_MODE) -> Array:
-        """(Q diag(s) Qᵀ + λI)⁻¹ g blockwise (Tikhonov damping only)."""
-        lam = check_damping(damping)
-        if damping_mode != "tikhonov":
-            raise ValueError("EKFAC supports damping_mode='tikhonov' only.")
-        self._check_vector("g", g)
-        S = {id(b): s for b, s in self._pairs()}
-        return self._map(g, lambda blk, V: eig_solve(V, *blk.eig(), S[id(blk)], lam))
+    def _damped(self, damping, damping_mode: str, pi, damping_split: str) -> list:
+        """(block, eigenbases, D, λ) per block: the damped eigenvalues are D + λ, and λ also
+        fills the directions outside a thin basis.
 
-    def logdet(self, damping: float) -> float:
-        """Σ_blocks Σ log(s + λ) (+ log λ for each direction outside a thin basis)."""
-        lam = check_damping(damping)
+        Tikhonov: D = s.  A factor damping (γ as :meth:`KFAC.solve`): D = s + γ_A g_i
+        + γ_G a_j + γ_A γ_G and λ = None, which needs full bases — a thin block's diagonal is then
+        re-estimated in the full eigenbases of its factors (zero outside the thin span).
+        """
+        lam = check_mode(damping, damping_mode)
+        if damping_mode == "tikhonov":
+            return [(blk, blk.eig(), s, lam) for blk, s in self._pairs()]
+        pi = check_damping_options(pi, damping_split)
+        out = []
+        for i, (blk, s) in enumerate(self._pairs()):
+            if blk.thin:
+                if self._scal_given:
+                    raise ValueError("with_scalings on thin eigenbases supports damping_mode="
+                                     "'tikhonov' only; build EKFAC from with_factors instead.")
+                if i not in self._full:
+                    full = blk.replace(blk.G, blk.A, False)
+                    self._full[i] = (full, self._canonical(full, self._estimate(full, {})))
+                blk, s = self._full[i]
+            eG, eA = blk.eig()
+            wG = eG[0] if eG[0] is not None else _rayleigh(blk.G, eG[1])
+            wA = eA[0] if eA[0] is not None else _rayleigh(blk.A, eA[1])
+            gG, gA = self._factor_shifts(blk, lam, damping_mode, pi, damping_split)
+            out.append((blk, (eG, eA), s + gA * wG[:, None] + gG * wA[None, :] + gA * gG,
+                        None))
+        return out
+
+    def solve(self, g: Array, damping, damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+              damping_split: DampingSplit = DAMPING_SPLIT) -> Array:
+        """(Q diag(D) Qᵀ)⁻¹ g blockwise, D the damped diagonal in the basis Q = U_G ⊗ U_A.
+
+        ``"tikhonov"`` (George et al. 2018, §3): D = s + λ, the matrix Q diag(s) Qᵀ + λI.
+        ``"factored"`` / ``"per-factor"`` (refngd's extension, :mod:`~refngd.curvature.damping`):
+        K-FAC's factor-damping term (G + γ_G I) ⊗ (A + γ_A I) − G ⊗ A is added, so
+        D_ij = s_ij + γ_A g_i + γ_G a_j + γ_A γ_G (g, a the factors' eigenvalues) — with
+        s = g aᵀ this is K-FAC's factored solve; γ_A, γ_G, ``pi`` and ``damping_split`` as
+        :meth:`refngd.curvature.KFAC.solve`.
+        """
+        self._check_vector("g", g)
+        damped = self._damped(damping, damping_mode, pi, damping_split)
+        if damping_mode == "tikhonov":
+            S = {id(b): s for b, s in self._pairs()}
+            lam = damped[0][3] if damped else 0.0
+            return self._map(g, lambda blk, V: eig_solve(V, *blk.eig(), S[id(blk)], lam))
+        by_block = {id(b): (e, D) for b, (_, e, D, _) in zip(self.blocks, damped)}
+
+        def fn(b, V):
+            ((_, UG, _), (_, UA, _)), D = by_block[id(b)]
+            if float(D.min()) <= D.size * 2.2e-16 * max(float(D.max()), 1e-300):
+                raise SingularSystemError("the damped EKFAC block is singular; pass damping > 0.")
+            return UG @ (((UG.T @ V) @ UA) / D) @ UA.T
+        return self._map(g, fn)
+
+    def logdet(self, damping, damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+               damping_split: DampingSplit = DAMPING_SPLIT) -> float:
+        """Σ_blocks Σ log D (+ log λ for each direction outside a thin basis, Tikhonov), D as
+        :meth:`solve`."""
         xp = self._xp()
-        return float(sum(_log_sum(xp, s, lam, blk.size) for blk, s in self._pairs()))
+        return float(sum(_log_sum(xp, D, lam, blk.size) if lam is not None
+                         else float(xp.log(D).sum())
+                         for blk, _, D, lam in self._damped(damping, damping_mode, pi,
+                                                              damping_split)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..options import CONVENTION, check_int
 from ..backend import Array, as_generator, namespace
 from .base import RowCurvature
+from .kfac_factors import given_draws
 
 
 class Fisher(RowCurvature):
@@ -58,18 +59,26 @@ class SampledFisher(RowCurvature):
     F̂ = c Σ_n (1/K) Σ_k ĝ_nk ĝ_nkᵀ, ĝ_nk = J_nᵀ ∂ℓ(z_n, ŷ_nk)/∂z_n, ŷ_nk ~ p(y | z_n)
     (Martens 2020, eq. 13; Kunstner et al. 2019, §3).  Unbiased for the Fisher:
     E[F̂] = F, with entrywise standard error O(1/√(N K)).  Rows are scaled by 1/√K so
-    that F̂ = c UᵀU exactly.  ``rng`` (a NumPy Generator or an int seed) is required.
+    that F̂ = c UᵀU exactly.  ``rng`` (a NumPy Generator or an int seed) is required —
+    unless ``labels`` gives the sampled targets ŷ_nk (another implementation's draws, leading
+    shape (N, K); :func:`~refngd.curvature.kfac_factors.given_draws`), which are used instead.
     """
 
     def __init__(self, model, theta, loss, X, y=None, mc_samples: int = 1, rng=None,
-                 linearization=None, params=None, convention=CONVENTION):
+                 linearization=None, params=None, convention=CONVENTION, labels=None):
         self.mc_samples = check_int(mc_samples, "mc_samples")
-        self.rng = as_generator(rng)
+        self.rng = as_generator(rng) if labels is None else None
+        self._labels = labels
         super().__init__(model, theta, loss, X, y, linearization, params, convention)
 
     def cotangents(self) -> Array:
         #: the sampled targets ŷ_nk, leading shape (N, K)
-        self.sampled_targets = self.loss.sample_targets(self.outputs, self.rng, self.mc_samples)
+        if self._labels is not None:
+            self.sampled_targets = given_draws(self.loss, self.outputs, self._labels)
+            self.mc_samples = int(self.sampled_targets.shape[1])
+        else:
+            self.sampled_targets = self.loss.sample_targets(self.outputs, self.rng,
+                                                            self.mc_samples)
         E = self.loss.output_gradients_at(self.outputs, self.sampled_targets)
         return E / self.mc_samples ** 0.5
 

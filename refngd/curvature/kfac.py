@@ -22,20 +22,20 @@ is shared between K-FAC objects built on the same ``linearization``.
 """
 from __future__ import annotations
 
-import math
-
 from .. import conventions
 from ..losses.base import check_loss
 from ..memory import plan_square
 from ..nn.protocols import linearization_for
 from ..nn.subsets import resolve_params
-from ..options import (BIAS, CONVENTION, DAMPING_MODE, FISHER_TYPE, KFAC_APPROX_DEFAULT,
-                       BiasMode, DampingMode, FisherType, KfacApprox)
+from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE,
+                       KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
+                       KfacApprox, Pi)
 from ..backend import Array, namespace
+from .damping import check_damping_options
 from .kfac_factors import (INPUT_FACTORS, LayerFactors, build_blocks, check_mode, check_options,
                            fisher_cotangents, input_rows, output_rows, parametric_rows,
-                           pi_correction, shares_weights)
-from .kronecker import Block, KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
+                           shares_weights)
+from .kronecker import KroneckerOperator, KronFactor, _factor_inv, _log_sum, eig_solve
 from .preset_factors import preset_factors
 
 class KFAC(KroneckerOperator):
@@ -58,6 +58,9 @@ class KFAC(KroneckerOperator):
         too: the submatrix of the joint block); a bias without its weight is refused.
     convention : ``"refngd"`` (default) or another library's preset, e.g. ``"backpack"``
         (:mod:`refngd.conventions`; ``refngd.conventions.describe(name)`` lists the differences).
+    labels : for ``"mc"``, the sampled targets to use instead of drawing them — another
+        implementation's own draws, shape (N, K) (or (N, K, C) for MSE / BCE; one draw per
+        sample may drop the K axis); then ``rng`` and ``mc_samples`` are not used.
 
     Notes
     -----
@@ -70,8 +73,8 @@ class KFAC(KroneckerOperator):
     def __init__(self, model, theta: Array, loss, X: Array, y=None,
                  fisher_type: FisherType = FISHER_TYPE, mc_samples: int = 1, rng=None,
                  kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
-                 linearization=None, params=None, convention=CONVENTION):
-        rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng)
+                 linearization=None, params=None, convention=CONVENTION, labels=None):
+        rng = check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng, labels)
         self.convention = conventions.get(convention)
         self.fisher_type, self.kfac_approx, self.bias = fisher_type, kfac_approx, bias
         self.mc_samples = int(mc_samples)
@@ -82,9 +85,11 @@ class KFAC(KroneckerOperator):
         if fisher_type == "empirical" and self.convention.empirical_kfac_rows == "c*e_n":
             self.c *= self.c  # rows c·e_n: the library's loss constant enters G twice
         self.subset = resolve_params(model, params)
-        cot = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
-                                self.convention.factor_columns)
-        self.rows = self.lin.backprop(cot, params=self.subset)
+        S = fisher_cotangents(loss, Z, y, fisher_type, mc_samples, rng,
+                              self.convention.factor_columns, labels)
+        if labels is not None:
+            self.mc_samples = int(S.shape[1])
+        self.rows = self.lin.backprop(S, params=self.subset)
         self.num_params, self.dtype = self.rows.P, theta.dtype
         cache = INPUT_FACTORS.setdefault(self.lin, {})
         xp = namespace(Z)
@@ -153,30 +158,26 @@ class KFAC(KroneckerOperator):
     with_factors.__doc__ = KroneckerOperator.with_factors.__doc__
 
     # ------------------------------------------------------------------ damping
-    def _pi(self, blk: Block) -> float:
-        return pi_correction(blk.A.F, blk.G.F)
-
-    def _factored_damping(self, blk: Block, damping: float):
-        """(γ_G, γ_A) = (√λ/π, π√λ): the block becomes (G + γ_G I) ⊗ (A + γ_A I).
-
-        Under a convention with ``bias_damping="weight"`` (curvlinops) a separate bias block
-        is (G + √λ/π_W I) ⊗ [1], π_W the π of its layer's weight block.
-        """
-        if blk.kind == "b" and getattr(self, "convention", None) is not None \
-                and self.convention.bias_damping == "weight":
-            w = next(b for b in self.blocks if b.kind == "w" and b.start == blk.start)
-            return math.sqrt(damping) / self._pi(w), 0.0
-        p, s = self._pi(blk), math.sqrt(damping)
-        return s / p, s * p
-
-    def solve(self, g: Array, damping: float, damping_mode: DampingMode = DAMPING_MODE) -> Array:
+    def solve(self, g: Array, damping, damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+              damping_split: DampingSplit = DAMPING_SPLIT) -> Array:
         """Blockwise inverse of the damped K-FAC matrix applied to g, from cached ``eigh``.
 
         ``"tikhonov"``: (G ⊗ A + λI)⁻¹ — exact damping of every block, eigenvalues
-        g_i a_j + λ (:func:`eig_solve`).  ``"factored"``: Martens & Grosse (2015, §6.3),
-        ((G + (√λ/π) I) ⊗ (A + π√λ I))⁻¹ = vec((G + γ_G I)⁻¹ V (A + γ_A I)⁻¹).
+        g_i a_j + λ (:func:`eig_solve`).  ``"factored"`` (Martens & Grosse 2015, §6.3) and
+        ``"per-factor"``: ((G + γ_G I) ⊗ (A + γ_A I))⁻¹ = vec((G + γ_G I)⁻¹ V (A + γ_A I)⁻¹)
+        with
+
+        * ``"factored"``: γ_A = π√λ, γ_G = √λ/π; ``pi="trace"`` π² = (tr A/d_A)/(tr G/d_G),
+          or ``pi=p`` a fixed number; ``damping_split="locations"``: γ_A = π√(λ/T),
+          γ_G = √(λT)/π for a layer sharing its weight over T positions (identical for
+          ``pi="trace"``);
+        * ``"per-factor"``: γ_A = λ_A, γ_G = λ_G for ``damping=(λ_A, λ_G)``, or λ on each
+          factor for a single λ.
+
+        :mod:`refngd.curvature.damping` derives each variant and names the code that uses it.
         """
         lam = check_mode(damping, damping_mode)
+        pi = check_damping_options(pi, damping_split)
         xp = self._xp()
         self._check_vector("g", g)
 
@@ -185,15 +186,19 @@ class KFAC(KroneckerOperator):
             return eig_solve(V, eG, eA, xp.outer(eG[0], eA[0]), lam)
 
         def fac(blk, V):
-            (eG, eA), (gG, gA) = blk.eig(), self._factored_damping(blk, lam)
+            eG, eA = blk.eig()
+            gG, gA = self._factor_shifts(blk, lam, damping_mode, pi, damping_split)
             return _factor_inv(_factor_inv(V, eG, gG, True), eA, gA, False)
 
         return self._map(g, tik if damping_mode == "tikhonov" else fac)
 
-    def logdet(self, damping: float, damping_mode: DampingMode = DAMPING_MODE) -> float:
+    def logdet(self, damping, damping_mode: DampingMode = DAMPING_MODE, pi: Pi = PI,
+               damping_split: DampingSplit = DAMPING_SPLIT) -> float:
         """log det of the damped matrix: Σ_blocks Σ_ij log(g_i a_j + λ) (Tikhonov), or
-        Σ_blocks [d_A Σ_i log(g_i + γ_G) + d_G Σ_j log(a_j + γ_A)] (factored)."""
+        Σ_blocks [d_A Σ_i log(g_i + γ_G) + d_G Σ_j log(a_j + γ_A)] (the factor dampings,
+        γ as :meth:`solve`)."""
         lam = check_mode(damping, damping_mode)
+        pi = check_damping_options(pi, damping_split)
         xp = self._xp()
         total = 0.0
         for blk in self.blocks:
@@ -201,7 +206,7 @@ class KFAC(KroneckerOperator):
             if damping_mode == "tikhonov":
                 total += _log_sum(xp, xp.outer(wG, wA), lam, blk.size)
             else:
-                gG, gA = self._factored_damping(blk, lam)
+                gG, gA = self._factor_shifts(blk, lam, damping_mode, pi, damping_split)
                 total += (blk.A.dim * _log_sum(xp, wG, gG, blk.G.dim)
                           + blk.G.dim * _log_sum(xp, wA, gA, blk.A.dim))
         return total

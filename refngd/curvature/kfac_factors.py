@@ -25,13 +25,12 @@ weight (``bias_start``).
 from __future__ import annotations
 
 import dataclasses
-import math
 import weakref
 from dataclasses import dataclass
 
-from ..backend import Array, as_generator, check_damping, namespace
-from ..options import (BIAS_MODES, DAMPING_MODES, FISHER_TYPES, KFAC_APPROX, check_choice,
-                       check_int)
+from ..backend import Array, as_generator, namespace
+from ..options import (BIAS_MODES, FISHER_TYPES, KFAC_APPROX, check_choice, check_int,
+                       check_kfac_damping)
 from .kronecker import Block, KronFactor
 
 #: input factors per forward pass:
@@ -85,9 +84,27 @@ def output_rows(layer, B: Array, approx: str | None) -> Array:
     return xp.ascontiguousarray(M.astype(xp.float64, copy=False))
 
 
+def given_draws(loss, Z: Array, labels) -> Array:
+    """Sampled targets given by the caller (another implementation's draws), as an array of
+    leading shape (N, K): K draws per sample, or one draw in the observed targets' layout
+    ((N,) class labels for the cross-entropy, (N, C) for MSE / BCE), which gets K = 1."""
+    xp = namespace(Z)
+    Yhat = xp.asarray(labels)
+    draws = loss.sample_targets(Z[:1], as_generator(0), 1)  # the layout of a draw
+    if Yhat.ndim == draws.ndim - 1:
+        Yhat = Yhat[:, None]
+    if Yhat.ndim != draws.ndim or Yhat.shape[0] != Z.shape[0] \
+            or tuple(Yhat.shape[2:]) != tuple(draws.shape[2:]):
+        raise ValueError(f"labels must have shape (N, K{', ...' if draws.ndim > 2 else ''}) "
+                         f"with N = {Z.shape[0]} (one row of K draws per sample), got "
+                         f"{tuple(Yhat.shape)}.")
+    return Yhat.astype(draws.dtype, copy=False)
+
+
 def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
-                      factor_columns: str = "per-token") -> Array:
-    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`).
+                      factor_columns: str = "per-token", labels=None) -> Array:
+    """The output-space rows of each Fisher type (as :mod:`refngd.curvature.exact`);
+    for ``"mc"`` at the given sampled targets ``labels`` (:func:`given_draws`) if any.
 
     ``factor_columns="stacked"`` (a convention's, :mod:`refngd.conventions`): for a loss
     with T terms per sample, column m of every token's square factor S_nt
@@ -96,6 +113,12 @@ def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
     factor is stacked — their cross-token terms S_nt[:, m] S_nt'[:, m]ᵀ pair columns of
     equal index — so the square root the library uses is taken, not refngd's C − 1.
     """
+    if labels is not None:
+        if fisher_type != "mc":
+            raise ValueError("labels= are the sampled targets of fisher_type='mc'; got "
+                             f"fisher_type={fisher_type!r}.")
+        Yhat = given_draws(loss, Z, labels)
+        return loss.output_gradients_at(Z, Yhat) / Yhat.shape[1] ** 0.5
     if fisher_type == "type-2":
         if factor_columns == "stacked" and loss.tokens_per_sample > 1:
             return loss.stack_token_columns(loss.hessian_sqrt(Z)).transpose(0, 2, 1)
@@ -108,8 +131,9 @@ def fisher_cotangents(loss, Z: Array, y, fisher_type: str, mc_samples: int, rng,
     return loss.output_gradient(Z, y)[:, None, :]
 
 
-def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
-    """Check K-FAC's options (:mod:`refngd.options`); the Generator for ``"mc"``."""
+def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng, labels=None):
+    """Check K-FAC's options (:mod:`refngd.options`); the Generator for ``"mc"`` (None
+    when the sampled ``labels`` are given)."""
     check_choice(fisher_type, "fisher_type", FISHER_TYPES)
     check_choice(kfac_approx, "kfac_approx", KFAC_APPROX)
     check_choice(bias, "bias", BIAS_MODES)
@@ -117,7 +141,7 @@ def check_options(fisher_type, kfac_approx, bias, y, mc_samples, rng):
         raise ValueError("fisher_type='empirical' needs the labels y.")
     if fisher_type == "mc":
         check_int(mc_samples, "mc_samples")
-        return as_generator(rng)
+        return as_generator(rng) if labels is None else None
     return None
 
 
@@ -208,10 +232,10 @@ def parametric_rows(model, rows):
     return out
 
 
-def check_mode(damping, damping_mode: str) -> float:
-    """The damping as a float, after checking ``damping_mode``."""
-    check_choice(damping_mode, "damping_mode", DAMPING_MODES)
-    return check_damping(damping)
+def check_mode(damping, damping_mode: str):
+    """The damping as a float — or a pair (λ_A, λ_G) for ``"per-factor"`` — after checking
+    ``damping_mode`` (:func:`refngd.options.check_kfac_damping`)."""
+    return check_kfac_damping(damping, damping_mode)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -258,13 +282,3 @@ def build_blocks(e, A: KronFactor, G: KronFactor, bias: str, thin: bool, xp):
     return [Block("w", G, A, e.start, d_out, D, thin, e, b0),
             Block("b", G, one, e.start, d_out, D, thin, e, b0)]
 
-
-def pi_correction(A: Array, G: Array) -> float:
-    """Martens & Grosse (2015, §6.3) π = √((tr A / dim A) / (tr G / dim G)); 1 if a trace is 0.
-
-    Factored damping (A + π√λ I) ⊗ (G + √λ/π I) splits λ between the factors in
-    proportion to their average eigenvalues.
-    """
-    xp = namespace(A)
-    ta, tg = float(xp.trace(A)) / A.shape[0], float(xp.trace(G)) / G.shape[0]
-    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0

@@ -13,6 +13,7 @@ import math
 
 from ..backend import Array, SingularSystemError, is_cupy, namespace
 from .base import CurvatureOperator
+from .damping import factor_shifts
 
 #: host LAPACK for eigh / QR: "numpy" shares OpenBLAS's thread pool with the GEMMs around
 #: it (NumPy and SciPy wheels ship separate OpenBLAS copies whose idle threads spin and
@@ -200,6 +201,14 @@ class Block:
         return self.G.eig(self.thin), self.A.eig(self.thin)
 
 
+def _positions(blk: Block) -> int:
+    """T, the positions that share the block's weight (1 for a layer without sharing)."""
+    e = blk.entry
+    if e is None or e.layer.weight_sharing(e.cache) is None:
+        return 1
+    return int(e.layer.tokens(e.cache).shape[1])
+
+
 class KroneckerOperator(CurvatureOperator):
     """Shared machinery of K-FAC and EKFAC: block-diagonal in θ, blocks in a Kronecker basis."""
 
@@ -257,6 +266,21 @@ class KroneckerOperator(CurvatureOperator):
         new._factor_list = [dataclasses.replace(f, A=A, G=G) for f, (A, G) in zip(own, factors)]
         new.blocks = [b.replace(*kron[b.start], thin=False) for b in self.blocks]
         return new
+
+    def _factor_shifts(self, blk: Block, damping, damping_mode: str, pi, damping_split: str):
+        """(γ_G, γ_A) of ``blk`` under a factor damping (:func:`factor_shifts`).
+
+        Under a convention with ``bias_damping="weight"`` (curvlinops) a separate bias block
+        of the factored damping is (G + √λ/π_W I) ⊗ [1], π_W the π of its layer's weight block.
+        """
+        conv = getattr(self, "convention", None)
+        if blk.kind == "b" and damping_mode == "factored" and conv is not None \
+                and conv.bias_damping == "weight":
+            w = next(b for b in self.blocks if b.kind == "w" and b.start == blk.start)
+            return factor_shifts(w.A.F, w.G.F, damping, damping_mode, pi, damping_split,
+                                 _positions(w))[0], 0.0
+        T = _positions(blk) if damping_split == "locations" and pi != "trace" else 1
+        return factor_shifts(blk.A.F, blk.G.F, damping, damping_mode, pi, damping_split, T)
 
     def eigendecompose(self):
         """Compute (and cache) the eigendecompositions of every factor; returns self."""

@@ -21,123 +21,24 @@ The experiment, in order:
    a table of mean ± standard deviation over the seeds.
 
 No method gets weight decay, learning-rate schedules or tuned damping: every method runs
-with the fixed hyper-parameters of :data:`METHODS` and only its learning rate is chosen.
+with the fixed hyper-parameters of :data:`~refngd.experiments.methods.METHODS` and only its
+learning rate is chosen.
 """
 from __future__ import annotations
 
 import math
 import os
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
-from ..backend import as_generator
-from ..losses import CrossEntropy
-from ..optim.adafisher import AdaFisher
-from ..optim.baselines import SGD, Adafactor, Adam, AdamW
-from .data import load_digits, load_npz
-from .gamma_study import (DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, batch_gammas, best_over_damping,
-                          checkpoint_imbalance, direction_gammas, direction_summary, e1_summary,
-                          e3_summary)
-from ..optim.fadam import FAdam
-from .models import build_model
-from ..optim.natural import EF, IEF, NGD, SF
 from ..optim.records import fmt, format_table, save_json
-from ..optim.train import progress_bar, train
+from ..optim.train import progress_bar
+from .gamma_study import DEFAULT_DAMPINGS, E1_DAMPING, GAMMA_METHODS, best_over_damping
+from .methods import DEFAULT_METHODS, METHODS, OWN_TRAJECTORY_METHODS, Method
 
-
-@dataclass(frozen=True)
-class Method:
-    """A method of the comparison: display label, optimizer factory ``make(lr)``, lr grid."""
-
-    label: str
-    make: Callable
-    lr_grid: tuple
-    settings: str  #: the fixed hyper-parameters, for the docs and the record
-
-
-def _ladder(center: float) -> tuple:
-    """Five learning rates around ``center`` on the 1–3–10 scale (steps of ≈ √10).
-
-    ``_ladder(0.1) == (0.01, 0.03, 0.1, 0.3, 1.0)``; ``_ladder(0.03) == (0.003, 0.01, 0.03, 0.1, 0.3)``.
-    """
-    scale = sorted(m * 10.0**e for e in range(-7, 5) for m in (1, 3))
-    i = min(range(len(scale)), key=lambda j: abs(math.log(scale[j] / center)))
-    return tuple(float(f"{v:.0e}") for v in scale[i - 2:i + 3])
-
-
-def _kfac_methods() -> dict:
-    from ..optim.kfac import EKFAC, KFAC
-
-    return {
-        "kfac": Method("K-FAC", lambda lr: KFAC(lr=lr), _ladder(1.0),
-                       "K-FAC defaults: MC Fisher (1 sample), EMA 0.95, inverse every 20 steps, "
-                       "factored damping 1e-3, KL-clip 1e-3"),
-        "ekfac": Method("EKFAC", lambda lr: EKFAC(lr=lr), _ladder(0.3),
-                        "EKFAC defaults: MC Fisher (1 sample), EMA 0.95, eigenbasis every 20 "
-                        "steps, damping 1e-3, KL-clip 1e-3"),
-    }
-
-
-METHODS: dict[str, Method] = {
-    "sgd": Method("SGD", lambda lr: SGD(lr, momentum=0.9), _ladder(0.1), "momentum 0.9"),
-    "adam": Method("Adam", lambda lr: Adam(lr), _ladder(0.01), "β = (0.9, 0.999), ε = 1e-8"),
-    "adamw": Method("AdamW", lambda lr: AdamW(lr, weight_decay=0.0), _ladder(0.01),
-                    "as Adam (no weight decay in compare)"),
-    "adafactor": Method("Adafactor", lambda lr: Adafactor(lr=lr), _ladder(0.03),
-                        "relative step ρ = lr, parameter scaling, no momentum"),
-    "ngd": Method("NGD", lambda lr: NGD(lr, damping=1e-3), _ladder(0.1), "exact Fisher, λ = 1e-3"),
-    "ef": Method("EF", lambda lr: EF(lr, damping=1e-3), _ladder(0.3),
-                 "Gram form λ = 1e-3, update normalised to ‖g‖"),
-    "ief": Method("iEF", lambda lr: IEF(lr, damping=1e-3), _ladder(10.0), "Gram form λ = 1e-3"),
-    "sf": Method("SF", lambda lr: SF(lr, damping=1e-3), _ladder(1.0),
-                 "1 MC sample, λ = 1e-3, update normalised to ‖g‖"),
-    "adafisher": Method("AdaFisher", lambda lr: AdaFisher(lr), _ladder(0.1),
-                        "β = 0.9, λ = 1e-3, EMA (0.92, 0.08), factors every step"),
-    "fadam": Method("FAdam", lambda lr: FAdam(lr, weight_decay=0.0), _ladder(0.03),
-                    "β = (0.9, 0.999), clip 1, adaptive ε, no weight decay"),
-}
-METHODS.update(_kfac_methods())
-
-
-def _second_order_adaptive_methods() -> dict:
-    """Opt-in (not in DEFAULT_METHODS): root-free, inverse-free and AdamQLR (docs/optim.md)."""
-    from ..optim.adamqlr import AdamQLR
-    from ..optim.rootfree import RFAdam, RFRMSProp
-    from ..optim.singd import IKFAC, INGD
-    from ..optim.sirfshampoo import SIRFShampoo
-
-    return {
-        "rfadam": Method("RF-Adam", lambda lr: RFAdam(lr), _ladder(3.0),
-                         "root-free AdamW (Lin et al. 2024a): β = (0.9, 0.999), λ = 1e-4, s₀ = 1, "
-                         "no bias correction, no weight decay"),
-        "rfrmsprop": Method("RF-RMSProp", lambda lr: RFRMSProp(lr, momentum=0.9), _ladder(0.03),
-                            "root-free RMSProp (Lin et al. 2024a, Fig. 4; β₂ = 0.01 the reference "
-                            "code's default): λ = 1e-4, "
-                            "momentum 0.9"),
-        "ikfac": Method("IKFAC", lambda lr: IKFAC(lr, update_every=1), _ladder(0.03),
-                        "inverse-free K-FAC (Lin et al. 2024b): empirical Fisher, β₁ = 1e-2, "
-                        "λ = 1e-3, momentum 0.9, factors every step"),
-        "ingd": Method("INGD", lambda lr: INGD(lr, update_every=1), _ladder(0.001),
-                       "INGD (Lin et al. 2024b, Fig. 4): as IKFAC plus traces and α₁ = 0.5"),
-        "sirfshampoo": Method("SIRFShampoo", lambda lr: SIRFShampoo(lr), _ladder(0.03),
-                              "inverse-, root-free Shampoo (Lin et al. 2024a; sirfshampoo defaults): "
-                              "β₂ = 1e-2, α₁ = 0.9, α₂ = 0.5, λ = 1e-3, factors every step"),
-        "adamqlr": Method("AdamQLR", lambda lr: AdamQLR.untuned(lr_scale=lr), (1.0,),
-                          "untuned AdamQLR (Clarke & Hernández-Lobato 2024, camera-ready): exact "
-                          "Fisher step size, no clipping, λ₀ = 1e-3, ω = (0.5, 2); the 'lr' scales "
-                          "the chosen step (1 = the paper's method)"),
-    }
-
-
-METHODS.update(_second_order_adaptive_methods())
-#: methods whose direction depends on their optimizer state (``opt.direction(θ, state, ...)``):
-#: the γ study scores them at checkpoints of their *own* best run (``gamma.own_trajectory``)
-OWN_TRAJECTORY_METHODS = tuple(_second_order_adaptive_methods())
-
-DEFAULT_METHODS = ("sgd", "adam", "ngd", "ef", "ief", "sf", "kfac", "ekfac", "adafisher", "fadam")
+__all__ = ["CompareConfig", "run_compare", "aggregate_seeds", "format_results", "write_outputs",
+           "METHODS", "DEFAULT_METHODS", "OWN_TRAJECTORY_METHODS", "Method"]
 
 
 @dataclass
@@ -191,162 +92,51 @@ class CompareConfig:
         return tuple(self.lr.get(method, METHODS[method].lr_grid))
 
 
-def run_compare(config: CompareConfig, log=print, on_method: Callable | None = None) -> dict:
+def run_compare(config: CompareConfig, log=print, on_method: Callable | None = None, *,
+                client=None, on_unit: Callable | None = None, done: dict | None = None,
+                threads: int | None = None) -> dict:
     """Run the comparison of ``config``; returns its record (write it with :func:`write_outputs`).
 
-    ``log`` receives the progress lines (``print`` by default); ``on_method(key, rec)`` is
-    called as each method finishes (``refngd compare`` saves it at once:
-    :class:`refngd.experiments.run_output.RunOutput`).  With ``config.seeds > 1`` the
-    whole comparison runs once per seed (``on_method`` then gets keys ``"seed S/METHOD"``)
-    and the record aggregates them (:func:`aggregate_seeds`).
+    The comparison is a grid of units of work (:mod:`refngd.experiments.grid`): one
+    training run per seed, method and learning rate, one γ evaluation per seed,
+    checkpoint and batch.  They run in this process, one after another (the default), or
+    on the workers of ``client``, a ``dask.distributed.Client`` (docs/compare.md, "On a
+    cluster"); the record is the same either way.
+
+    Parameters
+    ----------
+    config : the settings (checked here).
+    log : receives the progress lines (``print`` by default).
+    on_method : ``on_method(key, rec)`` as each method's training runs have all finished
+        (``refngd compare`` saves it at once: :class:`refngd.experiments.run_output.RunOutput`);
+        with ``config.seeds > 1`` the keys are ``"seed S/METHOD"``.
+    client : a ``dask.distributed.Client`` to run the units on (None: in-process).
+    on_unit : ``on_unit(unit, result)`` as each unit finishes, with its
+        :class:`~refngd.experiments.units.Unit` and encoded result.
+    done : unit key → result of units recorded by an interrupted run (``--resume``):
+        they are not run again.
+    threads : BLAS threads while a unit runs (None: as they are).
+
+    With ``config.seeds > 1`` the record aggregates the seeds' records (:func:`aggregate_seeds`).
     """
+    from .executors import DaskExecutor, InProcess
+    from .grid import Grid
+
     config.check()
-    if config.seeds > 1:
-        records = []
-        for k in range(config.seeds):
-            log(f"— seed {config.seed + k} ({k + 1} of {config.seeds}) —")
-            seed = config.seed + k
-            hook = None if on_method is None else (
-                lambda m, rec, seed=seed: on_method(f"seed {seed}/{m}", rec))
-            records.append(run_compare(replace(config, seed=seed, seeds=1), log, hook))
-        return aggregate_seeds(records)
     t_start = time.perf_counter()
-    data = (load_npz(config.data, config.test_fraction, config.seed) if config.data
-            else load_digits(config.test_fraction, config.seed)).for_model(config.model)
-    model = build_model(config.model, data.input_shape, data.num_classes)
-    loss = CrossEntropy()
-    theta0 = model.init(as_generator(config.seed))
-    log(f"refngd compare: {data.name} ({data.X_train.shape[0]} train / {data.X_test.shape[0]} test, "
-        f"{data.num_classes} classes), {config.model} with {model.num_params} parameters, "
-        f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} of batch {config.batch_size}, "
-        f"seed {config.seed}")
-    trajectory = "sgd" if "sgd" in config.methods else config.methods[0]
-    per_epoch = math.ceil(data.X_train.shape[0] / config.batch_size)
-    total = config.epochs * per_epoch if config.max_steps is None else min(config.max_steps, config.epochs * per_epoch)
-    n_ck = config.gamma_checkpoints
-    ck_steps = sorted({round(i * total / max(1, n_ck - 1)) for i in range(n_ck)}) if config.gamma else []
-    eval_every = max(1, per_epoch // 4)
-
-    runs = [(m, lr) for m in config.methods for lr in config.grid(m)]
-    outer = progress_bar(len(runs), config.progress, "compare", "run", leave=True)
-    methods_rec, checkpoints, own_runs = {}, {}, {}
-    for m in config.methods:
-        spec = METHODS[m]
-        rec = {"label": spec.label, "settings": spec.settings, "lr_grid": list(config.grid(m)),
-               "runs": [], "best_lr": None, "best": None}
-        best_res = None
-        own = config.gamma and m in OWN_TRAJECTORY_METHODS  # score it at its own checkpoints
-        for lr in config.grid(m):
-            opt = spec.make(lr)
-            res = train(model, theta0, loss, data.X_train, data.y_train, opt, epochs=config.epochs,
-                        batch_size=config.batch_size, max_steps=config.max_steps, rng=config.seed,
-                        X_test=data.X_test, y_test=data.y_test, eval_every=eval_every,
-                        progress=config.progress, desc=f"{spec.label} lr={lr:g}",
-                        checkpoints=ck_steps if m == trajectory or own else (), on_divergence="ignore",
-                        record_state=own)
-            rec["runs"].append({"lr": lr, "final_train_loss": res.final_train_loss,
-                                "test_accuracy": res.evals["test_accuracy"][-1],
-                                "seconds_per_step": res.seconds_per_step, "steps": res.steps,
-                                "stopped": res.stopped})
-            if best_res is None or res.final_train_loss < best_res[1].final_train_loss:
-                best_res = (lr, res)
-            if outer is not None:
-                outer.update(1)
-        lr, res = best_res
-        grid = rec["lr_grid"]
-        rec.update(best_lr=lr, best_on_grid_edge=len(grid) > 1 and lr in (min(grid), max(grid)),
-                   best=res.to_dict(), final_train_loss=res.final_train_loss,
-                   test_accuracy=res.evals["test_accuracy"][-1], seconds_per_step=res.seconds_per_step,
-                   optimizer=spec.make(lr).hyperparameters())
-        if m == trajectory:
-            checkpoints = res.checkpoints
-        if own:
-            own_runs[m] = (lr, res.checkpoints, res.checkpoint_states)
-        methods_rec[m] = rec
-        if on_method is not None:
-            on_method(m, rec)
-    if outer is not None:
-        outer.close()
-
-    from .. import __version__
-
-    record = {
-        "refngd_version": __version__,
-        "config": {**asdict(config), "methods": list(config.methods), "data": data.name,
-                   "data_path": config.data,
-                   "loss": "CrossEntropy(mean)", "num_params": model.num_params,
-                   "model_repr": repr(model), "steps_per_epoch": per_epoch, "eval_every": eval_every},
-        "data": data.describe(),
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "cpu_count": os.cpu_count()},
-        "methods": methods_rec,
-    }
-    if config.gamma:
-        record["gamma"] = _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs)
-    record["table"] = summary_rows(record)
-    record["seconds_total"] = time.perf_counter() - t_start
-    return record
-
-
-def _gamma_study(config, model, loss, data, checkpoints, trajectory, log, own_runs=None) -> dict:
-    """E1 and E3 (and the best-over-damping summary) at the trajectory's checkpoints.
-
-    ``own_runs``: {method: (best lr, {step: θ}, {step: state})} of the state-dependent
-    methods, scored E1-style at their own checkpoints (``"own_trajectory"``).
-    """
-    rng = as_generator(config.seed + 1)
-    N = data.X_train.shape[0]
-    n = min(config.batch_size, N)
-    idx = rng.permutation(N)
-    batches = [idx[i * n:(i + 1) * n] for i in range(min(config.gamma_batches, max(1, N // n)))]
-    dampings = sorted(set(float(v) for v in config.gamma_dampings) | {float(config.e1_damping)})
-    log(f"γ evaluation: {len(checkpoints)} checkpoints of the {METHODS[trajectory].label} run × "
-        f"{len(batches)} fixed batches of {n}")
-    rows = []
-    bar = progress_bar(len(checkpoints), config.progress, "γ evaluation", "checkpoint", leave=True)
-    for step in sorted(checkpoints):
-        theta = checkpoints[step]
-        per = [batch_gammas(model, theta, loss, data.X_train[b], data.y_train[b],
-                            methods=config.gamma_methods, dampings=dampings,
-                            rng=as_generator(config.seed + 100 + k))
-               for k, b in enumerate(batches)]
-        rows.append({"step": step, "e1": e1_summary(per, config.e1_damping), "e3": e3_summary(per),
-                     **checkpoint_imbalance(per)})
+    executor = InProcess() if client is None else DaskExecutor(client)
+    bar = None
+    try:
+        grid = Grid(config, executor, log, on_method, on_unit, done, threads)
+        bar = progress_bar(grid.expected_units(), config.progress, "compare", "unit", leave=True)
+        records = grid.run(bar)
+    finally:
+        executor.close()  # on Ctrl-C or an error: cancel what has not run
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    last = rows[-1] if rows else {"e1": {}, "e3": {}}
-    out = {"trajectory": trajectory, "methods": list(config.gamma_methods),
-           "batch_size": n, "batches": len(batches), "dampings": dampings,
-           "e1_damping": config.e1_damping,
-           "damping_convention": f"absolute λ in (M + λI)⁻¹, M the method's P × P matrix of the "
-                                 f"loss as trained ({type(loss).__name__}, reduction="
-                                 f"{loss.reduction!r}); Gram forms use λ/c",
-           "checkpoints": rows, "e1": last["e1"], "e3": last["e3"]}
-    if own_runs:
-        out["own_trajectory"] = {m: _own_trajectory(config, model, loss, data, batches, m, *run)
-                                 for m, run in own_runs.items()}
-    return out
-
-
-def _own_trajectory(config, model, loss, data, batches, method, lr, thetas, states) -> dict:
-    """γ̄(d)/γ̄(g) ± s.e. and γ̄(d)/γ̄* of ``opt.direction(θ_k, state_k, ...)`` at the
-    method's own checkpoints, on the study's fixed batches (the exact Fisher at θ_k)."""
-    opt = METHODS[method].make(lr)
-    rows = []
-    for step in sorted(states):
-        theta, state = thetas[step], states[step]
-        per = []
-        for k, b in enumerate(batches):
-            X, y = data.X_train[b], data.y_train[b]
-            d = opt.direction(theta, state, model, loss, X, y, rng=as_generator(config.seed + 100 + k))
-            per.append(direction_gammas(model, theta, loss, X, y, d))
-        rows.append({"step": step, **direction_summary(per)})
-    return {"label": METHODS[method].label, "lr": lr,
-            "direction": "opt.direction(θ, state, ...) with the state recorded at the checkpoint "
-                         "of the method's own best run (its own damping)",
-            "checkpoints": rows}
+            bar.close()
+    record = records[0] if config.seeds == 1 else aggregate_seeds(records)
+    record["seconds_wall"] = time.perf_counter() - t_start
+    return record
 
 
 # ------------------------------------------------------------------------- seeds
@@ -386,6 +176,8 @@ def aggregate_seeds(records: list[dict]) -> dict:
     out = {"refngd_version": first["refngd_version"],
            "config": {**first["config"], "seed": seeds[0], "seeds": len(seeds)},
            "seeds": seeds, "methods": methods, "per_seed": records,
+           "units": {part: {kind: sum(r["units"][part][kind] for r in records)
+                            for kind in first["units"][part]} for part in ("count", "seconds")},
            "seconds_total": sum(r["seconds_total"] for r in records)}
     if all(r.get("gamma") and r["gamma"]["checkpoints"] for r in records):
         g0 = first["gamma"]
@@ -445,17 +237,6 @@ def _msd(st: dict, spec: str) -> str:
 
 
 # ------------------------------------------------------------------------- output
-def summary_rows(record: dict) -> list[dict]:
-    rows = []
-    for m, rec in record["methods"].items():
-        rows.append({"method": rec["label"], "key": m, "best_lr": rec["best_lr"],
-                     "best_on_grid_edge": rec["best_on_grid_edge"],
-                     "final_train_loss": rec["final_train_loss"], "test_accuracy": rec["test_accuracy"],
-                     "seconds_per_step": rec["seconds_per_step"],
-                     "diverged_runs": sum(r["stopped"] is not None for r in rec["runs"])})
-    return rows
-
-
 def format_results(record: dict) -> str:
     """The printed tables: training results, then the γ study (one seed or several)."""
     if "per_seed" in record:

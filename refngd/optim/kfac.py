@@ -9,6 +9,8 @@ per layer the factors Â, Ĝ (the Fisher type's rows; docs/design.md §3 for the
     every T steps: eigendecompose A_t = U_A diag(a) U_Aᵀ, G_t = U_G diag(γ) U_Gᵀ   (§8)
     d_t = per layer (G ⊗ A + λI)⁻¹ g     ``damping_mode="tikhonov"``: eigenvalues γ_i a_j + λ
           or ((G + √λ/π I) ⊗ (A + π√λ I))⁻¹ g   ``"factored"`` (§6.3, π² = (tr A/d_A)/(tr G/d_G))
+          or ((G + λ_G I) ⊗ (A + λ_A I))⁻¹ g    ``"per-factor"`` (every variant, ``pi`` and
+          ``damping_split``: refngd.curvature.damping)
     ν_t = min(1, √(κ / (lr² d_tᵀ g_t)))                       (KL-clipping, ``kl_clip`` = κ)
     b_t = μ b_{t−1} + ν_t d_t,   θ_t = θ_{t−1} − lr · b_t
 
@@ -46,8 +48,9 @@ from __future__ import annotations
 
 import math
 
-from ..options import (BIAS, BIAS_MODES, DAMPING_MODES, FISHER_TYPES, KFAC_APPROX,
-                       KFAC_APPROX_DEFAULT, BiasMode, DampingMode, FisherType, KfacApprox)
+from ..options import (BIAS, BIAS_MODES, DAMPING_MODES, DAMPING_SPLIT, DAMPING_SPLITS,
+                       FISHER_TYPES, KFAC_APPROX, KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode,
+                       DampingSplit, FisherType, KfacApprox, Pi, check_kfac_damping, check_pi)
 from ..backend import check_damping, eigh_psd, to_float
 from ..curvature import EKFAC as EKFACCurvature
 from ..curvature import KFAC as KFACCurvature
@@ -74,12 +77,22 @@ class _KroneckerOptimizer(Optimizer):
     """
 
     _hyper = ("lr", "damping", "ema_decay", "inverse_every", "fisher_type", "mc_samples",
-              "kfac_approx", "bias", "kl_clip", "momentum", "adapt_damping", "adapt_every")
+              "kfac_approx", "bias", "kl_clip", "momentum", "adapt_damping", "adapt_every",
+              "damping_mode", "pi", "damping_split")
 
     def __init__(self, lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
-                 bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds):
+                 bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds,
+                 damping_mode, pi, damping_split):
         self.lr = check_lr(lr)
-        self.damping = check_damping(damping, allow_zero=False)
+        self.damping_mode = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+        self.pi = check_pi(pi)
+        self.damping_split = check_choice(damping_split, "damping_split", DAMPING_SPLITS)
+        if isinstance(damping, (tuple, list)):  # (λ_A, λ_G): "per-factor", not adapted
+            self.damping = check_kfac_damping(tuple(damping), self.damping_mode)
+            if adapt_damping or min(self.damping) <= 0:
+                raise ValueError("damping=(λ_A, λ_G) needs both > 0 and adapt_damping=False.")
+        else:
+            self.damping = check_damping(damping, allow_zero=False)
         self.ema_decay = check_unit_interval(ema_decay, "ema_decay")
         self.inverse_every = check_int(inverse_every, "inverse_every")
         self.fisher_type = check_choice(fisher_type, "fisher_type", FISHER_TYPES)
@@ -164,7 +177,11 @@ class KFAC(_KroneckerOptimizer):
     Parameters
     ----------
     lr : learning rate.   damping : λ (initial value with ``adapt_damping``).
-    damping_mode : ``"factored"`` (default, Martens & Grosse §6.3) or ``"tikhonov"``.
+    damping_mode : ``"factored"`` (default, Martens & Grosse §6.3), ``"tikhonov"`` or
+        ``"per-factor"`` (λ on each factor, or ``damping=(λ_A, λ_G)`` without
+        ``adapt_damping``); ``pi`` (``"trace"`` or a number) and ``damping_split``
+        (``"even"`` or ``"locations"``) as :meth:`refngd.curvature.KFAC.solve`, π computed
+        from the running factors.
     ema_decay : ε of the running factors (0.95).   inverse_every : T (20).
     fisher_type : ``"mc"`` (default: one sampled label per input, as Martens & Grosse),
         ``"type-2"`` or ``"empirical"``.   mc_samples : K.
@@ -174,7 +191,6 @@ class KFAC(_KroneckerOptimizer):
     """
 
     name = "kfac"
-    _hyper = _KroneckerOptimizer._hyper + ("damping_mode",)
 
     # Defaults that differ from refngd.options on purpose: the optimizer follows Martens &
     # Grosse (2015) — factored damping (§6.3) and sampled labels (the Fisher, not the
@@ -184,10 +200,11 @@ class KFAC(_KroneckerOptimizer):
                  inverse_every: int = 20, fisher_type: FisherType = "mc", mc_samples: int = 1,
                  kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
                  kl_clip: float | None = 1e-3, momentum: float = 0.0, adapt_damping: bool = False,
-                 adapt_every: int = 5, damping_bounds=(1e-8, 1e2)):
+                 adapt_every: int = 5, damping_bounds=(1e-8, 1e2), pi: Pi = PI,
+                 damping_split: DampingSplit = DAMPING_SPLIT):
         super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
-                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
-        self.damping_mode = check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds,
+                         damping_mode, pi, damping_split)
 
     def _direction(self, state, new_state, kf, factors, t, g, lam, problem):
         """The running factors with the eigendecomposition of the last refresh (π from A_t, G_t)."""
@@ -195,14 +212,18 @@ class KFAC(_KroneckerOptimizer):
         if self._refreshing(state, t):
             eigen = [(eigh_psd(A), eigh_psd(G)) for A, G in factors]
         new_state["eigen"] = eigen
-        return kf.with_factors(factors, eigen).solve(g, lam, self.damping_mode)
+        return kf.with_factors(factors, eigen).solve(g, lam, self.damping_mode, self.pi,
+                                                     self.damping_split)
 
 
 class EKFAC(_KroneckerOptimizer):
     """EKFAC optimizer (George et al. 2018, Algorithm 1); formulas in the module docstring.
 
-    Parameters as :class:`KFAC`; ``inverse_every`` is the eigenbasis refresh period T and
-    the damping is Tikhonov (λ added to the re-estimated eigenvalues s).
+    Parameters as :class:`KFAC`; ``inverse_every`` is the eigenbasis refresh period T.
+    ``damping_mode`` ``"tikhonov"`` (default: λ added to the re-estimated eigenvalues s,
+    George et al. 2018), or ``"factored"`` / ``"per-factor"`` with ``pi`` and
+    ``damping_split``: K-FAC's factor-damping term added instead
+    (:meth:`refngd.curvature.EKFAC.solve`).
     """
 
     name = "ekfac"
@@ -213,9 +234,11 @@ class EKFAC(_KroneckerOptimizer):
                  kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT, bias: BiasMode = BIAS,
                  kl_clip: float | None = 1e-3,
                  momentum: float = 0.0, adapt_damping: bool = False, adapt_every: int = 5,
-                 damping_bounds=(1e-8, 1e2)):
+                 damping_bounds=(1e-8, 1e2), damping_mode: DampingMode = "tikhonov",
+                 pi: Pi = PI, damping_split: DampingSplit = DAMPING_SPLIT):
         super().__init__(lr, damping, ema_decay, inverse_every, fisher_type, mc_samples, kfac_approx,
-                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds)
+                         bias, kl_clip, momentum, adapt_damping, adapt_every, damping_bounds,
+                         damping_mode, pi, damping_split)
 
     def init(self, theta):
         return {**super().init(theta), "scalings": None, "since_refresh": 0}
@@ -247,7 +270,7 @@ class EKFAC(_KroneckerOptimizer):
                  for old, new in zip(S, fresh)]
         new_state.update(eigen=eigen, scalings=S, since_refresh=k)
         ek = ek.with_scalings([S[i][blk.kind] for i, blk in zip(layer, ek.blocks)])
-        return ek.solve(g, lam)
+        return ek.solve(g, lam, self.damping_mode, self.pi, self.damping_split)
 
 
 __all__ = ["KFAC", "EKFAC"]

@@ -10,17 +10,26 @@ bias block.  A :class:`Convention` records another library's answers, so that
 returns BackPACK's numbers, and ``describe("backpack")`` lists every difference.  The
 mechanism is deliberately thin: a convention only (i) rescales the loss constant c by a
 factor α (the library's objective is α × PyTorch's loss; everything carrying c scales
-with it), (ii) selects per-layer K-FAC factor rules, (iii) selects the damping of a
-separate bias block, and (iv) transforms per-sample gradients.  It never changes refngd's
-own defaults.
+with it), (ii) selects per-layer K-FAC factor rules — or per-layer scalars on refngd's
+factors that leave the gradient alone (``factor_scale``), (iii) selects the damping of a
+separate bias block, (iv) transforms per-sample gradients, and (v) selects the rows of
+the EF/iEF Gram form (``gram_rows``).  It never changes refngd's own defaults; the
+options a preset's code uses (``fisher_type``, ``bias``, ``damping_mode``, …) are listed
+in ``Convention.options`` and passed explicitly.
 
 Each preset says whether it is *verified* (a test runs the installed library and
 matches it to 1e-10 in float64, tests/test_conventions_libraries.py) or *transcribed*
-(read from the library's source and documentation; not run here).
+(read from the library's source and documentation; not run here).  The presets of
+public research code (:mod:`refngd.conventions.public`: kfac-pytorch, alecwangcq's
+KFAC-Pytorch, EKFAC-pytorch, the iEF authors' code) are transcribed from a cited commit
+and tested against synthetic candidates written to the derived convention
+(tests/test_conventions_public.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..options import FACTOR_SCALE, GRAM_ROW
 
 __all__ = ["Convention", "get", "names", "describe", "per_sample_gradients", "PRESETS"]
 
@@ -57,6 +66,15 @@ class Convention:
         sum to H_n) or ``"stacked"`` (M rows per sample, column m of every token's factor
         side by side, Σ_t F_nt[:, m] in its blocks: their outer products add the
         off-diagonal blocks F_nt F_nt'ᵀ, so G carries cross-token terms).
+    factor_scale : ``"none"`` or a public implementation's per-layer scalars (s_A, s_G) on
+        refngd's ``expand`` factors (:data:`refngd.options.FACTOR_SCALES`,
+        :func:`refngd.curvature.preset_factors.factor_scalars`); the gradient an update
+        preconditions is not scaled.
+    gram_rows : ``"g_n"`` (refngd: the Gram form of EF/iEF over the unreduced losses'
+        gradients) or ``"c*g_n"`` (over the reduced loss's rows c·g_n, iEF's targets
+        ‖c·e_n‖²): the update is then (1/c)·Δ_EF and c·Δ_iEF at damping λ/c².
+    options : ``((name, value), ...)``: the options of refngd's entry points that the
+        library's code uses — pass ``**dict(conv.options)`` to ``validate``.
     differences : human-readable list of every way it differs from ``"refngd"``.
     status : ``"verified"`` (tested against the installed library) or ``"transcribed"``.
     verified_by : how (and how far) a verified preset is tested.
@@ -73,6 +91,9 @@ class Convention:
     ef_rows: str = "sample"
     empirical_kfac_rows: str = "e_n"
     factor_columns: str = "per-token"
+    factor_scale: str = FACTOR_SCALE
+    gram_rows: str = GRAM_ROW
+    options: tuple = ()
     differences: tuple = ()
     status: str = "verified"
     sources: tuple = field(default=())
@@ -98,6 +119,8 @@ class Convention:
             return 1.0 / (N * c)
         raise ValueError(f"unknown loss_scale {self.loss_scale!r}.")
 
+
+_VERIFIED_BY = Convention.__dataclass_fields__["verified_by"].default
 
 _REFNGD = Convention(
     "refngd", "refngd",
@@ -240,6 +263,11 @@ PRESETS: dict = {p.name: p for p in (
         sources=("a common blog-post K-FAC (hooks on weight.grad)",)),
 )}
 
+# public research code (refngd.conventions.public holds their fields; one registry)
+from .public import PUBLIC_PRESETS  # noqa: E402
+
+PRESETS.update({kw["name"]: Convention(**kw) for kw in PUBLIC_PRESETS})
+
 
 def names() -> list:
     """All preset names."""
@@ -262,10 +290,14 @@ def describe(name) -> str:
     """Every way convention ``name`` differs from refngd's default, as readable text."""
     conv = get(name)
     how = conv.verified_by if conv.status == "verified" else "read from its source, not run here"
+    if conv.status != "verified" and conv.verified_by != _VERIFIED_BY:
+        how += "; " + conv.verified_by
     head = f"convention {conv.name!r}: {conv.library} ({conv.status}: {how})"
     if not conv.differences:
         return head + "\n  refngd's default: docs/conventions.md and docs/kfac.md."
     lines = [head] + [f"  - {d}" for d in conv.differences]
+    if conv.options:
+        lines.append("  options its code uses: " + ", ".join(f"{k}={v!r}" for k, v in conv.options))
     if conv.sources:
         lines.append("  sources: " + "; ".join(conv.sources))
     return "\n".join(lines)
