@@ -191,6 +191,8 @@ def _layer_plan(model, in_shape: tuple, subset) -> list[tuple]:
     are not back-propagated through (they are dropped).  What each layer allocates is the
     layer's own estimate (``backward_workspace``, ``gram_workspace``: the layer protocol).
     """
+    if hasattr(model, "memory_plan"):  # a GraphModel: its layer nodes in forward order
+        return model.memory_plan(tuple(in_shape), subset)
     plan, shape = [], tuple(in_shape)
     for i, layer in enumerate(model.layers):
         out = tuple(layer.out_shape(shape))

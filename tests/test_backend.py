@@ -41,6 +41,8 @@ NUMPY_ALLOWED = frozenset({
     "experiments/units.py",    # exact byte encoding of results for storage and transport (host)
     "check/report.py",         # validation reports: candidates are judged on the host in float64
     "check/files.py",          # `refngd check`: reading .npz / .json / state_dict files on the host
+    "check/torch_trace.py",    # PyTorch import: the example batch's shape and the import's check
+                               # against PyTorch's own forward, on the host
     # check.infer: refngd's values (computed through the backend) copied to the host, where the
     # scalars and dampings are fitted and named in float64, as report.py judges candidates
     "check/infer.py", "check/infer_damping.py", "check/infer_report.py", "check/infer_search.py",

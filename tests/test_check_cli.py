@@ -78,8 +78,8 @@ def test_torch_state_dict(files):
 @pytest.mark.parametrize("mutate,message", [
     (lambda t, p: dict(p, arch=str(t / "nope.json")), "does not exist"),
     (lambda t, p: ((t / "a.json").write_text("{"), dict(p, arch=str(t / "a.json")))[1], "not valid JSON"),
-    (lambda t, p: ((t / "a.json").write_text(json.dumps({**ARCH, "layers": ARCH["layers"] + [{"type": "Dropout"}]})),
-                   dict(p, arch=str(t / "a.json")))[1], "unknown type 'Dropout'"),
+    (lambda t, p: ((t / "a.json").write_text(json.dumps({**ARCH, "layers": ARCH["layers"] + [{"type": "ConvTranspose2d"}]})),
+                   dict(p, arch=str(t / "a.json")))[1], "unknown type 'ConvTranspose2d'"),
     (lambda t, p: ((t / "a.json").write_text(json.dumps({**ARCH, "loss": "NLLLoss"})),
                    dict(p, arch=str(t / "a.json")))[1], "must name one of"),
     (lambda t, p: (np.savez(t / "w2.npz", theta=np.zeros(7)), dict(p, weights=str(t / "w2.npz")))[1],

@@ -7,7 +7,8 @@
   diagonal in its null space depends on an arbitrary basis (docs/kfac.md) and the two
   differ, as for Conv2d.
 * Per-token cross-entropy (outputs (N, T, C); curvlinops takes them as (N, C, T)): the
-  GGN and K-FAC expand agree.  K-FAC reduce differs by a convention: curvlinops
+  GGN and K-FAC expand agree.  K-FAC reduce differs from refngd's default by a
+  convention (the ``curvlinops`` preset's ``factor_columns="stacked"`` reproduces it): curvlinops
   back-propagates, per sample and column k of the symmetric root diag(√p) − p√pᵀ, the
   k-th columns of all T tokens' roots together, so its G has cross-token products (which
   depend on the choice of root); refngd's PerToken keeps the T·M rows of the

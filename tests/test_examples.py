@@ -19,9 +19,10 @@ EXAMPLES = ["validate_pytorch", "least_squares_one_step", "gamma_vs_damping", "k
 # the textbook gallery (docs/gallery.md): each asserts the claim its docstring states
 TEXTBOOK = ["geometry_2d", "fisher_vs_hessian", "ef_limitations", "ief_toy", "kfac_vs_simplified",
             "nes", "natural_policy_gradient", "gp_natural_gradient", "optimizer_table", "tiny_vit_ief",
-            "transformer_kfac", "low_precision"]
+            "transformer_kfac", "low_precision", "hf_lora_exact_ngd"]
 EXAMPLES += TEXTBOOK
-NEEDS = {"validate_pytorch": "torch"}      # the script exits 0 with a message without it
+NEEDS = {"validate_pytorch": "torch",      # the script exits 0 with a message without it
+         "hf_lora_exact_ngd": "peft"}         # (the `models` extra: torch, transformers, peft)
 NEEDS_SKLEARN = {"gamma_vs_damping", "tiny_vit_ief", "low_precision"}  # the bundled digits
 SMOKE = {"low_precision": ["--smoke"]}     # CI runs the example's fast mode
 

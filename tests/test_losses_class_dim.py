@@ -64,3 +64,5 @@ def test_split_tokens_in_the_class_first_layout():
     assert S.shape == (N, T, C * T)
     assert_close(S.sum(axis=1), E, 1e-15)
     assert_close(S[:, :, perm], tm.split_tokens(E[:, perm]), 0)
+    assert np.array_equal(cf.split_tokens(Zcf)[:, :, perm], tm.split_tokens(Ztm))
+    assert np.array_equal(cf.split_tokens(Zcf).sum(axis=1), Zcf)

@@ -24,12 +24,14 @@ dependency (``pip install 'refngd[torch]'``), imported only when these functions
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 from .. import losses as _losses
 from .. import nn
 from ..backend import Array
 from .torch_arrays import UnsupportedModuleError, _torch, to_array, to_tensor
+from .torch_hf import install as install_optional
 
 __all__ = ["from_torch", "to_torch", "from_torch_loss", "to_array", "to_tensor", "register",
            "register_builder", "UnsupportedModuleError", "self_attention_module",
@@ -167,22 +169,34 @@ def _walk(module, path: str, out: list) -> None:
 
 
 # --------------------------------------------------------------------------- models
-def from_torch(module) -> tuple[nn.Sequential, Array]:
+def from_torch(module, example=None) -> tuple[nn.Sequential | nn.GraphModel, Array]:
     """The refngd twin of a ``torch.nn`` model and its parameters θ.
 
     Parameters
     ----------
-    module : ``torch.nn.Sequential`` (nested allowed) of modules with a registered
-        converter, or one such module: Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid, GELU,
-        LayerNorm, BatchNorm1d/2d (``eval()`` mode; the running statistics are copied),
-        Embedding, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, MultiheadAttention (as
+    module : any ``torch.nn.Module`` whose ``forward`` ``torch.fx`` can trace, built from
+        modules with a registered converter — Linear, Conv2d, Flatten, ReLU, Tanh, Sigmoid,
+        GELU, LayerNorm, BatchNorm1d/2d (``eval()`` mode; the running statistics are
+        copied), Embedding, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, MultiheadAttention (as
         self-attention; :func:`self_attention_module` for use in ``nn.Sequential``),
         TransformerEncoderLayer (``batch_first=True``, dropout 0 or ``eval()``) and
-        :func:`lora_linear_module` (docs/validating.md lists the settings).
+        :func:`lora_linear_module` (docs/validating.md lists the settings) — and the
+        operations of docs/layers.md ("Operations in a traced forward").
+    example : optional batch of inputs (N, ...) (an array or tensor; integer token ids for
+        a language model).  With it the module is traced with concrete shapes
+        (:mod:`refngd.check.torch_trace`; docs/design.md §6, "Model libraries") — what the
+        models of ``transformers`` and ``peft`` need, whose ``forward`` reads shapes,
+        dtypes and devices — and the import is checked against the module on it.  The
+        per-sample shape (sequence length, image size) is then the example's.
 
     Returns
     -------
-    model : :class:`refngd.nn.Sequential`
+    model : a plain ``nn.Sequential`` (nested allowed; not a subclass, no module used
+        twice) of such modules, or one such module: a :class:`refngd.nn.Sequential`,
+        converted child by child.  Anything else: a :class:`refngd.nn.GraphModel` of the
+        traced forward (:mod:`refngd.check.torch_graph`); a parameter used twice is one
+        slice of θ (docs/kfac.md, "Tied weights"), and every node refngd cannot reproduce
+        is refused with its name, op, target and source line.
     theta : (P,) float64 or float32 as the module's parameters (which must share one
         dtype and device), equal element for element to
         ``parameters_to_vector(module.parameters())``; a NumPy array (CPU) or a CuPy array
@@ -196,6 +210,9 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     _load_defaults()
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}.")
+    install_optional(_CONVERTERS, register)  # transformers' Conv1D, once it is imported
+    if example is not None or not _is_chain(module):
+        return _graph(module, example)
     pairs: list = []
     _walk(module, "", pairs)
     tensors = [t for _, ts in pairs for t in ts]
@@ -203,24 +220,68 @@ def from_torch(module) -> tuple[nn.Sequential, Array]:
     if len(tensors) != len(expected) or any(a is not b for a, b in zip(tensors, expected)):
         raise ValueError("the converted layers' parameters are not the module's parameters() in "
                          "order (a converter or a shared parameter); θ would be misaligned.")
+    _check_tensors(tensors)
+    for layer, ts in pairs:  # requires_grad becomes the default selection
+        if ts:
+            layer.trainable = tuple(t.requires_grad for t in ts)
+    flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
+    return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
+
+
+def _is_chain(module) -> bool:
+    """True for a plain ``nn.Sequential`` (nested allowed, never a subclass: its forward may
+    differ) of ``torch.nn`` modules or modules with a converter, none used twice — or one
+    such module: converted child by child.  Everything else is traced
+    (:mod:`refngd.check.torch_graph`)."""
+    tnn = _torch().nn
+    if type(module) is tnn.Sequential:
+        children = list(module._modules.values())
+        if (len(set(map(id, children))) != len(children)
+                or len(list(module.named_parameters(remove_duplicate=False)))
+                != len(list(module.parameters()))):
+            return False  # a module (or parameter) used twice: weight tying, traced
+        return all(_is_chain(child) for child in module.children())
+    if isinstance(module, tnn.Sequential):
+        return False
+    return type(module) in _CONVERTERS or type(module).__module__.startswith("torch.nn.")
+
+
+def _check_tensors(tensors) -> None:
+    """At least one parameter, one dtype (float64 or float32), one device."""
+    torch = _torch()
     if not tensors:
         raise ValueError("the model has no parameters: nothing to validate.")
     dtypes = {t.dtype for t in tensors}
     devices = {t.device for t in tensors}
     if len(dtypes) != 1 or len(devices) != 1:
-        raise ValueError(f"all parameters must share one dtype and device, got {dtypes} on {devices}.")
+        raise ValueError(f"all parameters must share one dtype and device, got {dtypes} on "
+                         f"{devices}.")
     dtype = dtypes.pop()
     if dtype not in (torch.float64, torch.float32):
         raise TypeError(f"parameters must be float64 or float32, got {dtype}; call model.double().")
-    for layer, ts in pairs:  # requires_grad becomes the default selection
-        if ts:
-            layer.trainable = tuple(t.requires_grad for t in ts)
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
 
 
-def to_torch(model: nn.Sequential, theta: Array):
-    """A ``torch.nn.Sequential`` equal to ``model`` with parameters θ (copied; θ's dtype).
+def _graph(module, example=None):
+    """A traced module as a :class:`refngd.nn.GraphModel` and θ (:func:`from_torch`)."""
+    from .torch_graph import graph_from_torch
+    from .torch_trace import check_import
+    _check_tensors(list(module.parameters()))
+    model, tensors = graph_from_torch(module, _CONVERTERS, _unsupported, example)
+    for i, layer in enumerate(model.layers):  # requires_grad becomes the default selection
+        flags = []
+        for slot in model.layout.of_layer(i):
+            flags.append(tensors[model.layout.slots.index(slot)].requires_grad)
+        layer.trainable = tuple(flags)
+    model.source = copy.deepcopy(module)  # for to_torch: the same forward, θ loaded into it
+    flat = to_array(_torch().cat([t.detach().reshape(-1) for t in tensors]))
+    if example is not None:
+        check_import(module, model, flat, example)
+    return model, flat
+
+
+def to_torch(model: nn.Sequential | nn.GraphModel, theta: Array):
+    """A ``torch.nn.Sequential`` equal to ``model`` with parameters θ (copied; θ's dtype);
+    for a :class:`refngd.nn.GraphModel`, a copy of the module it was imported from.
 
     A CuPy θ gives a CUDA model (through DLPack).  ``from_torch(to_torch(model, θ))``
     returns θ exactly.  ``requires_grad`` is each layer's ``trainable`` flag; BatchNorm
@@ -229,6 +290,8 @@ def to_torch(model: nn.Sequential, theta: Array):
     torch = _torch()
     _load_defaults()
     model._check_theta(theta)
+    if getattr(model, "source", None) is not None:  # an imported graph: its own module
+        return _graph_to_torch(model, theta)
     mods = []
     for i, layer in enumerate(model.layers):
         builder = _BUILDERS.get(type(layer))
@@ -243,6 +306,19 @@ def to_torch(model: nn.Sequential, theta: Array):
     for layer, mod in zip(model.layers, mods):
         for p, on in zip(mod.parameters(), getattr(layer, "trainable", ())):
             p.requires_grad_(bool(on))
+    return net
+
+
+def _graph_to_torch(model, theta):
+    """A copy of the module a :class:`refngd.nn.GraphModel` was imported from, with θ."""
+    torch = _torch()
+    t = to_tensor(theta)
+    net = copy.deepcopy(model.source).to(dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(t, net.parameters())
+    flags = [f for layer in model.layers for f in layer.trainable]
+    for p, on in zip(net.parameters(), flags):
+        p.requires_grad_(bool(on))
     return net
 
 

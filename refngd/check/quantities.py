@@ -85,6 +85,8 @@ class Twin:
             ctx["K"] = K
         T, has_bias = {}, {}
         for i, e in enumerate(self.kfac_rows()):
+            if i >= len(self.prefixes):  # more K-FAC units than names (a composite layer's
+                break                    # projections): named as far as _factors names them
             for s in ("A", "G"):  # joint vs separate bias, or a bias where none belongs
                 has_bias[f"{self.prefixes[i]}.{s}"] = bool(e.layer.bias)
             if e.layer.weight_sharing(e.cache) == "spatial":

@@ -35,19 +35,24 @@ def _as_array(a):
 def make_twin(model, loss, X, y, convention=CONVENTION, theta=None, **options) -> Twin:
     """A :class:`Twin` from a torch model (or a ``(refngd model, θ)`` pair) and a loss.
 
-    ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`) or a
-    pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a refngd loss.
-    ``theta``: the weights to use instead of the module's (or the pair's) — a (P,) vector in
-    ``parameters_to_vector`` order or a ``state_dict`` (:func:`refngd.check.weights.theta_from`).
+    ``model``: a ``torch.nn.Module`` (converted by :func:`refngd.interop.from_torch`; with
+    X as its example batch where a symbolic trace cannot import it, as for the models of
+    transformers) or a pair (refngd ``Sequential``, θ).  ``loss``: a torch loss module or a
+    refngd loss.  ``theta``: the weights to use instead of the module's (or the pair's) — a
+    (P,) vector in ``parameters_to_vector`` order or a ``state_dict``
+    (:func:`refngd.check.weights.theta_from`).
     """
     if isinstance(model, tuple):
         ours, current = model
         prefixes = [str(i) for i, (a, b) in enumerate(ours.slices) if b > a]
         names = ours.layout.keys()
     else:
-        from .interop import from_torch
+        from .interop import UnsupportedModuleError, from_torch
 
-        ours, current = from_torch(model)
+        try:
+            ours, current = from_torch(model)
+        except UnsupportedModuleError:  # a model that reads its input's shape: X as example
+            ours, current = from_torch(model, X)
         prefixes = _prefixes_from_torch(model)
         names = [n for n, _ in model.named_parameters()]
     theta = current if theta is None else theta_from(theta, names, ours, current)

@@ -13,6 +13,7 @@ from .composite import Composite
 from .conv import Conv2d
 from .conv1d import Conv1d
 from .embedding import Embedding
+from .graph import GraphModel
 from .linear import Linear
 from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from .peft import LoRALinear, PromptPrefix
@@ -23,6 +24,7 @@ from .protocols import Linearization as LinearizationProtocol
 from .protocols import Model
 from .sequential import Linearization, Sequential
 from .transformer import TransformerEncoderLayer
+from .transposed import TransposedLinear
 from . import subsets
 
 __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "BiasRows", "Linear",
@@ -32,4 +34,4 @@ __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "Bia
            "AdaptiveAvgPool2d", "AvgPool1d", "MaxPool1d", "AdaptiveAvgPool1d", "Upsample", "Mean",
            "MultiheadAttention", "ScaledDotProductAttention",
            "TransformerEncoderLayer", "LoRALinear", "PromptPrefix", "ParamLayout", "TensorSlot",
-           "Model", "LinearizationProtocol", "subsets"]
+           "Model", "LinearizationProtocol", "subsets", "GraphModel", "TransposedLinear"]

@@ -99,11 +99,15 @@ def peft_mask(model) -> Array:
     :class:`refngd.nn.LoRALinear` (A and B) and :class:`refngd.nn.PromptPrefix` layers —
     also inside composite layers (LoRA on a :class:`refngd.nn.MultiheadAttention`'s
     projections) — and nothing else: what ``peft.get_peft_model`` leaves with
-    ``requires_grad``.
+    ``requires_grad``.  In a model imported from peft (a :class:`refngd.nn.GraphModel`), the
+    trainable tensors that peft named ``lora_*``.
     """
     m = trainable_mask(model)
-    for slot in model.layout:
-        m[slot.start:slot.stop] &= model.layers[slot.layer].peft_tensors[slot.tensor]
+    names = getattr(model, "tensor_names", None)  # an imported graph: θ's tensors by name
+    for t, slot in enumerate(model.layout):
+        adapter = model.layers[slot.layer].peft_tensors[slot.tensor] or (
+            names is not None and ".lora_" in f".{names[t]}")  # peft's lora_A, lora_B, ...
+        m[slot.start:slot.stop] &= adapter
     if not bool(m.any()):
         raise ValueError("peft_mask: the model has no LoRALinear or PromptPrefix layer.")
     return m
