@@ -67,8 +67,9 @@ class Search:
             int(given_draws(t.loss, to_numpy(self.lin.outputs),
                             to_numpy(self.labels)).shape[1])
         # T per layer that shares its weight (a convolution's locations, a sequence's tokens)
+        rows = t.kfac_rows()
         self._T = {name: int(e.layer.tokens(e.cache).shape[1])
-                   for name, e in zip(t.prefixes, t.kfac_rows())
+                   for name, e in zip(t.unit_names(rows), rows)
                    if e.layer.weight_sharing(e.cache) is not None}
         self.betas = (float(known["ema_beta"]),) if "ema_beta" in known else scalars.EMA_BETAS
         self._cache: dict = {}
@@ -171,8 +172,9 @@ class Search:
         if quantity in _KFAC_Q:
             K = self.kfac(opts)
             if quantity == "kfac_factors":
+                fs = K.factors()
                 val = {f"{n}.{s}": to_numpy(getattr(f, s)).astype(np.float64)
-                       for f, n in zip(K.factors(), self.twin.prefixes) for s in "AG"}
+                       for f, n in zip(fs, self.twin.unit_names(fs)) for s in "AG"}
             elif quantity == "kfac":
                 val = to_numpy(K.dense()).astype(np.float64)
             else:

@@ -60,14 +60,44 @@ class Twin:
                 out[f"{name}.bias"] = (w, stop)
         return out
 
+    def layer_names(self) -> dict:
+        """index in ``model.layers`` → name, for every layer with parameters (one name each,
+        from :attr:`prefixes`, in θ order)."""
+        idx = [i for i, (a, b) in enumerate(self.model.layout.layer_slices) if b > a]
+        return dict(zip(idx, self.prefixes))
+
+    def unit_names(self, units) -> list:
+        """The names of K-FAC units (``LayerFactors`` or ``LayerRows``, in θ order).
+
+        A layer with one unit has the layer's name ("0"); a grouped convolution's groups are
+        "0", "0.group1", ... (group 0 keeps the layer's name); a layer with several units
+        (the projections of attention, the linear maps of a Transformer layer) names each
+        after the parameter tensor where it starts, as PyTorch does ("1.in_proj",
+        "1.out_proj", "1.linear1").  Named by the layer each unit belongs to, never by its
+        position among the units: a frozen or K-FAC-less layer between two others does not
+        shift the names.
+        """
+        units = list(units)
+        layers, count = self.layer_names(), {}
+        for u in units:
+            count[u.index] = count.get(u.index, 0) + 1
+        out = []
+        for u in units:
+            name = layers.get(u.index, str(u.index))
+            group = getattr(u.layer, "group", None)
+            if group is not None:
+                out.append(name if not group else f"{name}.group{group}")
+            elif count[u.index] == 1:
+                out.append(name)
+            else:
+                out.append(f"{name}.{_tensor_stem(self.model.layout, u)}")
+        return out
+
     def layouts(self) -> dict:
         """name → (d_out, D) of every weight block, for the row/column-major vec test."""
-        out, i = {}, 0
-        for layer in self.model.layers:
-            if layer.param_shapes and layer.kfac_refusal() is None:
-                out[f"{self.prefixes[i]}.weight"] = layer.weight_matrix_shape
-                i += 1
-        return out
+        rows = self.kfac_rows()
+        return {f"{n}.weight": e.layer.weight_matrix_shape
+                for n, e in zip(self.unit_names(rows), rows)}
 
     def kfac_rows(self) -> list:
         """The LayerRows of every layer with K-FAC factors, from one backward pass of zeros
@@ -84,32 +114,38 @@ class Twin:
         if K > 1:
             ctx["K"] = K
         T, has_bias = {}, {}
-        for i, e in enumerate(self.kfac_rows()):
-            if i >= len(self.prefixes):  # more K-FAC units than names (a composite layer's
-                break                    # projections): named as far as _factors names them
+        rows = self.kfac_rows()
+        for name, e in zip(self.unit_names(rows), rows):
             for s in ("A", "G"):  # joint vs separate bias, or a bias where none belongs
-                has_bias[f"{self.prefixes[i]}.{s}"] = bool(e.layer.bias)
+                has_bias[f"{name}.{s}"] = bool(e.layer.bias)
             if e.layer.weight_sharing(e.cache) == "spatial":
                 t = int(e.layer.tokens(e.cache).shape[1])
                 for s in ("A", "G", "weight", "bias"):
-                    T[f"{self.prefixes[i]}.{s}"] = t
+                    T[f"{name}.{s}"] = t
         if T:
             ctx["T"] = T
         ctx["has_bias"] = has_bias
         return ctx
 
 
+def _tensor_stem(layout, unit) -> str:
+    """The layer-local name of the tensor where ``unit`` starts, without "weight"
+    ("self_attn.in_proj_weight" → "self_attn.in_proj", "linear1.weight" → "linear1")."""
+    for slot in layout.of_layer(unit.index):
+        if slot.start <= unit.start < slot.stop:
+            stem = slot.name
+            for tail in (".weight", "_weight"):
+                if stem.endswith(tail):
+                    return stem[: -len(tail)]
+            return stem
+    return f"unit{unit.start}"
+
+
 def _factors(K: KFAC, twin: Twin) -> dict:
-    """``"0.A"``, ``"0.G"``, ... per layer; a grouped convolution's groups (one K-FAC block
-    each) as ``"0.group1.A"``, ... (group 0 takes the layer's next name)."""
-    out, names, name = {}, iter(twin.prefixes), None
-    for f in K.factors():
-        group = getattr(f.layer, "group", None)
-        if not group:
-            name = next(names, None)
-            if name is None:
-                break
-        key = name if group is None else f"{name}.group{group}"
+    """``"0.A"``, ``"0.G"``, ... per K-FAC unit, named by :meth:`Twin.unit_names`."""
+    out = {}
+    factors = K.factors()
+    for key, f in zip(twin.unit_names(factors), factors):
         out[f"{key}.A"], out[f"{key}.G"] = f.A, f.G
     return out
 

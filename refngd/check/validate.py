@@ -14,13 +14,29 @@ from .quantities import QUANTITIES, Twin, mc_tolerance, reference
 from .weights import stale_weights_note, theta_from
 
 
-def _prefixes_from_torch(module) -> list:
-    """Names of the parametric layers ("0", "2.1", ...) from ``named_parameters``."""
+def _prefixes_from_torch(module, ours) -> list:
+    """The PyTorch name of each of ``ours``' layers with parameters ("0", "2.1", ...).
+
+    A layer's name is the common dotted prefix of the ``named_parameters`` that fill its
+    slice of θ: "3" for "3.weight" and "3.bias", "1" for a Transformer layer's
+    "1.self_attn.in_proj_weight", ..., "1.norm2.bias" (one refngd layer, many tensors).
+    """
+    named, start = [], 0
+    for name, p in module.named_parameters():
+        named.append((name, start))
+        start += p.numel()
     out = []
-    for name, _ in module.named_parameters():
-        prefix = name.rsplit(".", 1)[0]
-        if not out or out[-1] != prefix:
-            out.append(prefix)
+    for a, b in ours.layout.layer_slices:
+        if b == a:
+            continue
+        parts = [name.split(".") for name, s in named if a <= s < b]
+        common = parts[0][:-1] if parts else []
+        for q in parts[1:]:
+            k = 0
+            while k < min(len(common), len(q) - 1) and common[k] == q[k]:
+                k += 1
+            common = common[:k]
+        out.append(".".join(common) if common else (".".join(parts[0][:-1]) if parts else str(a)))
     return out
 
 
@@ -53,7 +69,7 @@ def make_twin(model, loss, X, y, convention=CONVENTION, theta=None, **options) -
             ours, current = from_torch(model)
         except UnsupportedModuleError:  # a model that reads its input's shape: X as example
             ours, current = from_torch(model, X)
-        prefixes = _prefixes_from_torch(model)
+        prefixes = _prefixes_from_torch(model, ours)
         names = [n for n, _ in model.named_parameters()]
     theta = current if theta is None else theta_from(theta, names, ours, current)
     if not hasattr(loss, "hessian_factor"):
