@@ -53,7 +53,7 @@ KEY_PAGES = ["theory", "gallery", "fisher", "kfac", "api"]
 #: every other page with mathematics, opened in CI (CI=true) or on an explicit site
 MORE_PAGES = ["optim", "metrics", "empirical_fisher", "sampled_fisher", "layers", "losses",
               "conventions", "tutorials", "subsets", "validating", "bad_input", "index",
-              "compare"]
+              "compare", "design", "architecture", "benchmarks"]
 BROWSER_PAGES = KEY_PAGES + (MORE_PAGES if os.environ.get("CI") or os.environ.get(
     "REFNGD_SITE_DIR") else [])
 
