@@ -21,7 +21,10 @@ The search is organised so that nothing expensive is repeated:
    candidate;
 3. **damping** (updates) — the damping is fitted by linear least squares in the
    eigenbasis of each factor pair, for every damping rule at once, then named and checked
-   exactly (:mod:`refngd.check.infer_damping`);
+   exactly (:mod:`refngd.check.infer_damping`).  A layer whose candidate is a multiple
+   of its gradient within ``rtol`` has a damping that swamps its curvature (eigenvalues ×
+   scale below tolerance × damping): only scale/damping is determined there, and that
+   ratio alone is named (``"scale/damping"``; ``"damping"`` is ``"undetermined"``);
 4. **presets** — the winner is compared once with each preset of
    :mod:`refngd.conventions` under the same options: a preset that reproduces it with no
    scalar names the convention (``"tutorial"``, ``"asdl"``, …).
@@ -42,7 +45,7 @@ import math
 import numpy as np
 
 from . import scalars
-from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce
+from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce, swamped_choice
 from .infer_report import Fit, InferenceReport, assemble, damping_names, moved_scalars, summarise
 from .infer_search import Search
 from .quantities import QUANTITIES
@@ -261,10 +264,15 @@ class Inference:
             for b in blocks:
                 layers.setdefault(b.layer, []).append(b)
             lam = damping if isinstance(damping, tuple) else damping * unit
+            lam_prod = lam[0] * lam[1] if isinstance(lam, tuple) else lam
+            swamped = {layer: swamped_choice(bl, lam_prod, tol) for layer, bl in layers.items()}
+            swamped = {k: v for k, v in swamped.items() if v is not None}
             for rule in s.rules(quantity, opts, damping):
-                chosen, shared = {}, {}
+                chosen, shared = dict(swamped), {}
                 for _ in range(2):  # the second pass: what the other layers named, shared
                     for layer, bl in layers.items():
+                        if layer in swamped:
+                            continue
                         ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
                                            self._fixed_pi(layer), s.betas)
                         if not ch:
@@ -272,7 +280,8 @@ class Inference:
                         chosen[layer] = ch[0]
                     else:
                         new = {tuple(c.names.values()): (c.names, c.recipe, c.complexity)
-                               for c in chosen.values() if c.complexity < RAW}
+                               for c in chosen.values()
+                               if c.complexity < RAW and c.swamped is None}
                         if len(layers) == 1 or set(new) <= set(shared):
                             break
                         shared.update(new)
@@ -281,7 +290,7 @@ class Inference:
                 if len(chosen) == len(layers):
                     out.append(self._update_fit(cand, opts, rule, chosen, blocks, tol,
                                                 isinstance(damping, tuple),
-                                                quantity in KFAC_QUANTITIES[3:]))
+                                                quantity in KFAC_QUANTITIES[3:], lam_prod))
         return out
 
     def _fixed_pi(self, layer: str):
@@ -296,16 +305,32 @@ class Inference:
         return p, ("1" if p == 1 else f"{p:g}")
 
     def _update_fit(self, cand, opts, rule, chosen, blocks, tol, pair: bool,
-                    kronecker: bool) -> Fit:
+                    kronecker: bool, lam_prod: float = 1.0) -> Fit:
         s = self.search
         hyp = {}
         for ch in chosen.values():
             hyp.update(ch.hyp)
         ev = evaluate(blocks, hyp)
         named_k, unnamed, cx, seen = {}, {}, 0.0, set()
+        ratios: dict = {}
         total = float(np.linalg.norm(cand))
+        lam_sym = "(lambda_A*lambda_G)" if pair else "lambda"
         for b in blocks:  # κ per block, named; the residual with the named κ
             k, u = ev.kappa[b.name], ev.coords[b.name]
+            mu = chosen[b.layer].swamped
+            if mu is not None:  # only κ/μ is determined: name (κ/μ)·λ, a monomial
+                x = k / mu * lam_prod
+                value, label, comp = self._name_scalar(x, b.C.ravel(), (u * mu).ravel() /
+                                                       lam_prod, s.ctx(b.layer), tol)
+                if label is None:
+                    unnamed[b.name], label = x, f"{x:.6g}"
+                elif label not in seen:
+                    cx, seen = cx + comp, seen | {label}
+                ratios.setdefault(b.layer, set()).add(_over(label, lam_sym))
+                named_k[b.name] = "undetermined"
+                ev.kappa[b.name] = value * mu / lam_prod
+                ev.residual[b.name] = _rel(b.C, ev.kappa[b.name] * u, total)
+                continue
             if not math.isfinite(k):  # a damping that makes the block singular
                 unnamed[b.name], named_k[b.name], ev.kappa[b.name] = k, "nan", 0.0
                 ev.residual[b.name] = math.inf
@@ -320,6 +345,8 @@ class Inference:
             ev.residual[b.name] = _rel(b.C, value * u, total)
         names = {}
         for layer, ch in chosen.items():
+            if ch.swamped is not None:
+                continue
             if ch.complexity >= RAW:  # a damping no monomial names: the nearest only
                 raw = {f"{layer}.{key}": v for (key, nm), v in zip(ch.names.items(), ch.recipe)
                        if v is not None and nm == f"{v:.6g}"}
@@ -327,7 +354,15 @@ class Inference:
             cx += ch.complexity
             for key, v in ch.names.items():
                 names.setdefault(key, {})[layer] = v
-        named = damping_names(rule, names, s, pair)
+        named = damping_names(rule, names, s, pair) if names else {}
+        if ratios:  # the damping swamps these layers' curvature: scale/damping only
+            for layer in ratios:
+                named.setdefault("damping", {})
+                if isinstance(named["damping"], str):
+                    named["damping"] = {k: named["damping"] for k in chosen
+                                        if chosen[k].swamped is None}
+                named["damping"][layer] = "undetermined"
+            named["scale/damping"] = {k: " or ".join(sorted(v)) for k, v in ratios.items()}
         labels = set(named_k.values())
         named["scale"] = labels.pop() if len(labels) == 1 else named_k
         options = dict(opts)
@@ -432,6 +467,17 @@ def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
     if nr > 0:
         return d / nr
     return d / total if total > 0 else 0.0
+
+
+def _over(m: str, lam: str) -> str:
+    """The monomial ``m`` divided by the damping symbol: "N^2" → "N^2/lambda"."""
+    if m == "1":
+        return f"1/{lam}"
+    if "/" in m:
+        num, den = m.split("/", 1)
+        den = den[1:-1] if den.startswith("(") else den
+        return f"{num}/({den}*{lam})"
+    return f"{m}/{lam}"
 
 
 def _labels(conv: dict) -> set:

@@ -268,6 +268,8 @@ class LayerChoice:
     ev: Evaluated
     complexity: float
     recipe: tuple = ()     # the numbers behind the names: (m,), (m_A, m_G) or (m, π)
+    #: a layer whose damping swamps its curvature: the stand-in damping μ (only κ/μ counts)
+    swamped: float | None = None
 
     @property
     def residual(self) -> float:
@@ -399,3 +401,26 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
         return (0 if named else 1, ch.complexity, ch.residual)
 
     return sorted(out, key=rank)
+
+
+def swamped_choice(blocks: list, lam: float, tol: float) -> LayerChoice | None:
+    """A layer whose candidate is a multiple of its gradient: the damping swamps the curvature.
+
+    Every damped inverse is W/(s + μ) per eigen-coordinate (Tikhonov; a factored damping's
+    γ_A g + γ_G a + γ_A γ_G alike).  Where the candidate is ρ·W per block within ``tol``,
+    the curvature's eigenvalues times the scale lie below tolerance × damping: any damping
+    μ ≥ max(s)/tol with κ = ρμ reproduces it, so only κ/μ (the scale over the damping) is
+    determined by the data.  Returns the choice with a stand-in μ far above max(s) (named
+    by the ratio alone, :meth:`refngd.check.infer.Inference._update_fit`), or None.
+    """
+    top = max((float(np.max(np.abs(b.S))) if b.S.size else 0.0) for b in blocks)
+    mu = (top if top > 0 else 1.0) / max(tol, 1e-300) * 1e4
+    for b in blocks:
+        ww = float((b.W * b.W).sum())
+        if ww == 0 or not np.any(b.C):
+            return None
+        rho = float((b.C * b.W).sum()) / ww
+        if rho == 0 or np.linalg.norm(b.C - rho * b.W) > tol * abs(rho) * math.sqrt(ww):
+            return None
+    hyp = {b.name: {"mu": mu} for b in blocks}
+    return LayerChoice({}, hyp, evaluate(blocks, hyp), 0.0, (lam,), swamped=mu)

@@ -136,7 +136,8 @@ def moved_scalars(scale: dict) -> list:
 
 def _scale_words(scale) -> str:
     if isinstance(scale, dict):
-        parts = ", ".join(f"{k} × {v}" for k, v in scale.items() if v != "1")
+        parts = ", ".join(f"{k} × {v}" for k, v in scale.items()
+                          if v not in ("1", "undetermined"))
         moved = moved_scalars(scale)
         text = f"blockwise your values are refngd's times: {parts}" if parts else ""
         return text + (" (" + "; ".join(moved) + ")" if moved else "")
@@ -165,8 +166,14 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
     damp = conv.get("damping")
     if damp is not None:
         if isinstance(damp, dict):
-            damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items())
-        parts.append(f"your λ corresponds to refngd's {damp}")
+            damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items() if v != "undetermined")
+        if damp:
+            parts.append(f"your λ corresponds to refngd's {damp}")
+    for layer, ratio in (conv.get("scale/damping") or {}).items():
+        parts.append(f"for layer {layer} only scale/damping is determined: the damping swamps "
+                     f"the curvature (its eigenvalues × scale are below tolerance × damping), "
+                     f"so the data cannot tell the scale from the damping — scale/damping = "
+                     f"{ratio}, i.e. your update there is ({ratio}) × the gradient")
     if "pi" in conv and conv.get("damping_mode") == "factored":
         pi = conv["pi"]
         parts.append("π per layer: " + ", ".join(f"layer {k}: {v}" for k, v in pi.items())

