@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import refngd
+from infer_helpers import mlp
 from refngd import check, updates
 
 
@@ -53,3 +54,15 @@ def test_swamped_pure_gradient_step(conv_net):
     assert r.passed, r.summary
     assert set(r.convention["scale/damping"].values()) == {"1/lambda"}
     assert r.alternatives  # every damping rule explains it equally well
+
+
+@pytest.mark.parametrize("lam_g, name", [(0.1, "N*2*lambda"), (0.07, "7*lambda")])
+def test_no_ema_factor_in_a_damping_without_an_ema(lam_g, name):
+    """Per-factor (0.01, λ_G) given one λ = 0.01: λ_G is a monomial or round number × λ,
+    not λ/(1 − 0.9) — there is no running average (the scale is 1)."""
+    model, theta, loss, X, y, _ = mlp()
+    d = updates.kfac(model, theta, loss, X, y, (0.01, lam_g), damping_mode="per-factor")
+    r = check.infer((model, theta), loss, X, y, "kfac_update", d, 0.01)
+    assert r.passed, r.summary
+    assert r.convention["damping"] == f"(lambda, {name})"
+    assert all("(1-" not in str(a.get("damping")) for a in r.alternatives)

@@ -274,7 +274,8 @@ class Inference:
                         if layer in swamped:
                             continue
                         ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
-                                           self._fixed_pi(layer), s.betas)
+                                           self._fixed_pi(layer), s.betas,
+                                           "ema_beta" in self.known)
                         if not ch:
                             break
                         chosen[layer] = ch[0]

@@ -257,6 +257,17 @@ RULES = {
 
 #: the complexity of a raw (unnamed) number: such a choice is only ever the nearest
 RAW = 100.0
+#: the complexity of a round number (one significant digit) naming a damping map: λ_G = 10λ
+ROUND = 4.0
+
+
+def _ema_token(names: dict) -> str | None:
+    """The "(1-β" of an EMA factor in a layer's damping names, or None."""
+    for v in names.values():
+        if isinstance(v, str) and "(1-" in v:
+            i = v.index("(1-")
+            return v[i:v.index(")", i)]
+    return None
 
 
 @dataclass
@@ -281,6 +292,12 @@ def _named(x: float, ctx: dict, window: float, half: bool = False, top: int = 3,
     """Up to ``top`` (value, name, complexity) for x: the simplest monomials near it, and x."""
     out = [(m.value, str(m), m.complexity)
            for m in name(x, ctx, window, half=half, betas=betas)[:top]]
+    if x > 0 and math.isfinite(x) and not half:  # a round number: 10, 0.5, 3e-3 (one digit)
+        e = math.floor(math.log10(x))
+        d = round(x / 10 ** e)
+        r = d * 10.0 ** e
+        if abs(x / r - 1) <= window and f"{r:g}" not in {n for _, n, _ in out}:
+            out.append((r, f"{r:g}", ROUND + (d != 1)))
     if x > 0 and math.isfinite(x) and f"{x:.6g}" not in {n for _, n, _ in out}:
         out.append((x, f"{x:.6g}", RAW))  # the raw number: for the nearest convention
     return out
@@ -326,7 +343,7 @@ def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None, betas=EMA_BETAS)
 
 def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: float,
                   shared: dict | None = None, fixed_pi: tuple | None = None,
-                  betas=EMA_BETAS) -> list:
+                  betas=EMA_BETAS, ema: bool = False) -> list:
     """Named damping candidates for one layer's ``blocks`` under ``rule``, best first.
 
     ``lam``: the user's λ (or (λ_A, λ_G), per-factor only); ``ctx``: the layer's sizes;
@@ -335,7 +352,10 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     here too — a layer whose own data do not determine its damping (the tutorial's factors,
     of rank ≤ 2, say) takes the one the network's other layers show; ``fixed_pi``: (π, its
     name) the user knows, for the fixed-π rules; ``betas``: the EMA decays names may use
-    (the user's ``ema_beta``, else :data:`refngd.check.scalars.EMA_BETAS`).
+    (the user's ``ema_beta``, else :data:`refngd.check.scalars.EMA_BETAS`); ``ema``: the
+    user passed ``ema_beta`` — without it a damping named with (1 − β)^k is kept only where
+    the layer's scale κ carries the same (1 − β) (an EMA's factors from zero), and a round
+    number (λ_G = 10λ) names what no monomial does.
     """
     main = next((b for b in blocks if not b.bias), blocks[0])
     pair = isinstance(lam, tuple)
@@ -393,6 +413,14 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     for names, recipe, c in cands.values():
         h = hyp(recipe)
         out.append(LayerChoice(names, h, evaluate(blocks, h), c, recipe))
+
+    if not ema:  # (1 − β)^k in a damping only where the scale carries the same EMA factor
+        def ema_ok(ch):
+            tok = _ema_token(ch.names)
+            return tok is None or all(
+                tok in str((name(abs(k), ctx, window, betas=betas) or ["-"])[0])
+                for k in ch.ev.kappa.values() if k)
+        out = [ch for ch in out if ema_ok(ch)]
 
     def rank(ch):  # the simplest choice that fits with every κ named; else the closest
         if ch.residual > tol:
