@@ -8,7 +8,7 @@ from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYP
                        KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
                        Form, KfacApprox, Pi)
 from ..backend import namespace
-from .montecarlo import expectation, mc_block_tolerances, statistical
+from .montecarlo import expectation, mc_block_tolerances, scale_test, statistical
 from .report import Report, compare
 from .quantities import QUANTITIES, Twin, mc_tolerance, reference
 from .weights import stale_weights_note, theta_from
@@ -128,14 +128,17 @@ def check_twin(twin: Twin, quantity: str, candidate, rtol: float | None = None) 
     # a Monte-Carlo K-FAC quantity without the candidate's draws: against its expectation
     stat = statistical(twin, quantity)
     ref, alts, blocked = reference(expectation(twin) if stat else twin, quantity)
-    reason, block_rtol = None, None
+    reason, block_rtol, scales = None, None, None
     if quantity == "sampled_fisher" and rtol is None and twin.options.get("labels") is None:
         rtol, reason = mc_tolerance(twin)
     blocks = twin.param_blocks() if blocked and len(twin.param_blocks()) > 1 else None
     if stat and rtol is None:
-        block_rtol, reason = mc_block_tolerances(twin, quantity, ref, blocks)
-    report = compare(_as_array(candidate) if hasattr(candidate, "detach") else candidate, ref,
+        block_rtol, reason, scales = mc_block_tolerances(twin, quantity, ref, blocks)
+    candidate = _as_array(candidate) if hasattr(candidate, "detach") else candidate
+    report = compare(candidate, ref,
                      blocks=blocks, rtol=rtol, context=twin.context(), layouts=twin.layouts(),
                      alternatives=alts, quantity=f"{quantity} ({twin.convention.name} convention)",
                      rtol_reason=reason, block_rtol=block_rtol)
+    if scales is not None:  # a wrong scale hides in an MC update's direction noise
+        scale_test(report, candidate, ref, blocks, scales)
     return report
