@@ -54,6 +54,9 @@ def test_swamped_pure_gradient_step(conv_net):
     assert r.passed, r.summary
     assert set(r.convention["scale/damping"].values()) == {"1/lambda"}
     assert r.alternatives  # every damping rule explains it equally well
+    assert r.options is None and "swamps" in r.options_note
+    with pytest.raises(ValueError, match="cannot reproduce this convention"):
+        r.validate_kwargs()
 
 
 @pytest.mark.parametrize("lam_g, name", [(0.1, "N*2*lambda"), (0.07, "7*lambda")])
@@ -66,3 +69,35 @@ def test_no_ema_factor_in_a_damping_without_an_ema(lam_g, name):
     assert r.passed, r.summary
     assert r.convention["damping"] == f"(lambda, {name})"
     assert all("(1-" not in str(a.get("damping")) for a in r.alternatives)
+
+
+@pytest.mark.parametrize("case", ["factored", "per-factor", "preset", "swamped"])
+def test_options_feed_back_into_validate(case, conv_net):
+    """report.options (numbers for this data) + candidate / report.scale_values pass
+    check.validate; where validate cannot express the convention, options is None."""
+    if case in ("preset", "swamped"):
+        model, theta, loss, X, y = conv_net
+        d = updates.kfac(model, theta, loss, X, y, 1e-2, convention="kfac-pytorch",
+                         bias="joint", fisher_type="empirical")
+        if case == "swamped":
+            d = d.astype(np.float32).astype(np.float64)
+        lam = 1e-2
+    else:
+        model, theta, loss, X, y, _ = mlp()
+        n = X.shape[0]
+        if case == "factored":
+            kw = dict(fisher_type="empirical", bias="joint", damping_mode="factored", pi=1.0)
+            d, lam = updates.kfac(model, theta, loss, X, y, n ** 2 * 0.1, **kw) / n ** 2, 0.1
+        else:
+            d = updates.kfac(model, theta, loss, X, y, (0.01, 0.1), damping_mode="per-factor")
+            lam = 0.01
+    r = check.infer((model, theta), loss, X, y, "kfac_update", d, lam)
+    assert r.passed, r.summary
+    if case in ("preset", "swamped"):  # kfac-pytorch's own update at λ, float32: rtol 1e-4
+        assert r.options["convention"] == "kfac-pytorch" and r.options["damping"] == lam
+    if case == "factored":
+        assert r.options["damping"] == pytest.approx(X.shape[0] ** 2 * 0.1)
+        assert r.scale_values == pytest.approx(1 / X.shape[0] ** 2)
+    v = check.validate((model, theta), loss, X, y, "kfac_update", d / r.scale_values,
+                       **r.validate_kwargs())
+    assert v.passed, str(v)

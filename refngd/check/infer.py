@@ -47,6 +47,7 @@ import numpy as np
 from . import scalars
 from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce, swamped_choice
 from .infer_report import Fit, InferenceReport, assemble, damping_names, moved_scalars, summarise
+from .infer_options import validate_options
 from .infer_search import Search
 from .quantities import QUANTITIES
 from .report import _host, default_rtol, split_blocks
@@ -111,6 +112,7 @@ class Inference:
                              "the labels your code sampled (for a statistical check of an MC "
                              "quantity use check.validate(..., fisher_type='mc')).")
         self.search = Search(model, loss, X, y, labels, theta, known, v)
+        self._theta, self._v, self._f32 = theta, v, False
 
     # ------------------------------------------------------------------ entry point
     def infer(self, quantity: str, candidate, damping=None, rtol: float | None = None
@@ -139,7 +141,7 @@ class Inference:
         cand = ({str(k): _host(f"candidate[{k!r}]", v) for k, v in candidate.items()}
                 if isinstance(candidate, dict) else _host("candidate", candidate))
         dtypes = [a.dtype for a in (cand.values() if isinstance(cand, dict) else [cand])]
-        f32 = any(d == np.float32 for d in dtypes)
+        f32 = self._f32 = any(d == np.float32 for d in dtypes)
         tol = float(rtol) if rtol is not None else default_rtol(np.float32 if f32 else np.float64)
         def search(tol):
             return (self._update_fits(quantity, cand, damping, tol) if update
@@ -402,8 +404,10 @@ class Inference:
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
                              "value (their loss scalings coincide here).")
+        preset_update = None
         if passed and not presets:
             for name, kw in self.search.preset_update_match(quantity, cand, best, tol, damping):
+                preset_update = preset_update or (name, kw)
                 how = ", ".join(f"{k}={v!r}" for k, v in kw.items())
                 notes.append(f"This is the {name!r} preset's update at your λ itself "
                              f"(refngd.updates.{quantity[:-7]}(..., convention={name!r}"
@@ -433,8 +437,13 @@ class Inference:
             if note:
                 notes.append(note)
         summary = summarise(quantity, best, conv, passed, best.worst, tol, alts, differing, notes)
+        opts, scale, why = (validate_options(self.search, quantity, conv, damping,
+                                             preset_update, tol, self._f32, self._theta,
+                                             self._v) if passed else
+                            (None, None, "nothing explains the candidate"))
         return InferenceReport(passed, quantity, conv, best.worst, tol, alts, differing,
-                               best.reference, summary, dict(best.residual), notes)
+                               best.reference, summary, dict(best.residual), notes, opts,
+                               scale, why)
 
 
 # ----------------------------------------------------------------------------- helpers

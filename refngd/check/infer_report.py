@@ -58,6 +58,13 @@ class InferenceReport:
         nearest convention, with their relative errors.
     reference : refngd's value under ``convention`` (what the candidate is compared with).
     summary : a paragraph saying all of this in words.
+    options : the keyword arguments of :func:`refngd.check.validate` that reproduce
+        ``convention`` for this data (options, preset, λ and π as numbers, ``rtol`` for
+        float32, ``labels``/``theta`` as given), or None where ``validate`` cannot express
+        it (``options_note`` says why).  ``validate`` takes no scale: pass
+        ``candidate / report.scale_values``.
+    scale_values : the scale as numbers — a float, or for an update with per-block scales
+        a (P,) vector — by which the candidate is refngd's value under ``options``.
     """
 
     passed: bool
@@ -71,6 +78,16 @@ class InferenceReport:
     summary: str
     blocks: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    options: dict | None = None
+    scale_values: object = None
+    options_note: str | None = None
+
+    def validate_kwargs(self) -> dict:
+        """:attr:`options`, or a ValueError saying why ``validate`` cannot express it."""
+        if self.options is None:
+            raise ValueError("check.validate cannot reproduce this convention: "
+                             f"{self.options_note or 'nothing explains the candidate'}.")
+        return dict(self.options)
 
     def __str__(self) -> str:
         lines = [f"refngd check --infer — {self.quantity}"]
