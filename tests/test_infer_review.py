@@ -101,3 +101,44 @@ def test_options_feed_back_into_validate(case, conv_net):
     v = check.validate((model, theta), loss, X, y, "kfac_update", d / r.scale_values,
                        **r.validate_kwargs())
     assert v.passed, str(v)
+
+
+@pytest.mark.parametrize("kw", [dict(pi=1.0), dict(damping_split="locations"),
+                                dict(damping_mode="per-factor", pi=1.0)])
+def test_validate_rejects_damping_options_the_mode_ignores(kw):
+    model, theta, loss, X, y, _ = mlp()
+    d = updates.kfac(model, theta, loss, X, y, 0.1)
+    with pytest.raises(ValueError, match="does not use it.*damping_mode='factored'"):
+        check.validate((model, theta), loss, X, y, "kfac_update", d, damping=0.1, **kw)
+
+
+def test_validate_unknown_keyword_lists_the_valid_ones():
+    model, theta, loss, X, y, _ = mlp()
+    g = updates.kfac(model, theta, loss, X, y, 0.1)
+    with pytest.raises(TypeError, match=r"'fisher' \(did you mean 'fisher_type'\?\).*"
+                                        r"keywords are .*damping_mode"):
+        check.validate((model, theta), loss, X, y, "kfac_update", g, damping=0.1,
+                       fisher="empirical")
+
+
+def test_bfloat16_candidate_says_how_to_convert():
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    X, y = np.random.default_rng(0).standard_normal((4, 3)), np.array([0, 1, 0, 1])
+    ce = torch.nn.CrossEntropyLoss()
+    g = torch.zeros(8, dtype=torch.bfloat16)
+    for fn in (check.validate, check.infer):
+        with pytest.raises(TypeError, match=r"candidate is a bfloat16.*\.float\(\).*\.double\(\)"):
+            fn(net, ce, X, y, "gradient", g)
+
+
+def test_preset_named_with_a_bias_that_differs_from_it():
+    model, theta, loss, X, y, _ = mlp()
+    d = updates.kfac(model, theta, loss, X, y, 0.1, convention="kfac-pytorch", bias="separate",
+                     fisher_type="empirical")
+    r = check.infer((model, theta), loss, X, y, "kfac_update", d, 0.1)
+    assert r.passed and "'kfac-pytorch' preset's update" in r.summary
+    assert "the bias differs from the preset: yours is 'separate'" in r.summary
+    assert r.options["convention"] == "kfac-pytorch" and r.options["bias"] == "separate"
+    assert check.validate((model, theta), loss, X, y, "kfac_update", d,
+                          **r.validate_kwargs()).passed

@@ -401,6 +401,7 @@ class Inference:
                          f"refngd's: the {presets[0]!r} preset's scaling"
                          + (" (" + "; ".join(moved) + ")." if moved else "."))
             conv["convention"], conv["scale"] = presets[0], "1"
+            notes += _preset_differs(presets[0], conv)
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
                              "value (their loss scalings coincide here).")
@@ -413,6 +414,8 @@ class Inference:
                              f"(refngd.updates.{quantity[:-7]}(..., convention={name!r}"
                              + (f", {how}" if how else "") + ")); the scalars above are "
                              "relative to refngd's own convention.")
+        if preset_update:
+            notes += _preset_differs(preset_update[0], {**best.options, **preset_update[1]})
         alts, seen = [], {_key(conv)}
         for f in pool[1:] if passed else []:
             c = f.convention()
@@ -469,6 +472,20 @@ def _damping(damping):
                           if pair else
                           f"infer() needs damping > 0 (its map λ' = s·λ), got {damping!r}."))
     return tuple(vals) if pair else vals[0]
+
+
+def _preset_differs(name: str, options: dict) -> list:
+    """The sentence saying where the code's options differ from preset ``name``'s own."""
+    from .. import conventions
+
+    own = dict(getattr(conventions.get(name), "options", ()) or ())
+    diff = [(k, options[k], v) for k, v in own.items() if k in options and options[k] != v]
+    if not diff:
+        return []
+    what = "; ".join(f"the {k} differs from the preset: yours is {a!r}, the {name!r} preset's "
+                     f"own is {b!r}" for k, a, b in diff)
+    return [f"Not the {name!r} preset as published: {what} (the preset is named for its "
+            f"scaling; pass {', '.join(f'{k}={a!r}' for k, a, _ in diff)} with it)."]
 
 
 def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
