@@ -136,8 +136,6 @@ def mc_block_tolerances(twin: Twin, quantity: str, ref, blocks) -> tuple[dict, s
 def scale_test(report, candidate, ref, blocks, scales: dict) -> None:
     """Fail the blocks of ``report`` whose least-squares scale against the expectation lies
     outside m'_b ± Z·s'_b of refngd's own estimates (module docstring), in place."""
-    import numpy as np
-
     from .report import _host
 
     cand = _split(candidate if isinstance(candidate, dict) else _host("candidate", candidate),
@@ -149,8 +147,8 @@ def scale_test(report, candidate, ref, blocks, scales: dict) -> None:
         m, s = scales[b.name]
         if not s > 1e-12 * max(abs(m), 1e-300):  # deterministic: one scale for every draw
             continue
-        r = np.asarray(_host("reference", ref_b[b.name]), dtype=np.float64)
-        c = np.asarray(cand[b.name], dtype=np.float64)
+        r = _host("reference", ref_b[b.name]).astype(float)
+        c = _host("candidate", cand[b.name]).astype(float)
         if c.shape != r.shape:
             continue
         x = _scale(c, r)
