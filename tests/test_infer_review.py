@@ -142,3 +142,16 @@ def test_preset_named_with_a_bias_that_differs_from_it():
     assert r.options["convention"] == "kfac-pytorch" and r.options["bias"] == "separate"
     assert check.validate((model, theta), loss, X, y, "kfac_update", d,
                           **r.validate_kwargs()).passed
+
+
+def test_swamped_ratio_names_sizes_not_an_ema():
+    """Every layer swamped (λ = 1e12): the update is 10·g here, named 1/(N·2·λ) (N = 5), not
+    (1 − 0.9)/λ — an EMA's (1 − β) cancels in scale/damping; layers share one sentence."""
+    model, theta, loss, X, y, _ = mlp()
+    n = X.shape[0]
+    d = updates.kfac(model, theta, loss, X, y, 1e12)
+    r = check.infer((model, theta), loss, X, y, "kfac_update", d * 1e12 * n * 2, 1e-2)
+    assert r.passed, r.summary
+    assert r.convention["scale/damping"] == {"0": "1/(N*2*lambda)", "2": "1/(N*2*lambda)"}
+    assert "for layers 0, 2 only scale/damping is determined" in r.summary
+    assert "undetermined ×" not in r.summary

@@ -227,18 +227,19 @@ class Inference(UpdateFits):
         return Fit(dict(opts), {"scale": scale}, resid, assemble(quantity, repro, ref, s),
                    s.complexity(opts) + cx, unnamed)
 
-    def _name_scalar(self, alpha, c, r, ctx, tol):
+    def _name_scalar(self, alpha, c, r, ctx, tol, ema: bool = True):
         """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r.
 
         Other names of the same number about as simple (sizes that coincide: N = C = 4
         makes 1/N also 1/C and 1/2²) are kept in ``self._aliases`` for the report.
+        ``ema=False``: no (1 − β)^k in the name.
         """
         if alpha == 0:
             return 0.0, None, 0.0
         sign = -1.0 if alpha < 0 else 1.0
         window = max(1e-8, 100 * tol)
         nc = float(np.linalg.norm(c))
-        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas)
+        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas, ema=ema)
         for m in hits[:6]:
             v = sign * m.value
             if np.linalg.norm(c - v * r) <= max(tol, 1e-300) * abs(v) * np.linalg.norm(r) \
@@ -365,7 +366,8 @@ def _preset_differs(name: str, options: dict) -> list:
 def _labels(conv: dict) -> set:
     """Every scalar name in a convention dict (its "scale", per block or whole)."""
     sc = conv.get("scale")
-    return set(sc.values()) if isinstance(sc, dict) else {sc}
+    out = set(sc.values()) if isinstance(sc, dict) else {sc}
+    return out | set((conv.get("scale/damping") or {}).values())
 
 
 def _key(conv: dict) -> tuple:

@@ -158,7 +158,7 @@ def _scale_words(scale) -> str:
         moved = moved_scalars(scale)
         text = f"blockwise your values are refngd's times: {parts}" if parts else ""
         return text + (" (" + "; ".join(moved) + ")" if moved else "")
-    if scale in (None, "1"):
+    if scale in (None, "1", "undetermined"):
         return ""
     return f"your values are {scale} × refngd's"
 
@@ -186,8 +186,13 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
             damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items() if v != "undetermined")
         if damp:
             parts.append(f"your λ corresponds to refngd's {damp}")
+    by_ratio: dict = {}
     for layer, ratio in (conv.get("scale/damping") or {}).items():
-        parts.append(f"for layer {layer} only scale/damping is determined: the damping swamps "
+        by_ratio.setdefault(ratio, []).append(layer)
+    for ratio, layers in by_ratio.items():
+        which = (f"layer {layers[0]}" if len(layers) == 1 else
+                 f"layers {', '.join(layers)}")
+        parts.append(f"for {which} only scale/damping is determined: the damping swamps "
                      f"the curvature (its eigenvalues × scale are below tolerance × damping), "
                      f"so the data cannot tell the scale from the damping — scale/damping = "
                      f"{ratio}, i.e. your update there is ({ratio}) × the gradient")

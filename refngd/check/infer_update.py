@@ -102,14 +102,19 @@ class UpdateFits:
             k, u = ev.kappa[b.name], ev.coords[b.name]
             mu = chosen[b.layer].swamped
             if mu is not None:  # only κ/μ is determined: name (κ/μ)·λ, a monomial
+                # an EMA's (1 − β) cancels in κ/μ (factors and λ' alike): none unless named
                 x = k / mu * lam_prod
                 value, label, comp = self._name_scalar(x, b.C.ravel(), (u * mu).ravel() /
-                                                       lam_prod, s.ctx(b.layer), tol)
+                                                       lam_prod, s.ctx(b.layer), tol,
+                                                       ema="ema_beta" in self.known)
                 if label is None:
                     unnamed[b.name], label = x, f"{x:.6g}"
                 elif label not in seen:
                     cx, seen = cx + comp, seen | {label}
                 ratios.setdefault(b.layer, set()).add(_over(label, lam_sym))
+                if label in self._aliases:  # other names of the same ratio, for the report
+                    self._aliases[_over(label, lam_sym)] = [_over(a, lam_sym)
+                                                            for a in self._aliases[label]]
                 named_k[b.name] = "undetermined"
                 ev.kappa[b.name] = value * mu / lam_prod
                 ev.residual[b.name] = _rel(b.C, ev.kappa[b.name] * u, total)
@@ -139,13 +144,12 @@ class UpdateFits:
                 names.setdefault(key, {})[layer] = v
         named = damping_names(rule, names, s, pair) if names else {}
         if ratios:  # the damping swamps these layers' curvature: scale/damping only
-            for layer in ratios:
-                named.setdefault("damping", {})
-                if isinstance(named["damping"], str):
-                    named["damping"] = {k: named["damping"] for k in chosen
-                                        if chosen[k].swamped is None}
-                named["damping"][layer] = "undetermined"
-            named["scale/damping"] = {k: " or ".join(sorted(v)) for k, v in ratios.items()}
+            order = list(dict.fromkeys(b.layer for b in blocks))
+            damp = named.get("damping", {})
+            named["damping"] = {k: "undetermined" if k in ratios else
+                                (damp if isinstance(damp, str) else damp[k]) for k in order}
+            named["scale/damping"] = {k: " or ".join(sorted(ratios[k])) for k in order
+                                      if k in ratios}
         labels = set(named_k.values())
         named["scale"] = labels.pop() if len(labels) == 1 else named_k
         options = dict(opts)
