@@ -155,3 +155,10 @@ def test_swamped_ratio_names_sizes_not_an_ema():
     assert r.convention["scale/damping"] == {"0": "1/(N*2*lambda)", "2": "1/(N*2*lambda)"}
     assert "for layers 0, 2 only scale/damping is determined" in r.summary
     assert "undetermined ×" not in r.summary
+
+
+def test_infer_rejects_pi_with_tikhonov():
+    model, theta, loss, X, y, _ = mlp()
+    with pytest.raises(ValueError, match="does not use it"):
+        check.infer((model, theta), loss, X, y, "kfac_update", np.zeros(1), 0.1,
+                    damping_mode="tikhonov", pi=1.0)

@@ -106,6 +106,11 @@ class Inference(UpdateFits):
             raise TypeError(f"infer() does not know the option(s) {bad}; known options are "
                             f"{', '.join(KNOWN)}.")
         self.known = dict(known)
+        if "damping_mode" in known and ({"pi", "damping_split"} & set(known)):
+            from ..options import DAMPING_SPLIT, PI, check_unused_damping_options
+
+            check_unused_damping_options(known["damping_mode"], known.get("pi", PI),
+                                         known.get("damping_split", DAMPING_SPLIT))
         if known.get("fisher_type") == "mc" and labels is None:
             raise ValueError("fisher_type='mc' without labels=: infer compares exactly, so pass "
                              "the labels your code sampled (for a statistical check of an MC "
