@@ -162,3 +162,21 @@ def test_infer_rejects_pi_with_tikhonov():
     with pytest.raises(ValueError, match="does not use it"):
         check.infer((model, theta), loss, X, y, "kfac_update", np.zeros(1), 0.1,
                     damping_mode="tikhonov", pi=1.0)
+
+
+def test_factor_options_with_per_factor_scales():
+    """kfac_factors with A and G scaled differently: scale_values is a dict per factor."""
+    model, theta, loss, X, y, _ = mlp()
+    from refngd.curvature import KFAC
+
+    K = KFAC(model, theta, loss, X, y, fisher_type="empirical")
+    n = X.shape[0]
+    cand = {}
+    for i, f in zip(("0", "2"), K.factors()):
+        cand[f"{i}.A"], cand[f"{i}.G"] = np.asarray(f.A) * n, np.asarray(f.G) / n ** 2
+    r = check.infer((model, theta), loss, X, y, "kfac_factors", cand)
+    assert r.passed, r.summary
+    assert r.scale_values == pytest.approx({"0.A": n, "0.G": n ** -2, "2.A": n, "2.G": n ** -2})
+    fixed = {k: v / r.scale_values[k] for k, v in cand.items()}
+    assert check.validate((model, theta), loss, X, y, "kfac_factors", fixed,
+                          **r.validate_kwargs()).passed

@@ -6,7 +6,8 @@ each layer, the user's λ) and returns the options, the convention preset, λ an
 numbers — or ``None`` with the reason where ``validate`` cannot express the convention (a
 damping or π that differs by layer, a layer whose damping swamps its curvature).  The
 scale is not an option of ``validate``: :attr:`InferenceReport.scale_values` is the number
-(or, for an update, the (P,) vector of per-block numbers) to divide the candidate by.
+(or, for an update, the (P,) vector of per-block numbers; for ``kfac_factors`` a dict of
+numbers per factor) to divide the candidate by.
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def _scale_values(search, quantity, scale, damping):
         if len(vals) == 1:
             return float(vals.pop())
         scale = {k: scale for k in search.param_blocks()}
+    if quantity == "kfac_factors":  # {"<layer>.A": number, ...}: divide each factor by its own
+        return {k: float(value_of(nm, search.ctx(k), damping)) for k, nm in scale.items()}
     if not quantity.endswith("_update"):
         return None
     out = np.ones(search.P)

@@ -64,7 +64,8 @@ class InferenceReport:
         it (``options_note`` says why).  ``validate`` takes no scale: pass
         ``candidate / report.scale_values``.
     scale_values : the scale as numbers — a float, or for an update with per-block scales
-        a (P,) vector — by which the candidate is refngd's value under ``options``.
+        a (P,) vector, for ``kfac_factors`` a dict per factor — by which the candidate is
+        refngd's value under ``options``.
     """
 
     passed: bool
