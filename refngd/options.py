@@ -185,6 +185,27 @@ def check_pi(value: Any) -> Pi:
     return check_positive(value, "pi")
 
 
+def check_unused_damping_options(damping_mode: Any, pi: Any = PI, damping_split: Any = DAMPING_SPLIT
+                          ) -> None:
+    """Raise where ``pi`` or ``damping_split`` is set but ``damping_mode`` ignores it.
+
+    π and the split of λ between the factors belong to a *factored* damping
+    (Martens & Grosse 2015, §6.3); Tikhonov damping (G ⊗ A + λI)⁻¹ and per-factor damping
+    (λ_A, λ_G) have neither, so a value other than the default would be silently unused.
+    """
+    check_choice(damping_mode, "damping_mode", DAMPING_MODES)
+    if damping_mode == "factored":
+        return
+    bad = [f"{k}={v!r}" for k, v, d in (("pi", pi, PI), ("damping_split", damping_split,
+                                                           DAMPING_SPLIT)) if v != d]
+    if bad:
+        raise ValueError(f"{' and '.join(bad)} set with damping_mode={damping_mode!r}, which "
+                         f"does not use {'them' if len(bad) > 1 else 'it'}: π and the damping "
+                         "split belong to factored damping. Pass damping_mode='factored' (if "
+                         "your code damps each factor) or leave them at their defaults "
+                         f"(pi={PI!r}, damping_split={DAMPING_SPLIT!r}).")
+
+
 def check_kfac_damping(damping: Any, damping_mode: str) -> float | tuple[float, float]:
     """K-FAC's damping after checking ``damping_mode``: a float λ ≥ 0, or — for
     ``"per-factor"`` only — a pair (λ_A, λ_G) of floats ≥ 0 (a single λ means λ_A = λ_G = λ)."""

@@ -46,6 +46,7 @@ NUMPY_ALLOWED = frozenset({
     # check.infer: refngd's values (computed through the backend) copied to the host, where the
     # scalars and dampings are fitted and named in float64, as report.py judges candidates
     "check/infer.py", "check/infer_damping.py", "check/infer_report.py", "check/infer_search.py",
+    "check/infer_options.py", "check/infer_update.py", "check/infer_blocks.py",
 })
 
 

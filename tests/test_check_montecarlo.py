@@ -139,3 +139,47 @@ def test_mc_updates(mlp):
             fails += not check.validate(net, CE, X, y, f"{method}_update", d, **kw).passed
             caught += not check.validate(net, CE, X, y, f"{method}_update", 2 * d, **kw).passed
     assert fails == 0 and caught == 40
+
+
+def test_planted_factor_two_in_an_mc_update_fails():
+    """The docs' MLP, N = 32, K = 1, factored damping π = 1: a hook-style update with G of
+    the last layer doubled moves that block by ≈ 0.4 relative, inside the error test's
+    tolerance (≈ 0.77); the scalar test catches it (measured 98/100; here ≥ 18/20), and the
+    correct updates pass."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n, lam = 32, 1e-2
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                              torch.nn.Linear(16, 4)).double()
+    X, y = torch.tensor(rng.standard_normal((n, 6))), torch.tensor(rng.integers(0, 4, n))
+    net.zero_grad()
+    CE(net(X), y).backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+
+    def update(labels, double):
+        a1, s1 = X, net[0](X)
+        a2 = net[1](s1)
+        s2 = net[2](a2)
+        loss = torch.nn.functional.cross_entropy(s2, labels, reduction="sum")
+        b1, b2 = torch.autograd.grad(loss, [s1, s2])
+        out = []
+        for i, (a, b) in enumerate([(a1, b1), (a2.detach(), b2)]):
+            A, G = a.T @ a / n, b.T @ b / n * (2 if double and i == 1 else 1)
+            eG, eA = (torch.eye(len(M), dtype=M.dtype) * lam ** .5 for M in (G, A))
+            gW, gb = grads[2 * i], grads[2 * i + 1]
+            out += [(torch.linalg.solve(G + eG, gW) @ torch.linalg.inv(A + eA)).reshape(-1),
+                    torch.linalg.solve(G + eG, gb) / (1 + lam ** .5)]
+        return torch.cat(out).detach()
+
+    kw = dict(damping=lam, fisher_type="mc", damping_mode="factored", pi=1.0)
+    fails = caught = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            labels = torch.multinomial(torch.softmax(net(X), 1), 1, generator=g)[:, 0]
+        fails += not check.validate(net, CE, X, y, "kfac_update", update(labels, False),
+                                    **kw).passed
+        r = check.validate(net, CE, X, y, "kfac_update", update(labels, True), **kw)
+        caught += not r.passed
+    assert fails == 0 and caught >= 18
+    assert r.passed or "scale against the expectation" in r.diagnosis

@@ -194,3 +194,22 @@ def test_cli_damping_variants_and_labels(cnn, tmp_path, capsys):
         main(base + ["--candidate", str(tmp_path / "d.npz"), "--quantity", "kfac_update",
                      "--pi", "norm", "--damping", "0.1"])
     assert exit_.value.code == 2 and "'trace' or a number" in capsys.readouterr().err
+
+
+def test_cli_rejects_pi_under_tikhonov(cnn, tmp_path, capsys):
+    """``--pi`` with the default Tikhonov damping: an error, not a silently unused option."""
+    net, model, theta, X, y = cnn
+    arch = {"layers": [{"type": "Conv2d", "in_channels": 2, "out_channels": 3,
+                        "kernel_size": 3, "padding": 1}, {"type": "ReLU"}, {"type": "Flatten"},
+                       {"type": "Linear", "in_features": 48, "out_features": 3}],
+            "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    np.savez(tmp_path / "w.npz", theta=theta)
+    np.savez(tmp_path / "b.npz", X=X, y=y)
+    d = updates.kfac(model, theta, interop.from_torch_loss(CE), X, y, LAM)
+    np.savez(tmp_path / "d.npz", candidate=d)
+    assert main(["check", "--arch", str(tmp_path / "arch.json"), "--weights",
+                 str(tmp_path / "w.npz"), "--batch", str(tmp_path / "b.npz"), "--candidate",
+                 str(tmp_path / "d.npz"), "--quantity", "kfac_update", "--damping", str(LAM),
+                 "--pi", "1"]) == 2
+    assert "does not use it" in capsys.readouterr().err

@@ -144,6 +144,7 @@ def run_check(args) -> int:
                            rtol=args.rtol, labels=labels, v=v, **known)
             print(report)
             return 0 if report.passed else 1
+        options.check_unused_damping_options(args.damping_mode, args.pi, args.damping_split)
         twin = make_twin((model, theta), loss, X, y, args.convention, damping=damping, v=v,
                          mc_samples=args.mc_samples, fisher_type=args.fisher_type,
                          kfac_approx=args.kfac_approx, bias=args.bias,

@@ -21,7 +21,10 @@ The search is organised so that nothing expensive is repeated:
    candidate;
 3. **damping** (updates) — the damping is fitted by linear least squares in the
    eigenbasis of each factor pair, for every damping rule at once, then named and checked
-   exactly (:mod:`refngd.check.infer_damping`);
+   exactly (:mod:`refngd.check.infer_damping`).  A layer whose candidate is a multiple
+   of its gradient within ``rtol`` has a damping that swamps its curvature (eigenvalues ×
+   scale below tolerance × damping): only scale/damping is determined there, and that
+   ratio alone is named (``"scale/damping"``; ``"damping"`` is ``"undetermined"``);
 4. **presets** — the winner is compared once with each preset of
    :mod:`refngd.conventions` under the same options: a preset that reproduces it with no
    scalar names the convention (``"tutorial"``, ``"asdl"``, …).
@@ -42,9 +45,10 @@ import math
 import numpy as np
 
 from . import scalars
-from .infer_damping import RAW, RULES, evaluate, layer_choices, reproduce
-from .infer_report import Fit, InferenceReport, assemble, damping_names, moved_scalars, summarise
+from .infer_report import Fit, InferenceReport, assemble, moved_scalars, summarise
+from .infer_options import validate_options
 from .infer_search import Search
+from .infer_update import KFAC_QUANTITIES, UpdateFits, _rel, _shapes
 from .quantities import QUANTITIES
 from .report import _host, default_rtol, split_blocks
 
@@ -53,7 +57,6 @@ __all__ = ["infer", "Inference", "InferenceReport", "KNOWN"]
 #: the options ``**known`` may fix (refngd's names, refngd.options) and the EMA's β
 KNOWN = ("fisher_type", "bias", "kfac_approx", "damping_mode", "pi", "damping_split", "form",
          "convention", "mc_samples", "ema_beta")
-KFAC_QUANTITIES = ("kfac_factors", "kfac", "ekfac", "kfac_update", "ekfac_update")
 #: float32 round-off in a float64 candidate: fits within this, not within float64's
 FLOAT32_RTOL = default_rtol(np.float32)
 
@@ -89,7 +92,7 @@ def infer(model, loss, X, y, quantity: str, candidate, damping=None, *, rtol: fl
         quantity, candidate, damping, rtol=rtol)
 
 
-class Inference:
+class Inference(UpdateFits):
     """:func:`infer` for many candidates on one model and batch (factorisations kept).
 
     ``Inference(model, loss, X, y, **known).infer(quantity, candidate, damping)`` equals
@@ -103,11 +106,17 @@ class Inference:
             raise TypeError(f"infer() does not know the option(s) {bad}; known options are "
                             f"{', '.join(KNOWN)}.")
         self.known = dict(known)
+        if "damping_mode" in known and ({"pi", "damping_split"} & set(known)):
+            from ..options import DAMPING_SPLIT, PI, check_unused_damping_options
+
+            check_unused_damping_options(known["damping_mode"], known.get("pi", PI),
+                                         known.get("damping_split", DAMPING_SPLIT))
         if known.get("fisher_type") == "mc" and labels is None:
             raise ValueError("fisher_type='mc' without labels=: infer compares exactly, so pass "
                              "the labels your code sampled (for a statistical check of an MC "
                              "quantity use check.validate(..., fisher_type='mc')).")
         self.search = Search(model, loss, X, y, labels, theta, known, v)
+        self._theta, self._v, self._f32 = theta, v, False
 
     # ------------------------------------------------------------------ entry point
     def infer(self, quantity: str, candidate, damping=None, rtol: float | None = None
@@ -136,7 +145,7 @@ class Inference:
         cand = ({str(k): _host(f"candidate[{k!r}]", v) for k, v in candidate.items()}
                 if isinstance(candidate, dict) else _host("candidate", candidate))
         dtypes = [a.dtype for a in (cand.values() if isinstance(cand, dict) else [cand])]
-        f32 = any(d == np.float32 for d in dtypes)
+        f32 = self._f32 = any(d == np.float32 for d in dtypes)
         tol = float(rtol) if rtol is not None else default_rtol(np.float32 if f32 else np.float64)
         def search(tol):
             return (self._update_fits(quantity, cand, damping, tol) if update
@@ -223,18 +232,19 @@ class Inference:
         return Fit(dict(opts), {"scale": scale}, resid, assemble(quantity, repro, ref, s),
                    s.complexity(opts) + cx, unnamed)
 
-    def _name_scalar(self, alpha, c, r, ctx, tol):
+    def _name_scalar(self, alpha, c, r, ctx, tol, ema: bool = True):
         """(value, name, complexity) of the simplest monomial that reproduces c ≈ α r.
 
         Other names of the same number about as simple (sizes that coincide: N = C = 4
         makes 1/N also 1/C and 1/2²) are kept in ``self._aliases`` for the report.
+        ``ema=False``: no (1 − β)^k in the name.
         """
         if alpha == 0:
             return 0.0, None, 0.0
         sign = -1.0 if alpha < 0 else 1.0
         window = max(1e-8, 100 * tol)
         nc = float(np.linalg.norm(c))
-        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas)
+        hits = scalars.name(abs(alpha), ctx, window, betas=self.search.betas, ema=ema)
         for m in hits[:6]:
             v = sign * m.value
             if np.linalg.norm(c - v * r) <= max(tol, 1e-300) * abs(v) * np.linalg.norm(r) \
@@ -246,98 +256,6 @@ class Inference:
                     self._aliases[pre + str(m)] = same[:3]
                 return v, pre + str(m), m.complexity + (sign < 0)
         return alpha, None, 0.0
-
-    # ------------------------------------------------------------------ updates
-    def _update_fits(self, quantity: str, cand, damping, tol: float) -> list:
-        s = self.search
-        if isinstance(cand, dict) or cand.shape != (s.P,):
-            raise ValueError(f"{quantity}: the candidate is a (P,) vector with P = {s.P} "
-                             f"(θ in parameters_to_vector order), got {_shapes(cand)}.")
-        window = max(1e-6, 100 * tol)
-        out = []
-        for opts, blocks, unit in s.update_sets(quantity):
-            blocks = [b.with_candidate(cand.astype(np.float64)) for b in blocks]
-            layers: dict = {}
-            for b in blocks:
-                layers.setdefault(b.layer, []).append(b)
-            lam = damping if isinstance(damping, tuple) else damping * unit
-            for rule in s.rules(quantity, opts, damping):
-                chosen, shared = {}, {}
-                for _ in range(2):  # the second pass: what the other layers named, shared
-                    for layer, bl in layers.items():
-                        ch = layer_choices(rule, bl, lam, s.ctx(layer), window, tol, shared,
-                                           self._fixed_pi(layer), s.betas)
-                        if not ch:
-                            break
-                        chosen[layer] = ch[0]
-                    else:
-                        new = {tuple(c.names.values()): (c.names, c.recipe, c.complexity)
-                               for c in chosen.values() if c.complexity < RAW}
-                        if len(layers) == 1 or set(new) <= set(shared):
-                            break
-                        shared.update(new)
-                        continue
-                    break
-                if len(chosen) == len(layers):
-                    out.append(self._update_fit(cand, opts, rule, chosen, blocks, tol,
-                                                isinstance(damping, tuple),
-                                                quantity in KFAC_QUANTITIES[3:]))
-        return out
-
-    def _fixed_pi(self, layer: str):
-        """(π, name) of a layer when the user gave ``pi=`` a number (``damping_split`` too)."""
-        p = self.known.get("pi")
-        if p is None or p == "trace":
-            return None
-        p = float(p)
-        T = self.search.T(layer)
-        if self.known.get("damping_split") == "locations" and T > 1:
-            return p / math.sqrt(T), ("1/T^0.5" if p == 1 else f"{p / math.sqrt(T):g}")
-        return p, ("1" if p == 1 else f"{p:g}")
-
-    def _update_fit(self, cand, opts, rule, chosen, blocks, tol, pair: bool,
-                    kronecker: bool) -> Fit:
-        s = self.search
-        hyp = {}
-        for ch in chosen.values():
-            hyp.update(ch.hyp)
-        ev = evaluate(blocks, hyp)
-        named_k, unnamed, cx, seen = {}, {}, 0.0, set()
-        total = float(np.linalg.norm(cand))
-        for b in blocks:  # κ per block, named; the residual with the named κ
-            k, u = ev.kappa[b.name], ev.coords[b.name]
-            if not math.isfinite(k):  # a damping that makes the block singular
-                unnamed[b.name], named_k[b.name], ev.kappa[b.name] = k, "nan", 0.0
-                ev.residual[b.name] = math.inf
-                continue
-            value, label, comp = self._name_scalar(k, b.C.ravel(), u.ravel(), s.ctx(b.layer), tol)
-            if label is None:
-                unnamed[b.name], label = k, f"{k:.6g}"
-            elif label not in seen:
-                cx, seen = cx + comp, seen | {label}
-            named_k[b.name] = label
-            ev.kappa[b.name] = value
-            ev.residual[b.name] = _rel(b.C, value * u, total)
-        names = {}
-        for layer, ch in chosen.items():
-            if ch.complexity >= RAW:  # a damping no monomial names: the nearest only
-                raw = {f"{layer}.{key}": v for (key, nm), v in zip(ch.names.items(), ch.recipe)
-                       if v is not None and nm == f"{v:.6g}"}
-                unnamed.update(raw or {f"{layer}.damping": math.nan})
-            cx += ch.complexity
-            for key, v in ch.names.items():
-                names.setdefault(key, {})[layer] = v
-        named = damping_names(rule, names, s, pair)
-        labels = set(named_k.values())
-        named["scale"] = labels.pop() if len(labels) == 1 else named_k
-        options = dict(opts)
-        if kronecker:  # the damping rule's options (refngd.options); exact updates have none
-            options.update({k: v for k, v in RULES[rule].items() if k != "bias_damping"})
-            if RULES[rule].get("bias_damping") == "weight":
-                options["convention"] = "curvlinops"
-        options.update(named.pop("_options", {}))
-        return Fit(options, named, dict(ev.residual), reproduce(blocks, ev, s.P),
-                   s.complexity(options) + cx, unnamed)
 
     # ------------------------------------------------------------------ verdict
     def _report(self, quantity, cand, fits, tol, arithmetic, damping) -> InferenceReport:
@@ -363,16 +281,21 @@ class Inference:
                          f"refngd's: the {presets[0]!r} preset's scaling"
                          + (" (" + "; ".join(moved) + ")." if moved else "."))
             conv["convention"], conv["scale"] = presets[0], "1"
+            notes += _preset_differs(presets[0], conv)
             if len(presets) > 1:
                 notes.append("The presets " + ", ".join(map(repr, presets)) + " all give this "
                              "value (their loss scalings coincide here).")
+        preset_update = None
         if passed and not presets:
             for name, kw in self.search.preset_update_match(quantity, cand, best, tol, damping):
+                preset_update = preset_update or (name, kw)
                 how = ", ".join(f"{k}={v!r}" for k, v in kw.items())
                 notes.append(f"This is the {name!r} preset's update at your λ itself "
                              f"(refngd.updates.{quantity[:-7]}(..., convention={name!r}"
                              + (f", {how}" if how else "") + ")); the scalars above are "
                              "relative to refngd's own convention.")
+        if preset_update:
+            notes += _preset_differs(preset_update[0], {**best.options, **preset_update[1]})
         alts, seen = [], {_key(conv)}
         for f in pool[1:] if passed else []:
             c = f.convention()
@@ -397,8 +320,13 @@ class Inference:
             if note:
                 notes.append(note)
         summary = summarise(quantity, best, conv, passed, best.worst, tol, alts, differing, notes)
+        opts, scale, why = (validate_options(self.search, quantity, conv, damping,
+                                             preset_update, tol, self._f32, self._theta,
+                                             self._v) if passed else
+                            (None, None, "nothing explains the candidate"))
         return InferenceReport(passed, quantity, conv, best.worst, tol, alts, differing,
-                               best.reference, summary, dict(best.residual), notes)
+                               best.reference, summary, dict(best.residual), notes, opts,
+                               scale, why)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -426,24 +354,25 @@ def _damping(damping):
     return tuple(vals) if pair else vals[0]
 
 
-def _rel(c: np.ndarray, r: np.ndarray, total: float) -> float:
-    nr = float(np.linalg.norm(r))
-    d = float(np.linalg.norm(c - r))
-    if nr > 0:
-        return d / nr
-    return d / total if total > 0 else 0.0
+def _preset_differs(name: str, options: dict) -> list:
+    """The sentence saying where the code's options differ from preset ``name``'s own."""
+    from .. import conventions
+
+    own = dict(getattr(conventions.get(name), "options", ()) or ())
+    diff = [(k, options[k], v) for k, v in own.items() if k in options and options[k] != v]
+    if not diff:
+        return []
+    what = "; ".join(f"the {k} differs from the preset: yours is {a!r}, the {name!r} preset's "
+                     f"own is {b!r}" for k, a, b in diff)
+    return [f"Not the {name!r} preset as published: {what} (the preset is named for its "
+            f"scaling; pass {', '.join(f'{k}={a!r}' for k, a, _ in diff)} with it)."]
 
 
 def _labels(conv: dict) -> set:
     """Every scalar name in a convention dict (its "scale", per block or whole)."""
     sc = conv.get("scale")
-    return set(sc.values()) if isinstance(sc, dict) else {sc}
-
-
-def _shapes(cand) -> str:
-    if isinstance(cand, dict):
-        return ", ".join(f"{k}: {v.shape}" for k, v in cand.items())
-    return str(cand.shape)
+    out = set(sc.values()) if isinstance(sc, dict) else {sc}
+    return out | set((conv.get("scale/damping") or {}).values())
 
 
 def _key(conv: dict) -> tuple:

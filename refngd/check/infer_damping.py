@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import to_numpy
-from ..curvature.damping import trace_pi
 from .scalars import EMA_BETAS, name
 
 
@@ -179,69 +177,6 @@ def free_fit(b: EigenBlock, factored: bool) -> list:
     return [{"mu": p[1] / p[0], "kappa": 1 / p[0]}]
 
 
-# ----------------------------------------------------------------------- building blocks
-def kronecker_blocks(F, grad, names: dict, ekfac=None) -> list:
-    """:class:`EigenBlock` of every K-FAC (or EKFAC) block, full eigenbases, no candidate yet.
-
-    ``F``: a :class:`refngd.curvature.KFAC`; ``grad``: the gradient its update
-    preconditions; ``names``: θ start of a layer → its PyTorch name; ``ekfac``: an
-    :class:`refngd.curvature.EKFAC` with full bases (``with_factors``), whose diagonal
-    replaces g aᵀ.
-    """
-    from ..curvature.kronecker import _positions
-
-    g = to_numpy(grad).astype(np.float64)
-    out = []
-    pairs = zip(ekfac.blocks, ekfac.scalings()) if ekfac is not None else \
-        ((b, None) for b in F.blocks)
-    for blk, S in pairs:
-        (wG, UG, _), (wA, UA, _) = blk.G.eig(False), blk.A.eig(False)
-        wG, UG, wA, UA = (to_numpy(x).astype(np.float64) for x in (wG, UG, wA, UA))
-        idx = to_numpy(blk.index(np)).astype(np.int64)
-        layer = names[blk.start]
-        kind = {"w": "weight", "b": "bias", "wb": "weight+bias"}[blk.kind]
-        S = np.outer(wG, wA) if S is None else to_numpy(S).astype(np.float64)
-        A = to_numpy(blk.A.F).astype(np.float64)
-        G = to_numpy(blk.G.F).astype(np.float64)
-        out.append(EigenBlock(
-            f"{layer}.{kind}", layer, idx, (UG, UA), UG.T @ g[idx] @ UA, None, S, wG, wA,
-            trace_pi(A, G), _positions(blk), blk.kind == "b"))
-    return out
-
-
-def row_blocks(U: np.ndarray, c: float, rhs: np.ndarray) -> list:
-    """One :class:`EigenBlock` for an exact update d = κ (M + μI)⁻¹ r, M = c UᵀU.
-
-    From the thin SVD U = L Σ Vᵀ (R × P rows, R ≤ P): M = V (cΣ²) Vᵀ, so the eigenbasis of
-    the row space costs O(R²P), not the O(P³) of ``eigh(M)``; outside it M is 0 and the
-    update is κ r_⊥/μ (the two extra coordinates of :meth:`EigenBlock.coords`).
-    """
-    U = np.asarray(U, dtype=np.float64)
-    rhs = np.asarray(rhs, dtype=np.float64)
-    P = U.shape[1]
-    if U.shape[0] >= P:  # more rows than parameters: the full eigendecomposition
-        w, V = np.linalg.eigh(c * (U.T @ U))
-        return [EigenBlock("all", "all", np.arange(P), (V,), V.T @ rhs, None,
-                           np.maximum(w, 0.0))]
-    _, sv, Vt = np.linalg.svd(U, full_matrices=False)
-    keep = sv > (sv.max() if sv.size else 0.0) * 1e-13
-    V, w = Vt[keep].T, c * sv[keep] ** 2
-    rest = rhs - V @ (V.T @ rhs)
-    nr = float(np.linalg.norm(rest))
-    perp = rest / nr if nr > 1e-14 * max(float(np.linalg.norm(rhs)), 1e-300) else None
-    b = EigenBlock("all", "all", np.arange(P), (V,), np.zeros(0), None,
-                   np.concatenate([w, [0.0, 0.0]]), perp=perp)
-    return [dataclasses.replace(b, W=b.coords(rhs))]
-
-
-def reproduce(blocks: list, ev: Evaluated, P: int) -> np.ndarray:
-    """The update a named hypothesis gives (κ_b per block), in θ order."""
-    out = np.zeros(P)
-    for b in blocks:
-        out[b.idx.reshape(-1)] = b.back(ev.kappa[b.name] * ev.coords[b.name]).reshape(-1)
-    return out
-
-
 # ----------------------------------------------------------------------- named hypotheses
 #: the damping rules tried for a K-FAC / EKFAC update, with the options that select them
 RULES = {
@@ -257,6 +192,17 @@ RULES = {
 
 #: the complexity of a raw (unnamed) number: such a choice is only ever the nearest
 RAW = 100.0
+#: the complexity of a round number (one significant digit) naming a damping map: λ_G = 10λ
+ROUND = 4.0
+
+
+def _ema_token(names: dict) -> str | None:
+    """The "(1-β" of an EMA factor in a layer's damping names, or None."""
+    for v in names.values():
+        if isinstance(v, str) and "(1-" in v:
+            i = v.index("(1-")
+            return v[i:v.index(")", i)]
+    return None
 
 
 @dataclass
@@ -268,6 +214,8 @@ class LayerChoice:
     ev: Evaluated
     complexity: float
     recipe: tuple = ()     # the numbers behind the names: (m,), (m_A, m_G) or (m, π)
+    #: a layer whose damping swamps its curvature: the stand-in damping μ (only κ/μ counts)
+    swamped: float | None = None
 
     @property
     def residual(self) -> float:
@@ -279,6 +227,12 @@ def _named(x: float, ctx: dict, window: float, half: bool = False, top: int = 3,
     """Up to ``top`` (value, name, complexity) for x: the simplest monomials near it, and x."""
     out = [(m.value, str(m), m.complexity)
            for m in name(x, ctx, window, half=half, betas=betas)[:top]]
+    if x > 0 and math.isfinite(x) and not half:  # a round number: 10, 0.5, 3e-3 (one digit)
+        e = math.floor(math.log10(x))
+        d = round(x / 10 ** e)
+        r = d * 10.0 ** e
+        if abs(x / r - 1) <= window and f"{r:g}" not in {n for _, n, _ in out}:
+            out.append((r, f"{r:g}", ROUND + (d != 1)))
     if x > 0 and math.isfinite(x) and f"{x:.6g}" not in {n for _, n, _ in out}:
         out.append((x, f"{x:.6g}", RAW))  # the raw number: for the nearest convention
     return out
@@ -324,7 +278,7 @@ def _prior(rule: str, ctx: dict, fixed_pi: tuple | None = None, betas=EMA_BETAS)
 
 def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: float,
                   shared: dict | None = None, fixed_pi: tuple | None = None,
-                  betas=EMA_BETAS) -> list:
+                  betas=EMA_BETAS, ema: bool = False) -> list:
     """Named damping candidates for one layer's ``blocks`` under ``rule``, best first.
 
     ``lam``: the user's λ (or (λ_A, λ_G), per-factor only); ``ctx``: the layer's sizes;
@@ -333,7 +287,10 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
     here too — a layer whose own data do not determine its damping (the tutorial's factors,
     of rank ≤ 2, say) takes the one the network's other layers show; ``fixed_pi``: (π, its
     name) the user knows, for the fixed-π rules; ``betas``: the EMA decays names may use
-    (the user's ``ema_beta``, else :data:`refngd.check.scalars.EMA_BETAS`).
+    (the user's ``ema_beta``, else :data:`refngd.check.scalars.EMA_BETAS`); ``ema``: the
+    user passed ``ema_beta`` — without it a damping named with (1 − β)^k is kept only where
+    the layer's scale κ carries the same (1 − β) (an EMA's factors from zero), and a round
+    number (λ_G = 10λ) names what no monomial does.
     """
     main = next((b for b in blocks if not b.bias), blocks[0])
     pair = isinstance(lam, tuple)
@@ -392,6 +349,14 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
         h = hyp(recipe)
         out.append(LayerChoice(names, h, evaluate(blocks, h), c, recipe))
 
+    if not ema:  # (1 − β)^k in a damping only where the scale carries the same EMA factor
+        def ema_ok(ch):
+            tok = _ema_token(ch.names)
+            return tok is None or all(
+                tok in str((name(abs(k), ctx, window, betas=betas) or ["-"])[0])
+                for k in ch.ev.kappa.values() if k)
+        out = [ch for ch in out if ema_ok(ch)]
+
     def rank(ch):  # the simplest choice that fits with every κ named; else the closest
         if ch.residual > tol:
             return (2, ch.residual, ch.complexity)
@@ -399,3 +364,26 @@ def layer_choices(rule: str, blocks: list, lam, ctx: dict, window: float, tol: f
         return (0 if named else 1, ch.complexity, ch.residual)
 
     return sorted(out, key=rank)
+
+
+def swamped_choice(blocks: list, lam: float, tol: float) -> LayerChoice | None:
+    """A layer whose candidate is a multiple of its gradient: the damping swamps the curvature.
+
+    Every damped inverse is W/(s + μ) per eigen-coordinate (Tikhonov; a factored damping's
+    γ_A g + γ_G a + γ_A γ_G alike).  Where the candidate is ρ·W per block within ``tol``,
+    the curvature's eigenvalues times the scale lie below tolerance × damping: any damping
+    μ ≥ max(s)/tol with κ = ρμ reproduces it, so only κ/μ (the scale over the damping) is
+    determined by the data.  Returns the choice with a stand-in μ far above max(s) (named
+    by the ratio alone, :meth:`refngd.check.infer.Inference._update_fit`), or None.
+    """
+    top = max((float(np.max(np.abs(b.S))) if b.S.size else 0.0) for b in blocks)
+    mu = (top if top > 0 else 1.0) / max(tol, 1e-300) * 1e4
+    for b in blocks:
+        ww = float((b.W * b.W).sum())
+        if ww == 0 or not np.any(b.C):
+            return None
+        rho = float((b.C * b.W).sum()) / ww
+        if rho == 0 or np.linalg.norm(b.C - rho * b.W) > tol * abs(rho) * math.sqrt(ww):
+            return None
+    hyp = {b.name: {"mu": mu} for b in blocks}
+    return LayerChoice({}, hyp, evaluate(blocks, hyp), 0.0, (lam,), swamped=mu)

@@ -58,6 +58,14 @@ class InferenceReport:
         nearest convention, with their relative errors.
     reference : refngd's value under ``convention`` (what the candidate is compared with).
     summary : a paragraph saying all of this in words.
+    options : the keyword arguments of :func:`refngd.check.validate` that reproduce
+        ``convention`` for this data (options, preset, λ and π as numbers, ``rtol`` for
+        float32, ``labels``/``theta`` as given), or None where ``validate`` cannot express
+        it (``options_note`` says why).  ``validate`` takes no scale: pass
+        ``candidate / report.scale_values``.
+    scale_values : the scale as numbers — a float, or for an update with per-block scales
+        a (P,) vector, for ``kfac_factors`` a dict per factor — by which the candidate is
+        refngd's value under ``options``.
     """
 
     passed: bool
@@ -71,6 +79,16 @@ class InferenceReport:
     summary: str
     blocks: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    options: dict | None = None
+    scale_values: object = None
+    options_note: str | None = None
+
+    def validate_kwargs(self) -> dict:
+        """:attr:`options`, or a ValueError saying why ``validate`` cannot express it."""
+        if self.options is None:
+            raise ValueError("check.validate cannot reproduce this convention: "
+                             f"{self.options_note or 'nothing explains the candidate'}.")
+        return dict(self.options)
 
     def __str__(self) -> str:
         lines = [f"refngd check --infer — {self.quantity}"]
@@ -136,11 +154,12 @@ def moved_scalars(scale: dict) -> list:
 
 def _scale_words(scale) -> str:
     if isinstance(scale, dict):
-        parts = ", ".join(f"{k} × {v}" for k, v in scale.items() if v != "1")
+        parts = ", ".join(f"{k} × {v}" for k, v in scale.items()
+                          if v not in ("1", "undetermined"))
         moved = moved_scalars(scale)
         text = f"blockwise your values are refngd's times: {parts}" if parts else ""
         return text + (" (" + "; ".join(moved) + ")" if moved else "")
-    if scale in (None, "1"):
+    if scale in (None, "1", "undetermined"):
         return ""
     return f"your values are {scale} × refngd's"
 
@@ -165,8 +184,19 @@ def summarise(quantity: str, fit: Fit, conv: dict, passed: bool, residual: float
     damp = conv.get("damping")
     if damp is not None:
         if isinstance(damp, dict):
-            damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items())
-        parts.append(f"your λ corresponds to refngd's {damp}")
+            damp = ", ".join(f"layer {k}: {v}" for k, v in damp.items() if v != "undetermined")
+        if damp:
+            parts.append(f"your λ corresponds to refngd's {damp}")
+    by_ratio: dict = {}
+    for layer, ratio in (conv.get("scale/damping") or {}).items():
+        by_ratio.setdefault(ratio, []).append(layer)
+    for ratio, layers in by_ratio.items():
+        which = (f"layer {layers[0]}" if len(layers) == 1 else
+                 f"layers {', '.join(layers)}")
+        parts.append(f"for {which} only scale/damping is determined: the damping swamps "
+                     f"the curvature (its eigenvalues × scale are below tolerance × damping), "
+                     f"so the data cannot tell the scale from the damping — scale/damping = "
+                     f"{ratio}, i.e. your update there is ({ratio}) × the gradient")
     if "pi" in conv and conv.get("damping_mode") == "factored":
         pi = conv["pi"]
         parts.append("π per layer: " + ", ".join(f"layer {k}: {v}" for k, v in pi.items())

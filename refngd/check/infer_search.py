@@ -19,7 +19,8 @@ from ..options import (BIAS, BIAS_MODES, CONVENTION, DAMPING_MODE, DAMPING_MODES
                        KFAC_APPROX, KFAC_APPROX_DEFAULT, check_choice, check_int, check_pi,
                        check_real)
 from . import scalars
-from .infer_damping import RULES, kronecker_blocks, row_blocks
+from .infer_blocks import kronecker_blocks, row_blocks
+from .infer_damping import RULES
 from .quantities import reference
 from .validate import make_twin
 

@@ -129,12 +129,17 @@ class Report:
 # --------------------------------------------------------------------------- helpers
 def _host(name: str, a) -> np.ndarray:
     if hasattr(a, "detach"):  # a torch tensor: no torch import needed here
+        from .torch_arrays import no_numpy_dtype
+
+        no_numpy_dtype(a, name)
         a = a.detach().cpu().numpy()
     if isinstance(a, float):  # a scalar quantity such as γ
         a = np.float64(a)
     a = to_numpy(a)
     if a.dtype not in (np.float64, np.float32):
-        raise TypeError(f"{name} must be a float64 or float32 array, got dtype {a.dtype}.")
+        raise TypeError(f"{name} must be a float64 or float32 array, got dtype {a.dtype}; "
+                        "convert it first (NumPy: .astype(np.float64); torch: .double() or "
+                        ".float()).")
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} contains NaN or Inf; nothing meaningful can be compared.")
     return a

@@ -25,6 +25,15 @@ def _torch():
 
 
 # --------------------------------------------------------------------------- tensors
+def no_numpy_dtype(t: Any, name: str = "tensor") -> None:
+    """Raise for a torch dtype NumPy cannot hold (bfloat16), saying how to convert it."""
+    if str(getattr(t, "dtype", "")) == "torch.bfloat16":
+        raise TypeError(f"{name} is a bfloat16 torch tensor, which NumPy (and refngd's "
+                        "comparison) cannot hold; convert it with .float() (float32, judged at "
+                        "float32's tolerance) or .double() — bfloat16 carries ~3 significant "
+                        "digits, so expect to loosen rtol= accordingly.")
+
+
 def to_array(t: Any, copy: bool = True) -> Array:
     """A torch tensor as a NumPy array (CPU) or a CuPy array (CUDA, via DLPack).
 
@@ -36,6 +45,7 @@ def to_array(t: Any, copy: bool = True) -> Array:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}.")
     t = t.detach()
+    no_numpy_dtype(t)
     if t.is_cuda:
         try:
             import cupy

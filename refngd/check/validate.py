@@ -6,9 +6,9 @@ from typing import Any
 from .. import conventions
 from ..options import (BIAS, CONVENTION, DAMPING_MODE, DAMPING_SPLIT, FISHER_TYPE, FORM,
                        KFAC_APPROX_DEFAULT, PI, BiasMode, DampingMode, DampingSplit, FisherType,
-                       Form, KfacApprox, Pi)
+                       Form, KfacApprox, Pi, check_unused_damping_options)
 from ..backend import namespace
-from .montecarlo import expectation, mc_block_tolerances, statistical
+from .montecarlo import expectation, mc_block_tolerances, scale_test, statistical
 from .report import Report, compare
 from .quantities import QUANTITIES, Twin, mc_tolerance, reference
 from .weights import stale_weights_note, theta_from
@@ -91,7 +91,7 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
              fisher_type: FisherType = FISHER_TYPE, kfac_approx: KfacApprox = KFAC_APPROX_DEFAULT,
              bias: BiasMode = BIAS, damping_mode: DampingMode = DAMPING_MODE,
              form: Form = FORM, rng=0, pi: Pi = PI, damping_split: DampingSplit = DAMPING_SPLIT,
-             labels=None, theta=None) -> Report:
+             labels=None, theta=None, **unknown) -> Report:
     """Compare a candidate ``quantity`` with refngd's value for the same model and batch.
 
     Parameters
@@ -130,8 +130,11 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
     -------
     :class:`refngd.check.Report` (``passed``, ``diagnosis``, ``str()``).
     """
+    if unknown:
+        raise TypeError(_unknown_keywords(unknown))
     if quantity not in QUANTITIES:
         raise ValueError(f"unknown quantity {quantity!r}; choose one of {', '.join(QUANTITIES)}.")
+    check_unused_damping_options(damping_mode, pi, damping_split)
     twin = make_twin(model, loss, X, y, convention, theta=theta, damping=damping, v=v,
                      mc_samples=mc_samples, fisher_type=fisher_type, kfac_approx=kfac_approx,
                      bias=bias, damping_mode=damping_mode, form=form, rng=rng, pi=pi,
@@ -144,19 +147,44 @@ def validate(model, loss, X, y, quantity: str, candidate: Any, convention: str =
     return report
 
 
+def _unknown_keywords(unknown: dict) -> str:
+    """The message for keywords ``validate`` does not take, with the nearest valid names."""
+    import difflib
+    import inspect
+
+    valid = [k for k, p in inspect.signature(validate).parameters.items()
+             if p.kind is p.KEYWORD_ONLY or (p.default is not p.empty and
+                                              p.kind is not p.VAR_KEYWORD)]
+    hints = []
+    for k in unknown:
+        near = difflib.get_close_matches(k, valid, n=2, cutoff=0.5) or \
+            [v for v in valid if v.startswith(k) or k.startswith(v)][:2]
+        hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, near))}?)"
+                                  if near else ""))
+    return (f"validate() does not take the keyword(s) {', '.join(hints)}; its keywords are "
+            f"{', '.join(valid)}.")
+
+
 def check_twin(twin: Twin, quantity: str, candidate, rtol: float | None = None) -> Report:
     """:func:`validate` on an existing :class:`Twin` (the CLI builds one from files)."""
     # a Monte-Carlo K-FAC quantity without the candidate's draws: against its expectation
     stat = statistical(twin, quantity)
     ref, alts, blocked = reference(expectation(twin) if stat else twin, quantity)
-    reason, block_rtol = None, None
+    reason, block_rtol, scales = None, None, None
     if quantity == "sampled_fisher" and rtol is None and twin.options.get("labels") is None:
         rtol, reason = mc_tolerance(twin)
     blocks = twin.param_blocks() if blocked and len(twin.param_blocks()) > 1 else None
     if stat and rtol is None:
-        block_rtol, reason = mc_block_tolerances(twin, quantity, ref, blocks)
-    report = compare(_as_array(candidate) if hasattr(candidate, "detach") else candidate, ref,
+        block_rtol, reason, scales = mc_block_tolerances(twin, quantity, ref, blocks)
+    if hasattr(candidate, "detach"):
+        from .torch_arrays import no_numpy_dtype
+
+        no_numpy_dtype(candidate, "candidate")
+        candidate = _as_array(candidate)
+    report = compare(candidate, ref,
                      blocks=blocks, rtol=rtol, context=twin.context(), layouts=twin.layouts(),
                      alternatives=alts, quantity=f"{quantity} ({twin.convention.name} convention)",
                      rtol_reason=reason, block_rtol=block_rtol)
+    if scales is not None:  # a wrong scale hides in an MC update's direction noise
+        scale_test(report, candidate, ref, blocks, scales)
     return report
