@@ -595,12 +595,55 @@ def test_curvlinops_dict_input():
     agree(_Unpack(net), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
 
 
+@pytest.mark.parametrize("lname", ["MSELoss", "CrossEntropyLoss"])
+def test_curvlinops_functional_linear(lname):
+    """test/cases.py ``_make_callable_case``: parameters passed to ``F.linear`` are Linear
+    layers.  curvlinops 3.0.1's K-FAC (hooks) finds no layers in it: its K-FAC of the
+    ``nn.Linear`` MLP with the same weights is the reference."""
+    torch.manual_seed(0)
+    net = FunctionalMLP()
+    agree(net, R(3, 10), lname)
+    twin = mlp(10, 5, 3).double()
+    with torch.no_grad():
+        for lin, (W, b) in zip((twin[0], twin[2]), ((net.W1, net.b1), (net.W2, net.b2))):
+            lin.weight.copy_(W), lin.bias.copy_(b)
+    X = R(3, 10)
+    model, theta = interop.from_torch(net, X)
+    assert np.array_equal(theta, interop.from_torch(twin)[1])
+    lm = getattr(tnn, lname)()
+    y = _targets(lname, (3, 3))
+    for approx in ("expand", "reduce"):
+        K = curvlinops.KFACLinearOperator(twin, lm, list(twin.parameters()), [(X, y)],
+                                          fisher_type="type-2", kfac_approx=approx,
+                                          check_deterministic=False)
+        mine = KFAC(model, theta, interop.from_torch_loss(lm), X.numpy(), y.numpy(),
+                    kfac_approx=approx, convention="curvlinops").dense()
+        assert rel(mine, (K @ torch.eye(theta.size, dtype=DT)).numpy()) <= 1e-10
+
+
+class _TiedFunctional(tnn.Module):
+    """curvlinops' test/computers/io_collector/test_kfac_io.py weight tying:
+    ``linear(linear(x, W, b), W)``; and W also used directly (refused)."""
+
+    def __init__(self, direct=False):
+        super().__init__()
+        self.W, self.b, self.direct = tnn.Parameter(torch.rand(3, 3)), tnn.Parameter(torch.rand(3)), direct
+
+    def forward(self, x):
+        h = F.linear(F.linear(x, self.W, bias=self.b), self.W)
+        return h + self.W[0] if self.direct else h
+
+
+def test_curvlinops_functional_linear_tied():
+    torch.manual_seed(0)
+    agree(_TiedFunctional(), R(2, 3))
+    refused(_TiedFunctional(True), R(2, 3), "node 'linear' (call_function linear)",
+            "'m.W' (of _TiedFunctional at 'm')", "used directly in 'linear' and another")
+
+
 def test_curvlinops_refused_models():
-    """Refused, each naming the node, its op and where it sits: parameters passed to
-    ``F.linear`` (the callable case of test/cases.py; a gap); the batch axis flattened into
-    the others (test/test_kfac.py; out of scope: refngd's rows are per sample)."""
-    refused(FunctionalMLP(), R(3, 10), "node 'linear' (call_function linear)",
-            "test_peer_models.py", "in forward", "'m.W1'", "used directly in 'linear'")
+    """Refused, naming the module, its path and setting: the batch axis flattened into the
+    others (test/test_kfac.py; out of scope: refngd's rows are per sample)."""
     refused(flatten_batch(), R(2, 4, 5), "Flatten at 'm.2'", "start_dim=0, end_dim=-2")
 
 
