@@ -721,3 +721,18 @@ def test_movedim_and_arithmetic_aliases():
     agree(Moves(), torch.randn(2, 4, 5, 3, 3), kfac=("expand",))
     refused(MovesBatch(), torch.randn(2, 4, 3), "node 'movedim' (call_method movedim)",
             "movedim over axis 0, the batch axis")
+
+
+def test_functional_linear_layers_have_names_of_their_own():
+    """Two F.linear layers of one module's parameters (W1, b1; W2, b2) share the module's
+    empty prefix: the check names each by its weight, never both "" (a K-FAC factor of
+    one would overwrite the other's)."""
+    from refngd import check
+
+    torch.manual_seed(0)
+    net, X, y = FunctionalMLP().double(), R(3, 10), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"expected keys \['W1.A', 'W1.G', 'W2.A', 'W2.G'\]"):
+        check.validate(net, tnn.CrossEntropyLoss(), X, y, "kfac_factors", {"x.A": np.eye(2)})
+    model, theta = interop.from_torch(net, X)
+    K = KFAC(model, theta, interop.from_torch_loss(tnn.CrossEntropyLoss()), X.numpy(), y.numpy())
+    assert check.validate(net, tnn.CrossEntropyLoss(), X, y, "kfac", K.dense()).passed
