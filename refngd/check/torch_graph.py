@@ -27,7 +27,7 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_more import ConstantLookup, Expand, PermuteUnbind, Softmax
+from ..nn.graph_more import ConstantLookup, Expand, Pad, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.linear import Linear
 from ..nn.tied import TensorGroup
@@ -192,6 +192,9 @@ class _Converter:
         if type(module) in (tnn.Softmax, tnn.LogSoftmax):
             return self.op(node, Softmax(module.dim, isinstance(module, tnn.LogSoftmax)),
                            (node.args[0],))
+        if isinstance(module, tnn.modules.padding._ConstantPadNd) and type(
+                module) not in self.registry:  # nn.ZeroPad2d, nn.ConstantPad1d, ...
+            return self.op(node, Pad(), (node.args[0], tuple(module.padding), module.value))
         conv = self.registry.get(type(module))
         if conv is None:
             raise self.unsupported(module, node.target)

@@ -15,7 +15,7 @@ import math
 import operator
 from typing import Callable
 
-from ..nn.graph_more import Expand, Power, ScaledDotProduct, Softmax
+from ..nn.graph_more import Expand, Pad, Power, ScaledDotProduct, Softmax
 from ..nn.graph_ops import Concat, Elementwise, MatMul, Permute, Reduce, ShapeOp, Split, batch_axis
 
 __all__ = ["handlers", "functional_modules", "handler", "static_fn", "sizes", "CASTS",
@@ -206,6 +206,13 @@ def _sdpa(args, kw):
     return op, list(args[:3]) + [mask]
 
 
+def _pad(args, kw):
+    mode = _pick(args, kw, 2, "mode", "constant")
+    if mode != "constant":
+        raise ValueError(f"pad(mode={mode!r}); refngd pads with a constant only")
+    return Pad(), [args[0], _pick(args, kw, 1, "pad"), _pick(args, kw, 3, "value")]
+
+
 @functools.lru_cache(maxsize=None)
 def handlers(torch) -> dict:
     """Target (function or method name) → converter (module docstring)."""
@@ -246,6 +253,7 @@ def handlers(torch) -> dict:
     put((F.softmax, torch.softmax, "softmax"), _softmax(False))
     put((F.log_softmax, torch.log_softmax, "log_softmax"), _softmax(True))
     put((F.scaled_dot_product_attention,), _sdpa)
+    put((F.pad, torch._C._nn.pad), _pad)
     return table
 
 
