@@ -458,10 +458,14 @@ class Pad(tnn.Module):
         return F.pad(x, self.pad, mode="constant", value=self.value)
 
 
-def padded_cnn():
-    """secondorder_settings.py, "Custom Pad mod" (first case)."""
-    return tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((1, 1, 0, 2), 0.0),
-                          tnn.Conv2d(2, 2, 3, stride=2), tnn.Flatten(), tnn.Linear(8, 2))
+def padded_cnn(second=False):
+    """secondorder_settings.py, "Custom Pad mod" (the second pads the channels too)."""
+    if not second:
+        return tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((1, 1, 0, 2), 0.0),
+                              tnn.Conv2d(2, 2, 3, stride=2), tnn.Flatten(), tnn.Linear(8, 2))
+    return tnn.Sequential(tnn.Conv2d(3, 2, 3, padding=1), tnn.ReLU(),
+                          Pad((1, 1, 2, 0, 1, 2), 1.0), tnn.Conv2d(5, 2, 3, stride=2),
+                          tnn.ReLU(), tnn.Flatten(), tnn.Linear(8, 3))
 
 
 class Slice(tnn.Module):
@@ -690,11 +694,32 @@ def test_backpack_slicing_and_multi_axis_cross_entropy():
           "CrossEntropyLoss", "sum", kfac=("expand",))
 
 
-def test_backpack_refused_models():
-    """``F.pad`` (BackPACK's ``Pad``; a gap) and an LSTM (``_TolstoiCharRNN``; no recurrent
-    layers in refngd), each refused naming the node or the module and its path."""
-    refused(padded_cnn(), R(2, 3, 4, 4), "node 'pad' (call_function pad)",
-            "test_peer_models.py", "no rows for 'pad'")
+def test_backpack_pad_models():
+    """secondorder_settings.py "Custom Pad mod": ``F.pad(mode="constant")``, and the
+    modules ``nn.ZeroPad2d`` / ``nn.ConstantPad2d``; other modes and cropping refused."""
+    torch.manual_seed(0)
+    agree(padded_cnn(), R(2, 3, 4, 4), kfac=("expand",))
+    agree(padded_cnn(True), R(2, 3, 4, 4), "CrossEntropyLoss", kfac=("expand",))
+    interop.from_torch(padded_cnn().double())                 # symbolic trace, no example
+    agree(tnn.Sequential(tnn.Conv2d(3, 2, 2), tnn.ZeroPad2d((1, 1, 0, 2)),
+                         tnn.ConstantPad2d(1, 0.5), tnn.Conv2d(2, 2, 3, stride=2),
+                         tnn.Flatten(), tnn.Linear(18, 2)), R(2, 3, 4, 4), kfac=("expand",))
+
+    class Reflect(tnn.Module):
+        def forward(self, x):
+            return F.pad(x, (1, 1), mode="reflect")
+
+    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Reflect(), tnn.Flatten()), R(2, 3, 4, 4),
+            "node 'pad' (call_function pad)", "pad(mode='reflect')")
+    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((-1, 0), 0.0), tnn.Flatten()),
+            R(2, 3, 4, 4), "node 'pad'", "negative padding")
+    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((1,) * 8, 0.0), tnn.Flatten()),
+            R(2, 3, 4, 4), "node 'pad'", "must pad axes after the batch axis")
+
+
+def test_backpack_lstm_is_refused():
+    """An LSTM (``_TolstoiCharRNN``): refngd has no recurrent layers; refused naming the
+    module and its path."""
     refused(CharRNN(), torch.randint(0, 5, (2, 4)), "LSTM at 'm.lstm'")
 
 
