@@ -17,8 +17,14 @@ Each model is imported in float64 with ``interop.from_torch(model, X)``; its for
 equal PyTorch's to 1e-12, its GGN (dense, or GGN-vector products for the larger ones)
 curvlinops' ``GGNLinearOperator`` to 1e-10 and, where curvlinops 3.0.1 computes K-FAC
 (Linear and Conv2d layers, no tied weights), refngd's K-FAC with
-``convention="curvlinops"`` its ``KFACLinearOperator`` (type-2, expand / reduce) to 1e-10.
-Models refngd refuses are checked to be refused with the node's name, op and source line.
+``convention="curvlinops"`` its ``KFACLinearOperator`` (type-2, expand / reduce) to 1e-10,
+and EKFAC its ``EKFACLinearOperator`` where that takes the model's (N, C) outputs (reduce
+only where A_reduce has simple eigenvalues: with a rank-deficient one the eigenvalues in
+its null space depend on an arbitrary basis, tests/test_curvlinops_sequences.py).
+Elementwise losses on (N, ..., C) outputs are ``PerToken`` losses here: ``from_torch_loss``
+gives the loss of the flattened outputs, whose GGN is the same but whose K-FAC in
+curvlinops' convention is not.  Models refngd refuses are checked to be refused with the
+node's name, op and source line.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ tnn = torch.nn
 F = torch.nn.functional
 
 from refngd import interop  # noqa: E402
-from refngd.curvature import KFAC, Fisher  # noqa: E402
+from refngd.curvature import EKFAC, KFAC, Fisher  # noqa: E402
 from refngd.losses import PerToken  # noqa: E402
 
 DT = torch.float64
@@ -53,10 +59,9 @@ def _targets(lname, out_shape, C_axis=1, rng=None):
     return torch.tensor(rng.standard_normal(out_shape))
 
 
-def agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None):
-    """Import ``net`` with X, compare forward, GGN and K-FAC with PyTorch / curvlinops.
-
-    Returns the maximal relative errors {forward, ggn, kfac-expand, kfac-reduce}.
+def agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None, ekfac=()):
+    """Import ``net`` with X, compare forward, GGN, K-FAC and EKFAC with PyTorch /
+    curvlinops.  Returns the errors {forward (max abs), ggn, kfac-*, ekfac-* (relative)}.
     """
     net = net.double().eval()
     X = X.to(DT) if X.is_floating_point() else X
@@ -95,6 +100,13 @@ def agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None):
                     convention="curvlinops").dense()
         errs["kfac-" + approx] = rel(mine, (K @ torch.eye(P, dtype=DT)).numpy())
         assert errs["kfac-" + approx] <= 1e-10, errs
+    for approx in ekfac:  # reduce: only where A_reduce has simple eigenvalues (docs/kfac.md)
+        E = curvlinops.EKFACLinearOperator(net, lm, params, data, fisher_type="type-2",
+                                           kfac_approx=approx, check_deterministic=False)
+        mine = EKFAC(model, theta, loss, X.numpy(), yy, kfac_approx=approx,
+                     convention="curvlinops").dense()
+        errs["ekfac-" + approx] = rel(mine, (E @ torch.eye(P, dtype=DT)).numpy())
+        assert errs["ekfac-" + approx] <= 1e-10, errs
     return errs
 
 
@@ -502,7 +514,8 @@ def R(*shape):
 def test_curvlinops_mlp(lname, red, c):
     """test/cases.py: the MLP of the classification and regression cases."""
     torch.manual_seed(0)
-    agree(mlp(10, 5, c), R(3, 10), lname, red, kfac=("expand", "reduce"))
+    agree(mlp(10, 5, c), R(3, 10), lname, red, kfac=("expand", "reduce"),
+          ekfac=("expand", "reduce"))
 
 
 @pytest.mark.parametrize("lname,red", [("BCEWithLogitsLoss", "mean"), ("MSELoss", "sum")])
@@ -538,8 +551,9 @@ def test_curvlinops_weight_share_model_with_vmap_is_refused():
 def test_curvlinops_conv2d_model(setting, einops_layer):
     """test/kfac_cases.py ``Conv2dModel`` (with einops' ``Rearrange`` layer too)."""
     torch.manual_seed(0)
-    agree(Conv2dSetting(setting, einops_layer), R(2, 3, 8, 8),
-          kfac=("reduce" if setting == "reduce" else "expand",))
+    approx = ("reduce" if setting == "reduce" else "expand",)
+    agree(Conv2dSetting(setting, einops_layer), R(2, 3, 8, 8), kfac=approx,
+          ekfac=approx if setting == "reduce" else ())
 
 
 @pytest.mark.parametrize("lname,red", [("MSELoss", "sum"), ("CrossEntropyLoss", "mean"),
@@ -573,7 +587,7 @@ def test_curvlinops_split_concat_models(make):
 def test_curvlinops_cnn_dropout_batchnorm():
     """test/cases.py ``CNN_CASES`` and the Dropout / BatchNorm1d models (in ``eval()``)."""
     torch.manual_seed(0)
-    agree(cnn(), R(2, 1, 20, 20), "CrossEntropyLoss", kfac=("expand",))
+    agree(cnn(), R(2, 1, 20, 20), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
     agree(dropout_mlp(), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
     agree(batchnorm_mlp(), R(3, 10), "CrossEntropyLoss")
 
@@ -665,7 +679,9 @@ def test_curvlinops_refused_models():
 def test_backpack_converter_models(make, shape, lname):
     """BackPACK's converter_cases.py and resnet_cases.py ``ResNet1``."""
     torch.manual_seed(0)
-    agree(make(), R(*shape), lname, kfac=("expand",))
+    # curvlinops' EKFAC takes (N, C) outputs only
+    agree(make(), R(*shape), lname, kfac=("expand",),
+          ekfac=("expand",) if lname == "MSELoss" else ())
 
 
 def test_backpack_small_resnet():
@@ -681,14 +697,14 @@ def test_backpack_small_resnet():
 def test_backpack_branched_models(make, shape):
     """diag_ggn_settings.py, "Branched models": ``Parallel(Identity(), ...)`` skips."""
     torch.manual_seed(0)
-    agree(make(), R(*shape), "CrossEntropyLoss", kfac=("expand",))
+    agree(make(), R(*shape), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
 
 
 def test_backpack_slicing_and_multi_axis_cross_entropy():
     """secondorder_settings.py: ``Slicing`` (steps, integer indices) and cross-entropy on
     (3, 4, 2, 3, 2) outputs (class axis 1)."""
     torch.manual_seed(0)
-    agree(sliced_cnn(), R(3, 3, 4, 5), "CrossEntropyLoss", kfac=("expand",))
+    agree(sliced_cnn(), R(3, 3, 4, 5), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
     agree(sliced_cnn(True), R(3, 3, 4, 5), kfac=("expand",))
     agree(tnn.Sequential(tnn.Linear(5, 3), tnn.ReLU(), tnn.Linear(3, 2)), R(3, 4, 2, 3, 5),
           "CrossEntropyLoss", "sum", kfac=("expand",))
@@ -698,7 +714,7 @@ def test_backpack_pad_models():
     """secondorder_settings.py "Custom Pad mod": ``F.pad(mode="constant")``, and the
     modules ``nn.ZeroPad2d`` / ``nn.ConstantPad2d``; other modes and cropping refused."""
     torch.manual_seed(0)
-    agree(padded_cnn(), R(2, 3, 4, 4), kfac=("expand",))
+    agree(padded_cnn(), R(2, 3, 4, 4), kfac=("expand",), ekfac=("expand",))
     agree(padded_cnn(True), R(2, 3, 4, 4), "CrossEntropyLoss", kfac=("expand",))
     interop.from_torch(padded_cnn().double())                 # symbolic trace, no example
     agree(tnn.Sequential(tnn.Conv2d(3, 2, 2), tnn.ZeroPad2d((1, 1, 0, 2)),
