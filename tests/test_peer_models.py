@@ -356,11 +356,12 @@ class PermuteNet(tnn.Module):
 
 
 class CharRNN(tnn.Module):
-    """converter_cases.py ``_TolstoiCharRNN`` (tiny): Embedding, LSTM, Linear, (N, V, T)."""
+    """converter_cases.py ``_TolstoiCharRNN`` / ``_TolstoiRNNVersion`` (tiny): Embedding,
+    LSTM or RNN, Linear, (N, V, T)."""
 
-    def __init__(self, V=5, H=4):
+    def __init__(self, V=5, H=4, cell=tnn.LSTM):
         super().__init__()
-        self.embedding, self.lstm = tnn.Embedding(V, H), tnn.LSTM(H, H, batch_first=True)
+        self.embedding, self.lstm = tnn.Embedding(V, H), cell(H, H, batch_first=True)
         self.dense = tnn.Linear(H, V)
 
     def forward(self, x):
@@ -733,10 +734,11 @@ def test_backpack_pad_models():
             R(2, 3, 4, 4), "node 'pad'", "must pad axes after the batch axis")
 
 
-def test_backpack_lstm_is_refused():
-    """An LSTM (``_TolstoiCharRNN``): refngd has no recurrent layers; refused naming the
-    module and its path."""
-    refused(CharRNN(), torch.randint(0, 5, (2, 4)), "LSTM at 'm.lstm'")
+@pytest.mark.parametrize("cell", [tnn.LSTM, tnn.RNN], ids=["lstm", "rnn"])
+def test_backpack_recurrent_models_are_refused(cell):
+    """``_TolstoiCharRNN`` / ``_TolstoiRNNVersion``: refngd has no recurrent layers; refused
+    naming the module and its path."""
+    refused(CharRNN(cell=cell), torch.randint(0, 5, (2, 4)), f"{cell.__name__} at 'm.lstm'")
 
 
 def test_movedim_and_arithmetic_aliases():
