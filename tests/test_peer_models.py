@@ -43,6 +43,16 @@ from refngd.losses import PerToken  # noqa: E402
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: torch's thread pool only spins on a loaded machine (a test took 7 s
+    with it, 0.1 s without)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
