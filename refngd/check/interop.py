@@ -211,6 +211,7 @@ def from_torch(module, example=None) -> tuple[nn.Sequential | nn.GraphModel, Arr
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch needs a torch.nn.Module, got {type(module).__name__}.")
     install_optional(_CONVERTERS, register)  # transformers' Conv1D, once it is imported
+    _check_example(example)
     if example is not None or not _is_chain(module):
         return _graph(module, example)
     pairs: list = []
@@ -226,6 +227,21 @@ def from_torch(module, example=None) -> tuple[nn.Sequential | nn.GraphModel, Arr
             layer.trainable = tuple(t.requires_grad for t in ts)
     flat = _torch().cat([t.detach().reshape(-1) for t in tensors])
     return nn.Sequential(*[layer for layer, _ in pairs]), to_array(flat)
+
+
+def _check_example(example) -> None:
+    """One batch (N, ...), never a mapping or a tuple of inputs (curvlinops' dict inputs)."""
+    import collections.abc as abc
+    torch = _torch()
+    if isinstance(example, abc.Mapping) or (
+            isinstance(example, (tuple, list))
+            and any(isinstance(e, (torch.Tensor, abc.Mapping)) for e in example)):
+        what = (f"a {type(example).__name__} with keys {list(example)}"
+                if isinstance(example, abc.Mapping) else
+                f"a {type(example).__name__} of {len(example)} inputs")
+        raise TypeError(f"from_torch's example is {what}: refngd's models take one array X "
+                        "(N, ...).  Wrap the module in one whose forward(self, x) builds the "
+                        "input, e.g. return self.net({'x': x}).")
 
 
 def _is_chain(module) -> bool:

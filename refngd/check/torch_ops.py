@@ -15,7 +15,7 @@ import math
 import operator
 from typing import Callable
 
-from ..nn.graph_more import Expand, Power, ScaledDotProduct, Softmax
+from ..nn.graph_more import Expand, Pad, Power, ScaledDotProduct, Softmax
 from ..nn.graph_ops import Concat, Elementwise, MatMul, Permute, Reduce, ShapeOp, Split, batch_axis
 
 __all__ = ["handlers", "functional_modules", "handler", "static_fn", "sizes", "CASTS",
@@ -120,6 +120,11 @@ def _permute(args, kw):
     return Permute(tuple(_varargs(args, 1) if len(args) > 1 else kw["dims"])), args[:1]
 
 
+def _movedim(args, kw):
+    src, dst = _pick(args, kw, 1, "source"), _pick(args, kw, 2, "destination")
+    return Permute((src, dst), "movedim"), args[:1]
+
+
 def _transpose(args, kw):
     d0, d1 = _pick(args, kw, 1, "dim0"), _pick(args, kw, 2, "dim1")
     return Permute((d0, d1), "transpose"), args[:1]
@@ -201,6 +206,13 @@ def _sdpa(args, kw):
     return op, list(args[:3]) + [mask]
 
 
+def _pad(args, kw):
+    mode = _pick(args, kw, 2, "mode", "constant")
+    if mode != "constant":
+        raise ValueError(f"pad(mode={mode!r}); refngd pads with a constant only")
+    return Pad(), [args[0], _pick(args, kw, 1, "pad"), _pick(args, kw, 3, "value")]
+
+
 @functools.lru_cache(maxsize=None)
 def handlers(torch) -> dict:
     """Target (function or method name) → converter (module docstring)."""
@@ -212,9 +224,12 @@ def handlers(torch) -> dict:
             table[t] = conv
 
     for kind, fns in (("add", (operator.add, operator.iadd, torch.add, "add")),
-                      ("sub", (operator.sub, operator.isub, torch.sub, "sub")),
-                      ("mul", (operator.mul, operator.imul, torch.mul, "mul")),
-                      ("div", (operator.truediv, operator.itruediv, torch.div, "div")),
+                      ("sub", (operator.sub, operator.isub, torch.sub, "sub", torch.subtract,
+                               "subtract")),
+                      ("mul", (operator.mul, operator.imul, torch.mul, "mul", torch.multiply,
+                               "multiply")),
+                      ("div", (operator.truediv, operator.itruediv, torch.div, "div",
+                               torch.divide, "divide")),
                       ("neg", (operator.neg, torch.neg, "neg"))):
         put(fns, _elementwise(kind))
     put(("view", "reshape", torch.reshape), _reshape)
@@ -228,6 +243,7 @@ def handlers(torch) -> dict:
     put((operator.pow, torch.pow, "pow"), _pow)
     put(("permute", torch.permute), _permute)
     put(("transpose", torch.transpose, "swapaxes", torch.swapaxes), _transpose)
+    put(("movedim", torch.movedim, "moveaxis", torch.moveaxis), _movedim)
     put(("mean", torch.mean), _reduce("mean"))
     put(("sum", torch.sum), _reduce("sum"))
     put((torch.cat, torch.concat, torch.concatenate), _cat)
@@ -237,6 +253,7 @@ def handlers(torch) -> dict:
     put((F.softmax, torch.softmax, "softmax"), _softmax(False))
     put((F.log_softmax, torch.log_softmax, "log_softmax"), _softmax(True))
     put((F.scaled_dot_product_attention,), _sdpa)
+    put((F.pad, torch._C._nn.pad), _pad)
     return table
 
 

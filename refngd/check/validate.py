@@ -25,7 +25,7 @@ def _prefixes_from_torch(module, ours) -> list:
     for name, p in module.named_parameters():
         named.append((name, start))
         start += p.numel()
-    out = []
+    out, first = [], []
     for a, b in ours.layout.layer_slices:
         if b == a:
             continue
@@ -37,7 +37,10 @@ def _prefixes_from_torch(module, ours) -> list:
                 k += 1
             common = common[:k]
         out.append(".".join(common) if common else (".".join(parts[0][:-1]) if parts else str(a)))
-    return out
+        first.append(".".join(parts[0]) if parts else str(a))
+    # layers of parameters held by one module (F.linear(x, self.W1, self.b1), ...) share
+    # its prefix: each is then named by its first tensor ("W1"), never two by one name
+    return [f if out.count(n) > 1 else n for n, f in zip(out, first)]
 
 
 def _as_array(a):

@@ -200,3 +200,34 @@ class PermuteUnbind(GraphOp):
         q = (0, self.perm[0]) + self.perm[2:]                      # x's axis at each of S's
         inv = sorted(range(len(q)), key=lambda j: q[j])
         return [S.transpose((0, 1) + tuple(inv[a] + 1 for a in range(1, len(q))))]
+
+
+class Pad(GraphOp):
+    """``F.pad(x, pad, mode="constant", value)``: constant padding of the last
+    ``len(pad) // 2`` axes (never the batch axis), pads ≥ 0; the rows are the padded
+    rows' interior.  ``args`` are ``[x, pad, value]``."""
+
+    name = "pad"
+
+    def __init__(self):
+        super().__init__((True, False, False))
+
+    def forward(self, args):
+        x, pad, value = args
+        pad = tuple(int(p) for p in pad)
+        if len(pad) % 2 or len(pad) // 2 > x.ndim - 1:
+            raise ValueError(f"pad {pad} of an activation with {x.ndim} axes: it must pad "
+                             "axes after the batch axis, two numbers per axis.")
+        if min(pad, default=0) < 0:
+            raise ValueError(f"pad {pad}: negative padding (cropping); slice instead.")
+        widths = [(0, 0)] * x.ndim
+        for i in range(len(pad) // 2):
+            widths[x.ndim - 1 - i] = (pad[2 * i], pad[2 * i + 1])
+        xp = namespace(x)
+        out = xp.pad(x, widths, mode="constant", constant_values=0.0 if value is None else value)
+        rows = (slice(None), slice(None)) + tuple(slice(a, a + n) for (a, _), n in
+                                                  zip(widths[1:], x.shape[1:]))
+        return out, rows
+
+    def backward(self, cache, B):
+        return [B[cache], None, None]

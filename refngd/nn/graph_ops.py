@@ -191,8 +191,9 @@ class ShapeOp(GraphOp):
 
 
 class Permute(GraphOp):
-    """``permute(dims)`` or ``transpose(d0, d1)`` (``dims`` then the pair) of the axes after
-    the batch axis: the batch axis must stay first."""
+    """``permute(dims)``, ``transpose(d0, d1)`` (``dims`` then the pair) or ``movedim(source,
+    destination)`` (``dims`` then the two, ints or tuples) of the axes after the batch axis:
+    the batch axis must stay first."""
 
     def __init__(self, dims: tuple[int, ...], name: str = "permute"):
         super().__init__((True,))
@@ -204,6 +205,17 @@ class Permute(GraphOp):
             perm = list(range(ndim))
             perm[a], perm[b] = b, a
             return tuple(perm)
+        if self.name == "movedim":
+            src, dst = ((d,) if isinstance(d, int) else tuple(d) for d in self.dims)
+            src = tuple(batch_axis(d, ndim, "movedim") for d in src)
+            dst = tuple(batch_axis(d, ndim, "movedim") for d in dst)
+            if len(src) != len(dst) or len(set(src)) != len(src) or len(set(dst)) != len(dst):
+                raise ValueError(f"movedim{self.dims}: source and destination differ in length "
+                                 "or repeat an axis.")
+            order = [d for d in range(ndim) if d not in src]
+            for d, s in sorted(zip(dst, src)):
+                order.insert(d, s)
+            return tuple(order)
         if len(self.dims) != ndim:
             raise ValueError(f"permute {self.dims} of {ndim} axes.")
         perm = tuple(d % ndim for d in self.dims)
