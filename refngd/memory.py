@@ -340,11 +340,11 @@ def keep_freed_memory_env(max_bytes: int = 1 << 30) -> dict[str, str]:
     """:func:`keep_freed_memory` as environment variables, for processes started later.
 
     glibc reads ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` when a process
-    starts.  The local Dask cluster of ``refngd compare --workers`` passes them to its
-    worker processes (:func:`refngd.experiments.executors.local_cluster`): Dask's nanny
+    starts.  The local Dask cluster of ``refngd compare --workers`` spawns its worker
+    processes with them (:func:`refngd.experiments.executors.local_cluster`): Dask's nanny
     otherwise starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536``, which also turns
-    off glibc's adaptive mmap threshold, and a unit then page-faults twice as often as in
-    this process (docs/benchmarks.md, the Dask section).
+    off glibc's adaptive mmap threshold, and a unit then page-faulted 5× as often as in
+    this process and took 1.7× as long (NGD and K-FAC training units, docs/benchmarks.md).
     """
     return {"MALLOC_TRIM_THRESHOLD_": str(_trim_bytes(max_bytes)),
             "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_MAX)}

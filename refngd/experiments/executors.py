@@ -122,21 +122,34 @@ def local_cluster(workers: int, threads: int, quiet: bool = True):
     from ..memory import keep_freed_memory_env
 
     distributed = _import_distributed("--workers")
+    import dask
+
     n = worker_threads(workers, threads)
     env = {name: str(n) for name in BLAS_ENV}
-    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 for its workers, which also fixes
-    # glibc's mmap threshold at 128 KiB: every temporary of a unit above it was mapped and
-    # unmapped afresh, twice the page faults of the same unit in-process and ~1.6x its time
-    # (docs/benchmarks.md).  The workers are refngd's own processes: keep freed memory there.
+    # Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes
+    # glibc's mmap threshold at 128 KiB: a unit's temporaries were mapped and unmapped
+    # afresh, 5x the page faults of the same unit in-process and ~1.7x its time
+    # (docs/benchmarks.md).  The workers are refngd's own processes: they keep freed memory.
     env.update(keep_freed_memory_env())
+    # glibc and OpenBLAS read these when a process starts, so they must be in the environment
+    # the worker is spawned with ("pre-spawn-environ"); the nanny's ``env`` is applied after
+    # the start.  The nanny writes them into this process's os.environ to spawn: restored after.
+    pre = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
+    saved = {k: os.environ.get(k) for k in pre}
     try:
-        with _workers_ignore_ctrl_c():
+        with _workers_ignore_ctrl_c(), dask.config.set({"distributed.nanny.pre-spawn-environ": pre}):
             cluster = distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                 env=env, silence_logs=logging.ERROR if quiet else logging.WARNING)
     except Exception as err:  # noqa: BLE001 -- any failure to start is reported in one line
         raise ExecutorError(f"could not start a local Dask cluster of {workers} workers: "
                             f"{type(err).__name__}: {err}") from err
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     client = distributed.Client(cluster)
     return cluster, client, n
 
