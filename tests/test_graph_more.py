@@ -174,3 +174,38 @@ def test_the_sentinel_batch_size_never_passes_silently():
                                    rtol=1e-12)
     with pytest.raises(interop.UnsupportedModuleError, match="differs from it on the example"):
         make(Expands(1031), X)                       # the first sentinel, as a literal size
+
+
+def test_values_nothing_uses_are_dropped_not_refused():
+    """A question library code asks of its input (transformers' ``is_jax_jitting(x)`` calls
+    ``x.jax()`` under tracing when jax is installed) is a node nobody uses: dropped, not
+    refused; an in-place method is still seen."""
+    import torch
+
+    class Asks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            x.argsort(dim=-1)            # a value nothing uses, of an op refngd has no rows for
+            return self.lin(x)
+
+    net = Asks().double()
+    X = torch.randn(4, 3, dtype=torch.float64)
+    for example in (None, X):
+        model, theta = interop.from_torch(net, example) if example is not None else interop.from_torch(net)
+        assert np.abs(model.forward(theta, X.numpy()) - net(X).detach().numpy()).max() < 1e-14
+
+    class Mutates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            z = self.lin(x)
+            z.exp_()                     # in place: kept, and refused (no rows for it)
+            return z
+
+    with pytest.raises(interop.UnsupportedModuleError, match="exp_"):
+        interop.from_torch(Mutates().double(), X)

@@ -155,12 +155,14 @@ def test_bad_losses_are_refused():
 
 def test_registry_extends_conversion():
     """A new module type becomes convertible with one register() call."""
-    class Twice(torch.nn.Linear):  # a subclass is NOT silently treated as its parent
-        pass
+    class Twice(torch.nn.Linear):  # a subclass is NOT silently treated as its parent:
+        def forward(self, x):      # without a converter its own forward is traced
+            return 2 * super().forward(x)
 
-    net = torch.nn.Sequential(Twice(3, 2))
-    with pytest.raises(interop.UnsupportedModuleError, match="Twice"):
-        interop.from_torch(net)
+    net = torch.nn.Sequential(Twice(3, 2)).double()
+    X = torch.randn(4, 3, dtype=torch.float64)
+    traced, theta = interop.from_torch(net)
+    assert np.abs(traced.forward(theta, X.numpy()) - net(X).detach().numpy()).max() < 1e-14
     interop.register(Twice, lambda m, path: [(nn.Linear(3, 2), [m.weight, m.bias])])
     try:
         model, theta = interop.from_torch(net)

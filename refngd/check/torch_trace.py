@@ -220,7 +220,34 @@ def trace(module, registry: dict, example):
 
     tracer = Tracer()
     tracer.record_stack_traces = True
-    return module, tracer.trace(module, concrete_args=concrete or None), {}
+    return module, drop_unused(tracer.trace(module, concrete_args=concrete or None)), {}
+
+
+def drop_unused(graph):
+    """``graph`` without the nodes whose value nothing uses and that change nothing.
+
+    Library code asks questions of its input that a trace records as nodes whose result
+    only decides a branch, e.g. transformers' ``is_jax_jitting(x)``: with jax installed
+    ``hasattr(proxy, "jax")`` is true and ``x.jax()`` becomes a node nobody uses.  Such a
+    node does not contribute to the output; in-place methods (``add_``), ``setitem`` and
+    the graph's placeholders and output are kept, so a mutation is still seen (and
+    refused where refngd has no rows for it).
+    """
+    import operator
+
+    keep = {operator.setitem, operator.delitem}
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.users or node.op in ("placeholder", "output"):
+                continue
+            name = getattr(node.target, "__name__", node.target if isinstance(node.target, str) else "")
+            if node.target in keep or str(name).endswith("_"):
+                continue
+            graph.erase_node(node)
+            changed = True
+    return graph
 
 
 def trace_concrete(module, example_shape: tuple, example_dtype, leaf):
@@ -239,7 +266,7 @@ def trace_concrete(module, example_shape: tuple, example_dtype, leaf):
     tracer.record_stack_traces = True
     batch = sentinel(module, example_shape)
     example = torch.empty((batch,) + tuple(example_shape), dtype=example_dtype, device="meta")
-    graph = tracer.trace(root, example=example)
+    graph = drop_unused(tracer.trace(root, example=example))
     graph.refngd_batch = batch
     return root, graph, tracer.constants
 
