@@ -209,3 +209,33 @@ def test_values_nothing_uses_are_dropped_not_refused():
 
     with pytest.raises(interop.UnsupportedModuleError, match="exp_"):
         interop.from_torch(Mutates().double(), X)
+
+
+def test_refusals_say_their_own_reason():
+    """An operation over the batch axis found on the example batch is a refusal, not a
+    suspected tracing bug; only a trace that failed on control flow is told about it."""
+    import torch
+
+    class Lin(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.lin, self.body = torch.nn.Linear(3, 3), body
+
+        def forward(self, x):
+            return self.body(self, x)
+
+    def flow(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+    X = torch.randn(4, 3, dtype=torch.float64)
+    cases = {
+        "batch axis": (lambda self, x: self.lin(x).movedim(0, 1), "mixes the samples",
+                       "please report"),
+        "vmap": (lambda self, x: torch.vmap(lambda r: self.lin(r))(x), "what torch.fx can trace",
+                 "control flow"),
+        "control flow": (flow, "without control flow", "please report"),
+    }
+    for name, (body, said, unsaid) in cases.items():
+        with pytest.raises(interop.UnsupportedModuleError) as err:
+            interop.from_torch(Lin(body).double(), X)
+        assert said in str(err.value) and unsaid not in str(err.value), name

@@ -434,10 +434,12 @@ def graph_from_torch(module, registry: dict, unsupported: Callable,
         hint = ("" if example is not None else "; a forward that reads its input's shape "
                 "or dtype, or whose signature the symbolic tracer cannot call (models of "
                 "transformers and peft), imports with an example batch: from_torch(module, X)")
+        flow = "control flow" in str(err) or type(err).__name__ == "TraceError"
+        why = ("refngd imports a forward without control flow on the values of its input or "
+               "parameters" if flow else "refngd imports what torch.fx can trace")
         raise UnsupportedModuleError(
             f"torch.fx could not trace {type(module).__name__}.forward{culprit(err)} "
-            f"({type(err).__name__}: {err}); refngd imports a forward without control flow "
-            "on the values of its input or parameters (docs/validating.md, 'Importing "
+            f"({type(err).__name__}: {err}); {why} (docs/validating.md, 'Importing "
             f"arbitrary modules'){hint}.") from None
     conv = _Converter(root, registry, unsupported, constants,
                       getattr(graph, "refngd_batch", None))

@@ -25,6 +25,7 @@ import traceback
 
 import numpy as np
 
+from ..nn.graph_ops import BatchAxisError
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 
 __all__ = ["BATCH", "META", "sentinel", "trace", "trace_concrete", "culprit", "check_import"]
@@ -325,6 +326,10 @@ def check_import(module, model, theta, example) -> None:
     ref = to_array(out.reshape(out.shape[0], -1).detach())
     try:
         got = model.forward(theta, X)
+    except UnsupportedModuleError:
+        raise  # a refusal of an operation (its own message names the node and the reason)
+    except BatchAxisError as err:  # the same: an operation over the batch axis, named
+        raise UnsupportedModuleError(f"{type(module).__name__}.forward: {err}") from None
     except (ValueError, TypeError, IndexError) as err:
         raise UnsupportedModuleError(
             f"the graph traced from {type(module).__name__}.forward fails on the example batch "

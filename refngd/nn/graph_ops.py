@@ -23,7 +23,11 @@ from typing import Any, Callable
 from ..backend import Array, namespace
 
 __all__ = ["GraphOp", "Elementwise", "ShapeOp", "Permute", "Reduce", "Concat", "Split",
-           "Index", "MatMul", "Static", "unbroadcast", "param_rows", "batch_axis"]
+           "Index", "MatMul", "Static", "unbroadcast", "param_rows", "batch_axis", "BatchAxisError"]
+
+
+class BatchAxisError(ValueError):
+    """An operation over the batch axis: it would mix the samples, which rows cannot."""
 
 
 def batch_axis(d: int, ndim: int, what: str) -> int:
@@ -33,7 +37,7 @@ def batch_axis(d: int, ndim: int, what: str) -> int:
         raise ValueError(f"{what}: axis {d} is out of range for {ndim} axes.")
     d = d % ndim
     if d == 0:
-        raise ValueError(f"{what} over axis 0, the batch axis, mixes the samples; refngd's "
+        raise BatchAxisError(f"{what} over axis 0, the batch axis, mixes the samples; refngd's "
                          "rows are per sample (docs/design.md §2).")
     return d
 
