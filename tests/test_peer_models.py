@@ -69,7 +69,7 @@ def _targets(lname, out_shape, C_axis=1, rng=None):
     return torch.tensor(rng.standard_normal(out_shape))
 
 
-def agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None, ekfac=()):
+def assert_agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None, ekfac=()):
     """Import ``net`` with X, compare forward, GGN, K-FAC and EKFAC with PyTorch /
     curvlinops.  Returns the errors {forward (max abs), ggn, kfac-*, ekfac-* (relative)}.
     """
@@ -122,7 +122,7 @@ def agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None, ekfac=()):
     return errs
 
 
-def refused(net, X, *words):
+def assert_refused(net, X, *words):
     """``from_torch(net, X)`` refuses, naming ``words`` (the node, op, source line)."""
     with pytest.raises(interop.UnsupportedModuleError) as info:
         interop.from_torch(net.double().eval(), X.to(DT) if X.is_floating_point() else X)
@@ -527,7 +527,7 @@ def R(*shape):
 def test_curvlinops_mlp(lname, red, c):
     """test/cases.py: the MLP of the classification and regression cases."""
     torch.manual_seed(0)
-    agree(mlp(10, 5, c), R(3, 10), lname, red, kfac=("expand", "reduce"),
+    assert_agree(mlp(10, 5, c), R(3, 10), lname, red, kfac=("expand", "reduce"),
           ekfac=("expand", "reduce"))
 
 
@@ -535,25 +535,25 @@ def test_curvlinops_mlp(lname, red, c):
 def test_curvlinops_mlp_on_sequences(lname, red):
     """test/cases.py: the same MLP on (N, 5, d) inputs, outputs (N, 5, c)."""
     torch.manual_seed(0)
-    agree(mlp(10, 5, 2), R(3, 5, 10), lname, red, kfac=("expand", "reduce"))
+    assert_agree(mlp(10, 5, 2), R(3, 5, 10), lname, red, kfac=("expand", "reduce"))
 
 
 def test_curvlinops_weight_share_model():
     """test/cases.py, test/kfac_cases.py ``WeightShareModel``: per-token cross-entropy on
     (N, C, T) outputs (``movedim``), (N, 4, 8, 3) outputs kept, flattened and averaged."""
     torch.manual_seed(0)
-    agree(WeightShare(mlp(), class_first=True), R(3, 5, 10), "CrossEntropyLoss",
+    assert_agree(WeightShare(mlp(), class_first=True), R(3, 5, 10), "CrossEntropyLoss",
           kfac=("expand", "reduce"))
     for setting, approx in (("expand", "expand"), ("expand-flatten", "expand"),
                             ("reduce", "reduce")):
-        agree(WeightShare(tnn.Linear(5, 4), tnn.Linear(4, 3), setting=setting), R(2, 4, 8, 5),
+        assert_agree(WeightShare(tnn.Linear(5, 4), tnn.Linear(4, 3), setting=setting), R(2, 4, 8, 5),
               kfac=(approx,))
 
 
 def test_curvlinops_weight_share_model_with_vmap_is_refused():
     """curvlinops' own forward maps an einops function over the batch with ``torch.vmap``:
     refused, naming the source line (refngd's rows need the ops, not a vmapped closure)."""
-    msg = refused(WeightShareVmap(tnn.Linear(5, 4), tnn.Linear(4, 3)), R(2, 4, 8, 5),
+    msg = assert_refused(WeightShareVmap(tnn.Linear(5, 4), tnn.Linear(4, 3)), R(2, 4, 8, 5),
                   "torch.vmap(", "test_peer_models.py")
     assert "could not trace" in msg
 
@@ -565,7 +565,7 @@ def test_curvlinops_conv2d_model(setting, einops_layer):
     """test/kfac_cases.py ``Conv2dModel`` (with einops' ``Rearrange`` layer too)."""
     torch.manual_seed(0)
     approx = ("reduce" if setting == "reduce" else "expand",)
-    agree(Conv2dSetting(setting, einops_layer), R(2, 3, 8, 8), kfac=approx,
+    assert_agree(Conv2dSetting(setting, einops_layer), R(2, 3, 8, 8), kfac=approx,
           ekfac=approx if setting == "reduce" else ())
 
 
@@ -575,7 +575,7 @@ def test_curvlinops_unet_model(lname, red):
     """test/test_kfac.py ``test_expand_setting_scaling``'s ``UnetModel`` on 8 × 8 images:
     the layers see 4 × 4 and 8 × 8 positions."""
     torch.manual_seed(0)
-    agree(Unet(class_first=lname == "CrossEntropyLoss"), R(2, 3, 8, 8), lname, red,
+    assert_agree(Unet(class_first=lname == "CrossEntropyLoss"), R(2, 3, 8, 8), lname, red,
           kfac=("expand", "reduce"))
 
 
@@ -590,7 +590,7 @@ def test_curvlinops_split_concat_models(make):
     hooks give wrong factors for them, its main branch's ``make_fx`` backend exact ones)."""
     torch.manual_seed(0)
     net = make()
-    agree(net, R(2, 8))
+    assert_agree(net, R(2, 8))
     model, theta = interop.from_torch(net, R(2, 8))
     with pytest.raises(TypeError, match="tied weights"):
         KFAC(model, theta, interop.from_torch_loss(tnn.MSELoss()), R(2, 8).numpy(),
@@ -600,9 +600,9 @@ def test_curvlinops_split_concat_models(make):
 def test_curvlinops_cnn_dropout_batchnorm():
     """test/cases.py ``CNN_CASES`` and the Dropout / BatchNorm1d models (in ``eval()``)."""
     torch.manual_seed(0)
-    agree(cnn(), R(2, 1, 20, 20), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
-    agree(dropout_mlp(), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
-    agree(batchnorm_mlp(), R(3, 10), "CrossEntropyLoss")
+    assert_agree(cnn(), R(2, 1, 20, 20), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
+    assert_agree(dropout_mlp(), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
+    assert_agree(batchnorm_mlp(), R(3, 10), "CrossEntropyLoss")
 
 
 class _Unpack(tnn.Module):
@@ -623,7 +623,7 @@ def test_curvlinops_dict_input():
         interop.from_torch(net, {"x": R(3, 10)})
     with pytest.raises(TypeError, match="a tuple of 2 inputs"):
         interop.from_torch(net, (R(3, 10), R(3, 10)))
-    agree(_Unpack(net), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
+    assert_agree(_Unpack(net), R(3, 10), "CrossEntropyLoss", kfac=("expand",))
 
 
 @pytest.mark.parametrize("lname", ["MSELoss", "CrossEntropyLoss"])
@@ -633,7 +633,7 @@ def test_curvlinops_functional_linear(lname):
     ``nn.Linear`` MLP with the same weights is the reference."""
     torch.manual_seed(0)
     net = FunctionalMLP()
-    agree(net, R(3, 10), lname)
+    assert_agree(net, R(3, 10), lname)
     twin = mlp(10, 5, 3).double()
     with torch.no_grad():
         for lin, (W, b) in zip((twin[0], twin[2]), ((net.W1, net.b1), (net.W2, net.b2))):
@@ -667,15 +667,15 @@ class _TiedFunctional(tnn.Module):
 
 def test_curvlinops_functional_linear_tied():
     torch.manual_seed(0)
-    agree(_TiedFunctional(), R(2, 3))
-    refused(_TiedFunctional(True), R(2, 3), "node 'linear' (call_function linear)",
+    assert_agree(_TiedFunctional(), R(2, 3))
+    assert_refused(_TiedFunctional(True), R(2, 3), "node 'linear' (call_function linear)",
             "'m.W' (of _TiedFunctional at 'm')", "used directly in 'linear' and another")
 
 
 def test_curvlinops_refused_models():
     """Refused, naming the module, its path and setting: the batch axis flattened into the
     others (test/test_kfac.py; out of scope: refngd's rows are per sample)."""
-    refused(flatten_batch(), R(2, 4, 5), "Flatten at 'm.2'", "start_dim=0, end_dim=-2")
+    assert_refused(flatten_batch(), R(2, 4, 5), "Flatten at 'm.2'", "start_dim=0, end_dim=-2")
 
 
 @pytest.mark.parametrize("make,shape,lname", [
@@ -693,14 +693,14 @@ def test_backpack_converter_models(make, shape, lname):
     """BackPACK's converter_cases.py and resnet_cases.py ``ResNet1``."""
     torch.manual_seed(1 if make is MultipleUsages else 0)  # seed 0: every output ReLU dead
     # curvlinops' EKFAC takes (N, C) outputs only
-    agree(make(), R(*shape), lname, kfac=("expand",),
+    assert_agree(make(), R(*shape), lname, kfac=("expand",),
           ekfac=("expand",) if lname == "MSELoss" else ())
 
 
 def test_backpack_small_resnet():
     """resnet_cases.py ``ResNet2``: GGN-vector products (P = 3 165)."""
     torch.manual_seed(0)
-    agree(SmallResNet(), R(2, 3, 7, 7), vectors=2)
+    assert_agree(SmallResNet(), R(2, 3, 7, 7), vectors=2)
 
 
 @pytest.mark.parametrize("make,shape", [(branching_linear, (3, 10)),
@@ -710,16 +710,16 @@ def test_backpack_small_resnet():
 def test_backpack_branched_models(make, shape):
     """diag_ggn_settings.py, "Branched models": ``Parallel(Identity(), ...)`` skips."""
     torch.manual_seed(0)
-    agree(make(), R(*shape), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
+    assert_agree(make(), R(*shape), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
 
 
 def test_backpack_slicing_and_multi_axis_cross_entropy():
     """secondorder_settings.py: ``Slicing`` (steps, integer indices) and cross-entropy on
     (3, 4, 2, 3, 2) outputs (class axis 1)."""
     torch.manual_seed(0)
-    agree(sliced_cnn(), R(3, 3, 4, 5), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
-    agree(sliced_cnn(True), R(3, 3, 4, 5), kfac=("expand",))
-    agree(tnn.Sequential(tnn.Linear(5, 3), tnn.ReLU(), tnn.Linear(3, 2)), R(3, 4, 2, 3, 5),
+    assert_agree(sliced_cnn(), R(3, 3, 4, 5), "CrossEntropyLoss", kfac=("expand",), ekfac=("expand",))
+    assert_agree(sliced_cnn(True), R(3, 3, 4, 5), kfac=("expand",))
+    assert_agree(tnn.Sequential(tnn.Linear(5, 3), tnn.ReLU(), tnn.Linear(3, 2)), R(3, 4, 2, 3, 5),
           "CrossEntropyLoss", "sum", kfac=("expand",))
 
 
@@ -727,10 +727,10 @@ def test_backpack_pad_models():
     """secondorder_settings.py "Custom Pad mod": ``F.pad(mode="constant")``, and the
     modules ``nn.ZeroPad2d`` / ``nn.ConstantPad2d``; other modes and cropping refused."""
     torch.manual_seed(0)
-    agree(padded_cnn(), R(2, 3, 4, 4), kfac=("expand",), ekfac=("expand",))
-    agree(padded_cnn(True), R(2, 3, 4, 4), "CrossEntropyLoss", kfac=("expand",))
+    assert_agree(padded_cnn(), R(2, 3, 4, 4), kfac=("expand",), ekfac=("expand",))
+    assert_agree(padded_cnn(True), R(2, 3, 4, 4), "CrossEntropyLoss", kfac=("expand",))
     interop.from_torch(padded_cnn().double())                 # symbolic trace, no example
-    agree(tnn.Sequential(tnn.Conv2d(3, 2, 2), tnn.ZeroPad2d((1, 1, 0, 2)),
+    assert_agree(tnn.Sequential(tnn.Conv2d(3, 2, 2), tnn.ZeroPad2d((1, 1, 0, 2)),
                          tnn.ConstantPad2d(1, 0.5), tnn.Conv2d(2, 2, 3, stride=2),
                          tnn.Flatten(), tnn.Linear(18, 2)), R(2, 3, 4, 4), kfac=("expand",))
 
@@ -738,11 +738,11 @@ def test_backpack_pad_models():
         def forward(self, x):
             return F.pad(x, (1, 1), mode="reflect")
 
-    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Reflect(), tnn.Flatten()), R(2, 3, 4, 4),
+    assert_refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Reflect(), tnn.Flatten()), R(2, 3, 4, 4),
             "node 'pad' (call_function pad)", "pad(mode='reflect')")
-    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((-1, 0), 0.0), tnn.Flatten()),
+    assert_refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((-1, 0), 0.0), tnn.Flatten()),
             R(2, 3, 4, 4), "node 'pad'", "negative padding")
-    refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((1,) * 8, 0.0), tnn.Flatten()),
+    assert_refused(tnn.Sequential(tnn.Conv2d(3, 2, 2), Pad((1,) * 8, 0.0), tnn.Flatten()),
             R(2, 3, 4, 4), "node 'pad'", "must pad axes after the batch axis")
 
 
@@ -750,7 +750,7 @@ def test_backpack_pad_models():
 def test_backpack_recurrent_models_are_refused(cell):
     """``_TolstoiCharRNN`` / ``_TolstoiRNNVersion``: refngd has no recurrent layers; refused
     naming the module and its path."""
-    refused(CharRNN(cell=cell), torch.randint(0, 5, (2, 4)), f"{cell.__name__} at 'm.lstm'")
+    assert_refused(CharRNN(cell=cell), torch.randint(0, 5, (2, 4)), f"{cell.__name__} at 'm.lstm'")
 
 
 def test_movedim_and_arithmetic_aliases():
@@ -773,8 +773,8 @@ def test_movedim_and_arithmetic_aliases():
             return self.lin(x).movedim(0, 1).flatten(1)
 
     torch.manual_seed(0)
-    agree(Moves(), torch.randn(2, 4, 5, 3, 3), kfac=("expand",))
-    refused(MovesBatch(), torch.randn(2, 4, 3), "node 'movedim' (call_method movedim)",
+    assert_agree(Moves(), torch.randn(2, 4, 5, 3, 3), kfac=("expand",))
+    assert_refused(MovesBatch(), torch.randn(2, 4, 3), "node 'movedim' (call_method movedim)",
             "movedim over axis 0, the batch axis")
 
 
