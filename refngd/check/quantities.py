@@ -7,6 +7,7 @@ which :func:`refngd.check.compare` names when a candidate equals one of them.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .. import conventions, updates
@@ -99,13 +100,19 @@ class Twin:
         return {f"{n}.weight": e.layer.weight_matrix_shape
                 for n, e in zip(self.unit_names(rows), rows)}
 
-    def kfac_rows(self) -> list:
-        """The LayerRows of every layer with K-FAC factors, from one backward pass of zeros
-        (their caches say whether and how a layer shares its weight)."""
-        Z = self.model.forward(self.theta, self.X)
+    @functools.cached_property
+    def _kfac_rows(self) -> list:
+        # one linearisation and one backward pass of zeros per twin: the names, layouts and
+        # context of a check all read the same rows
         lin = self.model.linearize(self.theta, self.X)
+        Z = lin.outputs
         rows = lin.backprop(namespace(Z).zeros((Z.shape[0], 1, Z.shape[1]), dtype=Z.dtype))
         return [e for e in rows.layers if e.layer.kfac_refusal() is None]
+
+    def kfac_rows(self) -> list:
+        """The LayerRows of every layer with K-FAC factors, from one backward pass of zeros
+        (their caches say whether and how a layer shares its weight); computed once."""
+        return self._kfac_rows
 
     def context(self) -> dict:
         Z = self.model.forward(self.theta, self.X)
