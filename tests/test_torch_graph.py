@@ -252,6 +252,31 @@ class TiedEmbedding(torch.nn.Module):
         return self.lm_head(h.mean(dim=1))
 
 
+class FunctionalLayers(torch.nn.Module):
+    """Layers written as functions of their parameters (timm's LayerNorm calls
+    ``F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)``): a grouped
+    strided F.conv2d, F.conv1d without bias, F.layer_norm called twice on the same tensors
+    (tied: one θ slice), F.layer_norm without affine parameters, F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        P = torch.nn.Parameter
+        self.cw, self.cb = P(torch.randn(4, 1, 3, 3) / 3), P(torch.randn(4))
+        self.w1 = P(torch.randn(3, 4, 2) / 2)
+        self.gamma, self.beta = P(1 + torch.randn(3) / 4), P(torch.randn(3) / 4)
+        self.W, self.b = P(torch.randn(3, 9) / 3), P(torch.randn(3))
+
+    def forward(self, x):                                           # (N, 2, 4, 4)
+        h = F.conv2d(x, self.cw, self.cb, 1, 1, 1, 2)               # groups=2: (N, 4, 4, 4)
+        h = torch.tanh(h).flatten(2)                                 # (N, 4, 16)
+        h = F.conv1d(h, self.w1, stride=2)                           # (N, 3, 8)
+        t = h.transpose(1, 2)                                        # tokens (N, 8, 3)
+        t = F.layer_norm(t, (3,), self.gamma, self.beta, 1e-5)
+        t = F.layer_norm(torch.relu(t) + t, (3,), self.gamma, self.beta, eps=1e-5)
+        t = F.layer_norm(t, (3,))                                    # no affine parameters
+        return F.linear(t[:, :3].reshape(t.shape[0], -1), self.W, self.b)
+
+
 class Doubled(torch.nn.Sequential):
     """An nn.Sequential subclass that overrides forward (the old silent 0.78 difference)."""
 
@@ -289,6 +314,7 @@ CASES = {  # name: (constructor, per-sample input shape or ("int", T, V))
     "tied_embedding": (TiedEmbedding, ("int", 5, 7)),
     "sequential_subclass": (doubled, (4,)),
     "reused_in_sequential": (reused_in_sequential, (4,)),
+    "functional_layers": (FunctionalLayers, (2, 4, 4)),
 }
 
 
@@ -625,3 +651,99 @@ def test_operations_that_mix_samples_are_refused():
         model, theta = interop.from_torch(module().double())
         with pytest.raises(ValueError, match=what):  # known once the input's axes are
             model.forward(theta, np.ones((2, 3)))
+
+
+class _ModuleLayers(torch.nn.Module):
+    """FunctionalLayers written with modules (the twin whose K-FAC it must equal)."""
+
+    def __init__(self, f):
+        super().__init__()
+        tnn = torch.nn
+        self.conv = tnn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.conv1 = tnn.Conv1d(4, 3, 2, stride=2, bias=False)
+        self.norm = tnn.LayerNorm(3)
+        self.bare = tnn.LayerNorm(3, elementwise_affine=False)
+        self.head = tnn.Linear(9, 3)
+        with torch.no_grad():
+            for dst, src in ((self.conv.weight, f.cw), (self.conv.bias, f.cb),
+                             (self.conv1.weight, f.w1), (self.norm.weight, f.gamma),
+                             (self.norm.bias, f.beta), (self.head.weight, f.W),
+                             (self.head.bias, f.b)):
+                dst.copy_(src)
+
+    def forward(self, x):
+        h = self.conv1(torch.tanh(self.conv(x)).flatten(2)).transpose(1, 2)
+        t = self.norm(h)
+        t = self.bare(self.norm(torch.relu(t) + t))
+        return self.head(t[:, :3].reshape(t.shape[0], -1))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_functional_layers_are_their_modules(approx):
+    """F.conv2d / F.conv1d / F.layer_norm / F.linear of parameters import as the modules
+    they stand for: the same θ, outputs and K-FAC (the tied F.layer_norm's tensors are one
+    slice, as the module called twice)."""
+    net, model, theta, X = make("functional_layers", N=3)
+    twin = _ModuleLayers(net).double().eval()
+    model2, theta2 = interop.from_torch(twin)
+    assert np.array_equal(theta, theta2) and model.num_params == theta.size == 4 * 9 + 4 + 24 + 3 + 3 + 27 + 3
+    np.testing.assert_array_equal(model.forward(theta, X), model2.forward(theta2, X))
+    y = np.arange(3) % 3
+    loss = refngd.losses.CrossEntropy()
+    np.testing.assert_allclose(Fisher(model, theta, loss, X, y).dense(),
+                               Fisher(model2, theta2, loss, X, y).dense(), rtol=1e-13, atol=1e-15)
+    for m, t in ((model, theta), (model2, theta2)):   # the twice-used LayerNorm: as the module
+        with pytest.raises(TypeError, match="'norm.weight'|'gamma'.*tied"):
+            KFAC(m, t, loss, X, y, kfac_approx=approx)
+    # the convolutions and the head: the same K-FAC blocks (the norm's slice left out)
+    keep = np.ones(theta.size, bool)
+    keep[4 * 9 + 4 + 24:4 * 9 + 4 + 24 + 6] = False
+    np.testing.assert_allclose(KFAC(model, theta, loss, X, y, kfac_approx=approx, params=keep).dense(),
+                               KFAC(model2, theta2, loss, X, y, kfac_approx=approx, params=keep).dense(),
+                               rtol=1e-13, atol=1e-15)
+
+
+class _FunctionalConvNet(torch.nn.Module):
+    def __init__(self, misuse=None):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.randn(3, 2, 2, 2)), torch.nn.Parameter(torch.randn(3))
+        self.head, self.misuse = torch.nn.Linear(27, 2), misuse
+
+    def forward(self, x):
+        h = F.conv2d(x, self.w, self.b, padding=1)
+        if self.misuse == "also_added":
+            h = h + self.b[None, :, None, None]
+        if self.misuse == "computed_shape":
+            h = F.layer_norm(h, h.shape[1:])
+        return self.head(h.flatten(1))
+
+
+def test_functional_conv_kfac_equals_the_module_and_misuse_is_refused():
+    torch.manual_seed(0)
+    net = _FunctionalConvNet().double().eval()
+    twin = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 2, padding=1), torch.nn.Flatten(),
+                               torch.nn.Linear(27, 2)).double()
+    with torch.no_grad():
+        twin[0].weight.copy_(net.w), twin[0].bias.copy_(net.b)
+        twin[2].weight.copy_(net.head.weight), twin[2].bias.copy_(net.head.bias)
+    X = np.random.default_rng(0).standard_normal((4, 2, 2, 2))
+    y = np.arange(4) % 2
+    (m1, t1), (m2, t2) = interop.from_torch(net), interop.from_torch(twin)
+    assert np.array_equal(t1, t2)
+    loss = refngd.losses.CrossEntropy()
+    for approx in ("expand", "reduce"):
+        np.testing.assert_allclose(KFAC(m1, t1, loss, X, y, kfac_approx=approx).dense(),
+                                   KFAC(m2, t2, loss, X, y, kfac_approx=approx).dense(),
+                                   rtol=1e-13, atol=1e-15)
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"parameter 'b' .*'conv2d' and another operation"):
+        interop.from_torch(_FunctionalConvNet("also_added").double())
+    # a shape read in forward: a node of the symbolic trace (refused, with what to do) and
+    # a constant of the trace with an example batch (imported)
+    net = _FunctionalConvNet("computed_shape").double().eval()
+    with pytest.raises(interop.UnsupportedModuleError,
+                       match=r"F\.layer_norm with an argument computed in forward"):
+        interop.from_torch(net)
+    model, theta = interop.from_torch(net, X)
+    np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                               rtol=1e-12, atol=1e-13)

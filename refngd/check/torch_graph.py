@@ -29,9 +29,9 @@ from typing import Callable
 from ..nn.graph import GraphModel, GraphNode, Ref
 from ..nn.graph_more import ConstantLookup, Expand, Pad, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
-from ..nn.linear import Linear
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
+from .torch_functional import FunctionalLayers, functional_layers
 from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn, unbound_permute
 from .torch_trace import META, culprit, trace
 
@@ -49,7 +49,7 @@ def _where(node) -> str:
     return f"'{node.name}' ({node.op} {target}){line}"
 
 
-class _Converter:
+class _Converter(FunctionalLayers):
     """State of one conversion: fx node → refngd node index, kinds, the θ tensors."""
 
     def __init__(self, root, registry: dict, unsupported: Callable, constants=None,
@@ -58,6 +58,7 @@ class _Converter:
         self.root, self.registry, self.unsupported = root, registry, unsupported
         self.name = type(root).__name__
         self.constants, self.batch = constants or {}, batch
+        self.where = _where
         self.batch_ref = None   # the node of the running batch size (concrete tracing)
         self.output_shape = None
         self.params = list(root.parameters())
@@ -127,8 +128,8 @@ class _Converter:
         for part in node.target.split("."):
             value = getattr(value, part)
         if isinstance(value, self.torch.nn.Parameter) and all(
-                self._linear_operand(u, node) for u in node.users):
-            self.kind[node] = "linear_param"  # F.linear(x, W, b): a Linear layer (call)
+                self._layer_operand(u, node) for u in node.users):
+            self.kind[node] = "layer_param"  # F.linear(x, W, b), ...: a layer (call)
             self.index[node] = value
             return
         if isinstance(value, self.torch.nn.Parameter):  # used directly: +, -, *, /, expand
@@ -139,39 +140,6 @@ class _Converter:
         if not isinstance(value, self.torch.Tensor):
             raise self.refuse(node, f"attribute of type {type(value).__name__}")
         self._constant(node, value)
-
-    def _linear_operand(self, user, node) -> bool:
-        """``node`` is the weight or the bias of ``F.linear(x, weight, bias)`` at ``user``."""
-        if user.target is not self.torch.nn.functional.linear:
-            return False
-        args = list(user.args) + [None] * (3 - len(user.args))
-        w, b = args[1] or user.kwargs.get("weight"), args[2] or user.kwargs.get("bias")
-        return (node is w or node is b) and args[0] is not node
-
-    def _linear(self, node, args, kw):
-        """``F.linear(x, W, b)`` with W (and b) parameters read only there: a Linear layer
-        on those tensors (one call site per (W, b) pair, another call site ties them)."""
-        args = list(args) + [None] * (3 - len(args))
-        x, w, b = args[0], args[1] or kw.get("weight"), args[2] or kw.get("bias")
-        if self.is_param(w) or self.is_param(b):
-            raise self.refuse_param(node, "'linear' and another operation")
-        if not self.is_act(x) or self.kind.get(w) != "linear_param" or (
-                b is not None and self.kind.get(b) != "linear_param"):
-            raise self.refuse(node, "F.linear(x, weight, bias) imports as a Linear layer when "
-                                    "x is an activation and weight and bias are parameters "
-                                    "(a constant bias, or a computed weight, has no converter)")
-        W, B = self.index[w], (self.index[b] if b is not None else None)
-        if W.dim() != 2 or (B is not None and tuple(B.shape) != (W.shape[0],)):
-            raise self.refuse(node, f"F.linear with weight {tuple(W.shape)} and bias "
-                                    f"{None if B is None else tuple(B.shape)}")
-        key = ("F.linear", id(W), id(B))
-        if key not in self.layers:
-            self.layers[key] = [(Linear(W.shape[1], W.shape[0], bias=B is not None),
-                                 [W] if B is None else [W, B])]
-        (layer, tensors), = self.layers[key]
-        ids = tuple(self.tensor_id[id(t)] for t in tensors)
-        return self.add(node, "act", GraphNode("layer", layer, (self.arg(x),), ids,
-                                               f"{_where(node)} (F.linear)"))
 
     def _constant(self, node, value):
         """A tensor the traced forward computed from shapes alone (or a buffer): a constant.
@@ -319,8 +287,9 @@ class _Converter:
             if target is getattr and args[1] not in ("shape",):
                 raise self.refuse(node, f"attribute {args[1]!r} of an activation")
             return self.static(node, static_fn(target, kw), args, name)
-        if target is self.torch.nn.functional.linear:
-            return self._linear(node, args, kw)
+        spec = functional_layers(self.torch).get(target)
+        if spec is not None:
+            return self._layer_call(node, spec, args, kw)
         modules = functional_modules(self.torch)
         if target in modules or (isinstance(target, str) and target in modules):
             return self._functional(node, modules[target], args, kw)
