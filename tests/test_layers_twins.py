@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import refngd  # noqa: E402
 from refngd import interop, nn  # noqa: E402
 from twins import check_twin  # noqa: E402
 
@@ -65,6 +66,10 @@ CASES = {
     "silu": (_act(tnn.SiLU()), X_VEC),
     "softplus": (_act(tnn.Softplus(beta=2.0, threshold=1.0)), X_VEC),
     "identity": (_act(tnn.Identity()), X_VEC),
+    # inputs × 4: pre-activations over ±8 reach every branch of the hard activations
+    "hardtanh": (_act(tnn.Hardtanh(-0.5, 2.0)), 4 * X_VEC),
+    "relu6": (_act(tnn.ReLU6()), 4 * X_VEC),
+    "hardswish": (_act(tnn.Hardswish()), 4 * X_VEC),
     "dropout_eval": (lambda: _act(tnn.Dropout(0.3))().eval(), X_VEC),
     "conv1d": (_conv1d(), X_SEQ),
     "conv1d_stride_pad_dil": (_conv1d(stride=2, padding=2, dilation=2), X_SEQ),
@@ -232,3 +237,61 @@ def test_from_torch_loss_reads_the_class_axis_of_multi_axis_outputs():
     assert type(interop.from_torch_loss(tnn.MSELoss(), output_shape=(3, 4))).__name__ == "MSELoss"
     assert type(interop.from_torch_loss(tnn.CrossEntropyLoss(), output_shape=(C,))).__name__ == \
         "CrossEntropy"
+
+
+@pytest.mark.parametrize("pair", [(nn.Hardtanh(-1.0, 2.0), tnn.Hardtanh(-1.0, 2.0)),
+                                  (nn.ReLU6(), tnn.ReLU6()), (nn.Hardsigmoid(), tnn.Hardsigmoid()),
+                                  (nn.Hardswish(), tnn.Hardswish())],
+                         ids=["hardtanh", "relu6", "hardsigmoid", "hardswish"])
+def test_hard_activations_take_pytorchs_derivative_at_the_kinks(pair):
+    """At the kinks (−3, −1, 0, 2, 3, 6) the derivative refngd caches is the one PyTorch's
+    backward uses: 0 at both ends of Hardtanh / ReLU6 / Hardsigmoid, and Hardswish's outer
+    branches at x = ±3 (0 and 1)."""
+    mine, theirs = pair
+    x = np.array([[-4.0, -3.0, -1.0, 0.0, 1.5, 2.0, 3.0, 6.0, 7.0]])
+    y, d = mine.forward([], x)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    (dt,) = torch.autograd.grad(yt.sum(), xt)
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    if isinstance(mine, nn.Hardsigmoid):   # PyTorch's CPU backward multiplies by float(1/6)
+        np.testing.assert_array_equal(d, np.where(dt.numpy() > 0, 1 / 6, 0.0))
+        assert np.all(dt.numpy()[dt.numpy() > 0] == float(np.float32(1 / 6)))
+    else:
+        np.testing.assert_array_equal(d, dt.numpy())
+
+
+class _ClampHardsigmoid(tnn.Module):
+    """ReLU6(x + 3)/6 written with clamp, whose backward is exact (1 inside the range)."""
+
+    def forward(self, x):
+        return torch.clamp(x + 3, 0.0, 6.0) / 6
+
+
+def test_hardsigmoid_takes_the_exact_derivative():
+    """refngd's Hardsigmoid derivative is 1/6; PyTorch's CPU backward kernel multiplies by
+    the float32 constant 1.0f/6.0f (0.16666667163…, relative error 3e-8) even in float64.
+    Against the same function written with clamp (exact backward) refngd agrees to 1e-10;
+    against nn.Hardsigmoid's gradient only to that float32 constant."""
+    from torch.nn.utils import vector_to_parameters
+    torch.manual_seed(0)
+    net = tnn.Sequential(tnn.Linear(4, 6), tnn.Hardsigmoid(), tnn.Linear(6, C)).double()
+    model, theta = interop.from_torch(net)
+    exact = tnn.Sequential(tnn.Linear(4, 6), _ClampHardsigmoid(), tnn.Linear(6, C)).double()
+    vector_to_parameters(torch.tensor(theta), exact.parameters())
+    X, y = 4 * X_VEC, rng.integers(0, C, N)
+    loss = interop.from_torch_loss(tnn.CrossEntropyLoss())
+    G = refngd.per_sample_gradients(model, theta, loss, X, y)
+    ce = tnn.CrossEntropyLoss(reduction="sum")
+
+    def torch_grads(m):
+        rows = []
+        for n in range(N):
+            m.zero_grad()
+            ce(m(torch.tensor(X[n:n + 1])), torch.tensor(y[n:n + 1])).backward()
+            rows.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).numpy())
+        return np.stack(rows)
+    scale = np.abs(G).max()
+    assert np.abs(G - torch_grads(exact)).max() <= 1e-12 * scale
+    err = np.abs(G - torch_grads(net)).max() / scale
+    assert 1e-10 < err < 1e-7        # PyTorch's float32 1/6, nothing larger

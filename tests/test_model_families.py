@@ -85,6 +85,37 @@ def tv_vit():
         num_classes=3)
 
 
+def tv_mobilenet_v2():
+    """torchvision's MobileNetV2: depthwise convolutions, ReLU6, inverted residuals."""
+    return _optional("torchvision").models.mobilenet_v2(num_classes=10)
+
+
+def tv_efficientnet_b0():
+    """torchvision's EfficientNet-B0: SiLU, squeeze-and-excitation (a sigmoid gate
+    multiplied in), stochastic depth (the identity in eval mode)."""
+    return _optional("torchvision").models.efficientnet_b0(num_classes=10)
+
+
+def timm_convnext():
+    """timm's ConvNeXt-Atto: depthwise 7 × 7 convolutions, LayerNorm over channels,
+    layer scale ``x.mul(gamma.reshape(1, -1, 1, 1))``."""
+    return _optional("timm").create_model("convnext_atto", pretrained=False, num_classes=3)
+
+
+def timm_efficientnet():
+    """timm's EfficientNet-B0: BatchNormAct2d (``F.batch_norm`` of its own parameters and
+    running statistics, then SiLU), squeeze-and-excitation."""
+    return _optional("timm").create_model("efficientnet_b0", pretrained=False, num_classes=3)
+
+
+def distilbert():
+    """DistilBERT: its classifier applies ``nn.ReLU()`` created inside forward."""
+    tr = _transformers()
+    cfg = tr.DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                              max_position_embeddings=16, num_labels=3)
+    return tr.DistilBertForSequenceClassification(cfg)
+
+
 def timm_vit():
     """timm's ViT-Tiny at 2 blocks on 32 × 32 images: fused attention (F.scaled_dot_product_
     attention), timm's LayerNorm (F.layer_norm on its parameters)."""
@@ -117,6 +148,11 @@ FAMILIES = {  # name: (constructor, input maker, LoRA targets)
     "tv_resnet18": (tv_resnet18, lambda N: images(N, (3, 32, 32)), ["layer4.1.conv2", "fc"]),
     "tv_vit": (tv_vit, lambda N: images(N, (3, 32, 32)), ["mlp.0", "mlp.3"]),
     "timm_vit": (timm_vit, lambda N: images(N, (3, 32, 32)), ["qkv"]),
+    "tv_mobilenet_v2": (tv_mobilenet_v2, lambda N: images(N, (3, 32, 32)), None),
+    "tv_efficientnet_b0": (tv_efficientnet_b0, lambda N: images(N, (3, 32, 32)), None),
+    "timm_convnext": (timm_convnext, lambda N: images(N, (3, 32, 32)), None),
+    "timm_efficientnet": (timm_efficientnet, lambda N: images(N, (3, 32, 32)), None),
+    "distilbert": (distilbert, lambda N: tokens(N), ["q_lin", "v_lin"]),
 }
 
 
@@ -221,7 +257,8 @@ def test_family_forward_and_curvature_match_torch(name):
     np.testing.assert_allclose(EF @ v, c * G.T @ (G @ v), **TOL)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "hf_vit", "tv_resnet18", "tv_vit", "timm_vit"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "hf_vit", "tv_resnet18", "tv_vit", "timm_vit",
+                                  "distilbert"])
 def test_lora_subset_curvature_and_exact_ngd(name):
     """peft's LoRA adapters are the trainable parameters (params=None): the GGN-vector
     product on them matches torch.func, and the exact damped NGD step solves its system."""
@@ -313,3 +350,16 @@ def test_validate_takes_a_transformers_model():
     report = refngd.check.validate(net, torch.nn.CrossEntropyLoss(), X, y, "fisher_matvec",
                                    2 * ref, v=v)
     assert not report.passed and "factor 2" in report.diagnosis
+
+
+def test_mobilenet_v3_imports_with_hardswish_and_hardsigmoid():
+    """torchvision's MobileNetV3-Small (Hardswish, Hardsigmoid gates): forward to 1e-12 and
+    the exact gradient.  Its GGN is not compared at 1e-10: PyTorch's Hardsigmoid backward
+    multiplies by float32(1/6) (tests/test_layers_twins.py), refngd by 1/6."""
+    tv = _optional("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.mobilenet_v3_small(num_classes=10).double().eval()
+    X = images(2, (3, 32, 32))
+    model, theta = interop.from_torch(net, X)
+    np.testing.assert_allclose(model.forward(theta, X), torch_logits(net, X).detach().numpy(),
+                               rtol=1e-12, atol=1e-12)

@@ -277,6 +277,36 @@ class FunctionalLayers(torch.nn.Module):
         return F.linear(t[:, :3].reshape(t.shape[0], -1), self.W, self.b)
 
 
+class ModulesMadeInForward(torch.nn.Module):
+    """DistilBERT's ``nn.ReLU()(pooled_output)``: parameter-free modules created in forward
+    are traced through their own forward; hard activations in functional form."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.nn.ReLU()(self.a(x)) + F.relu6(3 * x[:, :1]) + F.hardtanh(x[:, 1:2], -0.5, 0.7)
+        return self.b(torch.nn.Hardswish()(4 * h) + torch.nn.Tanh()(h))
+
+
+class LayerScale2d(torch.nn.Module):
+    """timm's ConvNeXt block pattern: a conv, then ``x.mul(self.gamma.reshape(1, -1, 1, 1))``
+    (a parameter reshaped and multiplied in), a residual; ``view`` / ``unsqueeze`` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.randn(2))
+        self.beta = torch.nn.Parameter(torch.randn(1, 2))
+        self.head = torch.nn.Linear(2 * 16, 3)
+
+    def forward(self, x):
+        h = x + torch.tanh(self.conv(x)).mul(self.gamma.reshape(1, -1, 1, 1))
+        h = h + self.beta.view(1, 2, 1, 1) * h + self.gamma.unsqueeze(-1).unsqueeze(-1)
+        return self.head(h.flatten(1))
+
+
 class Doubled(torch.nn.Sequential):
     """An nn.Sequential subclass that overrides forward (the old silent 0.78 difference)."""
 
@@ -315,6 +345,8 @@ CASES = {  # name: (constructor, per-sample input shape or ("int", T, V))
     "sequential_subclass": (doubled, (4,)),
     "reused_in_sequential": (reused_in_sequential, (4,)),
     "functional_layers": (FunctionalLayers, (2, 4, 4)),
+    "modules_made_in_forward": (ModulesMadeInForward, (4,)),
+    "layer_scale_2d": (LayerScale2d, (2, 4, 4)),
 }
 
 
@@ -747,3 +779,62 @@ def test_functional_conv_kfac_equals_the_module_and_misuse_is_refused():
     model, theta = interop.from_torch(net, X)
     np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
                                rtol=1e-12, atol=1e-13)
+
+
+def test_a_module_with_parameters_made_in_forward_is_refused():
+    """New random weights at every call: not a function of θ; torch.fx's refusal is kept."""
+    class Fresh(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.nn.Linear(4, 3)(self.a(x))
+
+    with pytest.raises(interop.UnsupportedModuleError, match="not installed as a submodule"):
+        interop.from_torch(Fresh())
+
+
+class _FunctionalNormEmbedding(torch.nn.Module):
+    """timm's BatchNormAct2d pattern (``F.batch_norm`` of the module's own parameters and
+    running statistics) and F.embedding of token ids and of constant position ids (OPT)."""
+
+    def __init__(self, V=7, T=5, d=3):
+        super().__init__()
+        P = torch.nn.Parameter
+        self.E, self.pos = P(torch.randn(V, d)), P(torch.randn(T, d) / 2)
+        self.g, self.b = P(1 + torch.randn(d) / 4), P(torch.randn(d) / 4)
+        self.register_buffer("mean", torch.randn(d) / 3)
+        self.register_buffer("var", 1 + torch.rand(d))
+        self.register_buffer("ids", torch.arange(T))
+        self.head = torch.nn.Linear(d * T, 3)
+
+    def forward(self, x):
+        h = F.embedding(x, self.E) + F.embedding(self.ids, self.pos)     # (N, T, d)
+        h = F.batch_norm(h.transpose(1, 2), self.mean, self.var, self.g, self.b, False, 0.1, 1e-5)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def test_functional_batch_norm_and_embedding():
+    torch.manual_seed(0)
+    net = _FunctionalNormEmbedding().double().eval()
+    X = np.random.default_rng(0).integers(0, 7, (4, 5))
+    with pytest.raises(interop.UnsupportedModuleError, match=r"F\.batch_norm: .*example batch"):
+        interop.from_torch(net)                    # symbolic: the input's axes are unknown
+    model, theta = interop.from_torch(net, X)
+    assert np.array_equal(theta, torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy())
+    np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                               rtol=1e-12, atol=1e-13)
+    y = np.arange(4) % 3
+    loss = interop.from_torch_loss(torch.nn.CrossEntropyLoss())
+    np.testing.assert_allclose(refngd.per_sample_gradients(model, theta, loss, X, y),
+                               torch_per_sample_grads(net, X, y), **TOL)
+    np.testing.assert_allclose(Fisher(model, theta, loss, X, y).dense(),
+                               torch_ggn(net, X, torch.nn.CrossEntropyLoss()), **TOL)
+    train = _FunctionalNormEmbedding().double()
+
+    def batch_stats(x):
+        return F.batch_norm(x, None, None, train.g, train.b, True)
+    train.forward = lambda x: train.head(batch_stats(F.embedding(x, train.E).transpose(1, 2)).flatten(1))
+    with pytest.raises(interop.UnsupportedModuleError, match="batch's statistics"):
+        interop.from_torch(train, X)

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 
 from ..nn.graph import GraphNode, Ref
 from .torch_arrays import UnsupportedModuleError
+from .torch_trace import META
 
 
 class FunctionalLayer(NamedTuple):
@@ -69,6 +70,34 @@ def functional_layers(torch) -> dict:
             return _with(m, weight=weight, bias=bias)
         return make
 
+    def batch_norm(running_mean, running_var, weight=None, bias=None, training=False,
+                   momentum=0.1, eps=1e-5, input_ndim=None):
+        if training:
+            raise ValueError("training=True normalises with the batch's statistics, which "
+                             "couple the samples; call model.eval()")
+        if running_mean is None or running_var is None:
+            raise ValueError("no running statistics: the batch's statistics are used")
+        if input_ndim not in (2, 3, 4):
+            raise ValueError("the input's number of axes is unknown (pass an example batch: "
+                             "from_torch(module, X)) or not 2, 3 or 4")
+        cls = tnn.BatchNorm2d if input_ndim == 4 else tnn.BatchNorm1d
+        m = cls(len(running_mean), eps=eps, momentum=momentum, affine=weight is not None,
+                dtype=torch.float64).eval()
+        m.running_mean = torch.as_tensor(running_mean)
+        m.running_var = torch.as_tensor(running_var)
+        if weight is not None and bias is None:
+            raise ValueError("F.batch_norm with a weight but no bias")
+        return _with(m, weight=weight, bias=bias)
+
+    def embedding(weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                  scale_grad_by_freq=False, sparse=False):
+        if weight.dim() != 2:
+            raise ValueError(f"F.embedding with weight {tuple(weight.shape)}")
+        m = tnn.Embedding(weight.shape[0], weight.shape[1], padding_idx=padding_idx,
+                          max_norm=max_norm, norm_type=norm_type,
+                          scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, device="meta")
+        return _with(m, weight=weight)
+
     conv_names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     return {
         F.linear: FunctionalLayer(("input", "weight", "bias"), ("weight", "bias"), linear),
@@ -76,6 +105,11 @@ def functional_layers(torch) -> dict:
                                       ("weight", "bias"), layer_norm),
         F.conv1d: FunctionalLayer(conv_names, ("weight", "bias"), conv(tnn.Conv1d, 1)),
         F.conv2d: FunctionalLayer(conv_names, ("weight", "bias"), conv(tnn.Conv2d, 2)),
+        F.batch_norm: FunctionalLayer(("input", "running_mean", "running_var", "weight", "bias",
+                                       "training", "momentum", "eps"), ("weight", "bias"),
+                                      batch_norm),
+        F.embedding: FunctionalLayer(("input", "weight", "padding_idx", "max_norm", "norm_type",
+                                      "scale_grad_by_freq", "sparse"), ("weight",), embedding),
     }
 
 
@@ -123,11 +157,18 @@ class FunctionalLayers:
         tensors = {k: bound.get(k) for k in spec.params}
         if self.is_param(tuple(tensors.values())):
             raise self.refuse_param(node, f"{fname!r} and another operation")
-        if not self.is_act(x) or any(t is not None and self.kind.get(t) != "layer_param"
-                                     for t in tensors.values()):
+        own = all(t is None or self.kind.get(t) == "layer_param" for t in tensors.values())
+        if fname == "embedding" and own and self.kind.get(x) in ("const", "static"):
+            # constant indices (position ids): the weight used directly, as for the module
+            bound["weight"] = self.index[tensors["weight"]]
+            return self._lookup(node, spec.module(**bound), x, tensors["weight"].target)
+        if not self.is_act(x) or not own:
             raise self.refuse(node, f"F.{fname} imports as a layer when its input is an "
                                     "activation and its weights are parameters (a constant or "
                                     "computed weight has no converter)")
+        for k, v in list(bound.items()):   # buffers (running statistics): their values
+            if k not in spec.params and self.kind.get(v) == "const":
+                bound[k] = self.index[v]
         if any(isinstance(v, self.torch.fx.Node) for k, v in bound.items()
                if k not in spec.params):
             raise self.refuse(node, f"F.{fname} with an argument computed in forward; refngd "
@@ -135,6 +176,9 @@ class FunctionalLayers:
                                     "batch, from_torch(module, X), a shape read from an "
                                     "activation is one)")
         bound.update({k: None if t is None else self.index[t] for k, t in tensors.items()})
+        if fname == "batch_norm":
+            meta = x.meta.get(META)
+            bound["input_ndim"] = None if meta is None else meta.ndim
         key = (fname,) + tuple(id(bound[k]) for k in spec.params)
         if key not in self.layers:
             try:

@@ -27,7 +27,7 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_more import ConstantLookup, Expand, Pad, PermuteUnbind, Softmax
+from ..nn.graph_more import ConstantLookup, Expand, Pad, ParamReshape, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
@@ -36,6 +36,9 @@ from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn, unb
 from .torch_trace import META, culprit, trace
 
 __all__ = ["graph_from_torch"]
+
+#: methods that reshape a parameter used directly without moving entries (ParamReshape)
+RESHAPES = ("reshape", "view", "unsqueeze", "squeeze", "flatten")
 
 
 def _where(node) -> str:
@@ -191,12 +194,14 @@ class _Converter(FunctionalLayers):
             self.kind[node] = "tuple"
             self.items[(node, 0)] = src.node
 
-    def _lookup(self, node, module, x):
-        """An embedding of constant indices (position ids): its weight used directly."""
+    def _lookup(self, node, module, x, name=None):
+        """An embedding of constant indices (position ids): its weight used directly.
+        ``name``: the weight's (default: the module's path + ".weight")."""
         if module.max_norm is not None or module.scale_grad_by_freq:
             raise self.unsupported(module, node.target, "max_norm / scale_grad_by_freq")
         t = self.tensor_id[id(module.weight)]
-        group = TensorGroup(None, (0,), [tuple(module.weight.shape)], [node.target + ".weight"])
+        group = TensorGroup(None, (0,), [tuple(module.weight.shape)],
+                            [name or node.target + ".weight"])
         w = self.nodes.append(GraphNode("param", group, (), (t,), _where(node))) or \
             len(self.nodes) - 1
         op = ConstantLookup()
@@ -272,10 +277,15 @@ class _Converter(FunctionalLayers):
         if dims is not None:
             op = PermuteUnbind(tuple(d % len(dims) for d in dims))
             return self.add(node, "tuple", GraphNode("op", op, (self.arg(args[0]),)))
+        spec = functional_layers(self.torch).get(target)
+        if spec is not None:
+            return self._layer_call(node, spec, args, kw)
         if not any(self.any_act(a) for a in args + list(kw.values())):
             if any(self.is_param(a) for a in args + list(kw.values())):
                 if name == "expand":
                     return self.op(node, Expand(), [args[0], tuple(sizes(args))])
+                if name in RESHAPES and self._param_shape(args[0]) is not None:
+                    return self._param_reshape(node, name, args, kw)
                 return self._param_op(node, name, args, kw)
             if self.kind.get(args[0] if args else None) == "tuple":
                 raise self.refuse(node, "an operation on a tuple")
@@ -287,12 +297,12 @@ class _Converter(FunctionalLayers):
             if target is getattr and args[1] not in ("shape",):
                 raise self.refuse(node, f"attribute {args[1]!r} of an activation")
             return self.static(node, static_fn(target, kw), args, name)
-        spec = functional_layers(self.torch).get(target)
-        if spec is not None:
-            return self._layer_call(node, spec, args, kw)
         modules = functional_modules(self.torch)
+        qualname = f"{getattr(target, '__module__', '')}.{name}"
         if target in modules or (isinstance(target, str) and target in modules):
             return self._functional(node, modules[target], args, kw)
+        if qualname in modules:
+            return self._functional(node, modules[qualname], args, kw)
         convert = handler(self.torch, target)
         if convert is None and any(self.is_param(a) for a in args + list(kw.values())):
             raise self.refuse_param(node, repr(name))
@@ -316,6 +326,24 @@ class _Converter(FunctionalLayers):
         op.batched, op.shared = (False,) * len(args), True
         return self.add(node, "param", GraphNode("param_op", op,
                                                  tuple(self.arg(a) for a in args)))
+
+    def _param_shape(self, a):
+        """The shape of a parameter used directly, or of a reshape of one (else None)."""
+        if self.kind.get(a) != "param":
+            return None
+        op = self.nodes[self.index[a]].op
+        return op.shape if isinstance(op, ParamReshape) else getattr(op, "param_shapes", [None])[0]
+
+    def _param_reshape(self, node, name, args, kw):
+        """``p.reshape(1, -1, 1, 1)`` and its kin on a parameter used directly: the new
+        shape from PyTorch itself, on a meta tensor of p's shape."""
+        try:
+            meta = self.torch.empty(self._param_shape(args[0]), device="meta")
+            shape = tuple(getattr(meta, name)(*args[1:], **kw).shape)
+        except (TypeError, RuntimeError) as err:
+            raise self.refuse_param(node, f"{name!r} with arguments {args[1:]} ({err})") from None
+        return self.add(node, "param", GraphNode("param_op", ParamReshape(shape, name),
+                                                 (self.arg(args[0]),)))
 
     def _getitem(self, node, args):
         src, index = args
@@ -383,9 +411,15 @@ class _Converter(FunctionalLayers):
         dtype does not change (the meta tensors of concrete tracing say so)."""
         src = args[0]
         before, after = src.meta.get(META), node.meta.get(META)
-        if before is None or after is None or before.dtype != after.dtype:
+        if before is None or after is None:
             raise self.refuse(node, "a dtype conversion; refngd computes in θ's dtype "
                                     "(convert the model, e.g. model.double())")
+        if before.dtype != after.dtype:
+            raise self.refuse(node, f"a conversion from {before.dtype} to {after.dtype} inside "
+                                    f"forward (the model computes part of its function in "
+                                    f"{after.dtype}, e.g. an RMSNorm's variance); refngd computes "
+                                    "every operation in θ's dtype and would not reproduce that "
+                                    "rounding: use a model that computes in one dtype")
         self.index[node], self.kind[node] = self.index[src], self.kind[src]
 
 

@@ -272,6 +272,13 @@ def functional_modules(torch) -> dict:
                              "(curvature needs a deterministic function)")
         return None
 
+    def stochastic_depth(p, mode, training=True):
+        if training and p:
+            raise ValueError(f"stochastic_depth(p={p}, training=True) drops residual branches "
+                             "at random; call model.eval() (curvature needs a deterministic "
+                             "function)")
+        return None
+
     table = {F.relu: plain(tnn.ReLU), torch.relu: plain(tnn.ReLU), "relu": plain(tnn.ReLU),
              torch.tanh: plain(tnn.Tanh), F.tanh: plain(tnn.Tanh), "tanh": plain(tnn.Tanh),
              torch.sigmoid: plain(tnn.Sigmoid), F.sigmoid: plain(tnn.Sigmoid),
@@ -281,7 +288,14 @@ def functional_modules(torch) -> dict:
              F.leaky_relu: lambda negative_slope=0.01, inplace=False: tnn.LeakyReLU(
                  negative_slope),
              F.softplus: lambda beta=1.0, threshold=20.0: tnn.Softplus(beta, threshold),
+             F.relu6: plain(tnn.ReLU6),
+             F.hardtanh: lambda min_val=-1.0, max_val=1.0, inplace=False: tnn.Hardtanh(
+                 min_val, max_val),
+             F.hardsigmoid: plain(tnn.Hardsigmoid), F.hardswish: plain(tnn.Hardswish),
              F.dropout: dropout,
+             # torchvision.ops.stochastic_depth (EfficientNet, ConvNeXt): by name, as
+             # torchvision may not import; the identity in eval mode, like dropout
+             "torchvision.ops.stochastic_depth.stochastic_depth": stochastic_depth,
              F.max_pool1d: _pool(tnn.MaxPool1d, ("kernel_size", "stride", "padding", "dilation",
                                                  "ceil_mode", "return_indices")),
              F.max_pool2d: _pool(tnn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation",

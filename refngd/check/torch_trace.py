@@ -139,7 +139,7 @@ def _classes():
             return super().getattr(attr, attr_val, parameter_proxy_cache)
 
         def call_module(self, m, forward, args, kwargs):
-            if self._depth:
+            if self._depth or transient(self, m):
                 return forward(*args, **kwargs)
             return super().call_module(m, forward, args, kwargs)
 
@@ -201,6 +201,17 @@ def _classes():
     return ConcreteTracer
 
 
+def transient(tracer, m) -> bool:
+    """``m`` was created in ``forward`` (DistilBERT's ``nn.ReLU()(x)``) and holds no tensors:
+    traced through its own forward (its functional calls), as torch.fx cannot name it.  One
+    with parameters or buffers (new random weights at every call) stays refused by torch.fx."""
+    try:
+        tracer.path_of_module(m)
+        return False
+    except NameError:
+        return next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None
+
+
 def trace(module, registry: dict, example):
     """The root, fx graph and constants of ``module.forward``: a symbolic trace (the
     other arguments of ``forward`` fixed to their defaults), or with ``example`` a batch of
@@ -218,6 +229,11 @@ def trace(module, registry: dict, example):
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
             return leaf(m) or super().is_leaf_module(m, qualname)
+
+        def call_module(self, m, forward, args, kwargs):
+            if transient(self, m):
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
 
     tracer = Tracer()
     tracer.record_stack_traces = True

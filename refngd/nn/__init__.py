@@ -4,8 +4,8 @@ The layer protocol (:mod:`refngd.nn.base`), the layers, :class:`Sequential` with
 layout, the model and linearisation protocols (:mod:`refngd.nn.protocols`) and parameter
 subsets (:mod:`refngd.nn.subsets`, also importable as ``refngd.subsets``).
 """
-from .activations import (ELU, GELU, SiLU, Dropout, Flatten, Identity, LeakyReLU, ReLU, Sigmoid,
-                          Softplus, Tanh)
+from .activations import (ELU, GELU, Dropout, Flatten, Hardsigmoid, Hardswish, Hardtanh,
+                          Identity, LeakyReLU, ReLU, ReLU6, Sigmoid, SiLU, Softplus, Tanh)
 from .attention import MultiheadAttention, ScaledDotProductAttention
 from .base import BiasRows, Layer, ParametricLayer, SmallParametricLayer
 from .layout import ParamLayout, TensorSlot
@@ -29,7 +29,7 @@ from . import subsets
 
 __all__ = ["Layer", "ParametricLayer", "SmallParametricLayer", "Composite", "BiasRows", "Linear",
            "Conv2d", "Conv1d", "ReLU", "Tanh", "Sigmoid", "GELU", "LeakyReLU", "ELU", "SiLU",
-           "Softplus", "Identity", "Dropout", "Flatten", "Sequential", "Linearization",
+           "Softplus", "Hardtanh", "ReLU6", "Hardsigmoid", "Hardswish", "Identity", "Dropout", "Flatten", "Sequential", "Linearization",
            "LayerNorm", "BatchNorm1d", "BatchNorm2d", "Embedding", "AvgPool2d", "MaxPool2d",
            "AdaptiveAvgPool2d", "AvgPool1d", "MaxPool1d", "AdaptiveAvgPool1d", "Upsample", "Mean",
            "MultiheadAttention", "ScaledDotProductAttention",

@@ -134,6 +134,66 @@ class Softplus(_Elementwise):
         return xp.where(lin, x, sp), xp.where(lin, 1.0, s).astype(x.dtype)
 
 
+class Hardtanh(_Elementwise):
+    """min(max(x, min_val), max_val) (``torch.nn.Hardtanh(min_val=-1.0, max_val=1.0)``;
+    ``ReLU6`` is ``Hardtanh(0, 6)``); derivative 1[min_val < x < max_val] — 0 at both
+    kinks, as PyTorch's ``hardtanh_backward``."""
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+        self.min_val = check_real(min_val, "Hardtanh min_val")
+        self.max_val = check_real(max_val, "Hardtanh max_val")
+        if not self.min_val < self.max_val:
+            raise ValueError(f"Hardtanh needs min_val < max_val, got {min_val!r} and {max_val!r}.")
+
+    def __repr__(self) -> str:
+        return f"Hardtanh(min_val={self.min_val!r}, max_val={self.max_val!r})"
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        d = ((x > self.min_val) & (x < self.max_val)).astype(x.dtype)
+        return xp.clip(x, self.min_val, self.max_val), d
+
+
+class ReLU6(Hardtanh):
+    """min(max(x, 0), 6) (``torch.nn.ReLU6``, MobileNetV2): ``Hardtanh(0, 6)``."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__(0.0, 6.0)
+
+    def __repr__(self) -> str:
+        return "ReLU6()"
+
+
+class Hardsigmoid(_Elementwise):
+    """ReLU6(x + 3)/6 (Howard et al. 2019, "Searching for MobileNetV3", §5.2;
+    ``torch.nn.Hardsigmoid``); derivative 1/6 for −3 < x < 3, else 0 (PyTorch's branches;
+    its CPU kernel multiplies by the float32 constant 1.0f/6.0f even in float64, relative
+    error 3e-8 — refngd's 1/6 is exact, tests/test_layers_twins.py)."""
+
+    def __init__(self, inplace: bool = False):
+        pass
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        d = ((x > -3) & (x < 3)).astype(x.dtype) / 6
+        return xp.clip(x + 3, 0.0, 6.0) / 6, d
+
+
+class Hardswish(_Elementwise):
+    """x·ReLU6(x + 3)/6 (Howard et al. 2019, §5.2, "h-swish"; ``torch.nn.Hardswish``);
+    derivative 0 for x ≤ −3, x/3 + 1/2 for −3 < x < 3, 1 for x ≥ 3 — PyTorch's branches
+    (``hardswish_backward``: the outer ones at both kinks)."""
+
+    def __init__(self, inplace: bool = False):
+        pass
+
+    def forward(self, params, x):
+        xp = namespace(x)
+        mid = x / 3 + 0.5
+        d = xp.where(x <= -3, 0.0, xp.where(x < 3, mid, 1.0)).astype(x.dtype)
+        return x * xp.clip(x + 3, 0.0, 6.0) / 6, d
+
+
 class Identity(Layer):
     """The identity (``torch.nn.Identity``): output = input, rows pass unchanged."""
 

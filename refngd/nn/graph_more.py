@@ -139,6 +139,27 @@ class Expand(GraphOp):
         return [unbroadcast(B, cache), None]
 
 
+class ParamReshape(GraphOp):
+    """``p.reshape(shape)`` (``view``, ``unsqueeze``, ``squeeze``, ``flatten``) of a parameter
+    used directly: a value shared by every sample (timm's layer scale
+    ``gamma.reshape(1, -1, 1, 1)``).  Rows (N, K, *shape) ↦ (N, K, *p.shape): a reshape moves
+    no entry, so each entry's per-row gradient is that of the entry it came from."""
+
+    shared = True
+
+    def __init__(self, shape: tuple, name: str):
+        super().__init__((False,))
+        self.params, self.shape = (True,), tuple(shape)
+        self.name = f"{name} of a parameter to {self.shape}"
+
+    def forward(self, args):
+        x = args[0]
+        return x.reshape(self.shape), tuple(x.shape)
+
+    def backward(self, cache, B):
+        return [B.reshape(B.shape[:2] + cache)]
+
+
 class Softmax(GraphOp):
     """``softmax`` or ``log_softmax`` (``log=True``) over an axis after the batch axis.
 
