@@ -107,3 +107,17 @@ def test_gamma_figure_keeps_ngd_visible(tmp_path, monkeypatch):
     assert ngd.get_zorder() > max(kfac.get_zorder(), ekfac.get_zorder())
     xs = [tuple(line.get_xdata()) for line in (ngd, kfac, ekfac)]
     assert len(set(xs)) == 3, "equal values must not be drawn at the same place"
+
+
+def test_model_zoo_lists_an_imported_model_and_names_unknown_ones(tmp_path):
+    """examples/model_zoo.py (docs/layers.md, "Model families"): a transformers model
+    imports and its row says so; an unknown name is an error."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "zoo.md"
+    proc = _run([str(ROOT / "examples" / "model_zoo.py"), "--only", "hf_distilbert",
+                 "--out", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"\| hf_distilbert \| yes \| [\d,]+ \| \d\.\de-\d\d \|", out.read_text())
+    proc = _run([str(ROOT / "examples" / "model_zoo.py"), "--only", "resnet"], cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown model(s) ['resnet']" in proc.stderr
