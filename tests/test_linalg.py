@@ -70,6 +70,26 @@ def test_cholesky_inplace_reports_failure(route, bad):
     assert not ok
 
 
+@pytest.mark.skipif(linalg.numpy_openblas() is None, reason="NumPy's own OpenBLAS not found")
+@pytest.mark.parametrize("nb", [0, 64, 100, 128])
+def test_blocked_cholesky_equals_one_dpotrf(monkeypatch, nb):
+    """The blocked factorisation (issue 22) gives LAPACK's factor to round-off for every
+    block size (0: one dpotrf call), leaves the strict upper triangle alone, and reports a
+    non-positive pivot met in a late block."""
+    monkeypatch.setattr(linalg, "HOST_LAPACK", "numpy-openblas")
+    monkeypatch.setattr(linalg, "CHOLESKY_BLOCK", nb)
+    n = 450
+    A = spd(n, seed=3)
+    M = A.copy()
+    M[np.triu_indices(n, 1)] = 7.0
+    L, ok = linalg.cholesky_inplace(M)
+    assert ok and rel(np.tril(L), np.linalg.cholesky(A)) < 1e-12
+    assert (L[np.triu_indices(n, 1)] == 7.0).all()
+    B = A.copy()
+    B[n - 3, n - 3] = -1.0               # indefinite only in the last block's pivots
+    assert not linalg.cholesky_inplace(B)[1]
+
+
 def test_cholesky_inplace_refuses_other_layouts():
     with pytest.raises(ValueError):
         linalg.cholesky_inplace(np.asfortranarray(spd(5))[:, :4])

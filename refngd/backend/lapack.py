@@ -18,10 +18,15 @@ triangular solves"; 2-core VMs, NumPy and SciPy wheels, R = 1152):
   wheels ship it as ``scipy-openblas64``, ILP64, symbols ``scipy_dpotrf_64_`` …),
   called in place through :mod:`ctypes`: one thread pool for the whole step, no copy;
   OpenBLAS's own recursive, parallel ``potrf`` does its work in GEMM/SYRK/TRSM calls.
-  Within the NGD step it ran at 38–46 % of the GEMM rate on the AVX-512 VM (OpenBLAS's
-  SkylakeX kernels, whose TRSM runs at 47–72 % of their GEMM rate there); a recursive
-  Cholesky written here with its triangular solves recursed into GEMMs was measured at
-  0.8–1.2× its speed and is not used.
+  Within the NGD step it ran at 38–48 % of the GEMM rate on the AVX-512 VM (OpenBLAS's
+  SkylakeX kernels, whose TRSM runs at 47–72 % of their GEMM rate there).  A recursive
+  Cholesky with its triangular solves recursed into GEMMs was measured at 0.8–1.2× its
+  speed and is not used; a right-looking *blocked* one (:func:`_potrf_blocked`: ``dpotrf``
+  of 128 × 128 diagonal blocks, the rest in ``dtrsm`` and rank-128 ``dsyrk`` updates,
+  which OpenBLAS runs near the GEMM rate on both threads) ran at 51–53 % against 41–48 %
+  for one ``dpotrf`` call, interleaved in one process at R = 1152, and within 5 % of it
+  (either way, run to run) at R = 600 … 4608: it is the default above R = 256
+  (:data:`CHOLESKY_BLOCK`; 0 restores one ``dpotrf`` call).
 
 :func:`cholesky_inplace` and :func:`cho_solve` therefore use NumPy's own LAPACK where it is
 found (already loaded in this process, ILP64 symbols present) and fall back to SciPy's
@@ -145,6 +150,8 @@ def cholesky_inplace(M: np.ndarray) -> tuple[np.ndarray, bool]:
         return M, True
     r = route()
     if r == "numpy-openblas":
+        if CHOLESKY_BLOCK and n > 2 * CHOLESKY_BLOCK:
+            return M, _potrf_blocked(numpy_openblas(), M, CHOLESKY_BLOCK)
         lib, nn, info = numpy_openblas(), _i64(n), _i64(0)
         lib.potrf(_c(b"U"), ctypes.byref(nn), _ptr(M), ctypes.byref(nn), ctypes.byref(info),
                   ctypes.c_size_t(1))
@@ -162,7 +169,46 @@ def cholesky_inplace(M: np.ndarray) -> tuple[np.ndarray, bool]:
     return M, True
 
 
-def lower_copy(A: np.ndarray, shift: float = 0.0, block: int = 256) -> np.ndarray:
+#: block size of the right-looking blocked Cholesky on NumPy's OpenBLAS (0: one ``dpotrf``
+#: call); ``REFNGD_CHOLESKY_BLOCK`` sets it.  See :func:`_potrf_blocked` for the measurement.
+CHOLESKY_BLOCK = int(os.environ.get("REFNGD_CHOLESKY_BLOCK", "128"))
+
+
+def _potrf_blocked(lib, M: np.ndarray, nb: int) -> bool:
+    """Right-looking blocked Cholesky of ``M`` in place (the textbook block algorithm, by
+    block rows of the Fortran upper factor U = Lᵀ): for each diagonal block k, ``dpotrf`` of its nb × nb block, ``dtrsm`` of the block row
+    right of it (U₁₂ ← U₁₁⁻ᵀ A₁₂) and ``dsyrk`` of the trailing matrix (A₂₂ −= U₁₂ᵀ U₁₂).
+
+    Why not one ``dpotrf``: OpenBLAS's parallel ``potrf`` splits its work into panels whose
+    updates run below the GEMM rate on 2 cores at the sizes of the NGD step (R ≈ 1152); here
+    almost all the work is the trailing ``dsyrk`` updates, rank nb, which OpenBLAS runs near
+    the GEMM rate with both threads (docs/benchmarks.md, issue 22).  Returns False at a
+    non-positive pivot (the factor is then partial), as ``dpotrf``'s ``info``.
+    """
+    n = M.shape[0]
+    ld, info = _i64(n), _i64(0)
+    one, minus = ctypes.c_double(1.0), ctypes.c_double(-1.0)
+    s1 = ctypes.c_size_t(1)
+    base = M.ctypes.data
+    at = lambda i, j: ctypes.c_void_p(base + 8 * (i + j * n))  # noqa: E731 - Fortran (i, j)
+    for k in range(0, n, nb):
+        b, r = min(nb, n - k), max(0, n - k - nb)
+        lib.potrf(_c(b"U"), ctypes.byref(_i64(b)), at(k, k), ctypes.byref(ld),
+                  ctypes.byref(info), s1)
+        if info.value:
+            return False
+        if not r:
+            break
+        lib.trsm(_c(b"L"), _c(b"U"), _c(b"T"), _c(b"N"), ctypes.byref(_i64(b)),
+                 ctypes.byref(_i64(r)), ctypes.byref(one), at(k, k), ctypes.byref(ld),
+                 at(k, k + b), ctypes.byref(ld), s1, s1, s1, s1)
+        lib.syrk(_c(b"U"), _c(b"T"), ctypes.byref(_i64(r)), ctypes.byref(_i64(b)),
+                 ctypes.byref(minus), at(k, k + b), ctypes.byref(ld), ctypes.byref(one),
+                 at(k + b, k + b), ctypes.byref(ld), s1, s1)
+    return True
+
+
+def lower_copy(A: np.ndarray, shift: float = 0.0, block: int = 128) -> np.ndarray:
     """A new C-ordered float64 matrix: the lower triangle of ``A`` (+ shift on the diagonal),
     zeros above — what :func:`cholesky_inplace` turns into a clean lower factor.
 
@@ -172,22 +218,34 @@ def lower_copy(A: np.ndarray, shift: float = 0.0, block: int = 256) -> np.ndarra
     shift : added to the diagonal after the copy, as ``M.reshape(-1)[::n + 1] += shift``.
     block : rows per block.
 
-    In row blocks: the part left of each block's diagonal square is copied, the square
-    itself through a small ``tril``, the part right of it set to zero — one pass that
-    reads half of A, instead of a full copy and then a second pass zeroing the upper
-    triangle of the factor.  The lower triangle is that of ``A.copy()`` with ``shift``
-    added to its diagonal, bit for bit.
+    In row blocks: each block's rows up to the end of its diagonal square are copied in one
+    contiguous assignment, the part right of the square set to zero, and the square's strict
+    upper triangle zeroed through a cached boolean mask — one pass that reads about half
+    of A.  (A ``tril`` of each square, as before, allocated a temporary per block: 1.4–1.6×
+    slower at n = 1152.)  The lower triangle is that of ``A.copy()`` with ``shift`` added
+    to its diagonal, bit for bit.
     """
     n = A.shape[0]
     M = np.empty((n, n), dtype=np.float64)
     for i in range(0, n, block):
         j = min(n, i + block)
-        M[i:j, :i] = A[i:j, :i]
-        M[i:j, i:j] = np.tril(A[i:j, i:j])
+        M[i:j, :j] = A[i:j, :j]
         M[i:j, j:] = 0.0
+        M[i:j, i:j][_strict_upper(j - i)] = 0.0
     if shift:
         M.reshape(-1)[::n + 1] += shift
     return M
+
+
+_UPPER_MASKS: dict[int, np.ndarray] = {}
+
+
+def _strict_upper(b: int) -> np.ndarray:
+    """The (b, b) boolean mask of the strict upper triangle (cached per size)."""
+    mask = _UPPER_MASKS.get(b)
+    if mask is None:
+        mask = _UPPER_MASKS[b] = np.triu(np.ones((b, b), dtype=bool), 1)
+    return mask
 
 
 def cho_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -271,6 +329,6 @@ def symmetrize_lower(G: np.ndarray, block: int = 128) -> np.ndarray:
         j = min(n, i + block)
         G[i:j, j:] = G[j:, i:j].T
         sq = G[i:j, i:j]
-        upper = np.triu(np.ones((j - i, j - i), dtype=bool), 1)
+        upper = _strict_upper(j - i)
         sq[upper] = sq.T[upper]
     return G
