@@ -163,13 +163,14 @@ class Conv2d(ConvRows, ParametricLayer):
         return [rng.uniform(-bound, bound, size=s) for s in self.param_shapes]
 
     # ----------------------------------------------------------------- forward/backward
-    def _im2col(self, x):
+    def _im2col(self, x, out=None):
         """Patches as columns Āᵀ, one (D, N·T) matrix, D in the weight's (in, kh, kw) order.
 
-        One strided view of the zero-padded input and one copy.  Columns ordered (n, t)
-        make the forward pass, Uᵀw and U v single 2-d GEMMs over all samples (a batched
-        product of N (C_out × D)(D × T) GEMMs ran at half the rate on 2 cores), and keep
-        the output locations contiguous for the copy.
+        One strided view of the zero-padded input and one copy (into ``out``, a (D, N, T)
+        array, when given).  Columns ordered
+        (n, t) make the forward pass, Uᵀw and U v single 2-d GEMMs over all samples (a
+        batched product of N (C_out × D)(D × T) GEMMs ran at half the rate on 2 cores), and
+        keep the output locations contiguous for the copy.
         """
         xp = namespace(x)
         N, _, H, W = x.shape
@@ -183,6 +184,9 @@ class Conv2d(ConvRows, ParametricLayer):
         view = xp.lib.stride_tricks.as_strided(
             x, shape=(self.in_channels,) + self._k + (N, Ho, Wo),
             strides=(sC, sH * dh, sW * dw, sN, sH * sh, sW * sw))
+        if out is not None:  # one copy: out's axes split to the view's (a view of out)
+            out.reshape(view.shape)[...] = view
+            return out, (Ho, Wo)
         return view.reshape(self._D_in, N * Ho * Wo), (Ho, Wo)  # reshape copies the view
 
     @staticmethod
@@ -209,16 +213,27 @@ class Conv2d(ConvRows, ParametricLayer):
         (C_out, N·T) temporary and no transposing copy of it.  Each product is
         small enough for BLAS to run it on one thread; on the 2-core VM under load the
         one (C_out × N·T) GEMM on two threads, plus the copy, was 2–30× slower (conv3×3
-        3→16 on 64 × 16 × 16 inputs: 0.6 ms against 0.8–34 ms, the same bits).
+        3→16 on 64 × 16 × 16 inputs: 0.6 ms against 0.8–34 ms, the same bits).  The
+        columns and outputs are allocated once and written in place (``out=``): with
+        the default malloc settings, whose fresh pages fault at every call, the CNN
+        gradient of ``benchmarks/vs_torch.py`` took 12–15 ms against 19–23 ms for the
+        copy-returning form (docs/benchmarks.md, issue 22).  Splitting the samples over
+        two Python threads was measured too (1.3–1.7× on the layer alone) and is not used:
+        inside a gradient it gained nothing, its threads competing with OpenBLAS's
+        still-spinning ones.
         """
+        xp = namespace(x)
         N = x.shape[0]
-        cols2, (Ho, Wo) = self._im2col(x)
+        _, Ho, Wo = self._out_shape2d(x.shape[1:])
         Co, T = self.out_channels, Ho * Wo
         g, D = self.groups, self.D
+        cols2 = xp.empty((self._D_in, N * T), dtype=x.dtype)
+        self._im2col(x, out=cols2.reshape(self._D_in, N, T))
         cols = cols2.reshape(self._D_in, N, T).transpose(1, 0, 2)  # (N, g·D, T), a view
+        z = xp.empty((N, Co, T), dtype=xp.result_type(x.dtype, params[0].dtype))
         # group j's C_out/g outputs read its D patch rows: (g, C_out/g, D) @ (N, g, D, T)
-        z = namespace(x).matmul(params[0].reshape(g, Co // g, D), cols.reshape(N, g, D, T))
-        z = z.reshape(N, Co, T)
+        xp.matmul(params[0].reshape(g, Co // g, D), cols.reshape(N, g, D, T),
+                  out=z.reshape(N, g, Co // g, T))
         if self.bias:
             z += params[1][:, None].astype(z.dtype, copy=False)
         return z.reshape(N, Co, Ho, Wo), (cols, tuple(x.shape[2:]))
