@@ -838,3 +838,104 @@ def test_functional_batch_norm_and_embedding():
     train.forward = lambda x: train.head(batch_stats(F.embedding(x, train.E).transpose(1, 2)).flatten(1))
     with pytest.raises(interop.UnsupportedModuleError, match="batch's statistics"):
         interop.from_torch(train, X)
+
+
+class _SameTensorsOtherOptions(torch.nn.Module):
+    """The same tensors in two functional calls with different options: two layers on one
+    θ slice (fresh-eyes review: one cached layer served both, outputs off by 1.2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(2, 2, 3, 3) / 3)
+        self.head = torch.nn.Linear(2 * 16 + 2 * 16 + 12, 3)
+
+    def forward(self, x):                                   # (N, 2, 4, 4)
+        a = F.conv2d(x, self.w, padding=1)
+        b = F.conv2d(x, self.w, padding=2, dilation=2)
+        t = x.reshape(x.shape[0], 8, 4)[:, :3]
+        c = F.layer_norm(t, (4,)) + 2 * F.layer_norm(t, (3, 4))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1), c.flatten(1)], dim=1))
+
+
+def test_same_tensors_with_other_options_are_other_layers():
+    torch.manual_seed(0)
+    net = _SameTensorsOtherOptions().double().eval()
+    X = np.random.default_rng(0).standard_normal((3, 2, 4, 4))
+    for example in (None, X):
+        model, theta = interop.from_torch(net, example)
+        np.testing.assert_allclose(model.forward(theta, X), net(torch.tensor(X)).detach().numpy(),
+                                   rtol=1e-12, atol=1e-13)
+
+
+class _EmbeddingsPadded(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(6, 3))
+        self.head = torch.nn.Linear(3 * 4, 2)
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.W) + F.embedding(ids, self.W, padding_idx=0)
+        return self.head(h.flatten(1))
+
+
+def test_embedding_with_and_without_padding_idx_on_one_weight():
+    """padding_idx zeroes the padding row's gradient in one call, not in the other."""
+    torch.manual_seed(0)
+    net = _EmbeddingsPadded().double()
+    X = np.array([[0, 1, 2, 0], [3, 0, 5, 4], [0, 0, 1, 1]])
+    y = np.array([0, 1, 1])
+    model, theta = interop.from_torch(net, X)
+    loss = interop.from_torch_loss(torch.nn.CrossEntropyLoss())
+    np.testing.assert_allclose(refngd.per_sample_gradients(model, theta, loss, X, y),
+                               torch_per_sample_grads(net, X, y), **TOL)
+
+
+def test_computed_weights_and_half_affine_batch_norm_are_refused():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.W * 2)
+
+    with pytest.raises(interop.UnsupportedModuleError, match=r"parameter 'W' \(of Scaled, through 'mul'\)"):
+        interop.from_torch(Scaled().double())
+
+    class BiasOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = torch.nn.Parameter(torch.randn(3))
+            self.register_buffer("m", torch.zeros(3))
+            self.register_buffer("v", torch.ones(3))
+
+        def forward(self, x):
+            return F.batch_norm(x, self.m, self.v, None, self.b)
+
+    with pytest.raises(interop.UnsupportedModuleError, match="only one of weight and bias"):
+        interop.from_torch(BiasOnly().double(), np.zeros((2, 3)))
+
+
+class _Noisy(torch.nn.Module):
+    """Noise drawn on a real tensor while tracing (torchvision's stochastic_depth in
+    training mode, mode="batch"): it would be frozen into the graph as a constant."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.lin, self.where = torch.nn.Linear(4, 3), where
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.where == "constant":
+            return h * torch.empty(1, 3, dtype=h.dtype).bernoulli_(0.5)
+        return h + torch.rand_like(h)
+
+
+@pytest.mark.parametrize("where", ["constant", "node"])
+def test_random_numbers_drawn_in_forward_are_refused(where):
+    torch.manual_seed(0)
+    net = _Noisy(where).double()
+    state = torch.random.get_rng_state()
+    with pytest.raises(interop.UnsupportedModuleError, match="draws random numbers"):
+        interop.from_torch(net, np.zeros((2, 4)))
+    assert torch.equal(state, torch.random.get_rng_state())   # the caller's stream untouched

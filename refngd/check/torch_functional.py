@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from ..nn.graph import GraphNode, Ref
 from .torch_arrays import UnsupportedModuleError
 from .torch_trace import META
@@ -85,8 +87,9 @@ def functional_layers(torch) -> dict:
                 dtype=torch.float64).eval()
         m.running_mean = torch.as_tensor(running_mean)
         m.running_var = torch.as_tensor(running_var)
-        if weight is not None and bias is None:
-            raise ValueError("F.batch_norm with a weight but no bias")
+        if (weight is None) != (bias is None):
+            raise ValueError("F.batch_norm with only one of weight and bias (refngd's BatchNorm "
+                             "has both or neither)")
         return _with(m, weight=weight, bias=bias)
 
     def embedding(weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -111,6 +114,19 @@ def functional_layers(torch) -> dict:
         F.embedding: FunctionalLayer(("input", "weight", "padding_idx", "max_norm", "norm_type",
                                       "scale_grad_by_freq", "sparse"), ("weight",), embedding),
     }
+
+
+def _option_key(v):
+    """A hashable stand-in for an option's value (arrays by content: running statistics)."""
+    if isinstance(v, np.ndarray):
+        return (v.shape, str(v.dtype), v.tobytes())
+    if isinstance(v, (list, tuple)):
+        return tuple(_option_key(u) for u in v)
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return repr(v)
 
 
 def bind(spec: FunctionalLayer, args, kwargs) -> dict:
@@ -179,7 +195,11 @@ class FunctionalLayers:
         if fname == "batch_norm":
             meta = x.meta.get(META)
             bound["input_ndim"] = None if meta is None else meta.ndim
-        key = (fname,) + tuple(id(bound[k]) for k in spec.params)
+        # one layer per call site's tensors *and* options: a second call with the same
+        # tensors and options ties them; other options (eps, padding, padding_idx, running
+        # statistics, the input's rank) make another layer on the same tensors
+        key = (fname,) + tuple(id(bound[k]) for k in spec.params) + tuple(
+            (k, _option_key(v)) for k, v in sorted(bound.items()) if k not in spec.params)
         if key not in self.layers:
             try:
                 module = spec.module(**bound)

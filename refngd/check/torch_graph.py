@@ -37,6 +37,14 @@ from .torch_trace import META, culprit, trace
 
 __all__ = ["graph_from_torch"]
 
+#: functions and methods that draw random numbers: refused wherever they appear (a value
+#: drawn while tracing would otherwise be frozen into the graph as a constant)
+RANDOM = frozenset({
+    "bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint",
+    "randint_like", "randperm", "normal", "normal_", "uniform_", "exponential_", "geometric_",
+    "cauchy_", "log_normal_", "random_", "multinomial", "poisson", "rrelu", "rrelu_",
+    "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"})
+
 #: methods that reshape a parameter used directly without moving entries (ParamReshape)
 RESHAPES = ("reshape", "view", "unsqueeze", "squeeze", "flatten")
 
@@ -197,8 +205,9 @@ class _Converter(FunctionalLayers):
     def _lookup(self, node, module, x, name=None):
         """An embedding of constant indices (position ids): its weight used directly.
         ``name``: the weight's (default: the module's path + ".weight")."""
+        path = node.target if isinstance(node.target, str) else (name or node.name)
         if module.max_norm is not None or module.scale_grad_by_freq:
-            raise self.unsupported(module, node.target, "max_norm / scale_grad_by_freq")
+            raise self.unsupported(module, path, "max_norm / scale_grad_by_freq")
         t = self.tensor_id[id(module.weight)]
         group = TensorGroup(None, (0,), [tuple(module.weight.shape)],
                             [name or node.target + ".weight"])
@@ -227,14 +236,25 @@ class _Converter(FunctionalLayers):
     def refuse_param(self, node, what: str) -> UnsupportedModuleError:
         names = []
         for a in node.all_input_nodes:
-            if self.kind.get(a) == "param":
-                path = a.target.rpartition(".")[0]
-                owner = self.root.get_submodule(path) if path else self.root
-                names.append(f"{a.target!r} (of {type(owner).__name__}"
-                             + (f" at {path!r})" if path else ")"))
+            if self.kind.get(a) != "param":
+                continue
+            root = a
+            while root.op != "get_attr" and root.all_input_nodes:  # W * 2, g.view(...)
+                root = next((b for b in root.all_input_nodes if self.kind.get(b) == "param"),
+                            root.all_input_nodes[0])
+            if root.op != "get_attr":
+                names.append(f"{a.name!r} (computed from parameters)")
+                continue
+            path = root.target.rpartition(".")[0]
+            owner = self.root.get_submodule(path) if path else self.root
+            via = "" if root is a else f", through {a.name!r}"
+            names.append(f"{root.target!r} (of {type(owner).__name__}"
+                         + (f" at {path!r}" if path else "") + f"{via})")
         return self.refuse(node, f"parameter {', '.join(names)} is used directly "
                                  f"in {what}; refngd differentiates a parameter used in forward "
-                                 "(not through a module) in +, -, *, / and expand only: use it "
+                                 "(not through a module) in +, -, *, /, expand and reshape only, "
+                                 "and passed as the weight of F.linear, F.conv1d/2d, F.layer_norm, "
+                                 "F.batch_norm or F.embedding when used nowhere else: use it "
                                  "inside a module with a converter (nn.Linear, ...) or register "
                                  "one with refngd.interop.register")
 
@@ -264,6 +284,10 @@ class _Converter(FunctionalLayers):
         target = node.target
         name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
         args, kw = list(node.args), dict(node.kwargs)
+        if name in RANDOM:
+            raise self.refuse(node, f"{name!r} draws random numbers; the curvature of a random "
+                                    "function is not what you mean (in training mode a dropout "
+                                    "or stochastic depth does this: call model.eval())")
         if target is operator.getitem:
             return self._getitem(node, args)
         if node.op == "call_method" and target in CASTS and isinstance(
@@ -431,8 +455,11 @@ def graph_from_torch(module, registry: dict, unsupported: Callable,
     (:mod:`refngd.check.torch_trace`), which models that read their inputs' shapes need.
     Returns the graph model and the θ tensors in ``module.parameters()`` order.
     """
+    torch = _torch()
+    rng = torch.random.get_rng_state()
     try:
         root, graph, constants = trace(module, registry, example)
+        drew = not torch.equal(rng, torch.random.get_rng_state())
     except Exception as err:
         hint = ("" if example is not None else "; a forward that reads its input's shape "
                 "or dtype, or whose signature the symbolic tracer cannot call (models of "
@@ -444,6 +471,13 @@ def graph_from_torch(module, registry: dict, unsupported: Callable,
             f"torch.fx could not trace {type(module).__name__}.forward{culprit(err)} "
             f"({type(err).__name__}: {err}); {why} (docs/validating.md, 'Importing "
             f"arbitrary modules'){hint}.") from None
+    finally:
+        torch.random.set_rng_state(rng)   # tracing leaves the caller's random stream as it was
+    if drew:  # a value drawn while tracing would be frozen into the graph as a constant
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}.forward draws random numbers (dropout, stochastic depth "
+            "or noise in training mode, or a random tensor): the curvature of a random "
+            "function is not what you mean; call module.eval() or remove the randomness.")
     conv = _Converter(root, registry, unsupported, constants,
                       getattr(graph, "refngd_batch", None))
     conv.name = type(module).__name__
