@@ -939,3 +939,16 @@ def test_random_numbers_drawn_in_forward_are_refused(where):
     with pytest.raises(interop.UnsupportedModuleError, match="draws random numbers"):
         interop.from_torch(net, np.zeros((2, 4)))
     assert torch.equal(state, torch.random.get_rng_state())   # the caller's stream untouched
+
+
+def test_a_reduction_of_a_parameter_is_refused_as_such():
+    class Summed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.g = torch.nn.Linear(3, 2), torch.nn.Parameter(torch.randn(4))
+
+        def forward(self, x):
+            return self.lin(x) * self.g.sum()
+
+    with pytest.raises(interop.UnsupportedModuleError, match=r"parameter 'g' .*'sum' without an activation"):
+        interop.from_torch(Summed().double())

@@ -343,7 +343,10 @@ class _Converter(FunctionalLayers):
         """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared
         by every sample, whose rows are per-row gradients (N, K, *shape)."""
         convert = handler(self.torch, node.target)
-        op = convert(args, kw)[0] if convert is not None else None
+        try:
+            op = convert(args, kw)[0] if convert is not None else None
+        except ValueError:  # e.g. a reduction's axes, read as if the batch axis were there
+            op = None
         if not isinstance(op, Elementwise):
             raise self.refuse_param(node, f"{name!r} without an activation")
         op.params = tuple(self.is_param(a) for a in args)
