@@ -18,8 +18,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
-import numpy as np
-
 from ..nn.graph import GraphNode, Ref
 from .torch_arrays import UnsupportedModuleError
 from .torch_trace import META
@@ -118,8 +116,8 @@ def functional_layers(torch) -> dict:
 
 def _option_key(v):
     """A hashable stand-in for an option's value (arrays by content: running statistics)."""
-    if isinstance(v, np.ndarray):
-        return (v.shape, str(v.dtype), v.tobytes())
+    if hasattr(v, "tobytes") and hasattr(v, "shape"):   # a host array (a buffer's value)
+        return (tuple(v.shape), str(v.dtype), v.tobytes())
     if isinstance(v, (list, tuple)):
         return tuple(_option_key(u) for u in v)
     try:
