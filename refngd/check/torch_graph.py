@@ -27,27 +27,16 @@ import operator
 from typing import Callable
 
 from ..nn.graph import GraphModel, GraphNode, Ref
-from ..nn.graph_more import ConstantLookup, Expand, Pad, ParamReshape, PermuteUnbind, Softmax
+from ..nn.graph_more import Expand, Pad, PermuteUnbind, Softmax
 from ..nn.graph_ops import Elementwise, Index, ShapeOp, Split, Static
 from ..nn.tied import TensorGroup
 from .torch_arrays import UnsupportedModuleError, _torch, to_array
 from .torch_functional import FunctionalLayers, functional_layers
-from .torch_ops import CASTS, functional_modules, handler, sizes, static_fn, unbound_permute
+from .torch_params import RESHAPES, DirectParameters
+from .torch_ops import CASTS, RANDOM, functional_modules, handler, sizes, static_fn, unbound_permute
 from .torch_trace import META, culprit, trace
 
 __all__ = ["graph_from_torch"]
-
-#: functions and methods that draw random numbers: refused wherever they appear (a value
-#: drawn while tracing would otherwise be frozen into the graph as a constant)
-RANDOM = frozenset({
-    "bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint",
-    "randint_like", "randperm", "normal", "normal_", "uniform_", "exponential_", "geometric_",
-    "cauchy_", "log_normal_", "random_", "multinomial", "poisson", "rrelu", "rrelu_",
-    "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"})
-
-#: methods that reshape a parameter used directly without moving entries (ParamReshape)
-RESHAPES = ("reshape", "view", "unsqueeze", "squeeze", "flatten")
-
 
 def _where(node) -> str:
     """The node as the user can find it: its name, op, target and source line."""
@@ -60,7 +49,7 @@ def _where(node) -> str:
     return f"'{node.name}' ({node.op} {target}){line}"
 
 
-class _Converter(FunctionalLayers):
+class _Converter(FunctionalLayers, DirectParameters):
     """State of one conversion: fx node → refngd node index, kinds, the θ tensors."""
 
     def __init__(self, root, registry: dict, unsupported: Callable, constants=None,
@@ -202,22 +191,6 @@ class _Converter(FunctionalLayers):
             self.kind[node] = "tuple"
             self.items[(node, 0)] = src.node
 
-    def _lookup(self, node, module, x, name=None):
-        """An embedding of constant indices (position ids): its weight used directly.
-        ``name``: the weight's (default: the module's path + ".weight")."""
-        path = node.target if isinstance(node.target, str) else (name or node.name)
-        if module.max_norm is not None or module.scale_grad_by_freq:
-            raise self.unsupported(module, path, "max_norm / scale_grad_by_freq")
-        t = self.tensor_id[id(module.weight)]
-        group = TensorGroup(None, (0,), [tuple(module.weight.shape)],
-                            [name or node.target + ".weight"])
-        w = self.nodes.append(GraphNode("param", group, (), (t,), _where(node))) or \
-            len(self.nodes) - 1
-        op = ConstantLookup()
-        if module.padding_idx is not None:
-            op.padding_idx = module.padding_idx
-        return self.add(node, "param", GraphNode("param_op", op, (Ref(w), self.arg(x))))
-
     def _self_attention(self, node):
         args = list(node.args) + [None] * 3
         q, k, v = args[:3]
@@ -227,36 +200,6 @@ class _Converter(FunctionalLayers):
             raise self.refuse(node, "MultiheadAttention converts as self-attention "
                                     "attn(x, x, x, need_weights=False) without masks")
         return q
-
-    def is_param(self, a) -> bool:
-        if isinstance(a, (tuple, list)):
-            return any(self.is_param(v) for v in a)
-        return isinstance(a, self.torch.fx.Node) and self.kind.get(a) == "param"
-
-    def refuse_param(self, node, what: str) -> UnsupportedModuleError:
-        names = []
-        for a in node.all_input_nodes:
-            if self.kind.get(a) != "param":
-                continue
-            root = a
-            while root.op != "get_attr" and root.all_input_nodes:  # W * 2, g.view(...)
-                root = next((b for b in root.all_input_nodes if self.kind.get(b) == "param"),
-                            root.all_input_nodes[0])
-            if root.op != "get_attr":
-                names.append(f"{a.name!r} (computed from parameters)")
-                continue
-            path = root.target.rpartition(".")[0]
-            owner = self.root.get_submodule(path) if path else self.root
-            via = "" if root is a else f", through {a.name!r}"
-            names.append(f"{root.target!r} (of {type(owner).__name__}"
-                         + (f" at {path!r}" if path else "") + f"{via})")
-        return self.refuse(node, f"parameter {', '.join(names)} is used directly "
-                                 f"in {what}; refngd differentiates a parameter used in forward "
-                                 "(not through a module) in +, -, *, /, expand and reshape only, "
-                                 "and passed as the weight of F.linear, F.conv1d/2d, F.layer_norm, "
-                                 "F.batch_norm or F.embedding when used nowhere else: use it "
-                                 "inside a module with a converter (nn.Linear, ...) or register "
-                                 "one with refngd.interop.register")
 
     def op(self, node, op, args) -> int:
         """A graph operation on ``args`` (fx arguments, activations flagged)."""
@@ -338,39 +281,6 @@ class _Converter(FunctionalLayers):
         except ValueError as err:
             raise self.refuse(node, str(err)) from None
         return self.op(node, op, op_args)
-
-    def _param_op(self, node, name, args, kw):
-        """Arithmetic of parameters and constants only (``self.scale / 2``): a value shared
-        by every sample, whose rows are per-row gradients (N, K, *shape)."""
-        convert = handler(self.torch, node.target)
-        try:
-            op = convert(args, kw)[0] if convert is not None else None
-        except ValueError:  # e.g. a reduction's axes, read as if the batch axis were there
-            op = None
-        if not isinstance(op, Elementwise):
-            raise self.refuse_param(node, f"{name!r} without an activation")
-        op.params = tuple(self.is_param(a) for a in args)
-        op.batched, op.shared = (False,) * len(args), True
-        return self.add(node, "param", GraphNode("param_op", op,
-                                                 tuple(self.arg(a) for a in args)))
-
-    def _param_shape(self, a):
-        """The shape of a parameter used directly, or of a reshape of one (else None)."""
-        if self.kind.get(a) != "param":
-            return None
-        op = self.nodes[self.index[a]].op
-        return op.shape if isinstance(op, ParamReshape) else getattr(op, "param_shapes", [None])[0]
-
-    def _param_reshape(self, node, name, args, kw):
-        """``p.reshape(1, -1, 1, 1)`` and its kin on a parameter used directly: the new
-        shape from PyTorch itself, on a meta tensor of p's shape."""
-        try:
-            meta = self.torch.empty(self._param_shape(args[0]), device="meta")
-            shape = tuple(getattr(meta, name)(*args[1:], **kw).shape)
-        except (TypeError, RuntimeError) as err:
-            raise self.refuse_param(node, f"{name!r} with arguments {args[1:]} ({err})") from None
-        return self.add(node, "param", GraphNode("param_op", ParamReshape(shape, name),
-                                                 (self.arg(args[0]),)))
 
     def _getitem(self, node, args):
         src, index = args

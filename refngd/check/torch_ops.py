@@ -327,6 +327,14 @@ def _interpolate(tnn):
     return make
 
 
+#: functions and methods that draw random numbers: refused wherever they appear (a value
+#: drawn while tracing would otherwise be frozen into the graph as a constant)
+RANDOM = frozenset({
+    "bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint",
+    "randint_like", "randperm", "normal", "normal_", "uniform_", "exponential_", "geometric_",
+    "cauchy_", "log_normal_", "random_", "multinomial", "poisson", "rrelu", "rrelu_",
+    "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"})
+
 #: methods that convert dtype (or device): the identity where the dtype does not change
 CASTS = ("to", "type", "float", "double", "half", "bfloat16")
 
