@@ -109,6 +109,15 @@ def int_pair(value, name: str, owner: str, minimum: int) -> tuple[int, int]:
     return vals
 
 
+def int_single(value, name: str, owner: str, minimum: int) -> int:
+    """An int, or a 1-tuple of one (PyTorch's ``_single``: the sizes of 1-d layers), ≥ ``minimum``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise ValueError(f"{owner} {name} must be an int or a 1-tuple, got {value!r}.")
+        value = value[0]
+    return check_int(value, f"{owner} {name}", minimum)
+
+
 def host_full(shape: tuple[int, ...], value: float):
     """A host float64 array of ``shape`` filled with ``value`` (for ``init_params``)."""
     return to_numpy([float(value)] * math.prod(shape)).reshape(shape)

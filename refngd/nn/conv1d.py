@@ -14,17 +14,8 @@ parameter shapes and (N, C, L) inputs and outputs.
 """
 from __future__ import annotations
 
-from ..options import check_int
+from .base import int_single
 from .conv import Conv2d
-
-
-def _one(value, name: str, minimum: int) -> int:
-    """An int, or a 1-tuple of one (PyTorch's ``_single``), ≥ ``minimum``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 1:
-            raise ValueError(f"Conv1d {name} must be an int or a 1-tuple, got {value!r}.")
-        value = value[0]
-    return check_int(value, f"Conv1d {name}", minimum)
 
 
 class Conv1d(Conv2d):
@@ -41,8 +32,10 @@ class Conv1d(Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
                  padding=0, dilation=1, groups: int = 1, bias: bool = True):
-        k, s = _one(kernel_size, "kernel_size", 1), _one(stride, "stride", 1)
-        p, d = _one(padding, "padding", 0), _one(dilation, "dilation", 1)
+        k, s = (int_single(kernel_size, "kernel_size", "Conv1d", 1),
+                int_single(stride, "stride", "Conv1d", 1))
+        p, d = (int_single(padding, "padding", "Conv1d", 0),
+                int_single(dilation, "dilation", "Conv1d", 1))
         super().__init__(in_channels, out_channels, (1, k), (1, s), (0, p), (1, d), bias,
                          groups=groups)
         self.kernel_size, self.stride, self.padding, self.dilation = (k,), (s,), (p,), (d,)

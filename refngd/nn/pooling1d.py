@@ -6,18 +6,8 @@ derivatives — with PyTorch's 1-d arguments.
 """
 from __future__ import annotations
 
-from ..options import check_int
-from .base import Layer
+from .base import Layer, int_single
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
-
-
-def _one(value, name: str, owner: str, minimum: int) -> int:
-    """An int, or a 1-tuple of one (PyTorch's ``_single``), ≥ ``minimum``."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 1:
-            raise ValueError(f"{owner} {name} must be an int or a 1-tuple, got {value!r}.")
-        value = value[0]
-    return check_int(value, f"{owner} {name}", minimum)
 
 
 class _Pool1d(Layer):
@@ -48,9 +38,9 @@ class _Pool1d(Layer):
 
 
 def _window(owner, kernel_size, stride, padding):
-    k = _one(kernel_size, "kernel_size", owner, 1)
-    s = k if stride is None or stride == () else _one(stride, "stride", owner, 1)
-    return k, s, _one(padding, "padding", owner, 0)
+    k = int_single(kernel_size, "kernel_size", owner, 1)
+    s = k if stride is None or stride == () else int_single(stride, "stride", owner, 1)
+    return k, s, int_single(padding, "padding", owner, 0)
 
 
 class AvgPool1d(_Pool1d):
@@ -84,7 +74,7 @@ class MaxPool1d(_Pool1d):
             raise ValueError("MaxPool1d(return_indices=True) returns a pair; a refngd layer returns "
                              "one array.  Use return_indices=False.")
         k, s, p = _window("MaxPool1d", kernel_size, stride, padding)
-        d = _one(dilation, "dilation", "MaxPool1d", 1)
+        d = int_single(dilation, "dilation", "MaxPool1d", 1)
         if 2 * p > d * (k - 1) + 1:
             raise ValueError(f"MaxPool1d padding {p} must be at most half of the (dilated) kernel "
                              f"size {k}.")
@@ -102,7 +92,7 @@ class AdaptiveAvgPool1d(_Pool1d):
     of L_out averages the inputs [⌊i·L/L_out⌋, ⌈(i+1)·L/L_out⌉)."""
 
     def __init__(self, output_size):
-        self.output_size = _one(output_size, "output_size", "AdaptiveAvgPool1d", 1)
+        self.output_size = int_single(output_size, "output_size", "AdaptiveAvgPool1d", 1)
         self._inner = AdaptiveAvgPool2d((None, self.output_size))
 
     def __repr__(self) -> str:
