@@ -161,8 +161,9 @@ def net_theta(net):
     return interop.from_torch(net)[1]
 
 
-def test_cli_damping_variants_and_labels(cnn, tmp_path, capsys):
-    net, model, theta, X, y = cnn
+def write_check_files(tmp_path, theta, X, y):
+    """The cnn fixture's architecture, weights and batch as `refngd check` reads them; the
+    command line's first arguments."""
     arch = {"layers": [{"type": "Conv2d", "in_channels": 2, "out_channels": 3,
                         "kernel_size": 3, "padding": 1}, {"type": "ReLU"}, {"type": "Flatten"},
                        {"type": "Linear", "in_features": 48, "out_features": 3}],
@@ -170,13 +171,18 @@ def test_cli_damping_variants_and_labels(cnn, tmp_path, capsys):
     (tmp_path / "arch.json").write_text(json.dumps(arch))
     np.savez(tmp_path / "w.npz", theta=theta)
     np.savez(tmp_path / "b.npz", X=X, y=y)
+    return ["check", "--arch", str(tmp_path / "arch.json"), "--weights", str(tmp_path / "w.npz"),
+            "--batch", str(tmp_path / "b.npz")]
+
+
+def test_cli_damping_variants_and_labels(cnn, tmp_path, capsys):
+    net, model, theta, X, y = cnn
+    base = write_check_files(tmp_path, theta, X, y)
     loss = interop.from_torch_loss(CE)
     K = KFAC(model, theta, loss, X, y)
     g = updates.sgd(model, theta, loss, X, y)
     d = damped_update(K, g, lambda A, G, T: ((LAM / T) ** .5, (LAM * T) ** .5))
     np.savez(tmp_path / "d.npz", candidate=d)
-    base = ["check", "--arch", str(tmp_path / "arch.json"), "--weights", str(tmp_path / "w.npz"),
-            "--batch", str(tmp_path / "b.npz")]
     assert main(base + ["--candidate", str(tmp_path / "d.npz"), "--quantity", "kfac_update",
                         "--damping", str(LAM), "--damping-mode", "factored", "--pi", "1",
                         "--damping-split", "locations"]) == 0
@@ -199,17 +205,9 @@ def test_cli_damping_variants_and_labels(cnn, tmp_path, capsys):
 def test_cli_rejects_pi_under_tikhonov(cnn, tmp_path, capsys):
     """``--pi`` with the default Tikhonov damping: an error, not a silently unused option."""
     net, model, theta, X, y = cnn
-    arch = {"layers": [{"type": "Conv2d", "in_channels": 2, "out_channels": 3,
-                        "kernel_size": 3, "padding": 1}, {"type": "ReLU"}, {"type": "Flatten"},
-                       {"type": "Linear", "in_features": 48, "out_features": 3}],
-            "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}
-    (tmp_path / "arch.json").write_text(json.dumps(arch))
-    np.savez(tmp_path / "w.npz", theta=theta)
-    np.savez(tmp_path / "b.npz", X=X, y=y)
+    base = write_check_files(tmp_path, theta, X, y)
     d = updates.kfac(model, theta, interop.from_torch_loss(CE), X, y, LAM)
     np.savez(tmp_path / "d.npz", candidate=d)
-    assert main(["check", "--arch", str(tmp_path / "arch.json"), "--weights",
-                 str(tmp_path / "w.npz"), "--batch", str(tmp_path / "b.npz"), "--candidate",
-                 str(tmp_path / "d.npz"), "--quantity", "kfac_update", "--damping", str(LAM),
-                 "--pi", "1"]) == 2
+    assert main(base + ["--candidate", str(tmp_path / "d.npz"), "--quantity", "kfac_update",
+                        "--damping", str(LAM), "--pi", "1"]) == 2
     assert "does not use it" in capsys.readouterr().err

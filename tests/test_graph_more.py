@@ -16,7 +16,7 @@ F = torch.nn.functional
 from refngd import interop, nn  # noqa: E402
 from refngd.curvature import KFAC, Fisher  # noqa: E402
 from refngd.losses import CrossEntropy  # noqa: E402
-from test_torch_graph import TOL, torch_ggn, torch_jacobian  # noqa: E402
+from test_torch_graph import TOL, assert_rows_match_torch, torch_ggn  # noqa: E402
 
 
 class Attention(torch.nn.Module):
@@ -71,18 +71,7 @@ def check_against_torch(net, model, theta, X):
     y = np.arange(N) % 3
     np.testing.assert_allclose(Fisher(model, theta, CrossEntropy(), X, y, params="all").dense(),
                                torch_ggn(net, X, torch.nn.CrossEntropyLoss()), **TOL)
-    lin = model.linearize(theta, X)
-    S = np.random.default_rng(2).standard_normal((N, 2, 3))
-    rows = lin.backprop(S)
-    U = rows.dense().reshape(N * 2, -1)
-    np.testing.assert_allclose(U, np.einsum("nkc,ncp->nkp", S, torch_jacobian(net, X)).reshape(
-        N * 2, -1), **TOL)
-    rng = np.random.default_rng(3)
-    v, w = rng.standard_normal(theta.size), rng.standard_normal((N, 2))
-    np.testing.assert_allclose(rows.gram(), U @ U.T, **TOL)
-    np.testing.assert_allclose(rows.matvec(v).reshape(-1), U @ v, **TOL)
-    np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ U, **TOL)
-    np.testing.assert_allclose(rows.sq_sum(), (U * U).sum(axis=0), **TOL)
+    assert_rows_match_torch(net, model, theta, X)
 
 
 @pytest.mark.parametrize("mode", ["causal", "bool", "additive"])

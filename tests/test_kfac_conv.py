@@ -24,7 +24,7 @@ import pytest
 from refngd import nn
 from refngd.curvature import KFAC, EmpiricalFisher, Fisher, SampledFisher
 from refngd.losses import CrossEntropy, MSELoss
-from kfac_helpers import block_mask, rel_err
+from kfac_helpers import block_mask, conv_reference_factors, rel_err
 
 EXACT = 1e-10
 
@@ -104,15 +104,8 @@ def test_conv_factors_against_oracles(fisher_type):
         for bias in ("separate", "joint"):
             f = KFAC(model, theta, loss, X, y, fisher_type=fisher_type, kfac_approx=approx,
                      bias=bias, **kw).factors()[0]
-            a = patches.transpose(0, 2, 1)  # (N, T, D)
-            if bias == "joint":
-                a = np.concatenate([a, np.ones((N, T, 1))], axis=2)
-            if approx == "expand":
-                A = np.einsum("ntd,nte->de", a, a) / (N * T)
-                G = c * np.einsum("nkot,nkpt->op", Bh, Bh)
-            else:
-                A = np.einsum("nd,ne->de", a.mean(1), a.mean(1)) / N
-                G = c * np.einsum("nko,nkp->op", Bh.sum(3), Bh.sum(3))
+            A, G = conv_reference_factors(patches.transpose(0, 2, 1), Bh, c, approx, bias)
+            if approx == "reduce":
                 s = f.stop - 3
                 assert rel_err(f.G, Fex[s:f.stop, s:f.stop]) <= EXACT
             assert rel_err(f.A, A) <= EXACT and rel_err(f.G, G) <= EXACT

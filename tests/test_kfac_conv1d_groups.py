@@ -18,7 +18,7 @@ import pytest
 from refngd import nn
 from refngd.curvature import EKFAC, KFAC, Fisher, KroneckerDiagonal
 from refngd.losses import CrossEntropy, MSELoss
-from kfac_helpers import rel_err
+from kfac_helpers import conv_reference_factors, rel_err
 
 EXACT = 1e-10
 
@@ -128,15 +128,8 @@ def test_group_factors_against_unfold_and_hand_written_rows():
             for j, f in enumerate(fs[:2]):
                 a = torch.nn.functional.unfold(Xt[:, 2 * j:2 * j + 2], 3, padding=1,
                                                stride=2).numpy().transpose(0, 2, 1)
-                if bias == "joint":
-                    a = np.concatenate([a, np.ones((N, T, 1))], axis=2)
-                b = Bh[:, :, 3 * j:3 * j + 3]
-                if approx == "expand":
-                    A = np.einsum("ntd,nte->de", a, a) / (N * T)
-                    G = c * np.einsum("nkot,nkpt->op", b, b)
-                else:
-                    A = np.einsum("nd,ne->de", a.mean(1), a.mean(1)) / N
-                    G = c * np.einsum("nko,nkp->op", b.sum(3), b.sum(3))
+                A, G = conv_reference_factors(a, Bh[:, :, 3 * j:3 * j + 3], c, approx, bias)
+                if approx == "reduce":
                     s = 108 + 3 * j                               # the group's bias entries
                     assert rel_err(f.G, Fex[s:s + 3, s:s + 3]) <= EXACT
                 assert rel_err(f.A, A) <= EXACT and rel_err(f.G, G) <= EXACT

@@ -313,22 +313,17 @@ def test_directional_derivative_finite_differences(case):
 # ------------------------------------------------------------------------- PyTorch
 def test_against_torch(case):
     torch = pytest.importorskip("torch")
-    from torch.func import functional_call
+    from twins import functional
 
     _, model, _, theta, X, J, tm = case
     module = tm(torch).double().eval()
-    names = [n for n, _ in module.named_parameters()]
     shapes = [tuple(p.shape) for _, p in module.named_parameters()]
     assert shapes == [s for layer in model.layers for s in layer.param_shapes]
     Xt = torch.tensor(X)
+    f = functional(torch, module)
 
     def fn(th):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            params[n] = th[i:i + k].reshape(s)
-            i += k
-        return functional_call(module, params, (Xt,))
+        return f(th, Xt)
 
     tt = torch.tensor(theta)
     assert_close(model.forward(theta, X), fn(tt).detach().numpy(), 1e-12)

@@ -105,20 +105,16 @@ def assert_agree(net, X, lname="MSELoss", red="mean", kfac=(), vectors=None, ekf
         errs["ggn"] = max(rel(ours.matvec(V[:, j]), theirs[:, j]) for j in range(vectors))
     assert np.linalg.norm(theirs) > 0, "a zero GGN (dead ReLUs?) would compare nothing"
     assert errs["ggn"] <= 1e-10, errs
-    for approx in kfac:
-        K = curvlinops.KFACLinearOperator(net, lm, params, data, fisher_type="type-2",
-                                          kfac_approx=approx, check_deterministic=False)
-        mine = KFAC(model, theta, loss, X.numpy(), yy, kfac_approx=approx,
-                    convention="curvlinops").dense()
-        errs["kfac-" + approx] = rel(mine, (K @ torch.eye(P, dtype=DT)).numpy())
-        assert errs["kfac-" + approx] <= 1e-10, errs
-    for approx in ekfac:  # reduce: only where A_reduce has simple eigenvalues (docs/kfac.md)
-        E = curvlinops.EKFACLinearOperator(net, lm, params, data, fisher_type="type-2",
-                                           kfac_approx=approx, check_deterministic=False)
-        mine = EKFAC(model, theta, loss, X.numpy(), yy, kfac_approx=approx,
-                     convention="curvlinops").dense()
-        errs["ekfac-" + approx] = rel(mine, (E @ torch.eye(P, dtype=DT)).numpy())
-        assert errs["ekfac-" + approx] <= 1e-10, errs
+    # EKFAC reduce: only where A_reduce has simple eigenvalues (docs/kfac.md)
+    pairs = [("kfac", curvlinops.KFACLinearOperator, KFAC, a) for a in kfac] + \
+        [("ekfac", curvlinops.EKFACLinearOperator, EKFAC, a) for a in ekfac]
+    for name, theirs_cls, mine_cls, approx in pairs:
+        op = theirs_cls(net, lm, params, data, fisher_type="type-2", kfac_approx=approx,
+                        check_deterministic=False)
+        mine = mine_cls(model, theta, loss, X.numpy(), yy, kfac_approx=approx,
+                        convention="curvlinops").dense()
+        errs[f"{name}-{approx}"] = rel(mine, (op @ torch.eye(P, dtype=DT)).numpy())
+        assert errs[f"{name}-{approx}"] <= 1e-10, errs
     return errs
 
 

@@ -397,6 +397,25 @@ def torch_ggn(net, X, loss_mod):
     return np.einsum("ncp,ncd,ndq->pq", J, Hn, J)
 
 
+def assert_rows_match_torch(net, model, theta, X):
+    """Two random row cotangents per sample through the graph: U = S J against torch's J,
+    and Gram, U v, Uᵀ w, diag(UᵀU) of the rows against the dense U.  Returns (rows, U)."""
+    lin = model.linearize(theta, X)
+    N, C = lin.outputs.shape
+    S = np.random.default_rng(2).standard_normal((N, 2, C))
+    rows = lin.backprop(S)
+    U = rows.dense().reshape(N * 2, -1)
+    J = torch_jacobian(net, X)
+    np.testing.assert_allclose(U, np.einsum("nkc,ncp->nkp", S, J).reshape(N * 2, -1), **TOL)
+    rng = np.random.default_rng(3)
+    v, w = rng.standard_normal(theta.size), rng.standard_normal((N, 2))
+    np.testing.assert_allclose(rows.gram(), U @ U.T, **TOL)
+    np.testing.assert_allclose(rows.matvec(v).reshape(-1), U @ v, **TOL)
+    np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ U, **TOL)
+    np.testing.assert_allclose(rows.sq_sum(), (U * U).sum(axis=0), **TOL)
+    return rows, U
+
+
 # --------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", CASES)
 def test_graph_twin_matches_torch(name):
@@ -431,19 +450,7 @@ def test_row_primitives_agree_with_the_dense_rows(name):
     """Gram, U v, Uᵀ w and diag(UᵀU) of one backward pass equal those of the dense U —
     for tied tensors the sum of the uses' rows, cross terms included — and U is torch's J."""
     net, model, theta, X = make(name, N=3)
-    lin = model.linearize(theta, X)
-    N, C = lin.outputs.shape
-    S = np.random.default_rng(2).standard_normal((N, 2, C))
-    rows = lin.backprop(S)
-    U = rows.dense().reshape(N * 2, -1)
-    J = torch_jacobian(net, X)
-    np.testing.assert_allclose(U, np.einsum("nkc,ncp->nkp", S, J).reshape(N * 2, -1), **TOL)
-    rng = np.random.default_rng(3)
-    v, w = rng.standard_normal(theta.size), rng.standard_normal((N, 2))
-    np.testing.assert_allclose(rows.gram(), U @ U.T, **TOL)
-    np.testing.assert_allclose(rows.matvec(v).reshape(-1), U @ v, **TOL)
-    np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ U, **TOL)
-    np.testing.assert_allclose(rows.sq_sum(), (U * U).sum(axis=0), **TOL)
+    rows, U = assert_rows_match_torch(net, model, theta, X)
     part = rows.take(1, 2)
     np.testing.assert_allclose(part.gram(), U[1::2] @ U[1::2].T, **TOL)
 

@@ -18,7 +18,8 @@ from numerics import assert_close
 TOL = 1e-10
 
 
-def _functional(torch, net):
+def functional(torch, net):
+    """``f(θ, x)``: ``net`` as a function of its flat parameter vector (parameters() order)."""
     names = [k for k, _ in net.named_parameters()]
     shapes = [tuple(p.shape) for _, p in net.named_parameters()]
 
@@ -56,7 +57,7 @@ def check_twin(torch, net, X, y, loss_module, loss=None, tol=TOL):
     assert_close(Z, out.reshape(len(X), -1).numpy(), 1e-12)
     assert abs(float(loss(Z, y)) - float(loss_module(out, yt))) <= 1e-12 * abs(float(loss(Z, y)))
 
-    f = _functional(torch, net)
+    f = functional(torch, net)
     th = torch.tensor(theta)
     N = len(X)
     summed = type(loss_module)(reduction="sum")
