@@ -38,6 +38,7 @@ from .torch_trace import META, culprit, trace
 
 __all__ = ["graph_from_torch"]
 
+
 def _where(node) -> str:
     """The node as the user can find it: its name, op, target and source line."""
     target = getattr(node.target, "__name__", node.target)
@@ -52,13 +53,14 @@ def _where(node) -> str:
 class _Converter(FunctionalLayers, DirectParameters):
     """State of one conversion: fx node → refngd node index, kinds, the θ tensors."""
 
+    where = staticmethod(_where)   # for the mixins' messages
+
     def __init__(self, root, registry: dict, unsupported: Callable, constants=None,
                  batch: int | None = None):
         self.torch = _torch()
         self.root, self.registry, self.unsupported = root, registry, unsupported
         self.name = type(root).__name__
         self.constants, self.batch = constants or {}, batch
-        self.where = _where
         self.batch_ref = None   # the node of the running batch size (concrete tracing)
         self.output_shape = None
         self.params = list(root.parameters())
@@ -265,11 +267,11 @@ class _Converter(FunctionalLayers, DirectParameters):
                 raise self.refuse(node, f"attribute {args[1]!r} of an activation")
             return self.static(node, static_fn(target, kw), args, name)
         modules = functional_modules(self.torch)
-        qualname = f"{getattr(target, '__module__', '')}.{name}"
-        if target in modules or (isinstance(target, str) and target in modules):
-            return self._functional(node, modules[target], args, kw)
-        if qualname in modules:
-            return self._functional(node, modules[qualname], args, kw)
+        # by the function itself, a method's name, or a qualified name (torchvision's
+        # stochastic_depth, which may not import)
+        make = modules.get(target) or modules.get(f"{getattr(target, '__module__', '')}.{name}")
+        if make is not None:
+            return self._functional(node, make, args, kw)
         convert = handler(self.torch, target)
         if convert is None and any(self.is_param(a) for a in args + list(kw.values())):
             raise self.refuse_param(node, repr(name))

@@ -227,9 +227,8 @@ class Conv2d(ConvRows, ParametricLayer):
         _, Ho, Wo = self._out_shape2d(x.shape[1:])
         Co, T = self.out_channels, Ho * Wo
         g, D = self.groups, self.D
-        cols2 = xp.empty((self._D_in, N * T), dtype=x.dtype)
-        self._im2col(x, out=cols2.reshape(self._D_in, N, T))
-        cols = cols2.reshape(self._D_in, N, T).transpose(1, 0, 2)  # (N, g·D, T), a view
+        cols3 = self._im2col(x, out=xp.empty((self._D_in, N, T), dtype=x.dtype))[0]
+        cols = cols3.transpose(1, 0, 2)  # (N, g·D, T), a view of the (g·D, N·T) matrix
         z = xp.empty((N, Co, T), dtype=xp.result_type(x.dtype, params[0].dtype))
         # group j's C_out/g outputs read its D patch rows: (g, C_out/g, D) @ (N, g, D, T)
         xp.matmul(params[0].reshape(g, Co // g, D), cols.reshape(N, g, D, T),
