@@ -22,19 +22,12 @@ from ..backend import namespace
 from ..options import ArgumentTypeError
 from .base import BiasRows, ParametricLayer, int_pair, layer_ints, positive_int
 from .conv_rows import _CHUNK_ELEMS, ConvRows
+from .patches import col2im_into, im2col_into
 from .shared import gram_flops, gram_route
 #: rows per block of the transposed convolution: its (kh·kw·C_in, rows·T) product is read
 #: back once per kernel offset, and 8 MB blocks stay in cache (on 2 cores, Conv2d(16, 32)
 #: with 576 rows: 57 ms with 32 MB blocks, 38–42 ms with 8 MB)
 _BACKWARD_CHUNK_ELEMS = 1 << 20
-
-
-def _reads(offset: int, stride: int, n_out: int, n_in: int) -> tuple[int, int, int]:
-    """Output positions t0 ≤ t < t1 whose input position t·stride + offset lies in
-    [0, n_in), and the first such input position (one kernel offset, one axis)."""
-    t0 = max(0, -(offset // stride)) if offset < 0 else 0
-    t1 = min(n_out, -(-(n_in - offset) // stride))
-    return t0, max(t0, t1), t0 * stride + offset
 
 
 def conv_gram_flops(N: int, K: int, T: int, C_out: int, D: int, bias: bool = True):
@@ -163,31 +156,22 @@ class Conv2d(ConvRows, ParametricLayer):
         return [rng.uniform(-bound, bound, size=s) for s in self.param_shapes]
 
     # ----------------------------------------------------------------- forward/backward
-    def _im2col(self, x, out=None):
-        """Patches as columns Āᵀ, one (D, N·T) matrix, D in the weight's (in, kh, kw) order.
+    def _im2col(self, x):
+        """Patches as columns Āᵀ: a (g·D, N, T) array, rows in the weight's (in, kh, kw) order.
 
-        One strided view of the zero-padded input and one copy (into ``out``, a (D, N, T)
-        array, when given).  Columns ordered
-        (n, t) make the forward pass, Uᵀw and U v single 2-d GEMMs over all samples (a
-        batched product of N (C_out × D)(D × T) GEMMs ran at half the rate on 2 cores), and
-        keep the output locations contiguous for the copy.
+        Written by :func:`refngd.nn.patches.im2col_into`: per kernel offset one strided
+        copy of the input, zeros where it reads padding (no padded copy of the input).
+        Columns ordered (n, t) make the forward pass, Uᵀw and U v single 2-d GEMMs over
+        all samples (a batched product of N (C_out × D)(D × T) GEMMs ran at half the rate
+        on 2 cores), and keep the output locations contiguous for the copy.
         """
         xp = namespace(x)
-        N, _, H, W = x.shape
+        N = x.shape[0]
         _, Ho, Wo = self._out_shape2d(x.shape[1:])
-        (ph, pw), (sh, sw), (dh, dw) = self._p, self._s, self._d
-        if ph or pw:  # zeros + one slice assignment: a fraction of the time of a generic pad
-            padded = xp.zeros((N, self.in_channels, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
-            padded[:, :, ph:ph + H, pw:pw + W] = x
-            x = padded
-        sN, sC, sH, sW = x.strides
-        view = xp.lib.stride_tricks.as_strided(
-            x, shape=(self.in_channels,) + self._k + (N, Ho, Wo),
-            strides=(sC, sH * dh, sW * dw, sN, sH * sh, sW * sw))
-        if out is not None:  # one copy: out's axes split to the view's (a view of out)
-            out.reshape(view.shape)[...] = view
-            return out, (Ho, Wo)
-        return view.reshape(self._D_in, N * Ho * Wo), (Ho, Wo)  # reshape copies the view
+        cols = xp.empty((self._D_in, N, Ho * Wo), dtype=x.dtype)
+        im2col_into(x, cols.reshape((self.in_channels,) + self._k + (N, Ho, Wo)),
+                    self._k, self._s, self._p, self._d)
+        return cols
 
     @staticmethod
     def _cols_matrix(cols):
@@ -227,8 +211,7 @@ class Conv2d(ConvRows, ParametricLayer):
         _, Ho, Wo = self._out_shape2d(x.shape[1:])
         Co, T = self.out_channels, Ho * Wo
         g, D = self.groups, self.D
-        cols3 = self._im2col(x, out=xp.empty((self._D_in, N, T), dtype=x.dtype))[0]
-        cols = cols3.transpose(1, 0, 2)  # (N, g·D, T), a view of the (g·D, N·T) matrix
+        cols = self._im2col(x).transpose(1, 0, 2)  # (N, g·D, T), a view of the (g·D, N·T) matrix
         z = xp.empty((N, Co, T), dtype=xp.result_type(x.dtype, params[0].dtype))
         # group j's C_out/g outputs read its D patch rows: (g, C_out/g, D) @ (N, g, D, T)
         xp.matmul(params[0].reshape(g, Co // g, D), cols.reshape(N, g, D, T),
@@ -238,40 +221,33 @@ class Conv2d(ConvRows, ParametricLayer):
         return z.reshape(N, Co, Ho, Wo), (cols, tuple(x.shape[2:]))
 
     def backward(self, params, cache, B):
-        """Transposed convolution (col2im of W_matᵀ b_r): a batched GEMM, then shifted adds.
+        """Transposed convolution (col2im of W_matᵀ b_r): a batched GEMM, then col2im.
 
         Y_r = W_all b_r stacks every kernel offset's W[:, :, i, j]ᵀ b_r (kh·kw·C_in rows, one
         product instead of kh·kw skinny ones: measured 1.4–1.8× faster on 2 cores), one
         product per row r (and group: group j's kh·kw·C_in/g rows times its C_out/g
         channels of b_r — the weights of other groups are never multiplied as zeros) on
-        the rows' own (C_out, T) layout — no transposing copy of B;
-        offset (i, j)'s block is added to the input positions it reads, clipped to the
-        input (the padding receives nothing), straight into the (R, C_in, H, W) result —
-        no padded buffer.  Blocks of rows keep Y near _BACKWARD_CHUNK_ELEMS entries.
+        the rows' own (C_out, T) layout — no transposing copy of B.  Offset (i, j)'s block
+        goes to the input positions it read (:func:`refngd.nn.patches.col2im_into`: by
+        phases when strided; the padding receives nothing), written into the
+        (R, C_in, H, W) result — no zero fill, no padded buffer.  Blocks of rows keep Y
+        near _BACKWARD_CHUNK_ELEMS entries.
         """
         xp = namespace(B)
         (H, W), (N, K, Co, Ho, Wo) = cache[1], B.shape
-        (ph, pw), (sh, sw), (dh, dw) = self._p, self._s, self._d
         (kh, kw), R, C, T, g = self._k, N * K, self.in_channels, Ho * Wo, self.groups
         Br = B.reshape(R, g, Co // g, T)
         Cig = C // g
         # per group: rows (i, j, c) of its C_in/g input channels, columns its C_out/g outputs
         Wall = params[0].reshape(g, Co // g, Cig, kh, kw).transpose(0, 3, 4, 2, 1)
         Wall = Wall.reshape(g, kh * kw * Cig, Co // g).astype(Br.dtype, copy=False)
-        out = xp.zeros((R, C, H, W), dtype=Br.dtype)
+        out = xp.empty((R, C, H, W), dtype=Br.dtype)
         out5 = out.reshape(R, g, Cig, H, W)  # a view: channel j·C_in/g + c is (j, c)
-        rows = [_reads(i * dh - ph, sh, Ho, H) for i in range(kh)]
-        cols = [_reads(j * dw - pw, sw, Wo, W) for j in range(kw)]
         step = max(1, _BACKWARD_CHUNK_ELEMS // (self._D_in * T))
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
             Y = xp.matmul(Wall, Br[r0:r1]).reshape(r1 - r0, g, kh, kw, Cig, Ho, Wo)
-            for i, (t0, t1, h) in enumerate(rows):
-                for j, (u0, u1, w) in enumerate(cols):
-                    if t0 < t1 and u0 < u1:
-                        out5[r0:r1, :, :, h:h + sh * (t1 - t0 - 1) + 1:sh,
-                             w:w + sw * (u1 - u0 - 1) + 1:sw] += \
-                            Y[:, :, i, j, :, t0:t1, u0:u1]
+            col2im_into(Y, out5[r0:r1], self._k, self._s, self._p, self._d)
         return out.reshape(N, K, C, H, W)
 
     def restrict(self, active):
