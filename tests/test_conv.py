@@ -10,6 +10,7 @@ import pytest
 
 from refngd.nn import Conv2d, Flatten, Linear, ReLU, Sequential, Tanh
 from refngd.nn import conv as conv_module
+from refngd.nn import conv_rows as conv_rows_module
 from refngd.nn.conv import conv_gram_flops, conv_gram_route
 
 RTOL, ATOL = 1e-10, 1e-12
@@ -243,6 +244,18 @@ def test_network_rows_match_autograd(name, monkeypatch):
     np.testing.assert_allclose(rows.matvec(v), U @ v, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ Uf, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rows.sq_sum(), (U * U).sum(axis=(0, 1)), rtol=RTOL, atol=ATOL)
+    # Uᵀw by both routes (per-sample products from T = 1 locations on, or never), for
+    # K rows and for one row a sample (its own branch), weighted and through row_sum too
+    rows1 = lin.backprop(cot[:, :1])
+    w1 = rng.standard_normal((N, 1))
+    for threshold in (1, 10**9):
+        monkeypatch.setattr(conv_rows_module, "_PER_SAMPLE_T", threshold)
+        np.testing.assert_allclose(rows.rmatvec(w), w.reshape(-1) @ Uf, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(rows1.rmatvec(w1), w1[:, 0] @ U[:, 0], rtol=RTOL, atol=ATOL)
+        for e in rows.layers:
+            blocks = e.layer.row_sum(e.cache, e.B, w)
+            np.testing.assert_allclose(np.concatenate([b.reshape(-1) for b in blocks]),
+                                       w.reshape(-1) @ Uf[:, e.start:e.stop], rtol=RTOL, atol=ATOL)
     # the transposed convolution in blocks of one row (every block path of backward)
     monkeypatch.setattr(conv_module, "_BACKWARD_CHUNK_ELEMS", 1)
     np.testing.assert_allclose(lin.backprop(cot).dense(), U, rtol=RTOL, atol=ATOL)
@@ -294,3 +307,26 @@ def test_float32_runs_and_gram_is_float64():
         G = rows32.gram()
         assert G.dtype == np.float64
         np.testing.assert_allclose(G, rows64.gram(), rtol=1e-4, atol=1e-4 * np.abs(G).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("groups,bias", [(1, False), (2, True), (4, True)])
+def test_rmatvec_routes_agree_with_the_per_row_gradients(groups, bias, dtype, monkeypatch):
+    """Uᵀw of a grouped convolution by per-sample products and by the (N·T)-long product,
+    against the per-row gradients U (row_grads, another contraction), K = 1 and K = 3."""
+    rng = np.random.default_rng(3)
+    model = Sequential(Conv2d(4, 8, 3, 2, 1, 1, bias, groups=groups), Flatten(), Linear(8 * 16, 2))
+    theta = model.init(rng).astype(dtype)
+    X = rng.standard_normal((3, 4, 7, 8)).astype(dtype)
+    lin = model.linearize(theta, X)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for K in (1, 3):
+        rows = lin.backprop(rng.standard_normal((3, K, 2)).astype(dtype))
+        U = rows.dense().astype(np.float64).reshape(3 * K, -1)
+        w = rng.standard_normal((3, K)).astype(dtype)
+        for threshold in (1, 10**9):
+            monkeypatch.setattr(conv_rows_module, "_PER_SAMPLE_T", threshold)
+            got = rows.rmatvec(w)
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got, w.reshape(-1).astype(np.float64) @ U, rtol=rtol,
+                                       atol=rtol * np.abs(U).max())
