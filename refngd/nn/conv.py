@@ -188,37 +188,32 @@ class Conv2d(ConvRows, ParametricLayer):
         return (W.reshape(g, Co // g, self.D) @ cols2.reshape(g, self.D, M)).reshape(Co, M)
 
     def forward(self, params, x):
-        """z_n = W_mat Āₙᵀ (+ b): a batched GEMM over the im2col columns, in place.
+        """z_n = W_mat Āₙᵀ (+ b): one GEMM over the im2col columns of all samples.
 
         The cache holds the columns Āᵀ as an (N, g·D, T) view of the (g·D, N·T) matrix
-        and the input's spatial shape (H, W).  The product of W_mat with each sample's
-        (D × T) columns (per group j: its C_out/g rows of W_mat and its D patch rows)
-        writes the (n, o, t) layout directly and the bias is added in place: no
-        (C_out, N·T) temporary and no transposing copy of it.  Each product is
-        small enough for BLAS to run it on one thread; on the 2-core VM under load the
-        one (C_out × N·T) GEMM on two threads, plus the copy, was 2–30× slower (conv3×3
-        3→16 on 64 × 16 × 16 inputs: 0.6 ms against 0.8–34 ms, the same bits).  The
-        columns and outputs are allocated once and written in place (``out=``): with
-        the default malloc settings, whose fresh pages fault at every call, the CNN
-        gradient of ``benchmarks/vs_torch.py`` took 12–15 ms against 19–23 ms for the
-        copy-returning form (docs/benchmarks.md, issue 22).  Splitting the samples over
-        two Python threads was measured too (1.3–1.7× on the layer alone) and is not used:
-        inside a gradient it gained nothing, its threads competing with OpenBLAS's
-        still-spinning ones.
+        and the input's spatial shape (H, W).  W_mat Āᵀ is one (C_out × g·D)(g·D × N·T)
+        product (one per group: group j's C_out/g rows of W_mat read its D patch rows),
+        and the copy into the (n, o, t) layout adds the bias in the same pass.  Inside
+        the CNN gradient of ``benchmarks/vs_torch.py`` (2-core AVX-512 VM, 400
+        interleaved calls, three runs) this took 6.8–8.3 ms (best) against 7.1–9.6 ms
+        for N per-sample products written in place and a separate bias pass
+        (docs/benchmarks.md, issue 22).  Splitting the samples over two Python threads
+        was measured too (1.3–1.7× on the layer alone) and is not used: inside a
+        gradient it gained nothing, its threads competing with OpenBLAS's still-spinning
+        ones.
         """
         xp = namespace(x)
         N = x.shape[0]
         _, Ho, Wo = self._out_shape2d(x.shape[1:])
         Co, T = self.out_channels, Ho * Wo
-        g, D = self.groups, self.D
-        cols = self._im2col(x).transpose(1, 0, 2)  # (N, g·D, T), a view of the (g·D, N·T) matrix
-        z = xp.empty((N, Co, T), dtype=xp.result_type(x.dtype, params[0].dtype))
-        # group j's C_out/g outputs read its D patch rows: (g, C_out/g, D) @ (N, g, D, T)
-        xp.matmul(params[0].reshape(g, Co // g, D), cols.reshape(N, g, D, T),
-                  out=z.reshape(N, g, Co // g, T))
+        cols = self._im2col(x)  # (g·D, N, T)
+        zt = self._weight_times(params[0], cols.reshape(self._D_in, N * T)).reshape(Co, N, T)
+        z = xp.empty((N, Co, T), dtype=zt.dtype)
         if self.bias:
-            z += params[1][:, None].astype(z.dtype, copy=False)
-        return z.reshape(N, Co, Ho, Wo), (cols, tuple(x.shape[2:]))
+            xp.add(zt.transpose(1, 0, 2), params[1][:, None].astype(z.dtype, copy=False), out=z)
+        else:
+            z[...] = zt.transpose(1, 0, 2)
+        return z.reshape(N, Co, Ho, Wo), (cols.transpose(1, 0, 2), tuple(x.shape[2:]))
 
     def backward(self, params, cache, B):
         """Transposed convolution (col2im of W_matᵀ b_r): a batched GEMM, then col2im.
