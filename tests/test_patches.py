@@ -4,7 +4,7 @@ only, strides whose phases receive no offset (stride > dilated kernel), dilation
 
 The references build the zero-padded input (im2col: one strided view of it; col2im: adds
 into a padded buffer, then the crop) — the textbook definition, independent of the
-clipping and phase logic under test.  The outputs start as NaN, so any entry the functions
+clipping, phase and flat-run logic under test.  The outputs start as NaN, so any entry the functions
 fail to write shows up.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ GEOMETRIES = [
     for s in [(1, 1), (2, 2), (3, 2), (1, 3)]
     for p in [(0, 0), (1, 1), (2, 0), (3, 2)]
     for d in [(1, 1), (2, 1)]
-    for hw in [(1, 1), (4, 5), (7, 6)]
+    for hw in [(1, 1), (4, 5), (7, 6), (8, 8)]  # (8, 8): "same" strided phases, Wo wide
     if out_size(hw[0], k[0], s[0], p[0], d[0]) >= 1 and out_size(hw[1], k[1], s[1], p[1], d[1]) >= 1
 ]
 
@@ -68,9 +68,10 @@ def test_im2col_and_col2im_match_the_padded_input(k, s, p, d, hw):
     np.testing.assert_array_equal(cols, padded_patches(x, k, s, p, d, (Ho, Wo)))
 
     Y = rng.standard_normal((R, G, k[0], k[1], C, Ho, Wo))
+    expected = padded_col2im(Y, hw, k, s, p, d)  # before: col2im_into may zero entries of Y
     out = np.full((R, G, C) + hw, np.nan)
     col2im_into(Y, out, k, s, p, d)
-    np.testing.assert_allclose(out, padded_col2im(Y, hw, k, s, p, d), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13)
 
 
 def test_col2im_is_the_transpose_of_im2col():
