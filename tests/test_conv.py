@@ -261,8 +261,8 @@ def test_network_rows_match_autograd(name, monkeypatch):
     np.testing.assert_allclose(lin.backprop(cot).dense(), U, rtol=RTOL, atol=ATOL)
     ref_gram = Uf @ Uf.T
     # both Gram routes, once unchunked and once with tiny chunks (every block path)
-    for chunk in (conv_module._CHUNK_ELEMS, 1):
-        monkeypatch.setattr(conv_module, "_CHUNK_ELEMS", chunk)
+    for chunk in (conv_rows_module._CHUNK_ELEMS, 1):
+        monkeypatch.setattr(conv_rows_module, "_CHUNK_ELEMS", chunk)  # where the routes read it
         for route in ("materialise", "spatial", None):
             for c in convs:
                 c.gram_route = route
@@ -324,8 +324,9 @@ def test_rmatvec_routes_agree_with_the_per_row_gradients(groups, bias, dtype, mo
         rows = lin.backprop(rng.standard_normal((3, K, 2)).astype(dtype))
         U = rows.dense().astype(np.float64).reshape(3 * K, -1)
         w = rng.standard_normal((3, K)).astype(dtype)
-        for threshold in (1, 10**9):
+        for threshold, chunk in ((1, 1), (1, 10**9), (10**9, 10**9)):  # chunk 1: a sample a block
             monkeypatch.setattr(conv_rows_module, "_PER_SAMPLE_T", threshold)
+            monkeypatch.setattr(conv_rows_module, "_CHUNK_ELEMS", chunk)
             got = rows.rmatvec(w)
             assert got.dtype == dtype
             np.testing.assert_allclose(got, w.reshape(-1).astype(np.float64) @ U, rtol=rtol,

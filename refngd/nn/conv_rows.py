@@ -93,19 +93,28 @@ class ConvRows:
         """Σ_n v_n Ā_n as (C_out, D) and Σ_n Σ_t v_nt as (C_out,), v_n = Σ_k w_nk b_nk,
         from one (C_out/g × T)(T × D) product per sample and group on the rows' own
         (N, C_out, T) layout — no transposing copy — then the sum over samples (weighted
-        by w when K = 1, so the rows are read only by the products)."""
+        by w when K = 1, so the rows are read only by the products).  Blocks of samples
+        keep the products near ``_CHUNK_ELEMS`` entries."""
         xp = namespace(B)
         N, K, Co, g, D = B.shape[0], B.shape[1], self.out_channels, self.groups, self.D
         cols = cache[0]  # (N, g·D, T), a view of the (g·D, N, T) columns
         T = cols.shape[2]
         V = B.reshape(N, Co, T) if K == 1 else weighted_row_sum(B, w).reshape(N, Co, T)
-        prod = xp.matmul(V.reshape(N, g, Co // g, T),
-                         cols.reshape(N, g, D, T).transpose(0, 1, 3, 2))  # (N, g, C_out/g, D)
-        if K == 1:
-            wn = w.reshape(1, N)
-            weight = (wn @ prod.reshape(N, -1)).reshape(Co, D)
-            return weight, ((wn @ V.sum(axis=2))[0] if self.bias else None)
-        return prod.sum(axis=0).reshape(Co, D), (V.sum(axis=(0, 2)) if self.bias else None)
+        wn = w.reshape(N) if K == 1 else None
+        step = max(1, _CHUNK_ELEMS // (Co * D))
+        weight = None
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            prod = xp.matmul(V[n0:n1].reshape(n1 - n0, g, Co // g, T),  # (n, g, C_out/g, D)
+                             cols[n0:n1].reshape(n1 - n0, g, D, T).transpose(0, 1, 3, 2))
+            prod = prod.reshape(n1 - n0, Co * D)
+            part = prod.sum(axis=0) if wn is None else wn[n0:n1] @ prod
+            weight = part if weight is None else weight + part
+        bias = None
+        if self.bias:
+            per_sample = V.sum(axis=2)  # (N, C_out)
+            bias = per_sample.sum(axis=0) if wn is None else wn @ per_sample
+        return weight.reshape(Co, D), bias
 
     def row_sum(self, cache, B, w):
         if cache[0].shape[2] >= _PER_SAMPLE_T:
