@@ -103,3 +103,18 @@ def test_axis_reads(offset, stride, n_out, n_in, expected):
         assert first == expected[2]
         assert 0 <= first and t0 * stride + offset == first
         assert (t1 - 1) * stride + offset < n_in
+
+
+@pytest.mark.parametrize("layout", ["fortran", "reversed", "sliced"])
+@pytest.mark.parametrize("s", [(1, 1), (2, 2)])
+def test_im2col_of_non_contiguous_inputs(layout, s):
+    """The flat-run path needs contiguous rows; other layouts take the strided copy."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 3, 8, 10))
+    x = {"fortran": np.asfortranarray(base), "reversed": base[..., ::-1],
+         "sliced": base[..., ::2]}[layout]
+    k, p, d = (3, 3), (1, 1), (1, 1)
+    Ho, Wo = (out_size(x.shape[2 + a], k[a], s[a], p[a], d[a]) for a in range(2))
+    cols = np.full((3, 3, 3, 2, Ho, Wo), np.nan)
+    im2col_into(x, cols, k, s, p, d)
+    np.testing.assert_array_equal(cols, padded_patches(np.ascontiguousarray(x), k, s, p, d, (Ho, Wo)))

@@ -58,25 +58,58 @@ def im2col_into(x, out, kernel, stride, padding, dilation) -> None:
     """Write the patches of ``x`` (N, C, H, W) into ``out`` (C, kh, kw, N, Ho, Wo).
 
     ``out[c, i, j, n, t, u] = x[n, c, t·s_h + i·d_h − p_h, u·s_w + j·d_w − p_w]``, zero
-    where that position is padding: per offset one strided copy and at most four zeroed
-    border strips.
+    where that position is padding: per offset one copy and zeroed borders.  Where an
+    offset's input positions form rows as long as the output's (W_phase = Wo: "same"
+    padding, strided or not), its block is one flat run per (channel, sample) from the
+    input (stride 1) or from a contiguous copy of the input's phase (a, b) — the shift
+    (δq, δv) is the flat offset δq·Wo + δv, and the entries that wrap into a neighbouring
+    row are the padding ones, zeroed after the copy.  Otherwise it is a (rows × columns)
+    strided copy.  (Flat runs: 0.15 against 0.20 ms for Conv2d(3, 16, 3, padding=1), 0.40
+    against 0.48 ms for Conv2d(16, 32, 3, stride=2, padding=1) on 64 inputs of 16 × 16.)
     """
+    xp = namespace(x)
     N, C, H, W = x.shape
     Ho, Wo = out.shape[4:]
+    sh, sw = stride
     rows, cols = _reads(kernel, stride, padding, dilation, (Ho, Wo), (H, W))
     xt = x.transpose(1, 0, 2, 3)  # (C, N, H, W): the axes of out's blocks
+    planes = {}  # phase (a, b) → x at rows a::s_h, columns b::s_w as (C, N, n_a, Wo), or None
     for i, (t0, t1, h) in enumerate(rows):
         for j, (u0, u1, w) in enumerate(cols):
             block = out[:, i, j]
             if not (t0 < t1 and u0 < u1):  # the offset reads padding only
                 block[...] = 0
                 continue
-            block[:, :, t0:t1, u0:u1] = xt[:, :, _span(h, stride[0], t1 - t0),
-                                           _span(w, stride[1], u1 - u0)]
+            key = (h % sh, w % sw)
+            if key not in planes:
+                plane = xt[:, :, key[0]::sh, key[1]::sw]
+                if plane.shape[3] != Wo:
+                    plane = None
+                elif (sh, sw) != (1, 1):
+                    plane = xp.ascontiguousarray(plane)
+                planes[key] = plane
+            plane = planes[key]
+            if (plane is not None and _flat_rows(plane) and _flat_rows(block)):
+                n = plane.shape[2]
+                shift = (h // sh - t0) * Wo + (w // sw - u0)
+                y0, y1 = max(t0 * Wo, -shift), min(t1 * Wo, n * Wo - shift)
+                flat = block.reshape(C, N, Ho * Wo)
+                flat[..., y0:y1] = plane.reshape(C, N, n * Wo)[..., y0 + shift:y1 + shift]
+                flat[..., :y0] = 0
+                flat[..., y1:] = 0
+                block[..., :u0] = 0  # the entries that wrapped around a row
+                block[..., u1:] = 0
+                continue
+            block[:, :, t0:t1, u0:u1] = xt[:, :, _span(h, sh, t1 - t0), _span(w, sw, u1 - u0)]
             block[:, :, :t0] = 0
             block[:, :, t1:] = 0
             block[:, :, t0:t1, :u0] = 0
             block[:, :, t0:t1, u1:] = 0
+
+
+def _flat_rows(a) -> bool:
+    """Whether the last two axes of ``a`` are one contiguous run (a reshape is a view)."""
+    return a.strides[-1] == a.itemsize and a.strides[-2] == a.shape[-1] * a.itemsize
 
 
 def col2im_into(Y, out, kernel, stride, padding, dilation) -> None:
