@@ -285,11 +285,17 @@ class Conv2d(ConvRows, ParametricLayer):
 
     # ------------------------------------------------------------------ memory
     def backward_workspace(self, in_shape, out_shape, R):
-        """One block of the product Y (:meth:`backward`): the rows are read in their own
-        layout (no copy) and the result is written in place, with no padded buffer."""
+        """One block of the product Y (:meth:`backward`) and, when strided, col2im's phase
+        buffer for it: the rows are read in their own layout (no copy) and the result is
+        written in place, with no padded buffer."""
         T = math.prod(out_shape) // self.out_channels
         D = self._D_in
-        return min(R, max(1, _BACKWARD_CHUNK_ELEMS // (D * T))) * D * T
+        rows = min(R, max(1, _BACKWARD_CHUNK_ELEMS // (D * T)))
+        phase = 0
+        if self._s != (1, 1):
+            H, W = (1,) + tuple(in_shape[1:]) if len(in_shape) == 2 else tuple(in_shape[1:])
+            phase = self.in_channels * -(-H // self._s[0]) * -(-W // self._s[1])
+        return rows * (D * T + phase)
 
     def gram_workspace(self, in_shape, out_shape, N, K, itemsize):
         """Float64 copies of float32 patches and rows, and the temporaries of the Gram
