@@ -331,3 +331,24 @@ def test_rmatvec_routes_agree_with_the_per_row_gradients(groups, bias, dtype, mo
             assert got.dtype == dtype
             np.testing.assert_allclose(got, w.reshape(-1).astype(np.float64) @ U, rtol=rtol,
                                        atol=rtol * np.abs(U).max())
+
+
+@pytest.mark.parametrize("threshold", [1, 10**9])
+def test_rmatvec_of_float32_rows_with_float64_weights_is_float64_accurate(threshold, monkeypatch):
+    """Uᵀw of float32 rows and float64 weights is float64 (NumPy's promotion) and as
+    accurate as float64 on those rows, by either route — not float32 products promoted."""
+    monkeypatch.setattr(conv_rows_module, "_PER_SAMPLE_T", threshold)
+    rng = np.random.default_rng(0)
+    model = Sequential(Conv2d(3, 8, 3, 1, 1), Flatten())
+    theta = model.init(rng, dtype="float32")
+    X = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    lin = model.linearize(theta, X)
+    rows = lin.backprop(rng.standard_normal((4, 1, lin.outputs.shape[1])).astype(np.float32))
+    w = rng.standard_normal((4, 1))
+    got = rows.rmatvec(w)
+    e = rows.layers[0]
+    A, Bm = e.cache[0].astype(np.float64), e.B.reshape(4, 8, -1).astype(np.float64)
+    ref = np.concatenate([np.einsum("n,not,ndt->od", w[:, 0], Bm, A).ravel(),
+                          np.einsum("n,not->o", w[:, 0], Bm)])
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-13 * np.abs(ref).max())

@@ -99,7 +99,10 @@ class ConvRows:
         N, K, Co, g, D = B.shape[0], B.shape[1], self.out_channels, self.groups, self.D
         cols = cache[0]  # (N, g·D, T), a view of the (g·D, N, T) columns
         T = cols.shape[2]
-        V = B.reshape(N, Co, T) if K == 1 else weighted_row_sum(B, w).reshape(N, Co, T)
+        if K == 1:  # in the precision of the result (float32 rows, float64 w: float64)
+            V = B.reshape(N, Co, T).astype(xp.result_type(B.dtype, w.dtype), copy=False)
+        else:
+            V = weighted_row_sum(B, w).reshape(N, Co, T)
         wn = w.reshape(N) if K == 1 else None
         step = max(1, _CHUNK_ELEMS // (Co * D))
         weight = None
