@@ -24,7 +24,7 @@ class ReLU(_Elementwise):
 
     The derivative is cached as the boolean mask itself (one byte an entry, not a float
     copy): the backward product B · 1[x > 0] is the same, and on the CNN of
-    ``benchmarks/vs_torch.py`` the gradient took 0.4–0.7 ms less (docs/benchmarks.md).
+    ``benchmarks/vs_torch.py`` the gradient took 0.6–0.7 ms less (docs/benchmarks.md).
     """
 
     def forward(self, params, x):
