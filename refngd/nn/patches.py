@@ -89,10 +89,9 @@ def im2col_into(x, out, kernel, stride, padding, dilation) -> None:
                     plane = xp.ascontiguousarray(plane)
                 planes[key] = plane
             plane = planes[key]
-            if (plane is not None and _flat_rows(plane) and _flat_rows(block)):
+            if plane is not None and _flat_rows(plane) and _flat_rows(block):
                 n = plane.shape[2]
-                shift = (h // sh - t0) * Wo + (w // sw - u0)
-                y0, y1 = max(t0 * Wo, -shift), min(t1 * Wo, n * Wo - shift)
+                shift, y0, y1 = _flat_run(t0, t1, h // sh - t0, w // sw - u0, Wo, n)
                 flat = block.reshape(C, N, Ho * Wo)
                 flat[..., y0:y1] = plane.reshape(C, N, n * Wo)[..., y0 + shift:y1 + shift]
                 flat[..., :y0] = 0
@@ -110,6 +109,15 @@ def im2col_into(x, out, kernel, stride, padding, dilation) -> None:
 def _flat_rows(a) -> bool:
     """Whether the last two axes of ``a`` are one contiguous run (a reshape is a view)."""
     return a.strides[-1] == a.itemsize and a.strides[-2] == a.shape[-1] * a.itemsize
+
+
+def _flat_run(t0: int, t1: int, dq: int, dv: int, Wo: int, n: int) -> tuple[int, int, int]:
+    """(shift, y0, y1): rows t0:t1 of a (·, Wo) plane moved by (dq, dv) into an (n, Wo)
+    plane, as one flat run — entries y0:y1 of the first go to y0 + shift:y1 + shift of the
+    second, shift = dq·Wo + dv, clipped to both planes (what is clipped, and what wraps
+    around a row, are the entries outside the offset's columns: the caller zeroes them)."""
+    shift = dq * Wo + dv
+    return shift, max(t0 * Wo, -shift), min(t1 * Wo, n * Wo - shift)
 
 
 def col2im_into(Y, out, kernel, stride, padding, dilation) -> None:
@@ -164,7 +172,7 @@ def col2im_into(Y, out, kernel, stride, padding, dilation) -> None:
                 i, j = blocks.pop(full)[:2]
                 phase[...] = Y[:, :, i, j]
             # rows as long as Y's, each (rows × columns) plane one run in memory
-            flat = n_b == Wo and phase.strides[3] == Wo * phase.strides[4]
+            flat = n_b == Wo and _flat_rows(phase) and _flat_rows(Y)
             for i, j, t0, t1, u0, u1, q0, v0 in blocks:
                 if flat:
                     _add_flat(Y[:, :, i, j], phase, t0, t1, u0, u1, q0 - t0, v0 - u0)
@@ -182,8 +190,7 @@ def _add_flat(block, phase, t0, t1, u0, u1, dq, dv) -> None:
     n = phase.shape[3]
     block[..., :u0] = 0
     block[..., u1:] = 0
-    shift = dq * Wo + dv
-    y0, y1 = max(t0 * Wo, -shift), min(t1 * Wo, n * Wo - shift)
+    shift, y0, y1 = _flat_run(t0, t1, dq, dv, Wo, n)
     flat_block = block.reshape(block.shape[:3] + (Ho * Wo,))
     flat_phase = phase.reshape(phase.shape[:3] + (n * Wo,))
     flat_phase[..., y0 + shift:y1 + shift] += flat_block[..., y0:y1]
