@@ -56,8 +56,8 @@ class ConvRows:
             M += V[1][:, None]
         return (B.reshape(N, K, -1) @ M.reshape(N, -1, 1))[..., 0]
 
-    def _weight_block(self, vt, cols, out=None):
-        """Σ_n v_n Ā_n as (C_out, D): one (N·T)-long product, or one per group.
+    def _weight_block(self, vt, cols, out):
+        """Σ_n v_n Ā_n into ``out`` (C_out, D): one (N·T)-long product, or one per group.
 
         Computed as Ā (vt)ᵀ, (D × N·T)(N·T × C_out), then transposed into place (C_out·D
         entries): OpenBLAS runs this orientation of the long inner dimension 1.3–1.8×
@@ -68,10 +68,7 @@ class ConvRows:
         g, Co = self.groups, self.out_channels
         C = self._cols_matrix(cols).reshape(g, self.D, -1)
         res = xp.matmul(C, vt.reshape(g, Co // g, -1).transpose(0, 2, 1))  # (g, D, C_out/g)
-        if out is None:
-            out = xp.empty((Co, self.D), dtype=res.dtype)
         out.reshape(g, Co // g, self.D)[...] = res.transpose(0, 2, 1)  # C_out·D entries
-        return out
 
     def _summed_rows(self, B, w):
         """Σ_k w_nk b_nk as (C_out, N·T), columns (n, t) as the patch columns'.
@@ -101,9 +98,9 @@ class ConvRows:
         T = cols.shape[2]
         if K == 1:  # in the precision of the result (float32 rows, float64 w: float64)
             V = B.reshape(N, Co, T).astype(xp.result_type(B.dtype, w.dtype), copy=False)
+            wn = w.reshape(N)  # weights the products' sum
         else:
-            V = weighted_row_sum(B, w).reshape(N, Co, T)
-        wn = w.reshape(N) if K == 1 else None
+            V, wn = weighted_row_sum(B, w).reshape(N, Co, T), None
         step = max(1, _CHUNK_ELEMS // (Co * D))
         weight = None
         for n0 in range(0, N, step):
@@ -120,17 +117,15 @@ class ConvRows:
         return weight.reshape(Co, D), bias
 
     def row_sum(self, cache, B, w):
-        if cache[0].shape[2] >= _PER_SAMPLE_T:
-            weight, bias = self._per_sample_sum(cache, B, w)
-            return [weight.reshape(self.param_shapes[0])] + ([bias] if self.bias else [])
-        vt = self._summed_rows(B, w)
-        blocks = [self._weight_block(vt, cache[0]).reshape(self.param_shapes[0])]
-        if self.bias:
-            blocks.append(vt.sum(axis=1))
-        return blocks
+        """Uᵀw's weight and bias blocks, new arrays: :meth:`row_sum_into` (one route choice)."""
+        xp = namespace(B)
+        dtype = xp.result_type(B.dtype, w.dtype)
+        out = [xp.empty(shape, dtype=dtype) for shape in self.param_shapes]
+        self.row_sum_into(cache, B, w, out)
+        return out
 
     def row_sum_into(self, cache, B, w, out):
-        """:meth:`row_sum` written into the preallocated blocks ``out`` (views of Uᵀw).
+        """Uᵀw's weight and bias blocks written into the preallocated ``out`` (views of Uᵀw).
 
         With T ≥ ``_PER_SAMPLE_T`` output locations per sample, per-sample products
         (:meth:`_per_sample_sum`); otherwise the rows summed over k into the columns'
