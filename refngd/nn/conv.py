@@ -156,7 +156,7 @@ class Conv2d(ConvRows, ParametricLayer):
         return [rng.uniform(-bound, bound, size=s) for s in self.param_shapes]
 
     # ----------------------------------------------------------------- forward/backward
-    def _im2col(self, x):
+    def _im2col(self, x, out_hw):
         """Patches as columns Āᵀ: a (g·D, N, T) array, rows in the weight's (in, kh, kw) order.
 
         Written by :func:`refngd.nn.patches.im2col_into`: per kernel offset one strided
@@ -166,8 +166,7 @@ class Conv2d(ConvRows, ParametricLayer):
         on 2 cores), and keep the output locations contiguous for the copy.
         """
         xp = namespace(x)
-        N = x.shape[0]
-        _, Ho, Wo = self._out_shape2d(x.shape[1:])
+        N, (Ho, Wo) = x.shape[0], out_hw
         cols = xp.empty((self._D_in, N, Ho * Wo), dtype=x.dtype)
         im2col_into(x, cols.reshape((self.in_channels,) + self._k + (N, Ho, Wo)),
                     self._k, self._s, self._p, self._d)
@@ -206,7 +205,7 @@ class Conv2d(ConvRows, ParametricLayer):
         N = x.shape[0]
         _, Ho, Wo = self._out_shape2d(x.shape[1:])
         Co, T = self.out_channels, Ho * Wo
-        cols = self._im2col(x)  # (g·D, N, T)
+        cols = self._im2col(x, (Ho, Wo))  # (g·D, N, T)
         zt = self._weight_times(params[0], cols.reshape(self._D_in, N * T)).reshape(Co, N, T)
         z = xp.empty((N, Co, T), dtype=zt.dtype)
         if self.bias:
@@ -292,9 +291,9 @@ class Conv2d(ConvRows, ParametricLayer):
         D = self._D_in
         rows = min(R, max(1, _BACKWARD_CHUNK_ELEMS // (D * T)))
         phase = 0
-        if self._s != (1, 1):
-            H, W = (1,) + tuple(in_shape[1:]) if len(in_shape) == 2 else tuple(in_shape[1:])
-            phase = self.in_channels * -(-H // self._s[0]) * -(-W // self._s[1])
+        if self._s != (1, 1):  # (C, H, W), or Conv1d's (C, L) as (C, 1, L)
+            hw = ((1,) + tuple(in_shape[1:]))[-2:]
+            phase = self.in_channels * math.prod(-(-n // s) for n, s in zip(hw, self._s))
         return rows * (D * T + phase)
 
     def gram_workspace(self, in_shape, out_shape, N, K, itemsize):
