@@ -17,6 +17,7 @@ changes the batch size or an index into the batch axis is refused with a ``Value
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Callable
 
@@ -77,8 +78,9 @@ def _rows_view(v: Array) -> Array:
     return v[:, None]
 
 
-class GraphOp:
-    """A parameter-free node of a graph model.
+class GraphOp(abc.ABC):
+    """A parameter-free node of a graph model (an abstract base: every operation defines
+    :meth:`forward` and :meth:`backward`).
 
     ``batched`` says, per argument, whether it is an activation (it then gets rows in
     :meth:`backward`); ``name`` is used in messages.
@@ -98,12 +100,13 @@ class GraphOp:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
 
+    @abc.abstractmethod
     def forward(self, args: list) -> tuple[Any, Any]:
-        raise NotImplementedError
+        """(output, cache) for the argument values ``args``."""
 
+    @abc.abstractmethod
     def backward(self, cache: Any, B: Array) -> list:
         """Rows at each argument: (N, K, *arg_shape) for an activation, else None."""
-        raise NotImplementedError
 
 
 class Static(GraphOp):
@@ -115,6 +118,9 @@ class Static(GraphOp):
 
     def forward(self, args):
         return self.fn(*args), None
+
+    def backward(self, cache, B):
+        return []  # no arguments, no rows
 
 
 class Elementwise(GraphOp):
