@@ -176,8 +176,9 @@ CHOLESKY_BLOCK = int(os.environ.get("REFNGD_CHOLESKY_BLOCK", "128"))
 
 def _potrf_blocked(lib, M: np.ndarray, nb: int) -> bool:
     """Right-looking blocked Cholesky of ``M`` in place (the textbook block algorithm, by
-    block rows of the Fortran upper factor U = Lᵀ): for each diagonal block k, ``dpotrf`` of its nb × nb block, ``dtrsm`` of the block row
-    right of it (U₁₂ ← U₁₁⁻ᵀ A₁₂) and ``dsyrk`` of the trailing matrix (A₂₂ −= U₁₂ᵀ U₁₂).
+    block rows of the Fortran upper factor U = Lᵀ): for each diagonal block k, ``dpotrf``
+    of its nb × nb block, ``dtrsm`` of the block row right of it (U₁₂ ← U₁₁⁻ᵀ A₁₂) and
+    ``dsyrk`` of the trailing matrix (A₂₂ −= U₁₂ᵀ U₁₂).
 
     Why not one ``dpotrf``: OpenBLAS's parallel ``potrf`` splits its work into panels whose
     updates run below the GEMM rate on 2 cores at the sizes of the NGD step (R ≈ 1152); here
