@@ -15,6 +15,11 @@ import numerics
 from refngd import nn
 
 
+def conv_out(size, k, s, p, d):
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
 def unpack(theta, shapes):
     """:func:`numerics.unpack`, and the rest of θ after those tensors."""
     used = sum(int(np.prod(s)) for s in shapes)

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import refngd
 from refngd import nn
+from layer_oracles import conv_out
 from refngd.losses import BCEWithLogits, CrossEntropy, MSELoss
 
 AD_RTOL = 1e-10  # against HIPS autograd, float64
@@ -135,10 +136,6 @@ def make_mlp(widths, act, bias):
         return a
 
     return model, f
-
-
-def conv_out(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def anp_conv2d(x, W, b, stride, padding, dilation):

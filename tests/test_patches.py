@@ -14,11 +14,8 @@ import itertools
 import numpy as np
 import pytest
 
+from layer_oracles import conv_out
 from refngd.nn.patches import axis_reads, col2im_into, im2col_into
-
-
-def out_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 def padded_patches(x, k, s, p, d, out_hw):
@@ -52,7 +49,7 @@ GEOMETRIES = [
     for p in [(0, 0), (1, 1), (2, 0), (3, 2)]
     for d in [(1, 1), (2, 1)]
     for hw in [(1, 1), (4, 5), (7, 6), (8, 8)]  # (8, 8): "same" strided phases, Wo wide
-    if out_size(hw[0], k[0], s[0], p[0], d[0]) >= 1 and out_size(hw[1], k[1], s[1], p[1], d[1]) >= 1
+    if conv_out(hw[0], k[0], s[0], p[0], d[0]) >= 1 and conv_out(hw[1], k[1], s[1], p[1], d[1]) >= 1
 ]
 
 
@@ -60,8 +57,8 @@ GEOMETRIES = [
 def test_im2col_and_col2im_match_the_padded_input(k, s, p, d, hw):
     rng = np.random.default_rng(hash((k, s, p, d, hw)) % 2**32)
     N, C, G, R = 2, 3, 2, 3
-    Ho = out_size(hw[0], k[0], s[0], p[0], d[0])
-    Wo = out_size(hw[1], k[1], s[1], p[1], d[1])
+    Ho = conv_out(hw[0], k[0], s[0], p[0], d[0])
+    Wo = conv_out(hw[1], k[1], s[1], p[1], d[1])
     x = rng.standard_normal((N, C) + hw)
     cols = np.full((C, k[0], k[1], N, Ho, Wo), np.nan)
     im2col_into(x, cols, k, s, p, d)
@@ -78,7 +75,7 @@ def test_col2im_is_the_transpose_of_im2col():
     """⟨im2col(x), Y⟩ = ⟨x, col2im(Y)⟩ for one strided, dilated, padded geometry."""
     rng = np.random.default_rng(0)
     k, s, p, d, hw, N, C = (3, 2), (2, 3), (2, 1), (2, 1), (9, 8), 2, 3
-    Ho, Wo = (out_size(hw[a], k[a], s[a], p[a], d[a]) for a in range(2))
+    Ho, Wo = (conv_out(hw[a], k[a], s[a], p[a], d[a]) for a in range(2))
     x = rng.standard_normal((N, C) + hw)
     cols = np.empty((C, k[0], k[1], N, Ho, Wo))
     im2col_into(x, cols, k, s, p, d)
@@ -114,7 +111,7 @@ def test_im2col_of_non_contiguous_inputs(layout, s):
     x = {"fortran": np.asfortranarray(base), "reversed": base[..., ::-1],
          "sliced": base[..., ::2]}[layout]
     k, p, d = (3, 3), (1, 1), (1, 1)
-    Ho, Wo = (out_size(x.shape[2 + a], k[a], s[a], p[a], d[a]) for a in range(2))
+    Ho, Wo = (conv_out(x.shape[2 + a], k[a], s[a], p[a], d[a]) for a in range(2))
     cols = np.full((3, 3, 3, 2, Ho, Wo), np.nan)
     im2col_into(x, cols, k, s, p, d)
     np.testing.assert_array_equal(cols, padded_patches(np.ascontiguousarray(x), k, s, p, d, (Ho, Wo)))
